@@ -1,0 +1,66 @@
+"""`diffdistill` command line. Each command lives in its own module with `register(subparsers)`.
+
+Expected errors (DiffdistillError, bad files, bad options) print one line and exit 1 (2 for usage errors);
+`--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import DiffdistillError, UsageError
+
+# Command modules, in the order `--help` lists them. A module that is not written yet is skipped.
+COMMANDS = ["demo", "sample", "train", "distill", "eval", "convert", "dataset", "features", "bench"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # usage errors: one line, exit 2
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="diffdistill",
+        description="Distil a diffusion model (the teacher) into a 1-4 step student.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"diffdistill.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"diffdistill.cli.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        result = args.func(args)
+        return int(result or 0)
+    except UsageError as e:
+        if args.debug:
+            raise
+        print(f"diffdistill {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (DiffdistillError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        if args.debug:
+            raise
+        print(f"diffdistill {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,141 @@
+"""The one interface: a denoiser D(x, sigma, cond=None) -> x0 in EDM sigma space.
+
+Teachers, students, fake-score networks and guidance wrappers are all `Denoiser`s; samplers and methods use
+only this interface. Other parameterisations (VP eps/v/x, discrete DDPM timesteps) are adapted here or in
+`diffdistill.teachers`, once, at the edge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from . import param
+
+
+def as_onehot(cond: Tensor | None, label_dim: int, batch: int, device, dtype=torch.float32) -> Tensor | None:
+    """Class labels as one-hot rows [B, label_dim]. Accepts int labels [B] or one-hot; zeros = unconditional."""
+    if label_dim == 0:
+        if cond is not None and cond.numel() > 0 and bool((cond != 0).any()) and cond.dtype.is_floating_point:
+            raise ValueError("class labels given to an unconditional denoiser")
+        return None
+    if cond is None:
+        return torch.zeros(batch, label_dim, device=device, dtype=dtype)
+    if not cond.dtype.is_floating_point:
+        if cond.ndim != 1 or cond.shape[0] != batch:
+            raise ValueError(f"int class labels must have shape [{batch}], got {tuple(cond.shape)}")
+        if int(cond.min()) < 0 or int(cond.max()) >= label_dim:
+            raise ValueError(f"class labels must lie in 0..{label_dim - 1}")
+        return nn.functional.one_hot(cond.long(), label_dim).to(device=device, dtype=dtype)
+    if cond.shape != (batch, label_dim):
+        raise ValueError(f"one-hot class labels must have shape [{batch}, {label_dim}], got {tuple(cond.shape)}")
+    return cond.to(device=device, dtype=dtype)
+
+
+class Denoiser(nn.Module):
+    """Base class of every denoiser.
+
+    Attributes samplers rely on:
+      shape       per-sample shape, e.g. (3, 32, 32) or (2,)
+      sigma_min, sigma_max, sigma_data
+      label_dim   number of classes (0 = unconditional)
+      discrete_sigmas  None, or the ascending tensor of the noise levels a discrete-time teacher was trained on
+    Subclasses implement `denoise(x, sigma [B], cond one-hot or None)` and `config()`.
+    """
+
+    def __init__(self, shape, sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, label_dim=0):
+        super().__init__()
+        self.shape = tuple(int(s) for s in shape)
+        self.sigma_min = float(sigma_min)
+        self.sigma_max = float(sigma_max)
+        self.sigma_data = float(sigma_data)
+        self.label_dim = int(label_dim)
+        self.discrete_sigmas: Tensor | None = None
+
+    def forward(self, x: Tensor, sigma, cond: Tensor | None = None) -> Tensor:
+        if tuple(x.shape[1:]) != self.shape:
+            raise ValueError(f"expected samples of shape {self.shape}, got a batch of shape {tuple(x.shape)}")
+        sigma = torch.as_tensor(sigma, device=x.device)
+        sigma = (sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma.reshape(-1)).to(x.dtype)
+        if sigma.shape[0] != x.shape[0]:
+            raise ValueError(f"sigma has {sigma.shape[0]} entries for a batch of {x.shape[0]}")
+        cond = as_onehot(cond, self.label_dim, x.shape[0], x.device)
+        return self.denoise(x, sigma, cond)
+
+    def denoise(self, x: Tensor, sigma: Tensor, cond: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        """JSON-serialisable description from which `diffdistill.io.build_denoiser` rebuilds this denoiser."""
+        raise NotImplementedError
+
+    def info(self) -> dict:
+        return dict(shape=list(self.shape), sigma_min=self.sigma_min, sigma_max=self.sigma_max,
+                    sigma_data=self.sigma_data, label_dim=self.label_dim)
+
+
+@dataclass
+class PrecondConfig:
+    """How a raw backbone F(x_in, c_noise, class_labels) becomes a denoiser."""
+
+    kind: str = "edm"            # edm | boundary (CM/GDD) | vp (EDM VPPrecond, eps) | ve | cosine (PD-style VP)
+    prediction: str = "eps"      # for kind=cosine/vp: what F predicts: eps | v | x
+    sigma_data: float = 0.5      # data standard deviation (EDM)
+    sigma_min: float = 0.002     # smallest supported level (boundary kind: f(x, sigma_min) = x)
+    sigma_max: float = 80.0      # largest supported level
+    logsnr_min: float = -20.0    # cosine kind: logSNR clipping of the time input
+    logsnr_max: float = 20.0
+    extra: dict = field(default_factory=dict)
+
+
+class Precond(Denoiser):
+    """Wraps a backbone F into D(x; sigma) = c_skip x + c_out F(c_in x, c_noise) (Karras et al. 2022, §5)."""
+
+    def __init__(self, backbone: nn.Module, shape, label_dim: int = 0, config: PrecondConfig | None = None):
+        cfg = config or PrecondConfig()
+        super().__init__(shape, cfg.sigma_min, cfg.sigma_max, cfg.sigma_data, label_dim)
+        if cfg.kind not in ("edm", "boundary", "vp", "ve", "cosine"):
+            raise ValueError(f"unknown preconditioning {cfg.kind!r} (edm, boundary, vp, ve, cosine)")
+        if cfg.prediction not in ("eps", "v", "x"):
+            raise ValueError(f"unknown prediction type {cfg.prediction!r} (eps, v, x)")
+        self.backbone = backbone
+        self.precond = cfg
+
+    def denoise(self, x: Tensor, sigma: Tensor, cond: Tensor | None) -> Tensor:
+        cfg = self.precond
+        x = x.float()
+        s = param.append_dims(sigma.float(), x)
+        if cfg.kind in ("edm", "boundary"):
+            scal = param.edm_scalings if cfg.kind == "edm" else (
+                lambda sg, sd: param.boundary_scalings(sg, sd, cfg.sigma_min))
+            c_skip, c_out, c_in, c_noise = scal(s, cfg.sigma_data)
+            F = self.backbone(c_in * x, c_noise.flatten(), cond)
+            return c_skip * x + c_out * F.float()
+        if cfg.kind == "ve":
+            c_skip, c_out, c_in, c_noise = param.ve_scalings(s)
+            return c_skip * x + c_out * self.backbone(c_in * x, c_noise.flatten(), cond).float()
+        if cfg.kind == "vp":
+            # EDM's VPPrecond: eps output, time input 999 * t(sigma).
+            from .schedules import vp_sigma_inv
+            c_skip, c_out, c_in = param.vp_scalings(s)
+            c_noise = 999 * vp_sigma_inv(sigma.float())
+            return c_skip * x + c_out * self.backbone(c_in * x, c_noise, cond).float()
+        # cosine: a VP network that sees z_t = alpha x_sigma and t of the cosine schedule, predicting eps/v/x.
+        alpha, sigma_t = param.vp_from_edm(s)
+        z = alpha * x
+        t = param.cosine_time_from_edm(sigma.float(), cfg.logsnr_min, cfg.logsnr_max)
+        out = self.backbone(z, t, cond).float()
+        if cfg.prediction == "x":
+            return out
+        if cfg.prediction == "v":
+            return param.x_from_v(z, out, alpha, sigma_t)
+        return param.x_from_eps(z, out, alpha, sigma_t)
+
+    def config(self) -> dict:
+        net_cfg = getattr(self.backbone, "config", None)
+        if not callable(net_cfg):
+            raise TypeError(f"backbone {type(self.backbone).__name__} has no config() to save")
+        return dict(type="precond", precond=asdict(self.precond), network=net_cfg(),
+                    shape=list(self.shape), label_dim=self.label_dim)

@@ -1,0 +1,124 @@
+"""Saving and loading data, never code: weights as safetensors plus a JSON config, written atomically.
+
+A *snapshot* is a directory holding `model.safetensors` (may be absent for weightless analytic denoisers) and
+`model.json` = {"denoiser": <Denoiser.config()>, "sampling": <recipe>, "meta": {...}}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import DiffdistillError
+
+SNAPSHOT_JSON = "model.json"
+SNAPSHOT_WEIGHTS = "model.safetensors"
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Write a file through `write(tmp_path)`, fsync it, then rename it over `path` (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n"))
+
+
+def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata=metadata))
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DiffdistillError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Rebuilding denoisers from their JSON config
+
+_BUILDERS: dict[str, Callable[[dict], torch.nn.Module]] = {}
+
+
+def register_builder(type_name: str):
+    """Decorator: `fn(config) -> Denoiser` for configs with config['type'] == type_name."""
+    def deco(fn):
+        _BUILDERS[type_name] = fn
+        return fn
+    return deco
+
+
+def build_denoiser(config: dict):
+    """Rebuild a denoiser (random or empty weights) from its `config()`."""
+    from . import networks, teachers  # noqa: F401  (registers builders)
+
+    kind = config.get("type")
+    if kind not in _BUILDERS:
+        raise DiffdistillError(f"unknown denoiser type {kind!r} in config (known: {sorted(_BUILDERS)})")
+    return _BUILDERS[kind](config)
+
+
+def save_snapshot(path: str | Path, denoiser, sampling: dict | None = None, meta: dict | None = None) -> Path:
+    """Write a sampler-ready snapshot directory (weights first, then the JSON that marks it complete)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v for k, v in denoiser.state_dict().items()}
+    if state:
+        atomic_save_tensors(path / SNAPSHOT_WEIGHTS, state)
+    atomic_write_json(path / SNAPSHOT_JSON, dict(denoiser=denoiser.config(), sampling=sampling or {},
+                                                 meta=meta or {}))
+    return path
+
+
+def load_snapshot(path: str | Path, device="cpu"):
+    """(denoiser in eval mode, sampling recipe, meta) from a snapshot directory."""
+    path = Path(path)
+    cfg_path = path / SNAPSHOT_JSON
+    if not cfg_path.is_file():
+        raise DiffdistillError(f"{path}: not a diffdistill snapshot (no {SNAPSHOT_JSON})")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        den_cfg = cfg["denoiser"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise DiffdistillError(f"{cfg_path}: malformed snapshot config ({e})") from None
+    denoiser = build_denoiser(den_cfg)
+    expected = denoiser.state_dict()
+    if expected:
+        state = load_tensors(path / SNAPSHOT_WEIGHTS)
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise DiffdistillError(f"{path / SNAPSHOT_WEIGHTS}: weights do not match the config "
+                                   f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        for k, v in state.items():
+            if v.shape != expected[k].shape:
+                raise DiffdistillError(f"{path / SNAPSHOT_WEIGHTS}: tensor {k} has shape {tuple(v.shape)}, "
+                                       f"the config needs {tuple(expected[k].shape)}")
+        denoiser.load_state_dict(state)
+    return denoiser.to(device).eval().requires_grad_(False), cfg.get("sampling", {}), cfg.get("meta", {})

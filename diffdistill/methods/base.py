@@ -1,0 +1,88 @@
+"""The contract between a method and the one training loop (diffdistill.train.loop).
+
+A method is an nn.Module holding its networks (teacher frozen, students trainable). It declares parameter
+groups, each with its own optimiser settings and update schedule, and returns losses. The loop owns
+optimisers, LR schedules, gradient accumulation/clipping, EMA, checkpoints, logging and distribution, and
+knows nothing about any specific method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..diffusion.denoiser import Denoiser
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and LR schedule of one parameter group."""
+
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    kind: str = "adam"            # adam | adamw | radam
+    warmup_kimg: float = 0.0      # linear warm-up over this many thousand images
+    decay: str = "constant"       # constant | linear (to 0 at the end of the run, or of each `reset`)
+    grad_clip: float | None = None  # global-norm clipping; None = off
+
+
+@dataclass
+class Group:
+    """A trainable parameter group: its parameters, optimiser, and which steps update it."""
+
+    params: list[nn.Parameter]
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    every: int = 1                # update on steps where step % every == 0 (DMD2's two-time-scale rule)
+    needs_data: bool = False      # whether this group's loss uses real data
+
+
+@dataclass
+class Batch:
+    """What the loop hands to a method: real data when the method needs it, else only size and device."""
+
+    size: int
+    device: torch.device
+    x: Tensor | None = None       # real images/points in [-1, 1] (float32), [B, *shape]
+    cond: Tensor | None = None    # int class labels [B], or None
+    step: int = 0                 # optimiser step counter (global, counted across accumulation)
+    nimg: int = 0                 # images seen so far
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set `name`, build networks in __init__, and implement `groups` and `loss`."""
+
+    name: str = "method"
+
+    def groups(self) -> dict[str, Group]:
+        """Ordered: the loop updates the groups in this order at every step where `step % every == 0`."""
+        raise NotImplementedError
+
+    def loss(self, group: str, batch: Batch) -> dict[str, Tensor]:
+        """Losses for one group on one (micro)batch. 'loss' is the scalar to minimise (already reduced over the
+        batch); other scalar entries are logged as `group/key`."""
+        raise NotImplementedError
+
+    def ema_targets(self) -> dict[str, nn.Module]:
+        """Networks of which the loop keeps an EMA (e.g. {'student': self.student})."""
+        return {}
+
+    def export(self, ema: dict[str, nn.Module] | None = None) -> tuple[Denoiser, dict]:
+        """The sampler-ready student (the EMA copy when given) and its sampling recipe, e.g.
+        {'sampler': 'onestep', 'sigmas': [80.0, 0.0]}."""
+        raise NotImplementedError
+
+    def begin_step(self, step: int, nimg: int) -> set[str]:
+        """Called before every step. Return the names of groups whose optimiser and LR schedule must be reset
+        (progressive distillation, at the start of each halving round)."""
+        return set()
+
+    def extra_state(self) -> dict:
+        """Method state beyond module parameters/buffers to checkpoint (JSON-serialisable)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
