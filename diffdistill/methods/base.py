@@ -80,6 +80,11 @@ class Method(nn.Module):
         (progressive distillation, at the start of each halving round)."""
         return set()
 
+    def milestone(self, step: int, nimg: int) -> str | None:
+        """Called before `begin_step`. A non-None tag makes the loop save `export()` as the snapshot RUN/<tag>
+        (progressive distillation: the finished student of each round, e.g. 'round-04steps')."""
+        return None
+
     def extra_state(self) -> dict:
         """Method state beyond module parameters/buffers to checkpoint (JSON-serialisable)."""
         return {}
