@@ -57,7 +57,9 @@ class Denoiser(nn.Module):
     def forward(self, x: Tensor, sigma, cond: Tensor | None = None) -> Tensor:
         if tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"expected samples of shape {self.shape}, got a batch of shape {tuple(x.shape)}")
-        sigma = torch.as_tensor(sigma, device=x.device)
+        if not torch.is_tensor(sigma):  # a Python number: keep its full precision in x's dtype
+            sigma = torch.tensor(float(sigma), dtype=x.dtype)
+        sigma = sigma.to(x.device)
         sigma = (sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma.reshape(-1)).to(x.dtype)
         if sigma.shape[0] != x.shape[0]:
             raise ValueError(f"sigma has {sigma.shape[0]} entries for a batch of {x.shape[0]}")
@@ -105,28 +107,29 @@ class Precond(Denoiser):
 
     def denoise(self, x: Tensor, sigma: Tensor, cond: Tensor | None) -> Tensor:
         cfg = self.precond
-        x = x.float()
-        s = param.append_dims(sigma.float(), x)
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 at least, as EDM's wrappers
+        sigma = sigma.to(x.dtype)
+        s = param.append_dims(sigma, x)
         if cfg.kind in ("edm", "boundary"):
             scal = param.edm_scalings if cfg.kind == "edm" else (
                 lambda sg, sd: param.boundary_scalings(sg, sd, cfg.sigma_min))
             c_skip, c_out, c_in, c_noise = scal(s, cfg.sigma_data)
             F = self.backbone(c_in * x, c_noise.flatten(), cond)
-            return c_skip * x + c_out * F.float()
+            return c_skip * x + c_out * F.to(x.dtype)
         if cfg.kind == "ve":
             c_skip, c_out, c_in, c_noise = param.ve_scalings(s)
-            return c_skip * x + c_out * self.backbone(c_in * x, c_noise.flatten(), cond).float()
+            return c_skip * x + c_out * self.backbone(c_in * x, c_noise.flatten(), cond).to(x.dtype)
         if cfg.kind == "vp":
             # EDM's VPPrecond: eps output, time input 999 * t(sigma).
             from .schedules import vp_sigma_inv
             c_skip, c_out, c_in = param.vp_scalings(s)
-            c_noise = 999 * vp_sigma_inv(sigma.float())
-            return c_skip * x + c_out * self.backbone(c_in * x, c_noise, cond).float()
+            c_noise = 999 * vp_sigma_inv(sigma)
+            return c_skip * x + c_out * self.backbone(c_in * x, c_noise, cond).to(x.dtype)
         # cosine: a VP network that sees z_t = alpha x_sigma and t of the cosine schedule, predicting eps/v/x.
         alpha, sigma_t = param.vp_from_edm(s)
         z = alpha * x
-        t = param.cosine_time_from_edm(sigma.float(), cfg.logsnr_min, cfg.logsnr_max)
-        out = self.backbone(z, t, cond).float()
+        t = param.cosine_time_from_edm(sigma, cfg.logsnr_min, cfg.logsnr_max)
+        out = self.backbone(z, t, cond).to(x.dtype)
         if cfg.prediction == "x":
             return out
         if cfg.prediction == "v":

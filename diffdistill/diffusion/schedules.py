@@ -99,7 +99,8 @@ def cosine_sigmas(n: int, logsnr_min: float = -20.0, logsnr_max: float = 20.0) -
 
 def uniform_time_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0) -> Tensor:
     """n levels uniform in sigma (the sigma(t)=t time of EDM with linear spacing), then 0."""
-    return torch.cat([torch.linspace(sigma_max, sigma_min, n, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    sigmas = torch.linspace(sigma_max, sigma_min, n, dtype=torch.float64)
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
 def check_sigmas(sigmas: Tensor) -> Tensor:

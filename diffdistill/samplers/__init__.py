@@ -1,0 +1,98 @@
+"""Samplers: stateless functions over (denoiser, noise, sigmas), and a `sample` convenience.
+
+Noise comes from per-sample seeds, so image k depends on seed k only: the batch size never changes a sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from ..diffusion.schedules import check_sigmas, karras_sigmas
+from ..errors import DiffdistillError
+from .few_step import sample_multistep, sample_onestep
+from .ode import call_denoiser, sample_ddim, sample_ddpm, sample_dpmpp_2m, sample_euler, sample_heun
+
+SAMPLERS = {
+    "euler": sample_euler,
+    "ddim": sample_ddim,
+    "heun": sample_heun,
+    "ddpm": sample_ddpm,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "onestep": sample_onestep,
+    "multistep": sample_multistep,
+}
+STOCHASTIC = {"ddpm", "multistep"}
+
+__all__ = ["SAMPLERS", "call_denoiser", "default_sigmas", "get_sampler", "iter_samples", "make_noise", "nfe",
+           "sample", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_euler", "sample_heun",
+           "sample_multistep", "sample_onestep"]
+
+
+def get_sampler(name: str):
+    if name not in SAMPLERS:
+        raise DiffdistillError(f"unknown sampler {name!r} (known: {', '.join(SAMPLERS)})")
+    return SAMPLERS[name]
+
+
+def make_noise(seeds: Sequence[int], shape, device="cpu") -> Tensor:
+    """Unit Gaussian noise [len(seeds), *shape]; row k is drawn from its own generator seeded by seeds[k]."""
+    rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.stack(rows).to(device)
+
+
+def _sampler_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    # A second stream per seed for the noise a stochastic sampler injects along the way.
+    return [torch.Generator().manual_seed(int(s) + 2**31) for s in seeds]
+
+
+def default_sigmas(denoiser, steps: int, sampler: str = "heun", rho: float = 7.0) -> Tensor:
+    """The grid a sampler uses for a denoiser: one level for 'onestep'; for a discrete-time teacher, `steps` of
+    its own levels spaced evenly (top level first); else the Karras grid on the denoiser's range."""
+    if sampler == "onestep":
+        return torch.tensor([denoiser.sigma_max, 0.0], dtype=torch.float64)
+    discrete = getattr(denoiser, "discrete_sigmas", None)
+    if discrete is not None:
+        table = torch.as_tensor(discrete, dtype=torch.float64).flip(0)  # descending
+        idx = torch.linspace(0, len(table) - 1, steps).round().long()
+        return torch.cat([table[idx], table.new_zeros(1)])
+    return karras_sigmas(steps, denoiser.sigma_min, denoiser.sigma_max, rho)
+
+
+def nfe(sampler: str, sigmas) -> int:
+    """Network evaluations per sample of a sampler on a grid."""
+    n = len(sigmas) - 1
+    if sampler == "heun":
+        return 2 * n - 1
+    if sampler == "onestep":
+        return 1
+    return n
+
+
+def iter_samples(denoiser, seeds: int | Sequence[int], steps: int | None = None, sampler: str | None = None,
+                 sigmas=None, cond: Tensor | int | None = None, device="cpu", batch: int = 64,
+                 **options) -> Iterator[Tensor]:
+    """Yield float32 sample batches (on `device`) for the given seeds (an int n means seeds 0..n-1)."""
+    seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    sampler = sampler or "heun"
+    fn = get_sampler(sampler)
+    if sigmas is None:
+        sigmas = default_sigmas(denoiser, steps or 18, sampler)
+    sigmas = check_sigmas(torch.as_tensor(sigmas, dtype=torch.float64))
+    if isinstance(cond, int):
+        cond = torch.full((len(seeds),), cond, dtype=torch.long)
+    for start in range(0, len(seeds), batch):
+        chunk = seeds[start:start + batch]
+        noise = make_noise(chunk, denoiser.shape, device)
+        c = None if cond is None else cond[start:start + batch].to(device)
+        gens = _sampler_generators(chunk) if sampler in STOCHASTIC or options.get("s_churn") else None
+        yield fn(denoiser, noise, sigmas, cond=c, generator=gens, **options).float()
+
+
+def sample(denoiser, seeds: int | Sequence[int], steps: int | None = None, sampler: str | None = None,
+           sigmas=None, cond: Tensor | int | None = None, device="cpu", batch: int = 64, **options) -> Tensor:
+    """All samples for `seeds` as one CPU float32 tensor [N, *shape]. See `iter_samples`."""
+    return torch.cat([b.cpu() for b in iter_samples(denoiser, seeds, steps, sampler, sigmas, cond, device,
+                                                    batch, **options)])

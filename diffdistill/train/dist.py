@@ -65,3 +65,25 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
 def print0(*args, **kwargs) -> None:
     if is_main():
         print(*args, **kwargs)
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def any_true(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank if `flag` is true on any rank (a stop request, a non-finite loss)."""
+    if not is_dist():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def broadcast_int(value: int, device: torch.device | str = "cpu") -> int:
+    """Rank 0's `value` on every rank."""
+    if not is_dist():
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.long, device=device)
+    dist.broadcast(t, src=0)
+    return int(t.item())

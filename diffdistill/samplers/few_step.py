@@ -1,0 +1,35 @@
+"""Few-step samplers of distilled students."""
+
+from __future__ import annotations
+
+import torch
+
+from .ode import _start, call_denoiser, randn_like
+
+
+@torch.no_grad()
+def sample_onestep(denoiser, noise, sigmas, *, cond=None, generator=None, callback=None):
+    """One network evaluation: x = D(sigmas[0] * z; sigmas[0]) (KD, DI, GDD, DMD2, SiD, 1-step CD)."""
+    x, sigmas = _start(noise, sigmas)
+    x = call_denoiser(denoiser, x, sigmas[0], cond)
+    if callback is not None:
+        callback(0, x, x)
+    return x
+
+
+@torch.no_grad()
+def sample_multistep(denoiser, noise, sigmas, *, cond=None, generator=None, callback=None):
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1): denoise, then re-noise to the next level.
+
+    x <- f(x, tau_i); x <- x + sqrt(tau_{i+1}^2 - sigma_min^2) z, for each nonzero level of `sigmas`.
+    """
+    x, sigmas = _start(noise, sigmas)
+    eps = float(getattr(denoiser, "sigma_min", 0.0))
+    levels = [s for s in sigmas.tolist() if s > 0]
+    for i, s in enumerate(levels):
+        if i > 0:
+            x = x + max(s**2 - eps**2, 0.0) ** 0.5 * randn_like(x, generator)
+        x = call_denoiser(denoiser, x, s, cond)
+        if callback is not None:
+            callback(i, x, x)
+    return x
