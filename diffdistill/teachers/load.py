@@ -1,0 +1,49 @@
+"""`load_teacher(spec)`: one entry point for every teacher a user can bring."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import DiffdistillError
+from ..io import SNAPSHOT_JSON, load_snapshot
+from .analytic import is_analytic_spec, load_analytic
+
+LOOKED_FOR = (
+    "an analytic spec (toy:ring8, gmm:PATH.json)",
+    f"a diffdistill snapshot directory ({SNAPSHOT_JSON} + model.safetensors; converted EDM teachers are snapshots)",
+    f"a run directory (model/{SNAPSHOT_JSON})",
+    "a diffusers model directory (unet/config.json + scheduler/scheduler_config.json, or config.json with "
+    "_class_name UNet2DModel + scheduler_config.json)",
+)
+
+
+def load_teacher(spec, device="cpu"):
+    """The teacher named by `spec` as a Denoiser on `device`, in eval mode with requires_grad False.
+
+    spec: `toy:ring8` | `gmm:PATH.json` | a snapshot directory (or its model.json) | a run directory (its `model/`
+    snapshot) | a local diffusers model directory.
+    """
+    if is_analytic_spec(spec):
+        den = load_analytic(spec)
+    else:
+        den = _load_path(Path(spec), device)
+    return den.to(device).eval().requires_grad_(False)
+
+
+def _load_path(path: Path, device):
+    if path.is_file() and path.name == SNAPSHOT_JSON:
+        path = path.parent
+    if path.is_dir():
+        if (path / SNAPSHOT_JSON).is_file():
+            return load_snapshot(path, device)[0]
+        if (path / "model" / SNAPSHOT_JSON).is_file():
+            return load_snapshot(path / "model", device)[0]
+        from .diffusers import find_diffusers_model, load_diffusers
+        if find_diffusers_model(path) is not None:
+            return load_diffusers(path, device)
+    if not path.exists():
+        raise DiffdistillError(f"{path}: teacher not found (expected {'; '.join(LOOKED_FOR)})")
+    hint = ""
+    if path.suffix == ".pkl":
+        hint = " (an EDM pickle must be converted to a snapshot first: diffdistill convert)"
+    raise DiffdistillError(f"{path}: not a teacher{hint}; looked for {'; '.join(LOOKED_FOR)}")
