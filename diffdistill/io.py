@@ -19,6 +19,8 @@ from safetensors.torch import load_file, save_file
 from .errors import DiffdistillError
 
 SNAPSHOT_JSON = "model.json"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 SNAPSHOT_WEIGHTS = "model.safetensors"
 
 
@@ -31,6 +33,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tmp)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the mode a plain open() would
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

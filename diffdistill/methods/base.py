@@ -80,6 +80,11 @@ class Method(nn.Module):
         (progressive distillation, at the start of each halving round)."""
         return set()
 
+    def lr_schedule_kimg(self, group: str) -> float | None:
+        """Optional: the length (kimg) over which a 'linear' decay of `group` reaches 0, counted from its last
+        reset (progressive distillation: one round). None = the whole run."""
+        return None
+
     def milestone(self, step: int, nimg: int) -> str | None:
         """Called before `begin_step`. A non-None tag makes the loop save `export()` as the snapshot RUN/<tag>
         (progressive distillation: the finished student of each round, e.g. 'round-04steps')."""

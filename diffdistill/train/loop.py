@@ -1,0 +1,551 @@
+"""The one training loop: method-blind (the contract is diffdistill.methods.base.Method).
+
+Per step: `milestone` -> `begin_step` -> for every group due this step (`step % every == 0`), in order:
+accumulate the gradients of `batch / (batch_gpu * world)` micro-batches (averaged over ranks by DDP), pass
+them through nan_to_num (EDM), clip, and step that group's optimiser -> EMA (EDM half-life rule) -> ticks
+(stats.jsonl, TensorBoard), sample grids, snapshots, evaluation, checkpoints. Progress is counted in images.
+
+Randomness: before every micro-batch the global torch RNG is seeded from (seed, step, global micro-batch
+index, group index), and the data order is a seeded permutation per epoch read at the position given by the
+number of images seen. So a run resumed from a checkpoint is bit-identical to an uninterrupted one, and G
+processes with micro-batch b equal one process accumulating G micro-batches of b (up to float summation order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import threading
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import io
+from ..errors import DiffdistillError
+from ..methods.base import Batch, Group, Method, OptimConfig
+from . import checkpoint as ckpt
+from . import dist
+from .ema import EMA
+from .stats import StatsWriter, peak_memory_gb, save_image_grid, save_scatter
+
+
+@dataclass
+class TrainConfig:
+    """Loop settings (all lengths in thousands of images, 'kimg'; 0 turns a periodic action off)."""
+
+    out: str = "runs/run"                  # run directory RUN (checkpoints, stats, snapshots, RUN/model)
+    total_kimg: float = 200.0              # training length
+    batch: int = 512                       # global batch per optimiser step (over all ranks and accumulation)
+    batch_gpu: int | None = None           # per-process micro-batch; None = batch / world (no accumulation)
+    ema_halflife_kimg: float = 500.0       # EMA half-life (EDM); 0 = the EMA is a copy of the weights
+    ema_rampup: float | None = 0.05        # EMA ramp-up ratio (EDM): half-life <= rampup * images seen
+    seed: int = 0                          # seeds data order, noise and dropout
+    tick_kimg: float = 10.0                # a line in stats.jsonl every tick
+    snapshot_kimg: float = 0.0             # sampler-ready snapshots RUN/snapshot-<kimg>/
+    checkpoint_kimg: float = 50.0          # full training state for resumption
+    keep_checkpoints: int = 2              # keep this many newest checkpoints
+    grid_kimg: float = 0.0                 # sample grids RUN/samples-<kimg>.png
+    grid_n: int = 64                       # samples per grid
+    eval_kimg: float = 0.0                 # call `evaluate(method, ema, nimg)` this often (and at the end)
+    best_metric: str | None = None         # metric of `evaluate` that picks RUN/best/
+    best_mode: str = "min"                 # min: lower is better | max
+    bf16: bool = False                     # bfloat16 autocast of the losses
+    device: str | None = None              # cpu | cuda | cuda:N; None = cuda if available (LOCAL_RANK under torchrun)
+    workers: int = 0                       # DataLoader worker processes
+    resume: bool = False                   # continue RUN even if its config differs
+    force: bool = False                    # start RUN over, deleting its checkpoints and stats
+    max_steps: int | None = None           # stop after this many optimiser steps (overrides total_kimg)
+    command: str = ""                      # the command line, recorded in RUN/command.txt
+    meta: dict = field(default_factory=dict)  # run description (method options, data spec) for config.json
+    tensorboard: bool = True               # mirror stats to RUN/tensorboard if tensorboard is installed
+    progress: bool = True                  # tqdm progress bar
+
+
+# Settings that may change when a run is resumed without counting as "a different run".
+_RUNTIME_KEYS = ("resume", "force", "command", "device", "workers", "progress", "tensorboard")
+
+
+def run_config(method: Method, cfg: TrainConfig) -> dict:
+    """What config.json records and a rerun compares."""
+    train = {k: v for k, v in asdict(cfg).items() if k not in _RUNTIME_KEYS and k != "meta"}
+    return {"method": method.name, "train": train, "meta": cfg.meta}
+
+
+# --------------------------------------------------------------------------------------------------
+# Pieces
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "", "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DiffdistillError(f"device {device!r} requested but CUDA is not available")
+        if dev.index is None:
+            dev = torch.device("cuda", dist.local_rank())
+    return dev
+
+
+def split_batch(batch: int, batch_gpu: int | None, world: int) -> tuple[int, int]:
+    """(micro-batch per process, accumulation rounds) with batch = batch_gpu * rounds * world."""
+    if batch < 1:
+        raise DiffdistillError(f"batch must be positive, got {batch}")
+    if batch % world:
+        raise DiffdistillError(f"batch {batch} is not divisible by the {world} processes")
+    per_rank = batch // world
+    batch_gpu = min(batch_gpu or per_rank, per_rank)
+    if per_rank % batch_gpu:
+        raise DiffdistillError(f"batch {batch} / {world} processes = {per_rank} is not a multiple of "
+                               f"batch_gpu {batch_gpu}")
+    return batch_gpu, per_rank // batch_gpu
+
+
+def make_optimizer(params: list[nn.Parameter], oc: OptimConfig) -> torch.optim.Optimizer:
+    kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}
+    if oc.kind not in kinds:
+        raise DiffdistillError(f"unknown optimiser {oc.kind!r} (adam, adamw, radam)")
+    return kinds[oc.kind](params, lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps, weight_decay=oc.weight_decay)
+
+
+def lr_at(oc: OptimConfig, nimg_after: int, origin: int, end: int) -> float:
+    """Learning rate of a step that brings the image count to `nimg_after`: linear warm-up over warmup_kimg from
+    the schedule origin (start or last reset), then constant or linear decay to 0 at `end` images."""
+    lr = oc.lr
+    done = nimg_after - origin
+    if oc.warmup_kimg > 0:
+        lr *= min(done / (oc.warmup_kimg * 1000), 1.0)
+    if oc.decay == "linear":
+        lr *= max(0.0, 1.0 - done / max(end - origin, 1))
+    elif oc.decay != "constant":
+        raise DiffdistillError(f"unknown LR decay {oc.decay!r} (constant, linear)")
+    return lr
+
+
+def step_seed(seed: int, step: int, micro: int, group: int) -> int:
+    """Seed of one micro-batch of one group's loss, a function of (seed, step, global micro-batch index, group)."""
+    return int(np.random.SeedSequence([seed, step, micro, group]).generate_state(2, np.uint32)
+               .astype(np.uint64) @ np.array([1, 2**32], dtype=np.uint64)) & (2**63 - 1)
+
+
+class StreamSampler:
+    """Index lists of this rank's micro-batches, step after step, from the stream position `nimg`.
+
+    The stream is the concatenation of per-epoch permutations seeded by (seed, epoch). At each step the global
+    batch is the next `batch` stream positions; micro-batch a of rank r holds the positions
+    [(a * world + r) * batch_gpu, +batch_gpu) of it.
+    """
+
+    def __init__(self, n: int, seed: int, nimg: int, batch: int, batch_gpu: int, accum: int, world: int,
+                 rank: int):
+        self.n, self.seed, self.nimg = n, seed, nimg
+        self.batch, self.batch_gpu, self.accum, self.world, self.rank = batch, batch_gpu, accum, world, rank
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _index(self, pos: int) -> int:
+        epoch, i = divmod(pos, self.n)
+        if epoch not in self._perms:
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms[epoch] = torch.randperm(self.n, generator=g)
+        return int(self._perms[epoch][i])
+
+    def __iter__(self):
+        nimg = self.nimg
+        while True:
+            for a in range(self.accum):
+                start = nimg + (a * self.world + self.rank) * self.batch_gpu
+                yield [self._index(p) for p in range(start, start + self.batch_gpu)]
+            nimg += self.batch
+
+
+class _LossCall(nn.Module):
+    """Routes `method.loss` through one module, so that DDP sees every network a loss touches."""
+
+    def __init__(self, method: Method):
+        super().__init__()
+        self.method = method
+
+    def forward(self, group: str, batch: Batch):
+        return self.method.loss(group, batch)
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag: the loop finishes its step, saves a checkpoint and returns."""
+
+    def __init__(self):
+        self.set = False
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.set and signum == signal.SIGINT:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.set = True
+        dist.print0(f"\n{signal.Signals(signum).name}: finishing this step, saving a checkpoint, then stopping")
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _crossed(prev: int, now: int, kimg: float) -> bool:
+    if not kimg or kimg <= 0:
+        return False
+    every = max(1, int(round(kimg * 1000)))
+    return now // every > prev // every
+
+
+def _check_groups(method: Method, groups: dict[str, Group]) -> None:
+    if not groups:
+        raise DiffdistillError(f"method {method.name!r} declares no parameter groups")
+    seen: dict[int, str] = {}
+    for name, g in groups.items():
+        if not g.params:
+            raise DiffdistillError(f"group {name!r} of method {method.name!r} has no parameters")
+        if g.every < 1:
+            raise DiffdistillError(f"group {name!r}: every must be >= 1, got {g.every}")
+        for p in g.params:
+            if id(p) in seen:
+                raise DiffdistillError(f"a parameter is in both groups {seen[id(p)]!r} and {name!r}")
+            seen[id(p)] = name
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+
+
+class _Run:
+    """State of one call of `train` (kept in an object so that the pieces stay short)."""
+
+    def __init__(self, method: Method, cfg: TrainConfig, data, evaluate):
+        self.method, self.cfg, self.data, self.evaluate = method, cfg, data, evaluate
+        self.device = resolve_device(cfg.device)
+        dist.init_from_env(str(self.device))
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.main = self.rank == 0
+        self.batch_gpu, self.accum = split_batch(cfg.batch, cfg.batch_gpu, self.world)
+        self.run_dir = Path(cfg.out)
+        self.groups = method.groups()
+        _check_groups(method, self.groups)
+        self.needs_data = any(g.needs_data for g in self.groups.values())
+        if self.needs_data and data is None:
+            raise DiffdistillError(f"method {method.name!r} trains on real data: give a data set (--data)")
+        if cfg.best_mode not in ("min", "max"):
+            raise DiffdistillError(f"best_mode must be 'min' or 'max', got {cfg.best_mode!r}")
+        self.total_steps = cfg.max_steps if cfg.max_steps is not None else \
+            math.ceil(cfg.total_kimg * 1000 / cfg.batch)
+        self.step, self.nimg = 0, 0
+        self.origins = {name: 0 for name in self.groups}
+        self.best: dict | None = None
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg, method = self.cfg, self.method
+        resume = False
+        if self.main:
+            resume = ckpt.prepare_run_dir(self.run_dir, run_config(method, cfg), cfg.command, cfg.resume,
+                                          cfg.force)
+        resume = bool(dist.broadcast_int(int(resume), self.device))
+        dist.barrier()
+        method.to(self.device)
+        self.optims = {name: make_optimizer(g.params, g.optim) for name, g in self.groups.items()}
+        targets = method.ema_targets()
+        self.ema = EMA(targets, cfg.ema_halflife_kimg, cfg.ema_rampup) if targets else None
+        if resume:
+            loaded = ckpt.load_latest(self.run_dir)
+            if loaded is None:
+                dist.print0(f"{self.run_dir}: no checkpoint to resume from; starting at step 0")
+            else:
+                self.restore(*loaded)
+        self.stats = StatsWriter(self.run_dir, cfg.tensorboard) if self.main else None
+        self.loss_call: nn.Module = _LossCall(method)
+        if self.world > 1:
+            self.loss_call = self._wrap_ddp(self.loss_call)
+        self.batches = self._data_iter() if self.needs_data else None
+
+    def _wrap_ddp(self, module: nn.Module) -> nn.Module:
+        """DistributedDataParallel over the trainable parameters (NCCL on GPUs, gloo on CPUs)."""
+        trainable = {id(p) for g in self.groups.values() for p in g.params}
+        ignore = [n for n, p in module.named_parameters() if id(p) not in trainable]
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignore)
+        return nn.parallel.DistributedDataParallel(
+            module, device_ids=None, broadcast_buffers=False, find_unused_parameters=True)
+
+    def _data_iter(self):
+        data = self.data
+        sampler = StreamSampler(len(data), self.cfg.seed, self.nimg, self.cfg.batch, self.batch_gpu, self.accum,
+                                self.world, self.rank)
+        loader = torch.utils.data.DataLoader(data, batch_sampler=sampler, num_workers=self.cfg.workers,
+                                             pin_memory=self.device.type == "cuda")
+        return iter(loader)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def state(self) -> tuple[dict, dict]:
+        tensors = {f"method.{k}": v for k, v in self.method.state_dict().items()}
+        if self.ema is not None:
+            tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
+        optim_json = {}
+        for name, opt in self.optims.items():
+            t, info = ckpt.optimizer_to_flat(opt, f"optim.{name}")
+            tensors.update(t)
+            optim_json[name] = info
+        state = dict(nimg=self.nimg, origins=self.origins, best=self.best, optim=optim_json,
+                     rng=ckpt.rng_state(), extra_state=self.method.extra_state(),
+                     config=run_config(self.method, self.cfg), world=self.world)
+        return tensors, state
+
+    def restore(self, tensors: dict, state: dict) -> None:
+        method_sd = {k[7:]: v for k, v in tensors.items() if k.startswith("method.")}
+        try:
+            self.method.load_state_dict(method_sd)
+            if self.ema is not None:
+                self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+            for name, opt in self.optims.items():
+                ckpt.optimizer_from_flat(opt, tensors, state["optim"][name], f"optim.{name}")
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise DiffdistillError(f"{self.run_dir}: the newest checkpoint does not fit this method "
+                                   f"({str(e).splitlines()[0]}); pass --force to start over") from None
+        self.step, self.nimg = int(state["step"]), int(state["nimg"])
+        self.origins.update({k: int(v) for k, v in state.get("origins", {}).items() if k in self.origins})
+        self.best = state.get("best")
+        ckpt.set_rng_state(state.get("rng", {}))
+        self.method.load_extra_state(state.get("extra_state", {}))
+        dist.print0(f"resuming {self.run_dir} at step {self.step} ({self.nimg / 1000:g} kimg)")
+
+    def save_checkpoint(self) -> None:
+        if self.main:
+            tensors, state = self.state()
+            try:
+                ckpt.save_checkpoint(self.run_dir, self.step, tensors, state, self.cfg.keep_checkpoints)
+            except OSError as e:
+                prev = ckpt.list_checkpoints(self.run_dir)
+                keep = f"; {prev[0][1]} is intact" if prev else ""
+                raise DiffdistillError(f"{self.run_dir / ckpt.CHECKPOINT_DIR}: cannot write the checkpoint of step "
+                                       f"{self.step} ({e.strerror or e}){keep}") from None
+        dist.barrier()
+
+    # -- exports ----------------------------------------------------------------------------------
+    def export(self):
+        return self.method.export(self.ema.modules if self.ema is not None else None)
+
+    def save_snapshot(self, name: str, meta: dict | None = None) -> Path:
+        denoiser, recipe = self.export()
+        meta = dict(method=self.method.name, step=self.step, nimg=self.nimg, kimg=self.nimg / 1000, **(meta or {}))
+        return io.save_snapshot(self.run_dir / name, denoiser, recipe, meta)
+
+    @torch.no_grad()
+    def save_grid(self, path: Path) -> None:
+        from .. import samplers
+
+        denoiser, recipe = self.export()
+        recipe = dict(recipe)
+        kind = recipe.pop("sampler", "heun")
+        steps, sigmas = recipe.pop("steps", None), recipe.pop("sigmas", None)
+        cond = None
+        if denoiser.label_dim > 0:
+            cond = torch.arange(self.cfg.grid_n) % denoiser.label_dim
+        training = denoiser.training
+        denoiser.eval()
+        try:
+            x = samplers.sample(denoiser, self.cfg.grid_n, steps=steps, sampler=kind, sigmas=sigmas, cond=cond,
+                                device=self.device, batch=max(64, self.batch_gpu), **recipe)
+        finally:
+            denoiser.train(training)
+        if len(denoiser.shape) == 3 and denoiser.shape[0] in (1, 3):
+            save_image_grid(x, path)
+        elif len(denoiser.shape) == 1 and denoiser.shape[0] >= 2:
+            save_scatter(x, path)
+
+    # -- one step ---------------------------------------------------------------------------------
+    def train_step(self, sums: dict) -> None:
+        method, cfg = self.method, self.cfg
+        tag = method.milestone(self.step, self.nimg)
+        if tag and self.main:
+            self.save_snapshot(tag)
+        for name in method.begin_step(self.step, self.nimg):
+            if name not in self.groups:
+                raise DiffdistillError(f"begin_step reset unknown group {name!r} (groups: {list(self.groups)})")
+            self.optims[name] = make_optimizer(self.groups[name].params, self.groups[name].optim)
+            self.origins[name] = self.nimg
+        micro = [next(self.batches) for _ in range(self.accum)] if self.needs_data else [None] * self.accum
+        nimg_after = self.nimg + cfg.batch
+        schedule_kimg = getattr(method, "lr_schedule_kimg", None)
+        for gi, (name, group) in enumerate(self.groups.items()):
+            if self.step % group.every:
+                continue
+            opt = self.optims[name]
+            end = self.total_steps * cfg.batch
+            if callable(schedule_kimg) and schedule_kimg(name) is not None:
+                end = self.origins[name] + int(round(schedule_kimg(name) * 1000))
+            lr = lr_at(group.optim, nimg_after, self.origins[name], end)
+            for pg in opt.param_groups:
+                pg["lr"] = lr
+            sums[f"lr/{name}"] = (torch.tensor(lr, dtype=torch.float64), 1)
+            opt.zero_grad(set_to_none=True)
+            finite = torch.ones((), dtype=torch.bool, device=self.device)
+            for a in range(self.accum):
+                torch.manual_seed(step_seed(cfg.seed, self.step, a * self.world + self.rank, gi))
+                batch = Batch(size=self.batch_gpu, device=self.device, step=self.step, nimg=self.nimg)
+                if micro[a] is not None and group.needs_data:
+                    x, labels = micro[a]
+                    batch.x = x.to(self.device, torch.float32, non_blocking=True)
+                    labels = torch.as_tensor(labels)
+                    if getattr(self.data, "label_dim", 0) > 0 and bool((labels >= 0).all()):
+                        batch.cond = labels.to(self.device, torch.long)
+                sync = contextlib.nullcontext()
+                if a < self.accum - 1 and isinstance(self.loss_call, nn.parallel.DistributedDataParallel):
+                    sync = self.loss_call.no_sync()
+                with sync:
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                        out = self.loss_call(name, batch)
+                    loss = out["loss"]
+                    finite &= torch.isfinite(loss.detach())
+                    (loss / self.accum).backward()
+                for key, value in out.items():
+                    if torch.is_tensor(value) and value.numel() == 1:
+                        s, n = sums.get(f"{name}/{key}", (0.0, 0))
+                        sums[f"{name}/{key}"] = (s + value.detach().double().reshape(()), n + 1)
+            if dist.any_true(not bool(finite), self.device):
+                raise _NonFinite(name)
+            params = [p for p in group.params if p.grad is not None]
+            for p in params:  # EDM: nan_to_num of gradients before every step
+                torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
+            if group.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, group.optim.grad_clip)
+            opt.step()
+        self.step += 1
+        self.nimg = nimg_after
+        if self.ema is not None:
+            self.ema.update(self.nimg, cfg.batch)
+
+    # -- the whole run ----------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.setup()
+        start_time, tick_time, tick_step, tick_nimg = time.time(), time.time(), self.step, self.nimg
+        sums: dict = {}
+        interrupted, last_ckpt_step = False, self.step
+        bar = None
+        if self.main and cfg.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                       desc=f"{self.method.name} {self.run_dir.name}")
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        with _StopFlag() as stop:
+            try:
+                while self.step < self.total_steps:
+                    if dist.any_true(stop.set, self.device) if self.world > 1 else stop.set:
+                        interrupted = True
+                        break
+                    prev = self.nimg
+                    try:
+                        self.train_step(sums)
+                    except _NonFinite as e:
+                        last = ckpt.list_checkpoints(self.run_dir)
+                        kept = f"; the last good checkpoint {last[0][1]} is kept" if last else ""
+                        raise DiffdistillError(
+                            f"non-finite loss in group {e.group!r} of {self.method.name!r} at step {self.step} "
+                            f"({self.nimg / 1000:g} kimg): training stopped{kept}") from None
+                    if bar is not None:
+                        bar.update(1)
+                    done = self.step >= self.total_steps
+                    if _crossed(prev, self.nimg, cfg.tick_kimg) or done:
+                        now = time.time()
+                        rec = self.tick_record(sums, now - start_time, now - tick_time, self.step - tick_step,
+                                               self.nimg - tick_nimg)
+                        sums, tick_time, tick_step, tick_nimg = {}, now, self.step, self.nimg
+                        if bar is not None:
+                            bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items() if k.endswith("/loss")})
+                    if self.main and _crossed(prev, self.nimg, cfg.grid_kimg):
+                        self.save_grid(self.run_dir / f"samples-{self.nimg // 1000:06d}.png")
+                    if self.main and _crossed(prev, self.nimg, cfg.snapshot_kimg):
+                        self.save_snapshot(f"snapshot-{self.nimg // 1000:06d}")
+                    if _crossed(prev, self.nimg, cfg.eval_kimg) or (done and cfg.eval_kimg > 0):
+                        self.run_eval()
+                    if _crossed(prev, self.nimg, cfg.checkpoint_kimg):
+                        self.save_checkpoint()
+                        last_ckpt_step = self.step
+            finally:
+                if bar is not None:
+                    bar.close()
+            if self.step != last_ckpt_step or interrupted:
+                self.save_checkpoint()
+        result = dict(run_dir=str(self.run_dir), step=self.step, nimg=self.nimg, interrupted=interrupted,
+                      best=self.best, model=None)
+        if not interrupted:
+            tag = self.method.milestone(self.step, self.nimg)  # the last round's milestone (PD's 1-step student)
+            if self.main:
+                if tag:
+                    self.save_snapshot(tag)
+                if cfg.grid_kimg:
+                    self.save_grid(self.run_dir / "samples-final.png")
+                result["model"] = str(self.save_snapshot("model"))
+            dist.barrier()
+        if self.stats is not None:
+            self.stats.close()
+        return result
+
+    def tick_record(self, sums: dict, elapsed: float, tick_s: float, steps: int, images: int) -> dict:
+        keys = sorted(sums)
+        values = [torch.as_tensor(sums[k][0], dtype=torch.float64).cpu() / max(sums[k][1], 1) for k in keys]
+        values = dist.all_reduce_mean(torch.stack(values).to(self.device)).cpu().tolist() if keys else []
+        rec = dict(kimg=self.nimg / 1000, step=self.step, time=round(elapsed, 3))
+        rec.update({k: v for k, v in zip(keys, values)})
+        rec.update({"it_per_s": steps / max(tick_s, 1e-9), "img_per_s": images / max(tick_s, 1e-9),
+                    "peak_mem_gb": peak_memory_gb(self.device)})
+        if self.stats is not None:
+            self.stats.write(rec)
+        return rec
+
+    def run_eval(self) -> None:
+        if self.evaluate is None:
+            return
+        metrics = self.evaluate(self.method, self.ema.modules if self.ema is not None else None, self.nimg) or {}
+        metrics = {k: float(v) for k, v in metrics.items()}
+        if self.stats is not None:
+            self.stats.write(dict(kimg=self.nimg / 1000, step=self.step, **{f"eval/{k}": v
+                                                                             for k, v in metrics.items()}))
+        name = self.cfg.best_metric
+        if name is None:
+            return
+        if name not in metrics:
+            warnings.warn(f"evaluate() returned no {name!r} (got {sorted(metrics)}); RUN/best not updated",
+                          stacklevel=2)
+            return
+        value = metrics[name]
+        better = self.best is None or (value < self.best["value"] if self.cfg.best_mode == "min"
+                                       else value > self.best["value"])
+        if better and math.isfinite(value):
+            self.best = dict(metric=name, value=value, step=self.step, nimg=self.nimg)
+            if self.main:
+                self.save_snapshot("best", meta=dict(metrics=metrics))
+        dist.barrier()
+
+
+class _NonFinite(Exception):
+    def __init__(self, group: str):
+        super().__init__(group)
+        self.group = group
+
+
+def train(method: Method, cfg: TrainConfig, data=None, evaluate=None) -> dict:
+    """Train `method` with the loop settings `cfg`; returns {run_dir, step, nimg, interrupted, best, model}.
+
+    data: a map-style data set (`ds[i] -> (x, label)`, `ds.label_dim`) when a group needs real data.
+    evaluate: optional `evaluate(method, ema_modules, nimg) -> {metric: value}`, called every `eval_kimg`.
+    RUN/model/ receives the sampler-ready export of the EMA at the end (not when interrupted).
+    """
+    return _Run(method, cfg, data, evaluate).run()

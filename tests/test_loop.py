@@ -1,0 +1,327 @@
+"""The one training loop: EMA rule, LR schedule, data stream, groups (every / reset / milestone), NaN stop,
+stats, grids, snapshots, evaluation, run-directory rules and SIGINT handling. Tiny CPU models only."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from diffdistill import io
+from diffdistill.diffusion.denoiser import Precond, PrecondConfig
+from diffdistill.errors import DiffdistillError
+from diffdistill.methods.base import Batch, Group, Method, OptimConfig
+from diffdistill.networks.mlp import MLP
+from diffdistill.train import checkpoint as ckpt
+from diffdistill.train.ema import EMA, ema_beta
+from diffdistill.train.loop import StreamSampler, TrainConfig, lr_at, split_batch, train
+
+torch.set_num_threads(1)
+
+
+class Points:
+    """A map-style data set of 2-D points (the interface of diffdistill.data)."""
+
+    def __init__(self, n=64, seed=0, label_dim=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 2, generator=g) * 0.5
+        self.labels = torch.randint(max(label_dim, 1), (n,), generator=g) if label_dim else None
+        self.shape, self.label_dim = (2,), label_dim
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], (int(self.labels[i]) if self.labels is not None else -1)
+
+
+def tiny_denoiser(seed: int) -> Precond:
+    torch.manual_seed(seed)
+    return Precond(MLP(dim=2, hidden=16, num_layers=1, emb_channels=8), (2,), 0, PrecondConfig())
+
+
+class Toy(Method):
+    """Two groups: 'a' (data, every step) and 'b' (data-free, every `every_b` steps), with test hooks."""
+
+    name = "toy"
+
+    def __init__(self, every_b=2, reset_b_at=None, milestone_at=None, nan_at=None, kill_at=None):
+        super().__init__()
+        self.a, self.b = tiny_denoiser(1), tiny_denoiser(2)
+        self.drop = nn.Dropout(0.2)
+        self.every_b, self.reset_b_at, self.milestone_at = every_b, reset_b_at, milestone_at
+        self.nan_at, self.kill_at = nan_at, kill_at
+        self.seen: list[tuple[str, int, int]] = []   # (group, step, batch size)
+        self.counter = 0                              # extra state
+
+    def groups(self):
+        return {"a": Group(list(self.a.parameters()), OptimConfig(lr=1e-2), needs_data=True),
+                "b": Group(list(self.b.parameters()), OptimConfig(lr=1e-2, warmup_kimg=0.064), every=self.every_b)}
+
+    def loss(self, group, batch: Batch):
+        self.seen.append((group, batch.step, batch.size))
+        sigma = torch.rand(batch.size) + 0.1
+        if group == "a":
+            x = batch.x
+            out = self.a(self.drop(x) + sigma[:, None] * torch.randn_like(x), sigma)
+            loss = ((out - x) ** 2).sum(1).mean()
+        else:
+            x = torch.randn(batch.size, 2) * 0.3 + 1.0
+            loss = ((self.b(x + sigma[:, None] * torch.randn_like(x), sigma) - x) ** 2).sum(1).mean()
+            if self.nan_at is not None and batch.step >= self.nan_at:
+                loss = loss * float("nan")
+        if self.kill_at is not None and batch.step == self.kill_at and group == "a":
+            os.kill(os.getpid(), signal.SIGINT)
+        return {"loss": loss, "sigma_mean": sigma.mean()}
+
+    def ema_targets(self):
+        return {"a": self.a}
+
+    def export(self, ema=None):
+        return (ema["a"] if ema else self.a), {"sampler": "euler", "steps": 4}
+
+    def begin_step(self, step, nimg):
+        self.counter += 1
+        return {"b"} if step == self.reset_b_at else set()
+
+    def milestone(self, step, nimg):
+        return f"round-{step}" if step == self.milestone_at else None
+
+    def extra_state(self):
+        return {"counter": self.counter}
+
+    def load_extra_state(self, state):
+        self.counter = state["counter"]
+
+
+def config(tmp_path, name="run", **kw) -> TrainConfig:
+    base = dict(out=str(tmp_path / name), total_kimg=0.16, batch=16, ema_halflife_kimg=0.05, tick_kimg=0.048,
+                checkpoint_kimg=0.064, keep_checkpoints=2, tensorboard=False, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pieces
+
+
+def test_ema_beta_is_edms_half_life_rule():
+    # After `halflife` images at a constant rate, the old weights have decayed to one half.
+    beta = ema_beta(batch=32, nimg=10**9, halflife_kimg=2.0, rampup=None)
+    assert beta ** (2000 / 32) == pytest.approx(0.5, rel=1e-12)
+    # Ramp-up: half-life min(h, 0.05 * nimg).
+    assert ema_beta(32, 1000, 2.0, 0.05) == pytest.approx(0.5 ** (32 / 50.0), rel=1e-12)
+    assert ema_beta(32, 0, 2.0, 0.05) == 0.0  # first step copies the weights
+
+
+def test_ema_update_is_lerp():
+    net = nn.Linear(3, 2)
+    ema = EMA({"n": net}, halflife_kimg=0.1, rampup=None)
+    before = {k: v.clone() for k, v in ema.modules["n"].state_dict().items()}
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    beta = ema.update(nimg=64, batch=16)
+    assert beta == pytest.approx(0.5 ** (16 / 100))
+    expected = beta * before["weight"] + (1 - beta) * net.weight.detach()
+    torch.testing.assert_close(ema.modules["n"].weight, expected)
+    # state_dict round trip
+    other = EMA({"n": nn.Linear(3, 2)}, 0.1)
+    other.load_state_dict(ema.state_dict())
+    torch.testing.assert_close(other.modules["n"].weight, ema.modules["n"].weight)
+
+
+def test_lr_schedule_warmup_and_linear_decay():
+    oc = OptimConfig(lr=1.0, warmup_kimg=1.0, decay="linear")
+    assert lr_at(oc, 500, 0, 10_000) == pytest.approx(0.5 * (1 - 500 / 10_000))
+    assert lr_at(oc, 5000, 0, 10_000) == pytest.approx(0.5)
+    assert lr_at(oc, 10_000, 0, 10_000) == 0.0
+    # after a reset at 10k images the schedule starts again from that origin
+    assert lr_at(oc, 10_250, 10_000, 20_000) == pytest.approx(0.25 * (1 - 250 / 10_000))
+    assert lr_at(OptimConfig(lr=3.0), 123, 0, 1000) == 3.0
+
+
+def test_split_batch():
+    assert split_batch(64, 8, 2) == (8, 4)
+    assert split_batch(64, None, 2) == (32, 1)
+    with pytest.raises(DiffdistillError):
+        split_batch(64, 12, 1)
+    with pytest.raises(DiffdistillError):
+        split_batch(63, None, 2)
+
+
+def test_stream_sampler_epochs_shards_and_resume():
+    n, batch, bgpu, accum, world = 10, 8, 2, 2, 2
+    per_rank = [iter(StreamSampler(n, 5, 0, batch, bgpu, accum, world, r)) for r in range(world)]
+    stream = []
+    for _ in range(5):  # 5 steps of 8 images = 40 positions = 4 epochs
+        step = {}
+        for r in range(world):
+            for a in range(accum):
+                step[a * world + r] = next(per_rank[r])
+        stream += [i for g in sorted(step) for i in step[g]]
+    for e in range(4):  # every epoch is a permutation of the data set
+        assert sorted(stream[e * n:(e + 1) * n]) == list(range(n))
+    assert stream[:n] != stream[n:2 * n]  # and a different one each epoch
+    # resuming from images seen gives the same continuation
+    resumed = iter(StreamSampler(n, 5, 24, batch, bgpu, accum, world, 0))
+    assert next(resumed) == stream[24:26]
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop end to end
+
+
+def test_train_writes_stats_checkpoints_and_model(tmp_path):
+    method = Toy()
+    cfg = config(tmp_path, grid_kimg=0.08, grid_n=16, snapshot_kimg=0.08)
+    result = train(method, cfg, Points())
+    run = tmp_path / "run"
+    assert result["step"] == 10 and result["nimg"] == 160 and not result["interrupted"]
+    lines = [json.loads(x) for x in (run / "stats.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [3, 6, 9, 10]  # ticks at 48, 96, 144 images and the end
+    for key in ("kimg", "time", "a/loss", "b/loss", "a/sigma_mean", "lr/a", "it_per_s", "img_per_s", "peak_mem_gb"):
+        assert key in lines[0]
+    assert lines[-1]["lr/a"] == pytest.approx(1e-2)
+    # group b runs every 2nd step: steps 0, 2, ..., 8
+    assert sorted({s for g, s, _ in method.seen if g == "b"}) == [0, 2, 4, 6, 8]
+    assert sorted({s for g, s, _ in method.seen if g == "a"}) == list(range(10))
+    # checkpoints every 64 images (steps 4, 8) plus the end (10); keep 2
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [10, 8]
+    assert json.loads((run / "config.json").read_text())["method"] == "toy"
+    assert (run / "command.txt").is_file()
+    # sampler-ready model = the EMA export
+    den, recipe, meta = io.load_snapshot(run / "model")
+    assert recipe == {"sampler": "euler", "steps": 4} and meta["step"] == 10
+    assert set(den.state_dict()) == set(method.a.state_dict())
+    assert (run / "samples-000000.png").is_file() and (run / "samples-final.png").is_file()
+    assert (run / "snapshot-000000" / "model.json").is_file()
+
+
+def test_model_is_the_ema_not_the_raw_weights(tmp_path):
+    method = Toy()
+    train(method, config(tmp_path, ema_halflife_kimg=1.0), Points())
+    den, _, _ = io.load_snapshot(tmp_path / "run" / "model")
+    raw = method.a.state_dict()
+    diffs = [float((den.state_dict()[k] - raw[k]).abs().max()) for k in raw]
+    assert max(diffs) > 1e-4  # a half-life of 1000 images over 160 images lags the weights
+
+
+def test_batch_sizes_reach_the_method(tmp_path):
+    method = Toy()
+    train(method, config(tmp_path, batch=16, batch_gpu=4, max_steps=2), Points())
+    a_calls = [(s, b) for g, s, b in method.seen if g == "a"]
+    assert a_calls == [(0, 4)] * 4 + [(1, 4)] * 4  # 4 accumulation rounds of 4
+
+
+def test_reset_milestone_and_extra_state(tmp_path):
+    method = Toy(reset_b_at=4, milestone_at=6)
+    train(method, config(tmp_path, max_steps=8), Points())
+    run = tmp_path / "run"
+    assert (run / "round-6" / "model.json").is_file()
+    meta = io.load_snapshot(run / "round-6")[2]
+    assert meta["step"] == 6  # saved before step 6 ran
+    tensors, state = ckpt.load_latest(run)
+    assert state["origins"]["b"] == 4 * 16 and state["origins"]["a"] == 0
+    # Adam's step count of group b restarted at the reset: b ran on steps 4 and 6 since
+    b_steps = [v for k, v in tensors.items() if k.startswith("optim.b.") and k.endswith(".step")]
+    a_steps = [v for k, v in tensors.items() if k.startswith("optim.a.") and k.endswith(".step")]
+    assert float(b_steps[0]) == 2.0 and float(a_steps[0]) == 8.0
+    assert state["extra_state"] == {"counter": 8}
+
+
+def test_nan_loss_stops_with_the_group_named_and_keeps_checkpoint(tmp_path):
+    method = Toy(nan_at=6)
+    with pytest.raises(DiffdistillError, match=r"non-finite loss in group 'b'.*ckpt-000000004"):
+        train(method, config(tmp_path), Points())
+    tensors, state = ckpt.load_latest(tmp_path / "run")
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in tensors.values())
+
+
+def test_evaluate_and_best_snapshot(tmp_path):
+    calls = []
+    scores = iter([3.0, 1.0, 2.0])
+
+    def evaluate(method, ema, nimg):
+        assert set(ema) == {"a"}
+        calls.append(nimg)
+        return {"score": next(scores)}
+
+    result = train(Toy(), config(tmp_path, eval_kimg=0.064, best_metric="score", max_steps=10), Points(), evaluate)
+    assert calls == [64, 128, 160]
+    assert result["best"]["value"] == 1.0 and result["best"]["nimg"] == 128
+    assert io.load_snapshot(tmp_path / "run" / "best")[2]["metrics"] == {"score": 1.0}
+    evals = [json.loads(x) for x in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()
+             if "eval/score" in x]
+    assert [e["eval/score"] for e in evals] == [3.0, 1.0, 2.0]
+
+
+def test_run_dir_rules(tmp_path):
+    train(Toy(), config(tmp_path, max_steps=2), Points())
+    # the same command again resumes (nothing left to do)
+    again = Toy()
+    assert train(again, config(tmp_path, max_steps=2), Points())["step"] == 2 and not again.seen
+    # a different run is refused ...
+    with pytest.raises(DiffdistillError, match="holds a different run.*batch"):
+        train(Toy(), config(tmp_path, max_steps=2, batch=8), Points())
+    # ... unless resumed (continue with new settings) or forced (start over)
+    more = Toy()
+    assert train(more, config(tmp_path, max_steps=4, resume=True), Points())["step"] == 4
+    assert {s for _, s, _ in more.seen} == {2, 3}
+    fresh = Toy()
+    assert train(fresh, config(tmp_path, max_steps=1, force=True), Points())["step"] == 1
+    assert {s for _, s, _ in fresh.seen} == {0}
+    # a non-empty folder that is no run is refused
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x.txt").write_text("x")
+    with pytest.raises(DiffdistillError, match="no config.json"):
+        train(Toy(), config(tmp_path, name="other", max_steps=1), Points())
+
+
+def test_needs_data(tmp_path):
+    with pytest.raises(DiffdistillError, match="real data"):
+        train(Toy(), config(tmp_path, max_steps=1), None)
+
+
+def test_sigint_finishes_the_step_and_saves(tmp_path):
+    method = Toy(kill_at=3)
+    result = train(method, config(tmp_path, checkpoint_kimg=10.0), Points())
+    assert result["interrupted"] and result["step"] == 4 and result["model"] is None
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")] == [4]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    resumed = train(Toy(), config(tmp_path, checkpoint_kimg=10.0), Points())
+    assert resumed["step"] == 10 and resumed["model"]
+
+
+def test_image_grid_and_scatter(tmp_path):
+    from PIL import Image
+
+    from diffdistill.train.stats import save_image_grid, save_scatter
+
+    imgs = torch.linspace(-1, 1, 5 * 3 * 4 * 4).reshape(5, 3, 4, 4)
+    p = save_image_grid(imgs, tmp_path / "g.png", ncol=3, scale=1)
+    arr = torch.from_numpy(np.asarray(Image.open(p)).copy())
+    expected = ((imgs[4].clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 0)
+    assert torch.equal(arr[4:8, 4:8], expected.to(arr.dtype))  # image 4 sits at row 1, column 1
+    assert int(arr[4:8, 8:12].max()) == 0  # the empty slot is black
+    s = save_scatter(torch.tensor([[0.0, 0.0], [1.0, 1.0]]), tmp_path / "s.png", size=64, extent=2.0)
+    img = Image.open(s).convert("RGB")
+    assert img.size == (64, 64) and img.getpixel((48, 16)) != (255, 255, 255)  # (1, 1) plotted up-right
+    assert img.getpixel((16, 48)) == (255, 255, 255)
+
+
+def test_workers_tensorboard_and_bf16(tmp_path):
+    plain, workers = Toy(), Toy()
+    train(plain, config(tmp_path, name="w0", max_steps=3), Points())
+    train(workers, config(tmp_path, name="w1", max_steps=3, workers=1, tensorboard=True), Points())
+    for k, v in plain.state_dict().items():  # the same data order with a worker process
+        assert torch.equal(v, workers.state_dict()[k]), k
+    assert any((tmp_path / "w1" / "tensorboard").iterdir())
+    result = train(Toy(), config(tmp_path, name="bf", max_steps=3, bf16=True), Points())
+    last = json.loads((tmp_path / "bf" / "stats.jsonl").read_text().splitlines()[-1])
+    assert result["step"] == 3 and np.isfinite(last["a/loss"])
