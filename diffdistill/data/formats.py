@@ -542,9 +542,9 @@ class DigitsSource(Source):
 
 
 class PointsSource(Source):
-    """Points of an analytic mixture (`toy:ring8`, `gmm:PATH.json`): item i is `mixture.sample(1, generator)`
-    with a torch generator seeded with seed * size + i, so it depends on its index only and data sets of the
-    same size with different seeds never share a draw. Unlabelled, not clamped to [-1, 1]."""
+    """Points of an analytic mixture (`toy:ring8`, `gmm:PATH.json`): the `size` points are drawn at once from a
+    generator seeded with `seed` on first use (100k 2-D points: 0.8 MB, milliseconds), so item i depends on
+    (seed, size, i) only. Unlabelled, not clamped to [-1, 1]."""
 
     kind = "points"
 
@@ -554,17 +554,17 @@ class PointsSource(Source):
         self.mixture = load_analytic(spec)
         self.name = self.where = spec
         self.size, self.seed = size, seed
-        if (seed + 1) * size > 2**32:  # torch's CPU generator keeps 32 bits of its seed
-            raise DiffdistillError(f"{spec}: (seed + 1) * size must be at most 2**32")
+        self._points = None
 
     def __len__(self):
         return self.size
 
     def read(self, i):
-        import torch
+        if self._points is None:
+            import torch
 
-        generator = torch.Generator().manual_seed(self.seed * self.size + i)
-        return self.mixture.sample(1, generator)[0].numpy()
+            self._points = self.mixture.sample(self.size, torch.Generator().manual_seed(self.seed)).numpy()
+        return self._points[i]
 
 
 # --------------------------------------------------------------------------------------------------

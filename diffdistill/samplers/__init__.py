@@ -49,10 +49,13 @@ def _sampler_generators(seeds: Sequence[int]) -> list[torch.Generator]:
 
 
 def default_sigmas(denoiser, steps: int, sampler: str = "heun", rho: float = 7.0) -> Tensor:
-    """The grid a sampler uses for a denoiser: one level for 'onestep'; for a discrete-time teacher, `steps` of
-    its own levels spaced evenly (top level first); else the Karras grid on the denoiser's range."""
+    """The grid a sampler uses for a denoiser: one level for 'onestep'; the denoiser's own grid when it has one
+    (`denoiser.default_sigmas(steps)`, e.g. a diffusers scheduler's spacing); for another discrete-time teacher,
+    `steps` of its own levels spaced evenly (top level first); else the Karras grid on the denoiser's range."""
     if sampler == "onestep":
         return torch.tensor([denoiser.sigma_max, 0.0], dtype=torch.float64)
+    if callable(getattr(denoiser, "default_sigmas", None)):
+        return torch.as_tensor(denoiser.default_sigmas(steps), dtype=torch.float64)
     discrete = getattr(denoiser, "discrete_sigmas", None)
     if discrete is not None:
         table = torch.as_tensor(discrete, dtype=torch.float64).flip(0)  # descending

@@ -1,0 +1,282 @@
+"""Knowledge distillation, "Denoising Student" (Luhman & Luhman 2021; algorithms.md §2).
+
+Stage 1 (`diffdistill kd-pairs`, or the start of `distill kd`): the teacher's deterministic sampler maps unit
+noise x_T to samples y; the pairs are written in shards (`diffdistill.data.pairs`), resumably.
+Stage 2: a one-step student, initialised from the teacher's network, regresses y from x_T. The paper's
+G(z) = z - F(z, t=999) is, for any denoiser, student(z) = D_student(sigma * z; sigma) at the fixed level
+sigma = the student's sigma_max (§2.3). Loss: L1 (CIFAR-10) or L2, summed over pixels and averaged over
+the batch (§2.4). The loop keeps an EMA; the EMA with the best held-out loss is what `export` returns (§2.4's
+model selection), found through the loop's evaluate hook (`kd.evaluate`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..data import pairs as P
+from ..diffusion.denoiser import Denoiser, Precond, PrecondConfig
+from ..errors import DiffdistillError
+from ..train import dist
+from .base import Batch, Group, Method, OptimConfig
+
+HELP = "Knowledge distillation (Denoising Student): a one-step student regresses the teacher's ODE samples"
+NEEDS_DATA = False
+BEST_METRIC = "heldout_loss"   # for the CLI: train(..., evaluate=kd.evaluate) with best_metric=BEST_METRIC
+
+
+@dataclass
+class KDConfig:
+    """Student training settings; defaults follow the CIFAR-10 recipe of §2.4."""
+
+    loss: str = "l1"                    # l1 | l2, summed over pixels, averaged over the batch (CIFAR-10: l1)
+    lr: float = 2e-4                    # Adam learning rate (CelebA 5e-5, LSUN 5e-6)
+    betas: tuple[float, float] = (0.9, 0.98)  # Adam betas
+    warmup_kimg: float = 2560.0         # linear LR warm-up (paper: 5000 steps of 512 images), then constant
+    grad_clip: float | None = None      # global-norm clipping (the paper has none)
+    sigma: float | None = None          # the fixed level the student runs at (None: the student's sigma_max)
+    seed: int = 0                       # order in which the training pairs are visited
+    eval_batch: int = 512               # batch size of the held-out evaluation
+
+
+def predict(student: Denoiser, z: Tensor, sigma: float, cond: Tensor | None = None) -> Tensor:
+    """The one-step student: D(sigma z; sigma) (§2.3, `sample_onestep`'s map)."""
+    return student(sigma * z, sigma, cond)
+
+
+def regression_loss(pred: Tensor, target: Tensor, kind: str) -> Tensor:
+    """Per-sample sum over pixels of |.| (l1) or (.)^2 (l2), averaged over the batch (§2.4)."""
+    diff = (pred.float() - target.float()).flatten(1)
+    per_sample = diff.abs().sum(1) if kind == "l1" else diff.pow(2).sum(1)
+    return per_sample.mean()
+
+
+class KnowledgeDistillation(Method):
+    """Denoising Student on the shared loop: one group, 'student', fed from a pairs directory."""
+
+    name = "kd"
+
+    def __init__(self, student: Denoiser, pairs_root: str | Path, cfg: KDConfig | None = None,
+                 manifest: dict | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or KDConfig()
+        if cfg.loss not in ("l1", "l2"):
+            raise DiffdistillError(f"unknown KD loss {cfg.loss!r} (l1, l2)")
+        self.student = student.train().requires_grad_(True)
+        self.sigma = float(cfg.sigma if cfg.sigma is not None else student.sigma_max)
+        self.pairs = P.PairStream(pairs_root, manifest or P.verify_pairs(pairs_root), seed=cfg.seed)
+        shape = tuple(self.pairs.m["shape"])
+        if shape != tuple(student.shape):
+            raise DiffdistillError(f"{pairs_root}: pairs of shape {shape} do not fit a student of shape "
+                                   f"{tuple(student.shape)}")
+        # The EMA with the best held-out loss so far (a frozen copy, so checkpoints carry it).
+        self.best = copy.deepcopy(student).eval().requires_grad_(False)
+        self.register_buffer("best_loss", torch.tensor(math.inf, dtype=torch.float64))
+        self.cursor = 0                 # position in the pair stream (global, across ranks)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.best.eval()
+        return self
+
+    def groups(self) -> dict[str, Group]:
+        c = self.cfg
+        return {"student": Group(list(self.student.parameters()),
+                                 OptimConfig(lr=c.lr, betas=c.betas, warmup_kimg=c.warmup_kimg,
+                                             grad_clip=c.grad_clip))}
+
+    def loss(self, group: str, batch: Batch) -> dict[str, Tensor]:
+        if group != "student":
+            raise KeyError(f"unknown group {group!r}")
+        n, rank, world = batch.size, dist.rank(), dist.world_size()
+        z, y, cond = self.pairs.rows(self.cursor + rank * n, n)   # rank r reads its own slice of the stream
+        self.cursor += world * n
+        cond = None if cond is None else cond.to(batch.device)
+        pred = predict(self.student, z.to(batch.device), self.sigma, cond)
+        return {"loss": regression_loss(pred, y.to(batch.device), self.cfg.loss)}
+
+    @torch.no_grad()
+    def heldout_loss(self, net: Denoiser) -> float | None:
+        """The loss of `net` on the held-out shard (None when the pairs have none)."""
+        held = self.pairs.heldout()
+        if held is None:
+            return None
+        z, y, cond = held
+        device = next(net.parameters()).device
+        mode = net.training
+        net.eval()
+        total = 0.0
+        try:
+            for i in range(0, len(z), self.cfg.eval_batch):
+                sl = slice(i, i + self.cfg.eval_batch)
+                c = None if cond is None else cond[sl].to(device)
+                pred = predict(net, z[sl].to(device), self.sigma, c)
+                total += float(regression_loss(pred, y[sl].to(device), self.cfg.loss)) * len(z[sl])
+        finally:
+            net.train(mode)
+        return total / len(z)
+
+    @torch.no_grad()
+    def evaluate(self, ema: dict[str, nn.Module] | None = None, **_) -> dict[str, float]:
+        """Evaluate hook: held-out loss of the EMA (else of the student); keeps the best one (§2.4)."""
+        net = (ema or {}).get("student", self.student)
+        value = self.heldout_loss(net)
+        if value is None:
+            return {}
+        if value < float(self.best_loss):
+            self.best.load_state_dict(net.state_dict())
+            self.best_loss.fill_(value)
+        return {"heldout_loss": value, "best_heldout_loss": float(self.best_loss)}
+
+    def ema_targets(self) -> dict[str, nn.Module]:
+        return {"student": self.student}
+
+    def export(self, ema: dict[str, nn.Module] | None = None) -> tuple[Denoiser, dict]:
+        """The best-by-held-out EMA once evaluated, else the EMA (or the student); one step at self.sigma."""
+        if math.isfinite(float(self.best_loss)):
+            net = self.best
+        else:
+            net = (ema or {}).get("student", self.student)
+        return net, {"sampler": "onestep", "sigmas": [self.sigma, 0.0]}
+
+    def extra_state(self) -> dict:
+        return {"cursor": self.cursor}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.cursor = int(state.get("cursor", 0))
+
+
+def evaluate(method: KnowledgeDistillation, ema: dict[str, nn.Module] | None, nimg: int) -> dict[str, float]:
+    """The loop's evaluate hook (`train(..., evaluate=kd.evaluate)`, with best_metric='heldout_loss')."""
+    return method.evaluate(ema)
+
+
+# --------------------------------------------------------------------------------------------------
+# Students
+
+
+def mlp_student(teacher: Denoiser, preset: str) -> Denoiser:
+    """A fresh EDM-preconditioned MLP of the teacher's (flat) shape (analytic teachers have no network)."""
+    from ..networks.mlp import mlp_preset
+
+    if len(teacher.shape) != 1:
+        raise DiffdistillError(f"an MLP student needs flat data (shape (D,)), not {teacher.shape}")
+    net = mlp_preset(preset, int(teacher.shape[0]), teacher.label_dim)
+    cfg = PrecondConfig(kind="edm", sigma_data=teacher.sigma_data, sigma_min=teacher.sigma_min,
+                        sigma_max=teacher.sigma_max)
+    return Precond(net, teacher.shape, teacher.label_dim, cfg).train()
+
+
+def make_student(teacher: Denoiser, preset: str = "auto") -> Denoiser:
+    """'teacher': a trainable deep copy of the teacher's network (§2.3); 'mlp-<preset>': a fresh
+    Precond(MLP); 'auto': the copy when the teacher has a network, else 'mlp-toy' (analytic teachers)."""
+    has_net = any(True for _ in teacher.parameters())
+    if preset == "auto":
+        preset = "teacher" if has_net else "mlp-toy"
+        if not has_net:
+            dist.print0("the teacher is analytic (no network to copy): the student is a fresh MLP (mlp-toy); "
+                        "choose another with --student-preset")
+    if preset == "teacher":
+        if not has_net:
+            raise DiffdistillError("the teacher is analytic and has no network to initialise the student "
+                                   "from; use --student-preset mlp-toy (or mlp-tiny)")
+        return copy.deepcopy(teacher).train().requires_grad_(True)
+    if preset.startswith("mlp-"):
+        try:
+            return mlp_student(teacher, preset[4:])
+        except ValueError as e:
+            raise DiffdistillError(str(e)) from None
+    raise DiffdistillError(f"unknown student preset {preset!r} (auto, teacher, mlp-tiny, mlp-toy)")
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI hooks: `diffdistill distill kd` (cli/distill.py) and `diffdistill kd-pairs`
+
+
+def _add_pair_options(g, required: bool) -> None:
+    d = P.PairsConfig()
+    g.add_argument("--pairs", required=required, metavar="DIR",
+                   help="pairs directory" + ("" if required else " (default: RUN-pairs, beside the run)"))
+    g.add_argument("--n-pairs", type=int, default=d.n_pairs, help="training pairs (default %(default)s)")
+    g.add_argument("--heldout", type=int, default=d.heldout, help="held-out pairs (default %(default)s)")
+    g.add_argument("--shard-size", type=int, default=d.shard_size,
+                   help="pairs per shard (default %(default)s)")
+    g.add_argument("--pairs-sampler", default=d.sampler,
+                   choices=["auto", "ddim-quad", "ddim-uniform", "heun", "euler"],
+                   help="teacher sampler: ddim-quad (DDPM teachers: 100 quadratic steps from index 800), "
+                        "ddim-uniform (50 uniform), heun (EDM, 18 steps = 35 NFE), euler; auto: ddim-quad "
+                        "for discrete teachers, else heun")
+    g.add_argument("--pairs-steps", type=int, default=d.steps,
+                   help="sampler steps (0: the sampler's default)")
+    g.add_argument("--target-dtype", default=d.target_dtype, choices=["auto", "float16", "uint8"],
+                   help="target storage: uint8 is the paper's (clipped to [-1,1], truncated); auto: uint8 "
+                        "for images, float16 otherwise")
+    g.add_argument("--gen-batch", type=int, default=d.batch, help="generation batch (default %(default)s)")
+    g.add_argument("--pairs-seed", type=int, default=d.seed, help="seed of the noise (default %(default)s)")
+
+
+def _pairs_config(args) -> P.PairsConfig:
+    return P.PairsConfig(n_pairs=args.n_pairs, heldout=args.heldout, shard_size=args.shard_size,
+                         sampler=args.pairs_sampler, steps=args.pairs_steps, target_dtype=args.target_dtype,
+                         batch=args.gen_batch, seed=args.pairs_seed)
+
+
+def add_pairs_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `diffdistill kd-pairs` (besides --teacher and --device)."""
+    _add_pair_options(parser.add_argument_group("pairs"), required=True)
+
+
+def run_pairs(args: argparse.Namespace, teacher: Denoiser) -> int:
+    """`diffdistill kd-pairs`: make or complete a pairs directory."""
+    device = getattr(args, "device", None) or "cpu"
+    m = P.generate_pairs(teacher, args.pairs, _pairs_config(args), device=device)
+    r = m["recipe"]
+    gib = sum(P.shard_bytes(m, s["count"]) for s in m["shards"]) / 2**30
+    dist.print0(f"{args.pairs}: {m['n_pairs']} training + {m['heldout']} held-out pairs in "
+                f"{len(m['shards'])} shards ({gib:.3f} GiB), teacher {m['teacher']}, sampler {r['name']} "
+                f"({len(r['sigmas']) - 1} steps)")
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = KDConfig()
+    g = parser.add_argument_group("knowledge distillation")
+    g.add_argument("--loss", choices=["l1", "l2"], default=d.loss,
+                   help="regression loss (default %(default)s)")
+    g.add_argument("--student-preset", default="auto",
+                   help="auto | teacher (copy of the teacher network, the paper) | mlp-tiny | mlp-toy "
+                        "(fresh MLP for analytic teachers); default auto: teacher when it has a network")
+    g.add_argument("--warmup-kimg", type=float, default=d.warmup_kimg,
+                   help="LR warm-up (default %(default)s)")
+    g.add_argument("--student-sigma", type=float, default=None,
+                   help="fixed level of the one-step student (default: its sigma_max)")
+    _add_pair_options(parser.add_argument_group("pairs (stage 1)"), required=False)
+
+
+def default_pairs_dir(run_dir: str | Path) -> Path:
+    """RUN-pairs beside the run directory (the loop wants RUN to hold only its own files)."""
+    run_dir = Path(run_dir)
+    return run_dir.with_name(run_dir.name + "-pairs")
+
+
+def build(args: argparse.Namespace, teacher: Denoiser, data=None) -> KnowledgeDistillation:
+    """Stage 1 (pairs, resumable), then the stage-2 method."""
+    root = Path(args.pairs) if args.pairs else default_pairs_dir(args.out)
+    device = getattr(args, "device", None) or "cpu"
+    student = make_student(teacher, args.student_preset)       # fails early on a bad preset
+    m = P.generate_pairs(teacher, root, _pairs_config(args), device=device)
+    cfg = KDConfig(loss=args.loss, warmup_kimg=args.warmup_kimg, sigma=args.student_sigma,
+                   seed=getattr(args, "seed", 0) or 0)
+    if getattr(args, "lr", None):
+        cfg.lr = args.lr
+    method = KnowledgeDistillation(student, root, cfg, manifest=m)
+    n_params = sum(p.numel() for p in student.parameters())
+    dist.print0(f"kd: {m['n_pairs']} pairs in {root}; student {n_params:,} "
+                f"parameters at sigma {method.sigma:g}; {asdict(cfg)}")
+    return method

@@ -1,0 +1,365 @@
+"""Progressive distillation (Salimans & Ho 2022; algorithms.md §3), in EDM sigma space.
+
+Each round halves the number of DDIM steps: the student (a copy of the round's teacher) learns to take in one
+step what the teacher takes in two. On a student grid of N steps, with i ~ U{0..N-1}, x_t = x + sigma_t n:
+  two teacher DDIM half-steps sigma_t -> sigma_t' -> sigma_t'' (§3.3 steps 2-3; DDIM = Euler in sigma,
+  §1.5), the target x~ = (x_t'' - r x_t) / (1 - r), r = sigma_t''/sigma_t (§3.3 step 4, = §3.6 with
+  alpha = 1), which makes one student step from x_t land on x_t''; at the final step (sigma_t'' = 0)
+  x~ = D_teacher(x_t'), the teacher's midpoint prediction (§3.3 step 5; the formula gives the same),
+  loss = max(SNR_t, 1) * mean (D_student(x_t) - x~)^2 per example ('snr_trunc' = max(x_mse, eps_mse)), then
+  the batch mean (§3.3 step 7).
+Grids: the cosine logSNR schedule t = k/N (§3.1) for VP-cosine teachers, else a Karras-spaced grid
+sigma(u) = (sigma_max^(1/rho) + (1-u)(sigma_min^(1/rho) - sigma_max^(1/rho)))^rho at u = k/N (§3.6); both end
+in 0 and the student's grid is every other level of the teacher's, so halving is exact.
+At each round boundary the optimiser and its linearly decaying LR are reset (`begin_step`), the finished
+student is saved (`milestone`) and becomes the next teacher (its current parameters; no EMA by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..data.pairs import check_deterministic_teacher
+from ..diffusion import param, schedules
+from ..diffusion.denoiser import Denoiser, Precond
+from ..errors import DiffdistillError, UsageError
+from ..io import atomic_write, atomic_write_json
+from ..train import dist
+from .base import Batch, Group, Method, OptimConfig
+from .kd import make_student
+
+HELP = "Progressive distillation: halve the teacher's DDIM steps round by round (needs real data)"
+NEEDS_DATA = True
+WEIGHTINGS = ("snr_trunc", "snr", "snr+1", "constant")
+
+
+@dataclass
+class PDConfig:
+    """Progressive distillation settings; the CIFAR-10 recipe of §3.4 except for the step counts."""
+
+    start_steps: int = 1024            # the first teacher's DDIM steps, a power of 2 (paper, CIFAR-10: 8192)
+    end_steps: int = 1                 # the last student's steps, a power of 2 below start_steps
+    round_kimg: float = 6400.0         # training images per round (paper: 50k steps x 128)
+    grid: str = "auto"                 # auto (cosine for VP-cosine teachers, else karras) | cosine | karras
+    rho: float = 7.0                   # Karras grid exponent
+    weighting: str = "snr_trunc"       # snr_trunc = max(SNR, 1) (paper) | snr | snr+1 | constant
+    lr: float = 5e-5                   # Adam learning rate, decayed linearly to 0 within each round
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = 1.0      # global-norm clipping
+    ema: bool = False                  # keep an EMA of the student (paper: no)
+
+
+def is_power_of_two(n: int) -> bool:
+    return isinstance(n, int) and n >= 1 and n & (n - 1) == 0
+
+
+def check_steps(start: int, end: int) -> None:
+    if not is_power_of_two(start) or not is_power_of_two(end):
+        raise UsageError(f"--start-steps ({start}) and --end-steps ({end}) must be powers of two")
+    if start <= end:
+        raise UsageError(f"--start-steps ({start}) must be larger than --end-steps ({end})")
+
+
+# --------------------------------------------------------------------------------------------------
+# Grids
+
+
+def cosine_range(denoiser: Denoiser) -> tuple[float, float]:
+    """The logSNR clipping of a VP-cosine network; alpha_1 = 0 (logsnr_min = -inf) is clipped to -20."""
+    pc = denoiser.precond
+    lo = pc.logsnr_min if math.isfinite(pc.logsnr_min) else -20.0
+    hi = pc.logsnr_max if math.isfinite(pc.logsnr_max) else 20.0
+    return lo, hi
+
+
+def pd_sigmas(n: int, grid: str, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+              logsnr_range: tuple[float, float] = (-20.0, 20.0)) -> Tensor:
+    """An n-step grid (float64, descending, ending in 0) at times u = 1, (n-1)/n, ..., 1/n, then 0.
+
+    cosine: sigma(u) = exp(-lambda(u)/2) of the cosine logSNR schedule (§3.1, `schedules.cosine_sigmas`);
+    karras: sigma(u) = Karras et al.'s interpolation between sigma_max (u=1) and sigma_min (u -> 0) (§3.6).
+    """
+    if grid == "cosine":
+        return schedules.cosine_sigmas(n, *logsnr_range)
+    if grid == "karras":
+        u = torch.arange(n, 0, -1, dtype=torch.float64) / n
+        levels = schedules.karras_index_sigma(1 - u, 2, sigma_min, sigma_max, rho)
+        return torch.cat([levels, levels.new_zeros(1)])
+    raise DiffdistillError(f"unknown PD grid {grid!r} (auto, cosine, karras)")
+
+
+# --------------------------------------------------------------------------------------------------
+# The target (§3.3, §3.6)
+
+
+def ddim_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
+    """Deterministic DDIM from sigma to sigma_next in EDM form: D + (sigma_next/sigma)(x - D) (§1.5)."""
+    return denoised + param.append_dims(sigma_next / sigma, x) * (x - denoised)
+
+
+@torch.no_grad()
+def pd_target(teacher: Denoiser, x_t: Tensor, sigma: Tensor, sigma_mid: Tensor, sigma_next: Tensor,
+              cond: Tensor | None = None) -> Tensor:
+    """x~: the x-prediction that makes one DDIM step sigma -> sigma_next land on the teacher's two half-steps.
+
+    Teacher outputs are not clipped (§3.8). The combination is formed in float64 (1 - r is O(1/N)).
+    """
+    d1 = teacher(x_t, sigma, cond).double()
+    x_mid = ddim_step(x_t.double(), d1, sigma.double(), sigma_mid.double())
+    d2 = teacher(x_mid.to(x_t.dtype), sigma_mid, cond).double()
+    x_next = ddim_step(x_mid, d2, sigma_mid.double(), sigma_next.double())
+    r = param.append_dims(sigma_next.double() / sigma.double(), x_next)
+    x_tilde = (x_next - r * x_t.double()) / (1 - r)
+    final = (sigma_next == 0).reshape(-1, *([1] * (x_next.ndim - 1)))
+    return torch.where(final, d2, x_tilde).to(x_t.dtype)    # final step: the teacher's midpoint x_hat
+
+
+def snr_weight(sigma: Tensor, weighting: str = "snr_trunc") -> Tensor:
+    """Per-example weight of the x-space MSE: SNR = 1/sigma^2 in EDM coordinates (§0, §3.3 step 7)."""
+    snr = sigma.double() ** -2
+    if weighting == "snr_trunc":
+        return snr.clamp_min(1.0)
+    if weighting == "snr":
+        return snr
+    if weighting == "snr+1":
+        return snr + 1
+    if weighting == "constant":
+        return torch.ones_like(snr)
+    raise DiffdistillError(f"unknown weighting {weighting!r} ({', '.join(WEIGHTINGS)})")
+
+
+# --------------------------------------------------------------------------------------------------
+# The method
+
+
+class ProgressiveDistillation(Method):
+    """Rounds of halving on the shared loop; one group, 'student', reset at every round."""
+
+    name = "pd"
+
+    def __init__(self, teacher: Denoiser, cfg: PDConfig | None = None, student: Denoiser | None = None,
+                 run_dir: str | Path | None = None):
+        super().__init__()
+        self.cfg = cfg = cfg or PDConfig()
+        check_steps(cfg.start_steps, cfg.end_steps)
+        if cfg.weighting not in WEIGHTINGS:
+            raise DiffdistillError(f"unknown weighting {cfg.weighting!r} ({', '.join(WEIGHTINGS)})")
+        if cfg.round_kimg <= 0:
+            raise DiffdistillError(f"the round length must be positive, got {cfg.round_kimg} kimg")
+        check_deterministic_teacher(teacher)
+        cosine = isinstance(teacher, Precond) and teacher.precond.kind == "cosine"
+        if cosine and teacher.precond.prediction == "eps":
+            raise DiffdistillError("the teacher predicts eps on the cosine schedule: at t=1 (alpha_1 ~ 0) "
+                                   "x = (z - sigma eps)/alpha is undefined, so few-step students cannot be "
+                                   "distilled from it (§3.1, §3.8); use an x-, v- or 'both'-prediction "
+                                   "teacher")
+        grid = cfg.grid if cfg.grid != "auto" else ("cosine" if cosine else "karras")
+        if grid == "cosine" and not cosine:
+            raise DiffdistillError("grid 'cosine' needs a VP-cosine teacher (Precond kind 'cosine')")
+        self.grid = grid
+        self.grid_kw = dict(sigma_min=teacher.sigma_min, sigma_max=teacher.sigma_max, rho=cfg.rho,
+                            logsnr_range=cosine_range(teacher) if cosine else (-20.0, 20.0))
+        self.teacher = teacher.eval().requires_grad_(False)           # round 0's teacher
+        student = student if student is not None else make_student(teacher)
+        self.student = student.train().requires_grad_(True)
+        # Later rounds' teacher: the previous student (same architecture, so checkpoints keep their keys).
+        self.prev = copy.deepcopy(self.student).eval().requires_grad_(False)
+        self.n_rounds = int(math.log2(cfg.start_steps // cfg.end_steps))
+        self.round = 0
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.records: list[dict] = []
+        self._loss_sum, self._loss_n, self._start_nimg = 0.0, 0, 0
+        self._nimg, self._batch = 0, 0          # the image count at the last begin_step, and the batch
+
+    # -- rounds --------------------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        self.prev.eval()
+        return self
+
+    def teacher_steps(self, r: int | None = None) -> int:
+        return self.cfg.start_steps >> (self.round if r is None else r)
+
+    def student_steps(self, r: int | None = None) -> int:
+        return self.teacher_steps(r) // 2
+
+    def round_teacher(self) -> Denoiser:
+        return self.teacher if self.round == 0 else self.prev
+
+    def grids(self, r: int | None = None) -> tuple[Tensor, Tensor]:
+        """(teacher grid with 2N steps, student grid with N steps = every other level)."""
+        t = pd_sigmas(self.teacher_steps(r), self.grid, **self.grid_kw)
+        return t, t[::2]
+
+    def round_of(self, nimg: int) -> int:
+        return min(int(nimg // (self.cfg.round_kimg * 1000)), self.n_rounds - 1)
+
+    def lr_schedule_kimg(self, group: str) -> float:
+        """The loop's LR schedule length after each reset: the linear decay reaches 0 at the round's end."""
+        return self.cfg.round_kimg
+
+    def milestone(self, step: int, nimg: int) -> str | None:
+        """The finished round's tag when `nimg` has passed its end (the last round: once, if the loop asks
+        after the final step; otherwise the last student is RUN/model)."""
+        ended = nimg >= (self.round + 1) * self.cfg.round_kimg * 1000
+        if ended and not any(r["round"] == self.round + 1 for r in self.records):
+            self._finish_round(nimg)
+            return f"round-{self.student_steps():02d}steps"
+        return None
+
+    def begin_step(self, step: int, nimg: int) -> set[str]:
+        self._batch, self._nimg = nimg - self._nimg, nimg
+        r = self.round_of(nimg)
+        if r == self.round:
+            return set()
+        if not any(rec["round"] == self.round + 1 for rec in self.records):
+            self._finish_round(nimg)            # (when the loop did not call milestone first)
+        while self.round < r:
+            # The finished student (its current parameters, §3.8) becomes the next teacher; the student
+            # continues from those same parameters, i.e. starts as a copy of its new teacher.
+            self.prev.load_state_dict(self.student.state_dict())
+            self.round += 1
+        self._loss_sum, self._loss_n, self._start_nimg = 0.0, 0, nimg
+        dist.print0(f"pd: round {self.round + 1}/{self.n_rounds}: {self.teacher_steps()} -> "
+                    f"{self.student_steps()} steps")
+        return {"student"}
+
+    def _finish_round(self, nimg: int, snapshot: str | None = None) -> None:
+        rec = dict(round=self.round + 1, teacher_steps=self.teacher_steps(),
+                   student_steps=self.student_steps(),
+                   start_kimg=self._start_nimg / 1000, end_kimg=nimg / 1000,
+                   mean_loss=self._loss_sum / self._loss_n if self._loss_n else None,
+                   snapshot=snapshot or f"round-{self.student_steps():02d}steps")
+        self.records = [r for r in self.records if r["round"] != rec["round"]] + [rec]
+        self.write_rounds()
+
+    def write_rounds(self) -> None:
+        """rounds.json and rounds.md in the run directory (rank 0)."""
+        if self.run_dir is None or not dist.is_main():
+            return
+        atomic_write_json(self.run_dir / "rounds.json", self.records)
+        lines = ["| round | teacher steps | student steps | kimg | mean loss | snapshot |",
+                 "|---|---|---|---|---|---|"]
+        for r in self.records:
+            loss = "-" if r["mean_loss"] is None else f"{r['mean_loss']:.4g}"
+            lines.append(f"| {r['round']} | {r['teacher_steps']} | {r['student_steps']} | "
+                         f"{r['start_kimg']:g}-{r['end_kimg']:g} | {loss} | {r['snapshot']} |")
+        atomic_write(self.run_dir / "rounds.md", lambda p: p.write_text("\n".join(lines) + "\n"))
+
+    # -- loss ----------------------------------------------------------------------------------------
+    def groups(self) -> dict[str, Group]:
+        c = self.cfg
+        return {"student": Group(list(self.student.parameters()),
+                                 OptimConfig(lr=c.lr, betas=c.betas, decay="linear", grad_clip=c.grad_clip),
+                                 needs_data=True)}
+
+    def loss(self, group: str, batch: Batch) -> dict[str, Tensor]:
+        if group != "student":
+            raise KeyError(f"unknown group {group!r}")
+        if batch.x is None:
+            raise DiffdistillError("progressive distillation needs real data (--data)")
+        x = batch.x.to(batch.device)
+        t_grid, _ = self.grids()
+        t_grid = t_grid.to(x.device)
+        n_student = self.student_steps()
+        # i ~ U{0..N-1} on the student's grid only (§3.8); k = N-1-i indexes the descending grid.
+        k = torch.randint(n_student, (x.shape[0],), device=x.device)
+        sigma, sigma_mid, sigma_next = (t_grid[2 * k + j].to(x.dtype) for j in range(3))
+        cond = batch.cond.to(x.device) if batch.cond is not None and self.student.label_dim else None
+        x_t = x + param.append_dims(sigma, x) * torch.randn_like(x)
+        target = pd_target(self.round_teacher(), x_t, sigma, sigma_mid, sigma_next, cond)
+        pred = self.student(x_t, sigma, cond)
+        x_mse = (pred.float() - target.float()).flatten(1).pow(2).mean(1)
+        loss = (snr_weight(sigma, self.cfg.weighting).float() * x_mse).mean()
+        self._loss_sum += float(loss.detach())
+        self._loss_n += 1
+        return {"loss": loss, "x_mse": x_mse.mean().detach()}
+
+    # -- export and state ----------------------------------------------------------------------------
+    def ema_targets(self) -> dict[str, nn.Module]:
+        return {"student": self.student} if self.cfg.ema else {}
+
+    def export(self, ema: dict[str, nn.Module] | None = None) -> tuple[Denoiser, dict]:
+        """The current round's student and its own DDIM (= Euler) grid."""
+        net = (ema or {}).get("student", self.student) if self.cfg.ema else self.student
+        if self.round == self.n_rounds - 1 and self._loss_n:
+            # The last round has no later milestone: keep its row of the table current (RUN/model).
+            rows = [r for r in self.records if r["round"] != self.round + 1]
+            if len(rows) == len(self.records):
+                self._finish_round(self._nimg + self._batch, snapshot="model")
+        return net, {"sampler": "euler", "sigmas": self.grids()[1].tolist()}
+
+    def extra_state(self) -> dict:
+        return dict(round=self.round, records=self.records, loss_sum=self._loss_sum, loss_n=self._loss_n,
+                    start_nimg=self._start_nimg, nimg=self._nimg, batch=self._batch)
+
+    def load_extra_state(self, state: dict) -> None:
+        self.round = int(state.get("round", 0))
+        self.records = list(state.get("records", []))
+        self._loss_sum = float(state.get("loss_sum", 0.0))
+        self._loss_n = int(state.get("loss_n", 0))
+        self._start_nimg = int(state.get("start_nimg", 0))
+        self._nimg, self._batch = int(state.get("nimg", 0)), int(state.get("batch", 0))
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI hooks (cli/distill.py)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = PDConfig()
+    g = parser.add_argument_group("progressive distillation")
+    g.add_argument("--start-steps", type=int, default=d.start_steps,
+                   help="DDIM steps of the first teacher, a power of two (default %(default)s; paper 8192)")
+    g.add_argument("--end-steps", type=int, default=d.end_steps,
+                   help="steps of the final student, a power of two (default %(default)s)")
+    g.add_argument("--round-kimg", type=float, default=None,
+                   help="training images per round, in thousands (default: --kimg split evenly over the "
+                        "rounds)")
+    g.add_argument("--grid", choices=["auto", "cosine", "karras"], default=d.grid,
+                   help="step grid: cosine logSNR (VP-cosine teachers) or Karras-spaced (default auto)")
+    g.add_argument("--weighting", choices=list(WEIGHTINGS), default=d.weighting,
+                   help="loss weighting in x space (default %(default)s = max(SNR, 1))")
+    g.add_argument("--student-preset", default="auto",
+                   help="auto | teacher (copy of the teacher network) | mlp-tiny | mlp-toy (analytic "
+                        "teachers)")
+    g.add_argument("--pd-ema", action="store_true", help="export an EMA of the student (paper: no EMA)")
+
+
+def build(args: argparse.Namespace, teacher: Denoiser, data=None) -> ProgressiveDistillation:
+    if data is None:
+        raise UsageError("progressive distillation needs real training data: give --data "
+                         "(it is not data-free)")
+    check_steps(args.start_steps, args.end_steps)
+    if tuple(data.shape) != tuple(teacher.shape):
+        raise DiffdistillError(f"the data ({getattr(data, 'name', 'data')}) has shape {tuple(data.shape)}, "
+                               f"the teacher {tuple(teacher.shape)}")
+    n_rounds = int(math.log2(args.start_steps // args.end_steps))
+    round_kimg = args.round_kimg
+    if round_kimg is None:
+        kimg = getattr(args, "kimg", None)
+        if not kimg:
+            raise UsageError("give --round-kimg or --kimg (split evenly over the rounds)")
+        round_kimg = kimg / n_rounds
+    cfg = PDConfig(start_steps=args.start_steps, end_steps=args.end_steps, round_kimg=round_kimg,
+                   grid=args.grid, weighting=args.weighting, ema=args.pd_ema)
+    if getattr(args, "lr", None):
+        cfg.lr = args.lr
+    student = make_student(teacher, args.student_preset)
+    method = ProgressiveDistillation(teacher, cfg, student, run_dir=getattr(args, "out", None))
+    total = getattr(args, "kimg", None)
+    if total and total < n_rounds * round_kimg - 1e-9:
+        dist.print0(f"pd: warning: --kimg {total:g} covers only part of the {n_rounds} rounds of "
+                    f"{round_kimg:g} kimg")
+    dist.print0(f"pd: {n_rounds} rounds {args.start_steps} -> {args.end_steps} steps, {round_kimg:g} kimg "
+                f"each, "
+                f"grid {method.grid}; {asdict(cfg)}")
+    return method

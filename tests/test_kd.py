@@ -1,0 +1,177 @@
+"""Knowledge distillation, Denoising Student (diffdistill.methods.kd; algorithms.md §2, oracles O11, O15)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from diffdistill import io
+from diffdistill.data import pairs as P
+from diffdistill.diffusion.denoiser import Denoiser, Precond, PrecondConfig
+from diffdistill.diffusion.schedules import ddpm_alphas_cumprod, sigmas_from_alphas_cumprod
+from diffdistill.errors import DiffdistillError
+from diffdistill.methods import kd
+from diffdistill.methods.base import Batch
+from diffdistill.networks.mlp import mlp_preset
+from diffdistill.samplers import sample
+from diffdistill.teachers.analytic import Gaussian, GaussianMixture, ring8
+from diffdistill.train.loop import TrainConfig, train
+
+MU, VAR = 0.3, 0.25
+
+
+def quiet(out, **kw) -> TrainConfig:
+    return TrainConfig(out=str(out), checkpoint_kimg=0, progress=False, tensorboard=False, device="cpu", **kw)
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                 # tiny ops: threads only add overhead on a shared machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def vp_ddim_map(z_T: float) -> float:
+    """Independent oracle: the Denoising Student DDIM chain (quadratic 100 steps from index 800, abar form of
+    §1.5) for N(MU, VAR) data with the exact posterior mean."""
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+    seq = list((np.linspace(0, np.sqrt(800), 100) ** 2).astype(int))
+    z = z_T
+    for i, j in zip(reversed(seq), reversed([-1] + seq[:-1])):
+        a, ap = abar[i], (abar[j] if j >= 0 else 1.0)
+        x_hat = MU + np.sqrt(a) * VAR / (a * VAR + 1 - a) * (z - np.sqrt(a) * MU)
+        eps = (z - np.sqrt(a) * x_hat) / np.sqrt(1 - a)
+        z = np.sqrt(ap) * x_hat + np.sqrt(1 - ap) * eps
+    return z
+
+
+class AffineStudent(Denoiser):
+    """D(x; sigma) = b + a x / sigma, so the one-step student z -> D(sigma z; sigma) = a z + b is affine."""
+
+    def __init__(self, sigma_max: float):
+        super().__init__((1,), sigma_max=sigma_max)
+        self.a = torch.nn.Parameter(torch.tensor(0.0))
+        self.b = torch.nn.Parameter(torch.tensor(0.0))
+
+    def denoise(self, x, sigma, cond):
+        return self.b + self.a * x / sigma[:, None]
+
+    def config(self):
+        return {"type": "test-affine"}
+
+
+def test_o15_regression_optimum_is_the_teachers_affine_ddim_map(tmp_path, one_thread):
+    teacher = Gaussian([MU], VAR**0.5)
+    teacher.discrete_sigmas = sigmas_from_alphas_cumprod(ddpm_alphas_cumprod())
+    b_star = vp_ddim_map(0.0)
+    a_star = vp_ddim_map(1.0) - b_star
+    assert vp_ddim_map(2.0) == pytest.approx(2 * a_star + b_star, abs=1e-12)   # affine indeed
+    root = tmp_path / "pairs"
+    m = P.generate_pairs(teacher, root, P.PairsConfig(n_pairs=4000, heldout=500, shard_size=2000), progress=False)
+    assert m["recipe"]["name"] == "ddim-quad"
+    z, y, _ = P.PairStream(root, m).rows(0, 4000)
+    slope, intercept = np.polyfit(z[:, 0].double().numpy(), y[:, 0].double().numpy(), 1)
+    assert slope == pytest.approx(a_star, abs=2e-3) and intercept == pytest.approx(b_star, abs=2e-3)
+    # The KD method (L2) trained through the loop converges to that map.
+    method = kd.KnowledgeDistillation(AffineStudent(157.4), root, kd.KDConfig(loss="l2", lr=0.05, warmup_kimg=0),
+                                      manifest=m)
+    train(method, quiet(tmp_path / "run", total_kimg=64, batch=128, ema_halflife_kimg=0, tick_kimg=64),
+          evaluate=kd.evaluate)
+    a, b = float(method.student.a.detach()), float(method.student.b.detach())
+    assert a == pytest.approx(a_star, abs=1e-2) and b == pytest.approx(b_star, abs=1e-2), (a, b, a_star, b_star)
+    # The loss at the exact map is the fp16 storage floor, below that of a perturbed map.
+    held = method.pairs.heldout()
+    exact = kd.regression_loss(a_star * held[0] + b_star, held[1], "l2")
+    assert float(exact) < 1e-6 < float(kd.regression_loss((a_star + 0.01) * held[0] + b_star, held[1], "l2"))
+
+
+def test_loss_is_the_paper_reduction_and_the_stream_is_split_by_rank(tmp_path):
+    pred = torch.tensor([[1.0, -2.0], [0.5, 0.0]])
+    target = torch.zeros(2, 2)
+    assert float(kd.regression_loss(pred, target, "l1")) == pytest.approx((3 + 0.5) / 2)
+    assert float(kd.regression_loss(pred, target, "l2")) == pytest.approx((5 + 0.25) / 2)
+    root = tmp_path / "p"
+    m = P.generate_pairs(ring8(), root, P.PairsConfig(n_pairs=300, heldout=50, shard_size=100, steps=3, batch=64),
+                         progress=False)
+    method = kd.KnowledgeDistillation(kd.make_student(ring8(), "mlp-tiny"), root, kd.KDConfig(), manifest=m)
+    out = method.loss("student", Batch(size=32, device=torch.device("cpu")))
+    out["loss"].backward()
+    assert method.cursor == 32 and torch.isfinite(out["loss"])
+    assert method.extra_state() == {"cursor": 32}
+    net, recipe = method.export()
+    assert net is method.student and recipe == {"sampler": "onestep", "sigmas": [80.0, 0.0]}
+    assert kd.evaluate(method, None, 0)["heldout_loss"] == float(method.best_loss)
+    assert method.export()[0] is method.best                 # after an evaluation: the best so far
+
+
+def test_students():
+    teacher = Precond(mlp_preset("tiny", 2), (2,), 0, PrecondConfig()).eval().requires_grad_(False)
+    student = kd.make_student(teacher)                       # auto: a copy of the teacher's network
+    for p, q in zip(student.parameters(), teacher.parameters()):
+        assert torch.equal(p, q) and p is not q and p.requires_grad
+    assert student.training
+    with pytest.raises(DiffdistillError, match="no network"):
+        kd.make_student(ring8(), "teacher")
+    with pytest.raises(DiffdistillError, match="unknown student preset"):
+        kd.make_student(ring8(), "resnet")
+    assert isinstance(kd.make_student(ring8(), "auto"), Precond)
+
+
+def _parse(fn, argv):
+    parser = argparse.ArgumentParser()
+    fn(parser)
+    return parser.parse_args(argv)
+
+
+def test_cli_hooks_and_refusals(tmp_path, capsys):
+    argv = ["--n-pairs", "200", "--heldout", "40", "--shard-size", "100", "--pairs-steps", "3"]
+    args = _parse(kd.add_pairs_arguments, ["--pairs", str(tmp_path / "p")] + argv)
+    assert kd.run_pairs(args, ring8()) == 0
+    assert "200 training + 40 held-out pairs" in capsys.readouterr().out
+    args = _parse(kd.add_arguments, ["--pairs", str(tmp_path / "p"), "--loss", "l2", "--student-preset", "mlp-tiny"]
+                  + argv)
+    args.out, args.lr, args.seed = str(tmp_path / "run"), 1e-3, 0
+    method = kd.build(args, ring8(), None)
+    assert method.cfg.loss == "l2" and method.cfg.lr == 1e-3 and kd.NEEDS_DATA is False
+    other = GaussianMixture([[1.0, 0.0], [-1.0, 0.0]], [0.1, 0.1])
+    with pytest.raises(DiffdistillError, match="different teacher"):
+        kd.build(args, other, None)
+    args.pairs = None                                        # default: RUN-pairs
+    kd.build(args, ring8(), None)
+    assert (tmp_path / "run-pairs" / "pairs.json").is_file()
+
+
+def test_end_to_end_ring8_one_step_student(tmp_path, one_thread):
+    """A one-step KD student of toy:ring8 keeps every mode (|share - 1/8| < 0.25/8 on 10k samples)."""
+    torch.manual_seed(0)
+    teacher = ring8()
+    root = tmp_path / "pairs"
+    m = P.generate_pairs(teacher, root, P.PairsConfig(n_pairs=20_000, heldout=2000, shard_size=10_000,
+                                                      batch=2048), progress=False)
+    assert m["recipe"]["name"] == "heun" and len(m["recipe"]["sigmas"]) == 19      # 35 NFE
+    method = kd.KnowledgeDistillation(kd.make_student(teacher, "mlp-toy"), root,
+                                      kd.KDConfig(loss="l2", lr=2e-3, warmup_kimg=10), manifest=m)
+    result = train(method, quiet(tmp_path / "run", total_kimg=100, batch=256, ema_halflife_kimg=10,
+                                 eval_kimg=25, best_metric="heldout_loss", tick_kimg=25),
+                   evaluate=kd.evaluate)
+    evals = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
+    losses = [r["eval/heldout_loss"] for r in evals if "eval/heldout_loss" in r]
+    assert len(losses) == 4 and float(method.best_loss) == pytest.approx(min(losses))
+    student, recipe, _ = io.load_snapshot(result["model"])
+    assert recipe == {"sampler": "onestep", "sigmas": [80.0, 0.0]}
+    assert method.heldout_loss(student) == pytest.approx(min(losses), rel=1e-5)   # RUN/model = the best EMA
+    x = sample(student, 10_000, sampler=recipe["sampler"], sigmas=recipe["sigmas"], batch=5000)
+    mode = teacher.mode_of(x)
+    share = torch.bincount(mode, minlength=8).double() / len(x)
+    assert float((share - 1 / 8).abs().max()) < 0.25 / 8, share
+    within = float((((x.double() - teacher.means[mode]) ** 2).sum(1).sqrt() < 0.3).double().mean())
+    xt = sample(teacher, 10_000, steps=18, sampler="heun", batch=5000)
+    mt = teacher.mode_of(xt)
+    within_t = float((((xt.double() - teacher.means[mt]) ** 2).sum(1).sqrt() < 0.3).double().mean())
+    print(f"\nring8 within 3 std of a mode: teacher heun-35NFE {within_t:.4f}, KD student {within:.4f}")
+    assert within > 0.5

@@ -1,0 +1,237 @@
+"""Pairs of (noise, teacher sample) for knowledge distillation (diffdistill.data.pairs; algorithms.md §2)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from diffdistill.data import pairs as P
+from diffdistill.diffusion.denoiser import Denoiser, Precond, PrecondConfig
+from diffdistill.diffusion.schedules import ddpm_alphas_cumprod, sigmas_from_alphas_cumprod
+from diffdistill.errors import DiffdistillError
+from diffdistill.samplers import get_sampler
+from diffdistill.teachers.analytic import Gaussian, GaussianMixture, ring8
+
+SMALL = dict(n_pairs=500, heldout=100, shard_size=200, sampler="euler", steps=4, batch=64, seed=3)
+
+
+def ddpm_gaussian(mu=0.0, std=1.0) -> GaussianMixture:
+    """An exact 1-D Gaussian teacher that knows DDPM's 1000 linear-beta levels (a discrete-time teacher)."""
+    t = Gaussian([mu], std)
+    t.discrete_sigmas = sigmas_from_alphas_cumprod(ddpm_alphas_cumprod())
+    return t
+
+
+def vp_ddim_gaussian(seq, mu, var, z_T=1.0):
+    """Independent oracle: Denoising Student's DDIM in VP form (abar form of §1.5) with the exact posterior
+    mean of N(mu, var) data; x_T = z_T at index seq[-1], abar_{-1} = 1. Returns x_0 (numpy float64)."""
+    betas = np.linspace(1e-4, 0.02, 1000)
+    abar = np.cumprod(1 - betas)
+    seq = list(seq)
+    nxt = [-1] + seq[:-1]
+    z = z_T
+    for i, j in zip(reversed(seq), reversed(nxt)):
+        a, ap = abar[i], (abar[j] if j >= 0 else 1.0)
+        alpha, sigma = np.sqrt(a), np.sqrt(1 - a)
+        x_hat = mu + alpha * var / (alpha**2 * var + sigma**2) * (z - alpha * mu)
+        eps = (z - alpha * x_hat) / sigma
+        z = np.sqrt(ap) * x_hat + np.sqrt(1 - ap) * eps
+    return z
+
+
+def same_shard(a, b) -> bool:
+    """Equal tensors and metadata (the safetensors header's key order is not fixed)."""
+    from safetensors import safe_open
+
+    with safe_open(str(a), framework="pt") as fa, safe_open(str(b), framework="pt") as fb:
+        return fa.metadata() == fb.metadata() and set(fa.keys()) == set(fb.keys()) and \
+            all(torch.equal(fa.get_tensor(k), fb.get_tensor(k)) for k in fa.keys())
+
+
+def run_recipe(teacher, recipe, z):
+    fn = get_sampler(recipe["sampler"])
+    return fn(teacher, z * recipe["prior_scale"], torch.tensor(recipe["sigmas"], dtype=torch.float64))
+
+
+def test_ddpm_schedules_match_oracle_o11():
+    # O11: the quadratic 100-step schedule from index 800 maps N(0,1) noise to 0.985765 x_T.
+    t = ddpm_gaussian()
+    recipe = P.teacher_recipe(t, P.PairsConfig())
+    assert recipe["name"] == "ddim-quad" and len(recipe["sigmas"]) == 96 + 1  # 96 unique indices, then 0
+    z = torch.ones(1, 1, dtype=torch.float64)
+    assert float(run_recipe(t, recipe, z)) == pytest.approx(0.985765, abs=1e-6)
+    seq = (np.linspace(0, np.sqrt(800), 100) ** 2).astype(int)
+    assert float(run_recipe(t, recipe, z)) == pytest.approx(vp_ddim_gaussian(seq, 0.0, 1.0), abs=1e-12)
+    # Non-centred data and the 50-step uniform schedule against the VP-form oracle.
+    t2 = ddpm_gaussian(0.3, 0.5)
+    for name, indices in (("ddim-quad", seq), ("ddim-uniform", range(0, 1000, 20))):
+        r = P.teacher_recipe(t2, P.PairsConfig(sampler=name))
+        for z0 in (-1.3, 0.4, 2.0):
+            got = float(run_recipe(t2, r, torch.full((1, 1), z0, dtype=torch.float64)))
+            assert got == pytest.approx(vp_ddim_gaussian(indices, 0.3, 0.25, z0), abs=1e-10)
+    # Continuous teachers default to Heun, 18 steps (35 NFE), from sigma_max * z.
+    r = P.teacher_recipe(ring8(), P.PairsConfig())
+    assert r["name"] == "heun" and len(r["sigmas"]) == 19 and r["prior_scale"] == 1.0
+    with pytest.raises(DiffdistillError, match="discrete-time"):
+        P.teacher_recipe(ring8(), P.PairsConfig(sampler="ddim-quad"))
+
+
+def test_pairs_are_the_teachers_samples_and_deterministic(tmp_path):
+    teacher = ring8()
+    m = P.generate_pairs(teacher, tmp_path / "a", P.PairsConfig(**SMALL), progress=False)
+    assert [s["count"] for s in m["shards"]] == [200, 200, 100, 100]
+    assert m["shards"][-1]["name"] == P.HELDOUT and m["target_dtype"] == "float16"
+    data = P.load_shard(tmp_path / "a", m, "train-00001")
+    assert data["noise"].dtype == torch.float16 and data["target"].dtype == torch.float16
+    # The target is the teacher's Euler sample from exactly the stored noise.
+    z = data["noise"][:50].double()
+    y = run_recipe(teacher, m["recipe"], z)
+    torch.testing.assert_close(data["target"][:50].double(), y.half().double(), atol=2e-3, rtol=0)
+    # Same settings, same pairs.
+    P.generate_pairs(teacher, tmp_path / "b", P.PairsConfig(**SMALL), progress=False)
+    for s in m["shards"]:
+        assert same_shard(P.shard_path(tmp_path / "a", s["name"]), P.shard_path(tmp_path / "b", s["name"]))
+
+
+def test_ranks_write_disjoint_shards(tmp_path):
+    teacher = ring8()
+    calls = []
+    orig = P.generate_shard
+
+    def spy(t, m, index, count, device="cpu"):
+        calls.append(index)
+        return orig(t, m, index, count, device)
+
+    P.generate_shard, saved = spy, P.generate_shard
+    try:
+        P.generate_pairs(teacher, tmp_path / "r", P.PairsConfig(**SMALL), rank=1, world=2, progress=False)
+        assert calls == [1, 3]
+        P.generate_pairs(teacher, tmp_path / "r", P.PairsConfig(**SMALL), rank=0, world=2, progress=False)
+        assert calls == [1, 3, 0, 2]
+    finally:
+        P.generate_shard = saved
+    single = P.generate_pairs(teacher, tmp_path / "s", P.PairsConfig(**SMALL), progress=False)
+    for s in single["shards"]:
+        assert same_shard(P.shard_path(tmp_path / "r", s["name"]), P.shard_path(tmp_path / "s", s["name"]))
+
+
+def test_resume_after_a_kill_and_a_damaged_shard(tmp_path, monkeypatch):
+    teacher, root, cfg = ring8(), tmp_path / "p", P.PairsConfig(**SMALL)
+    orig, done = P.generate_shard, []
+
+    def dies_on_third(t, m, index, count, device="cpu"):
+        if len(done) == 2:
+            raise KeyboardInterrupt  # the run is killed while making the third shard
+        done.append(index)
+        return orig(t, m, index, count, device)
+
+    monkeypatch.setattr(P, "generate_shard", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        P.generate_pairs(teacher, root, cfg, progress=False)
+    names = sorted(p.name for p in root.iterdir())
+    assert names == ["pairs.json", "train-00000.safetensors", "train-00001.safetensors"]  # no partial file
+    done.clear()
+    remade = []
+    monkeypatch.setattr(P, "generate_shard",
+                        lambda t, m, i, c, device="cpu": remade.append(i) or orig(t, m, i, c))
+    m = P.generate_pairs(teacher, root, cfg, progress=False)
+    assert remade == [2, 3]                            # continues at the first missing shard
+    # Damage a shard: reading it names the file; a rerun regenerates exactly it, with the same content.
+    path = P.shard_path(root, "train-00001")
+    good = path.read_bytes()
+    raw = bytearray(good)
+    raw[-7] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    stream = P.PairStream(root, m)
+    with pytest.raises(DiffdistillError, match="train-00001.safetensors: checksum mismatch"):
+        for pos in range(0, 500, 100):
+            stream.rows(pos, 100)
+    path.write_bytes(good[: len(good) // 2])           # truncated
+    with pytest.raises(DiffdistillError, match="train-00001.safetensors: unreadable"):
+        P.load_shard(root, m, "train-00001")
+    remade.clear()
+    logged = []
+    P.generate_pairs(teacher, root, cfg, progress=False, log=logged.append)
+    assert remade == [1] and "train-00001" in logged[0]
+    path.with_name("good.safetensors").write_bytes(good)
+    assert same_shard(path, path.with_name("good.safetensors"))
+
+
+def test_refusals(tmp_path):
+    root = tmp_path / "p"
+    P.generate_pairs(ring8(), root, P.PairsConfig(**SMALL), progress=False)
+    other = GaussianMixture([[1.0, 0.0], [-1.0, 0.0]], [0.1, 0.1])
+    with pytest.raises(DiffdistillError, match="different teacher"):
+        P.generate_pairs(other, root, P.PairsConfig(**SMALL), progress=False)
+    with pytest.raises(DiffdistillError, match="different teacher"):
+        P.verify_pairs(root, other)
+    with pytest.raises(DiffdistillError, match="n_pairs"):
+        P.generate_pairs(ring8(), root, P.PairsConfig(**dict(SMALL, n_pairs=600)), progress=False)
+    # A disk too small is refused before anything is written.
+    huge = tmp_path / "huge"
+    with pytest.raises(DiffdistillError, match="GiB are free"):
+        P.generate_pairs(ring8(), huge, P.PairsConfig(**dict(SMALL, n_pairs=10**14, shard_size=10**12)),
+                         progress=False)
+    assert not huge.exists()
+    with pytest.raises(DiffdistillError, match="not a pairs directory"):
+        P.read_manifest(tmp_path)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / P.MANIFEST).write_text("{nope")
+    with pytest.raises(DiffdistillError, match="malformed JSON"):
+        P.read_manifest(tmp_path / "bad")
+
+
+class NoisyDenoiser(Denoiser):
+    def __init__(self):
+        super().__init__((2,))
+
+    def denoise(self, x, sigma, cond):
+        return x * 0 + torch.randn_like(x)
+
+
+def test_teachers_without_a_deterministic_sampler_are_refused():
+    with pytest.raises(DiffdistillError, match="not deterministic"):
+        P.check_deterministic_teacher(NoisyDenoiser())
+    from diffdistill.networks.mlp import mlp_preset
+
+    boundary = Precond(mlp_preset("tiny", 2), (2,), 0, PrecondConfig(kind="boundary"))
+    with pytest.raises(DiffdistillError, match="consistency-style"):
+        P.check_deterministic_teacher(boundary)
+    with pytest.raises(DiffdistillError, match="not a denoiser"):
+        P.check_deterministic_teacher(torch.nn.Linear(2, 2))
+    P.check_deterministic_teacher(ring8())           # an exact denoiser passes
+
+
+def test_uint8_targets_follow_the_paper():
+    y = torch.tensor([-1.5, -1.0, -0.3, 0.0, 0.999, 1.0, 2.0])
+    enc = P.encode_target(y, "uint8")
+    assert enc.dtype == torch.uint8
+    dec = P.decode_target(enc)
+    clipped = y.clamp(-1, 1)
+    # Truncation: never above the clipped value, less than one level below it.
+    assert bool((dec <= clipped + 1e-6).all()) and bool((clipped - dec < 1 / 127.5 + 1e-6).all())
+    assert enc.tolist()[:2] == [0, 0] and enc.tolist()[-2:] == [255, 255]
+    assert P.resolve_target_dtype(P.PairsConfig(), (3, 8, 8)) == "uint8"
+    assert P.resolve_target_dtype(P.PairsConfig(), (2,)) == "float16"
+
+
+def test_stream_visits_every_pair_once_per_epoch(tmp_path):
+    root = tmp_path / "p"
+    m = P.generate_pairs(ring8(), root, P.PairsConfig(**SMALL), progress=False)
+    stream = P.PairStream(root, m, seed=1)
+    z, y, c = stream.rows(0, 500)
+    assert c is None and z.shape == (500, 2) and y.dtype == torch.float32
+    everything = torch.cat([P.load_shard(root, m, f"train-{i:05d}")["noise"].float() for i in range(3)])
+    key = lambda t: sorted(map(tuple, t.tolist()))  # noqa: E731
+    assert key(z) == key(everything)                 # a permutation of all training pairs
+    z2 = torch.cat([stream.rows(p, n)[0] for p, n in ((0, 130), (130, 270), (400, 100))])
+    assert torch.equal(z, z2)                        # position-addressed: chunking does not matter
+    assert len(stream._cache) <= 2                   # memory: at most two shards
+    z3 = stream.rows(500, 500)[0]
+    assert key(z3) == key(z) and not torch.equal(z3, z)  # next epoch: same pairs, new order
+    held = stream.heldout()
+    assert held[0].shape == (100, 2)
+    assert json.loads((root / "pairs.json").read_text())["teacher"] == P.teacher_fingerprint(ring8())

@@ -1,0 +1,275 @@
+"""Progressive distillation (diffdistill.methods.pd; algorithms.md §3, oracles O10, O14)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from diffdistill import io
+from diffdistill.diffusion.denoiser import Denoiser, Precond, PrecondConfig
+from diffdistill.errors import DiffdistillError, UsageError
+from diffdistill.methods import pd
+from diffdistill.methods.base import Batch
+from diffdistill.networks.mlp import mlp_preset
+from diffdistill.samplers import sample, sample_euler
+from diffdistill.teachers.analytic import Gaussian, ring8
+
+MU, VAR = 0.3, 0.25
+
+
+# --------------------------------------------------------------------------------------------------
+# Independent oracle: PD's target in VP coordinates (§3.1, §3.3) with the exact Gaussian posterior mean
+
+
+def cos_alpha_sigma(t, lmin=-20.0, lmax=20.0):
+    b = math.atan(math.exp(-lmax / 2))
+    a = math.atan(math.exp(-lmin / 2)) - b
+    lam = -2 * np.log(np.tan(a * t + b))
+    return np.sqrt(1 / (1 + np.exp(-lam))), np.sqrt(1 / (1 + np.exp(lam)))
+
+
+def vp_x_hat(z, t):
+    al, sg = cos_alpha_sigma(t)
+    return MU + al * VAR / (al**2 * VAR + sg**2) * (z - al * MU)
+
+
+def vp_ddim(z, t, s):
+    """z_s = alpha_s x_hat + sigma_s eps_hat (§1.5, alpha/sigma form)."""
+    x = vp_x_hat(z, t)
+    al_t, sg_t = cos_alpha_sigma(t)
+    al_s, sg_s = cos_alpha_sigma(s)
+    return al_s * x + sg_s * (z - al_t * x) / sg_t
+
+
+def test_o14_student_step_with_the_target_lands_on_the_teachers_two_steps():
+    teacher = Gaussian([MU], math.sqrt(VAR))
+    n = 4
+    t_grid = pd.pd_sigmas(2 * n, "cosine")
+    s_grid = t_grid[::2]
+    torch.testing.assert_close(s_grid, pd.pd_sigmas(n, "cosine"), rtol=1e-12, atol=0)
+    gen = torch.Generator().manual_seed(0)
+    for k in range(n - 1):                                      # every step but the final one (t'' > 0)
+        i = n - 1 - k                                           # code index: t = (i+1)/N
+        t, t_mid, t_next = (i + 1) / n, (i + 0.5) / n, i / n
+        z_t = torch.randn(5, 1, generator=gen, dtype=torch.float64)
+        al_t, _ = cos_alpha_sigma(t)
+        x_t = z_t / al_t                                        # EDM coordinates
+        sig = [torch.full((5,), float(t_grid[2 * k + j]), dtype=torch.float64) for j in range(3)]
+        x_tilde = pd.pd_target(teacher, x_t, *sig)
+        # One student DDIM step from z_t with x~, in VP form ...
+        al_n, sg_n = cos_alpha_sigma(t_next)
+        _, sg_t = cos_alpha_sigma(t)
+        z_student = al_n * x_tilde + sg_n * (z_t - al_t * x_tilde) / sg_t
+        # ... equals the teacher's two half-steps, computed independently in VP form.
+        z_teacher = vp_ddim(vp_ddim(z_t.numpy(), t, t_mid), t_mid, t_next)
+        np.testing.assert_allclose(z_student.numpy(), z_teacher, rtol=0, atol=1e-10)
+        # And in EDM form: the same Euler step lands on the teacher's two Euler half-steps.
+        x_mid = pd.ddim_step(x_t, teacher(x_t, sig[0]), sig[0], sig[1])
+        x_two = pd.ddim_step(x_mid, teacher(x_mid, sig[1]), sig[1], sig[2])
+        torch.testing.assert_close(pd.ddim_step(x_t, x_tilde, sig[0], sig[2]), x_two, rtol=0, atol=1e-10)
+    # Final step (t'' = 0): x~ is the teacher's midpoint prediction; the official VP two-step result at
+    # sigma(0) = 4.5e-5 differs from the student's step only by O(1e-5).
+    z_t = torch.randn(5, 1, generator=gen, dtype=torch.float64)
+    al_t, _ = cos_alpha_sigma(1 / n)
+    sig = [torch.full((5,), float(t_grid[2 * (n - 1) + j]), dtype=torch.float64) for j in range(3)]
+    assert float(sig[2][0]) == 0.0
+    x_tilde = pd.pd_target(teacher, z_t / al_t, *sig)
+    z_mid = vp_ddim(z_t.numpy(), 1 / n, 0.5 / n)
+    np.testing.assert_allclose(x_tilde.numpy(), vp_x_hat(z_mid, 0.5 / n), rtol=0, atol=1e-10)
+    diff = np.abs(x_tilde.numpy() - vp_ddim(z_mid, 0.5 / n, 0.0)).max()
+    assert 1e-7 < diff < 1e-4
+
+
+def test_o14_dirac_data_target_is_the_point():
+    x0 = torch.tensor([[0.7, -0.2]], dtype=torch.float64)
+    teacher = Gaussian(x0[0], 1e-9)
+    grid = pd.pd_sigmas(16, "karras")
+    x_t = x0 + 3.0 * torch.randn(16, 2, dtype=torch.float64)
+    for k in range(8):
+        sig = [torch.full((16,), float(grid[2 * k + j]), dtype=torch.float64) for j in range(3)]
+        torch.testing.assert_close(pd.pd_target(teacher, x_t, *sig), x0.expand(16, 2), rtol=0, atol=1e-7)
+
+
+def test_o10_grids_and_the_halving_chain():
+    # O10: for N(0,1) data on the ±20 cosine schedule DDIM multiplies z_1 by 0.500023 (N=2), 0.728567 (N=4).
+    teacher = Gaussian([0.0], 1.0)
+    z = torch.ones(1, 1, dtype=torch.float64)
+    for n, factor in ((2, 0.500023), (4, 0.728567)):
+        out = sample_euler(teacher, z, pd.pd_sigmas(n, "cosine"))
+        assert float(out) == pytest.approx(factor, abs=2e-6)
+    # The 1-step target from the 2-step teacher reproduces the teacher's 2-step map exactly.
+    grid = pd.pd_sigmas(2, "cosine")
+    sig = [grid[j].reshape(1) for j in range(3)]
+    x_tilde = pd.pd_target(teacher, z * grid[0], *sig)
+    assert float(x_tilde) == pytest.approx(float(sample_euler(teacher, z, grid)), abs=1e-12)
+    # Karras grids are nested: the student's grid is every other level of the teacher's.
+    for n in (1, 2, 8):
+        k = pd.pd_sigmas(n, "karras")
+        assert len(k) == n + 1 and k[0] == 80.0 and k[-1] == 0 and bool((k[1:] < k[:-1]).all())
+        torch.testing.assert_close(pd.pd_sigmas(2 * n, "karras")[::2], k, rtol=1e-12, atol=0)
+    # Level u = 1/64 of a 64-step grid: Karras et al.'s interpolation 63/64 of the way to sigma_min.
+    expected = (80 ** (1 / 7) + (63 / 64) * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    assert float(pd.pd_sigmas(64, "karras")[-2]) == pytest.approx(expected, rel=1e-12)
+
+
+class TableStudent(Denoiser):
+    """An affine-per-level denoiser D(x; sigma_k) = a_k x + b_k (the exact PD student for Gaussian data)."""
+
+    def __init__(self, sigmas, a, b):
+        super().__init__((1,))
+        self.register_buffer("sigmas", torch.as_tensor(sigmas, dtype=torch.float64))
+        self.a = torch.nn.Parameter(torch.as_tensor(a, dtype=torch.float64))
+        self.b = torch.nn.Parameter(torch.as_tensor(b, dtype=torch.float64))
+
+    def denoise(self, x, sigma, cond):
+        k = (self.sigmas[None] - sigma.double()[:, None]).abs().argmin(1)
+        return (self.a[k][:, None] * x + self.b[k][:, None]).to(x.dtype)
+
+
+def test_o14_the_exact_affine_student_has_zero_loss():
+    teacher = Gaussian([MU], math.sqrt(VAR))
+    method = pd.ProgressiveDistillation(teacher, pd.PDConfig(start_steps=8, end_steps=1),
+                                        student=TableStudent([1.0], [0.0], [0.0]))
+    t_grid, s_grid = method.grids()
+    a, b = [], []
+    for k in range(4):
+        sig = [t_grid[2 * k + j].reshape(1) for j in range(3)]
+        f0 = pd.pd_target(teacher, torch.zeros(1, 1, dtype=torch.float64), *sig)
+        f1 = pd.pd_target(teacher, torch.ones(1, 1, dtype=torch.float64), *sig)
+        a.append(float(f1 - f0))
+        b.append(float(f0))
+    exact = TableStudent(s_grid[:-1], a, b)
+    method.student = exact
+    torch.manual_seed(0)
+    x = teacher.sample(256).double()
+    out = method.loss("student", Batch(size=256, device=torch.device("cpu"), x=x))
+    assert float(out["loss"].detach()) < 1e-20
+    with torch.no_grad():
+        exact.b += 0.01
+    perturbed = method.loss("student", Batch(size=256, device=torch.device("cpu"), x=x))["loss"]
+    assert float(perturbed.detach()) > 1e-5
+    # The weighting is max(SNR, 1) per example (snr_trunc).
+    s = torch.tensor([0.1, 1.0, 3.0])
+    torch.testing.assert_close(pd.snr_weight(s), torch.tensor([100.0, 1.0, 1.0], dtype=torch.float64))
+
+
+def test_rounds_reset_copy_and_milestones(tmp_path):
+    teacher = ring8()
+    method = pd.ProgressiveDistillation(teacher, pd.PDConfig(start_steps=8, end_steps=2, round_kimg=1.0),
+                                        run_dir=tmp_path)
+    assert method.n_rounds == 2 and method.student_steps() == 4 and method.round_teacher() is teacher
+    assert method.lr_schedule_kimg("student") == 1.0
+    assert method.milestone(0, 0) is None and method.begin_step(0, 0) == set()
+    with torch.no_grad():
+        for p in method.student.parameters():
+            p.add_(0.1)
+    assert method.milestone(4, 1024) == "round-04steps"
+    assert method.begin_step(4, 1024) == {"student"}
+    assert method.round == 1 and method.student_steps() == 2 and method.round_teacher() is method.prev
+    for p, q in zip(method.prev.parameters(), method.student.parameters()):
+        assert torch.equal(p, q) and p is not q and not p.requires_grad
+    net, recipe = method.export()
+    assert recipe == {"sampler": "euler", "sigmas": pd.pd_sigmas(2, "karras").tolist()}
+    rows = json.loads((tmp_path / "rounds.json").read_text())
+    assert [r["student_steps"] for r in rows] == [4]
+    assert "| 1 | 8 | 4 |" in (tmp_path / "rounds.md").read_text()
+    # Resumption: the round and the table come back with the extra state.
+    fresh = pd.ProgressiveDistillation(teacher, pd.PDConfig(start_steps=8, end_steps=2, round_kimg=1.0))
+    fresh.load_state_dict(method.state_dict())
+    fresh.load_extra_state(json.loads(json.dumps(method.extra_state())))
+    assert fresh.round == 1 and fresh.records == method.records
+
+
+def test_vp_cosine_teachers_x_and_v():
+    torch.manual_seed(0)
+    x = ring8().sample(32)
+    for prediction in ("x", "v"):
+        teacher = Precond(mlp_preset("tiny", 2), (2,), 0, PrecondConfig(kind="cosine", prediction=prediction))
+        teacher.eval()
+        method = pd.ProgressiveDistillation(teacher, pd.PDConfig(start_steps=4, end_steps=1))
+        assert method.grid == "cosine"
+        assert float(method.grids()[0][0]) == pytest.approx(math.exp(10), rel=1e-9)  # alpha_1 = e^-10
+        for p, q in zip(method.student.parameters(), teacher.parameters()):
+            assert torch.equal(p, q) and p is not q        # a copy of the teacher
+        loss = method.loss("student", Batch(size=32, device=torch.device("cpu"), x=x))["loss"]
+        loss.backward()
+        assert math.isfinite(float(loss.detach()))
+        assert all(p.grad is None for p in teacher.parameters())
+        assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in method.student.parameters())
+    eps_teacher = Precond(mlp_preset("tiny", 2), (2,), 0, PrecondConfig(kind="cosine", prediction="eps")).eval()
+    with pytest.raises(DiffdistillError, match="alpha_1"):
+        pd.ProgressiveDistillation(eps_teacher, pd.PDConfig(start_steps=4))
+
+
+def _args(**kw):
+    parser = argparse.ArgumentParser()
+    pd.add_arguments(parser)
+    ns = parser.parse_args([])
+    for k, v in dict(out=None, kimg=3.0, lr=None, **kw).items():
+        setattr(ns, k, v)
+    return ns
+
+
+def test_bad_input():
+    for start, end in ((6, 1), (4, 8), (4, 4), (0, 1)):
+        with pytest.raises(UsageError):
+            pd.check_steps(start, end)
+    from diffdistill.data import open_dataset
+
+    data = open_dataset("toy:ring8")
+    with pytest.raises(UsageError, match="power"):
+        pd.build(_args(start_steps=12), ring8(), data)
+    with pytest.raises(UsageError, match="needs real training data"):
+        pd.build(_args(), ring8(), None)
+    boundary = Precond(mlp_preset("tiny", 2), (2,), 0, PrecondConfig(kind="boundary"))
+    with pytest.raises(DiffdistillError, match="consistency-style"):
+        pd.ProgressiveDistillation(boundary, pd.PDConfig(start_steps=4))
+    method = pd.build(_args(start_steps=8, end_steps=1), ring8(), data)
+    assert method.n_rounds == 3 and method.cfg.round_kimg == pytest.approx(1.0)
+    with pytest.raises(DiffdistillError, match="needs real data"):
+        method.loss("student", Batch(size=4, device=torch.device("cpu")))
+
+
+def test_end_to_end_ring8_one_step_student(tmp_path):
+    """8 -> 4 -> 2 -> 1 steps on the analytic ring: every mode kept (|share - 1/8| < 0.25/8 on 10k)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                 # tiny ops: threads only add overhead on a shared machine
+    try:
+        _end_to_end(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _end_to_end(tmp_path):
+    from diffdistill.data import open_dataset
+    from diffdistill.methods.kd import make_student
+    from diffdistill.train.loop import TrainConfig, train
+
+    torch.manual_seed(0)
+    teacher = ring8()
+    method = pd.ProgressiveDistillation(teacher, pd.PDConfig(start_steps=8, end_steps=1, round_kimg=30, lr=2e-3),
+                                        make_student(teacher, "mlp-toy"), run_dir=tmp_path)
+    cfg = TrainConfig(out=str(tmp_path), total_kimg=90, batch=64, ema_halflife_kimg=0, checkpoint_kimg=0,
+                      tick_kimg=30, progress=False, tensorboard=False, device="cpu")
+    result = train(method, cfg, data=open_dataset("toy:ring8"))
+    rows = json.loads((tmp_path / "rounds.json").read_text())
+    assert [r["student_steps"] for r in rows] == [4, 2, 1]
+    fractions = {}
+    for name, steps in (("round-04steps", 4), ("round-02steps", 2), ("model", 1)):
+        den, recipe, _ = io.load_snapshot(tmp_path / name)
+        assert recipe["sampler"] == "euler" and len(recipe["sigmas"]) == steps + 1
+        x = sample(den, 10_000, sampler=recipe["sampler"], sigmas=recipe["sigmas"], batch=5000)
+        mode = teacher.mode_of(x)
+        share = torch.bincount(mode, minlength=8).double() / len(x)
+        assert float((share - 1 / 8).abs().max()) < 0.25 / 8, (name, share)
+        fractions[name] = float((((x.double() - teacher.means[mode]) ** 2).sum(1).sqrt() < 0.3).double().mean())
+    x = sample(teacher, 10_000, steps=18, sampler="heun", batch=5000)
+    mode = teacher.mode_of(x)
+    within = float((((x.double() - teacher.means[mode]) ** 2).sum(1).sqrt() < 0.3).double().mean())
+    print(f"\nring8 within 3 std of a mode: teacher heun-35NFE {within:.4f}, PD students {fractions}")
+    assert result["model"] is not None
