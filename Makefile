@@ -23,7 +23,7 @@ demo-quick: venv
 	$(BIN)/diffdistill demo --quick --out demo-report
 
 lint: venv
-	$(BIN)/ruff check diffdistill tests benchmarks scripts
+	$(BIN)/ruff check .
 
 test: venv lint
 	$(BIN)/python -m pytest
