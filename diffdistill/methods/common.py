@@ -1,0 +1,212 @@
+"""Shared pieces of the distribution-matching family (Diff-Instruct, GDD, DMD2, SiD).
+
+Each piece exists once here:
+- networks: a trainable copy of the teacher (`copy_denoiser`), or a fresh `Precond(MLP)` when the teacher is
+  analytic and has no weights (`student_from_teacher`); a one-step generator is such a denoiser evaluated at
+  one fixed level, x_g = G(init_sigma * z; init_sigma) (`generate`, `onestep_recipe`; §4.1, §5.2);
+- the fake-score update: the teacher's own EDM loss on generator samples (`fake_score_loss`; §4.2);
+- two denoisers evaluated on the same input with the same dropout masks (`paired_denoise`; §4.3, §4.5);
+- GDD-I layer freezing by role (`freeze_by_role`; §5.3) and a trainable-parameter count.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+from torch import Tensor, nn
+
+from ..diffusion import param, schedules
+from ..diffusion.denoiser import Denoiser, Precond, PrecondConfig
+from ..errors import DiffdistillError
+
+# --------------------------------------------------------------------------------------------------
+# Networks
+
+
+def is_weightless(denoiser: nn.Module) -> bool:
+    """True for analytic teachers (no parameters): there is no network to copy."""
+    return not any(True for _ in denoiser.parameters())
+
+
+def copy_denoiser(denoiser: Denoiser, boundary: bool = False) -> Denoiser:
+    """A trainable deep copy (train mode, requires_grad) of a network denoiser.
+
+    boundary=True switches an EDM-preconditioned copy to the consistency/GDD scalings (§5.2), which agree with
+    EDM's at large sigma (c_skip(80) ~ 3.9e-5 either way) and make D(x, sigma_min) = x exactly.
+    """
+    if is_weightless(denoiser):
+        raise DiffdistillError("the teacher has no weights to copy (an analytic teacher): "
+                               "use student_from_teacher")
+    net = copy.deepcopy(denoiser)
+    if boundary and isinstance(net, Precond) and net.precond.kind == "edm":
+        net.precond = replace(net.precond, kind="boundary")
+    return net.train().requires_grad_(True)
+
+
+def mlp_denoiser(shape, sigma_data: float, label_dim: int = 0, kind: str = "edm", sigma_min: float = 0.002,
+                 sigma_max: float = 80.0, hidden: int = 128, depth: int = 3) -> Denoiser:
+    """A fresh `Precond(MLP)` for flat toy data (shape (D,)): the student/fake net of analytic teachers."""
+    from ..networks.mlp import MLP
+
+    if len(shape) != 1:
+        raise DiffdistillError(f"a fresh MLP student needs flat data (shape (D,)), got shape {tuple(shape)}")
+    net = MLP(dim=int(shape[0]), label_dim=label_dim, hidden=hidden, num_layers=depth)
+    cfg = PrecondConfig(kind=kind, sigma_data=float(sigma_data), sigma_min=sigma_min, sigma_max=sigma_max)
+    return Precond(net, shape, label_dim, cfg).train()
+
+
+def student_from_teacher(teacher: Denoiser, boundary: bool = False, hidden: int = 128,
+                         depth: int = 3) -> Denoiser:
+    """A trainable copy of the teacher, or, for an analytic teacher, a fresh `Precond(MLP)` of its shape."""
+    if not is_weightless(teacher):
+        return copy_denoiser(teacher, boundary=boundary)
+    kind = "boundary" if boundary else "edm"
+    return mlp_denoiser(teacher.shape, teacher.sigma_data, teacher.label_dim, kind, teacher.sigma_min,
+                        teacher.sigma_max, hidden=hidden, depth=depth)
+
+
+def check_sigma(denoiser: Denoiser, sigma: float, what: str = "init sigma") -> float:
+    if not denoiser.sigma_min <= sigma <= denoiser.sigma_max:
+        raise DiffdistillError(f"{what} {sigma:g} lies outside the teacher's range "
+                               f"[{denoiser.sigma_min:g}, {denoiser.sigma_max:g}]")
+    return float(sigma)
+
+
+def generate(generator: Denoiser, z: Tensor, init_sigma: float, cond: Tensor | None = None) -> Tensor:
+    """One-step generation x_g = G(init_sigma * z; init_sigma) from unit noise z (DI §4.1, GDD §5.2)."""
+    return generator(init_sigma * z, init_sigma, cond)
+
+
+def onestep_recipe(init_sigma: float) -> dict:
+    """The sampling recipe of a one-step generator (must use the training init_sigma, §4.5)."""
+    return {"sampler": "onestep", "sigmas": [float(init_sigma), 0.0]}
+
+
+def random_labels(denoiser: Denoiser, n: int, device) -> Tensor | None:
+    """Uniform class labels for data-free generation (None for unconditional denoisers)."""
+    if denoiser.label_dim == 0:
+        return None
+    return torch.randint(denoiser.label_dim, (n,), device=device)
+
+
+def zero_loss(module: nn.Module) -> Tensor:
+    """A loss of exactly 0 that still reaches every trainable parameter (a skipped update)."""
+    return sum((0.0 * p.sum() for p in module.parameters() if p.requires_grad), torch.zeros(()))
+
+
+def unit_noise(n: int, shape: Sequence[int], device) -> Tensor:
+    """Unit Gaussian noise from the global RNG (the loop seeds it per step from (seed, rank, step))."""
+    return torch.randn(n, *shape, device=device)
+
+
+# --------------------------------------------------------------------------------------------------
+# The fake-score update (Diff-Instruct §4.2; also DMD2 and SiD)
+
+
+def sample_sigma(n: int, denoiser: Denoiser, p_mean: float = -1.2, p_std: float = 1.2, device=None) -> Tensor:
+    """EDM's lognormal training levels (Karras et al. 2022, Table 1), clamped to the denoiser's range."""
+    sigma = schedules.sample_lognormal_sigma(n, p_mean, p_std, device=device)
+    return sigma.clamp(denoiser.sigma_min, denoiser.sigma_max)
+
+
+def edm_loss(denoiser: Denoiser, x: Tensor, sigma: Tensor, cond: Tensor | None = None,
+             sigma_data: float | None = None) -> Tensor:
+    """EDM loss lambda(sigma) ||D(x + sigma n; sigma) - x||^2, summed over pixels and averaged over the batch
+    (Karras et al. 2022, Eq. 2 with Table 1's weight; EDM's reduction, algorithms.md §1.2)."""
+    sd = denoiser.sigma_data if sigma_data is None else sigma_data
+    s = param.append_dims(sigma, x)
+    denoised = denoiser(x + s * torch.randn_like(x), sigma, cond)
+    weight = param.edm_loss_weight(s, sd)
+    return (weight * (denoised - x) ** 2).flatten(1).sum(1).mean()
+
+
+def fake_score_loss(fake: Denoiser, x_g: Tensor, cond: Tensor | None = None, p_mean: float = -1.2,
+                    p_std: float = 1.2) -> Tensor:
+    """Train the fake score on (detached) generator samples with the teacher's own EDM loss (DI §4.2)."""
+    sigma = sample_sigma(x_g.shape[0], fake, p_mean, p_std, device=x_g.device)
+    return edm_loss(fake, x_g.detach(), sigma, cond)
+
+
+# --------------------------------------------------------------------------------------------------
+# Two denoisers on the same input with the same dropout masks (Diff-Instruct's generator update, §4.3)
+
+
+def _rng_state(device: torch.device):
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return cpu, cuda
+
+
+def _set_rng_state(device: torch.device, state) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def paired_denoise(nets: Sequence[Denoiser], x: Tensor, sigma, cond: Tensor | None = None,
+                   dropout: str = "shared") -> list[Tensor]:
+    """Evaluate several denoisers on one input.
+
+    dropout='shared' (official Diff-Instruct): every net in train mode, the RNG state restored before each, so
+    nets of the same architecture draw the same dropout masks. dropout='eval': every net in eval mode.
+    Modes are restored afterwards; gradients are not disabled here (the caller decides).
+    """
+    if dropout not in ("shared", "eval"):
+        raise ValueError(f"dropout must be 'shared' or 'eval', got {dropout!r}")
+    modes = [net.training for net in nets]
+    state = _rng_state(x.device)
+    outs = []
+    try:
+        for net in nets:
+            net.train(dropout == "shared")
+            _set_rng_state(x.device, state)
+            outs.append(net(x, sigma, cond))
+    finally:
+        for net, mode in zip(nets, modes):
+            net.train(mode)
+    return outs
+
+
+# --------------------------------------------------------------------------------------------------
+# GDD-I freezing by layer role (§5.3), on EDM SongUNet parameter names (`...block0.conv0`, `...proj`, ...)
+
+FREEZE_ROLES: dict[int, tuple[str, ...]] = {
+    0: (),
+    1: ("conv0", "conv1", "proj"),          # block 3x3 convolutions and attention output projections
+    2: ("conv0", "conv1", "proj", "qkv"),   # ... and attention qkv
+    3: ("conv0", "conv1", "proj", "qkv", "skip"),  # ... and the blocks' skip convolutions
+}
+
+
+def count_params(module: nn.Module, trainable_only: bool = True) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+def freeze_by_role(module: nn.Module, level: int) -> tuple[int, int]:
+    """Freeze the parameters of layers whose own name is in FREEZE_ROLES[level]; returns (trainable, total).
+
+    A parameter `a.b.conv0.weight` belongs to the layer named `conv0`. Raises if the level freezes nothing
+    (the network has no such layers) or everything.
+    """
+    if level not in FREEZE_ROLES:
+        raise DiffdistillError(f"freeze level must be one of {sorted(FREEZE_ROLES)}, got {level}")
+    roles = set(FREEZE_ROLES[level])
+    total = count_params(module, trainable_only=False)
+    if not roles:
+        return count_params(module), total
+    frozen = 0
+    for name, p in module.named_parameters():
+        parts = name.split(".")
+        if len(parts) >= 2 and parts[-2] in roles:
+            p.requires_grad_(False)
+            frozen += p.numel()
+    trainable = count_params(module)
+    if frozen == 0:
+        raise DiffdistillError(f"freeze level {level} matches no layer of this network (no {sorted(roles)} "
+                               "layers: it is not an EDM-style UNet)")
+    if trainable == 0:
+        raise DiffdistillError(f"freeze level {level} would freeze every parameter of the generator")
+    return trainable, total

@@ -1,0 +1,190 @@
+"""Diff-Instruct (Luo et al., NeurIPS 2023): a one-step generator by integral-KL distribution matching.
+
+Three denoisers (algorithms.md §4): the frozen teacher D_p; an online fake score D_phi trained with the
+teacher's EDM loss on generator samples (§4.2); and the generator x_g = G(init_sigma z; init_sigma) (§4.1),
+updated with the surrogate of §4.3, L = sum_pixels sg(D_phi(x_s) - D_p(x_s)) * x_g with x_s = x_g + sigma n,
+whose gradient is the IKL gradient E[sigma^2 (s_phi - s_p)^T dx_g/dtheta]. Data-free.
+
+For analytic teachers (no network to copy) the generator and the fake score are fresh `Precond(MLP)`s; the
+fake score is then first fitted alone to the initial generator for `fake_warmup_steps` steps (the generator's
+optimiser is reset when its updates begin), standing in for "initialised from the teacher".
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..diffusion import param
+from ..diffusion.denoiser import Denoiser
+from ..errors import DiffdistillError
+from ..train import dist
+from . import common
+from .base import Batch, Group, Method, OptimConfig
+
+HELP = "Diff-Instruct: one-step generator by integral-KL distribution matching (data-free)"
+NEEDS_DATA = False
+
+
+@dataclass
+class DIConfig:
+    """Diff-Instruct settings; defaults are the official CIFAR-10 recipe (§4.4)."""
+
+    init_sigma: float = 1.0            # the generator is the denoiser at this fixed level (same at sampling)
+    gen_lr: float = 1e-5               # generator learning rate (glr)
+    fake_lr: float = 1e-5              # fake-score learning rate (lr)
+    betas: tuple[float, float] = (0.0, 0.999)  # Adam betas of both networks (beta1 = 0)
+    gen_every: int = 1                 # generator updated every k-th step, the fake score every step (1:1)
+    dropout: str = "shared"            # teacher+fake in train mode with shared dropout masks, or 'eval'
+    p_mean: float = -1.2               # lognormal noise levels of both losses (EDM)
+    p_std: float = 1.2
+    loss_scale: float = 1.0            # generator surrogate scaling (ls)
+    fake_loss_scale: float = 1.0       # fake-score loss scaling (sgls)
+    fake_warmup_steps: int = 0         # steps training only the fake score first (default: 0 for network
+                                       # teachers, 300 for analytic ones)
+    mlp_hidden: int = 128              # fresh MLP width/depth (analytic teachers only)
+    mlp_depth: int = 3
+
+
+def di_generator_loss(teacher: Denoiser, fake: Denoiser, x_g: Tensor, cond: Tensor | None = None,
+                      sigma: Tensor | float | None = None, dropout: str = "shared", p_mean: float = -1.2,
+                      p_std: float = 1.2) -> tuple[Tensor, Tensor]:
+    """Diff-Instruct generator surrogate (§4.3): mean over the batch of sum_pixels sg(D_f - D_p) * x_g.
+
+    sigma: None draws EDM's lognormal levels; a float or [B] tensor fixes them (oracle O16). Returns
+    (loss, per-sample ||D_f - D_p||^2 for logging). Both denoisers run without gradients, with shared
+    dropout masks when dropout='shared'.
+    """
+    n = x_g.shape[0]
+    if sigma is None:
+        sigma = common.sample_sigma(n, teacher, p_mean, p_std, device=x_g.device)
+    sigma = torch.as_tensor(sigma, device=x_g.device, dtype=x_g.dtype).expand(n) \
+        if not torch.is_tensor(sigma) or sigma.ndim == 0 else sigma
+    with torch.no_grad():
+        x_s = x_g.detach() + param.append_dims(sigma, x_g) * torch.randn_like(x_g)
+        d_real, d_fake = common.paired_denoise([teacher, fake], x_s, sigma, cond, dropout)
+        diff = (d_fake - d_real).to(x_g.dtype)
+    loss = (diff * x_g).flatten(1).sum(1).mean()
+    return loss, diff.flatten(1).pow(2).sum(1)
+
+
+class DiffInstruct(Method):
+    """Diff-Instruct on the shared loop: groups 'fake_score' then 'generator' (§4.4's order)."""
+
+    name = "di"
+
+    def __init__(self, teacher: Denoiser, cfg: DIConfig | None = None, generator: Denoiser | None = None,
+                 fake: Denoiser | None = None):
+        """generator/fake: ready networks to use instead of copies of the teacher (or fresh MLPs)."""
+        super().__init__()
+        cfg = cfg or DIConfig()
+        if cfg.dropout not in ("shared", "eval"):
+            raise DiffdistillError(f"dropout must be 'shared' or 'eval', got {cfg.dropout!r}")
+        if cfg.gen_every < 1:
+            raise DiffdistillError(f"gen_every must be >= 1, got {cfg.gen_every}")
+        self.cfg = cfg
+        self.init_sigma = common.check_sigma(teacher, cfg.init_sigma)
+        self.teacher = teacher.eval().requires_grad_(False)
+        # §4.1: generator and fake score start from the teacher (fresh MLPs for analytic teachers).
+        self.generator = generator if generator is not None else \
+            common.student_from_teacher(teacher, hidden=cfg.mlp_hidden, depth=cfg.mlp_depth)
+        self.fake = fake if fake is not None else \
+            common.student_from_teacher(teacher, hidden=cfg.mlp_hidden, depth=cfg.mlp_depth)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()          # its dropout is switched on only inside paired_denoise
+        return self
+
+    def groups(self) -> dict[str, Group]:
+        cfg = self.cfg
+        return {
+            "fake_score": Group(list(self.fake.parameters()), OptimConfig(lr=cfg.fake_lr, betas=cfg.betas)),
+            "generator": Group(list(self.generator.parameters()), OptimConfig(lr=cfg.gen_lr, betas=cfg.betas),
+                               every=cfg.gen_every),
+        }
+
+    def begin_step(self, step: int, nimg: int) -> set[str]:
+        # After the fake-score warm-up the generator's optimiser starts afresh (no moments from idle steps).
+        if self.cfg.fake_warmup_steps > 0 and step == self.cfg.fake_warmup_steps:
+            return {"generator"}
+        return set()
+
+    def _generate(self, n: int, device, grad: bool) -> tuple[Tensor, Tensor | None]:
+        cond = common.random_labels(self.teacher, n, device)
+        z = common.unit_noise(n, self.teacher.shape, device)
+        if grad:
+            return common.generate(self.generator, z, self.init_sigma, cond), cond
+        mode = self.generator.training
+        self.generator.eval()
+        try:
+            with torch.no_grad():
+                return common.generate(self.generator, z, self.init_sigma, cond), cond
+        finally:
+            self.generator.train(mode)
+
+    def loss(self, group: str, batch: Batch) -> dict[str, Tensor]:
+        cfg = self.cfg
+        if group == "fake_score":
+            # §4.2: G in eval mode without gradients; the fake score (train mode) fits its samples.
+            x_g, cond = self._generate(batch.size, batch.device, grad=False)
+            self.fake.train()
+            if not bool(torch.isfinite(x_g).all()):
+                # The generator diverged, not the fake score: skip this update so that the generator's own
+                # (non-finite) loss, next in this step, names it.
+                return {"loss": common.zero_loss(self.fake)}
+            loss = common.fake_score_loss(self.fake, x_g, cond, cfg.p_mean, cfg.p_std)
+            return {"loss": cfg.fake_loss_scale * loss}
+        if group == "generator":
+            self.generator.train()
+            x_g, cond = self._generate(batch.size, batch.device, grad=True)
+            if batch.step < cfg.fake_warmup_steps:
+                return {"loss": (0.0 * x_g).sum()}    # fake-score warm-up: the generator does not move yet
+            loss, gap = di_generator_loss(self.teacher, self.fake, x_g, cond, None, cfg.dropout,
+                                          cfg.p_mean, cfg.p_std)
+            return {"loss": cfg.loss_scale * loss, "score_gap": gap.mean().detach()}
+        raise KeyError(f"unknown group {group!r}")
+
+    def ema_targets(self) -> dict[str, nn.Module]:
+        return {"generator": self.generator}
+
+    def export(self, ema: dict[str, nn.Module] | None = None) -> tuple[Denoiser, dict]:
+        net = (ema or {}).get("generator", self.generator)
+        return net, common.onestep_recipe(self.init_sigma)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI hooks (cli/distill.py)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("Diff-Instruct")
+    d = DIConfig()
+    g.add_argument("--init-sigma", type=float, default=d.init_sigma,
+                   help="generator noise level (default %(default)s)")
+    g.add_argument("--gen-lr", type=float, default=d.gen_lr, help="generator lr (default %(default)s)")
+    g.add_argument("--fake-lr", type=float, default=d.fake_lr, help="fake-score lr (default %(default)s)")
+    g.add_argument("--gen-every", type=int, default=d.gen_every,
+                   help="update the generator every k-th step, the fake score every step (default 1 = 1:1)")
+    g.add_argument("--teacher-dropout", choices=["shared", "eval"], default=d.dropout,
+                   help="'shared': teacher and fake net in train mode with equal dropout masks (official); "
+                        "'eval': both in eval mode")
+    g.add_argument("--fake-warmup-steps", type=int, default=None,
+                   help="steps that train only the fake score first (default 0; 300 for analytic teachers)")
+
+
+def build(args: argparse.Namespace, teacher: Denoiser, data=None) -> DiffInstruct:
+    warm = args.fake_warmup_steps
+    if warm is None:
+        warm = 300 if common.is_weightless(teacher) else 0
+    if args.gen_every < 1:
+        raise DiffdistillError(f"--gen-every must be >= 1, got {args.gen_every}")
+    cfg = DIConfig(init_sigma=args.init_sigma, gen_lr=args.gen_lr, fake_lr=args.fake_lr,
+                   gen_every=args.gen_every, dropout=args.teacher_dropout, fake_warmup_steps=warm)
+    method = DiffInstruct(teacher, cfg)
+    dist.print0(f"di: generator {common.count_params(method.generator):,} parameters, fake score "
+                f"{common.count_params(method.fake):,}, init sigma {method.init_sigma:g}")
+    return method
