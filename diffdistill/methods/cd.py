@@ -1,0 +1,278 @@
+"""Consistency distillation (Song et al. 2023, Algorithm 2; algorithms.md §6.1).
+
+The student is a consistency function f(x, t) = c_skip(t) x + c_out(t) F(c_in x, ln(t)/4) with the boundary
+scalings (`Precond` kind 'boundary', so f(x, sigma_min) = x). One step of the teacher's probability-flow ODE
+(Heun or Euler) from t_{n+1} to t_n on the Karras grid gives the target point; the loss is
+d(f_theta(x_{t_{n+1}}, t_{n+1}), f_target(x_hat_{t_n}, t_n)), with f_target = stop-grad(f_theta) (CIFAR-10
+recipe) or an EMA of f_theta (ImageNet/LSUN recipe, mu = 0.95).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..diffusion import param
+from ..diffusion.denoiser import Denoiser
+from ..diffusion.schedules import karras_sigmas
+from ..errors import DiffdistillError, UsageError
+from . import common
+from .base import Batch, Group, Method, OptimConfig
+
+HELP = "consistency distillation (Song et al. 2023): a one- or few-step consistency model from a teacher ODE"
+NEEDS_DATA = True
+
+# --------------------------------------------------------------------------------------------------
+# One teacher ODE step at per-sample levels (EDM Alg. 2 without churn; Euler = DDIM, algorithms.md §1.5)
+
+
+@torch.no_grad()
+def teacher_step(teacher: Denoiser, x: Tensor, t: Tensor, t_next: Tensor, cond=None,
+                 solver: str = "heun") -> Tensor:
+    """One step of dx/dsigma = (x - D(x; sigma))/sigma from t to t_next > 0 (t, t_next: [B]), in x's dtype."""
+    t_, tn_ = param.append_dims(t, x), param.append_dims(t_next, x)
+    d = param.eps_from_denoised(x, teacher(x, t, cond).to(x.dtype), t_)
+    x_next = x + (tn_ - t_) * d
+    if solver == "euler":
+        return x_next
+    if solver != "heun":
+        raise ValueError(f"unknown teacher solver {solver!r} (heun, euler)")
+    d2 = param.eps_from_denoised(x_next, teacher(x_next, t_next, cond).to(x.dtype), tn_)
+    return x + (tn_ - t_) * (0.5 * d + 0.5 * d2)
+
+
+# --------------------------------------------------------------------------------------------------
+# Distances d(., .) per sample (openai/consistency_models: l2 / l1 = mean over dimensions; LPIPS optional)
+
+
+def distance(a: Tensor, b: Tensor, kind: str = "l2", lpips: nn.Module | None = None) -> Tensor:
+    """Per-sample distance [B] between two batches."""
+    if kind == "l2":
+        return ((a - b) ** 2).flatten(1).mean(1)
+    if kind == "l1":
+        return (a - b).abs().flatten(1).mean(1)
+    if kind == "lpips":
+        if lpips is None:
+            raise DiffdistillError("distance 'lpips' needs LPIPS weights (--lpips-weights PATH.safetensors)")
+        return lpips(a, b)
+    raise ValueError(f"unknown distance {kind!r} (l2, l1, lpips)")
+
+
+def consistency_residual(student: Denoiser, target: Denoiser, teacher: Denoiser, x_t: Tensor, t: Tensor,
+                         t_next: Tensor, cond=None, solver: str | Callable = "heun",
+                         same_dropout: bool = True) -> tuple[Tensor, Tensor]:
+    """(f_theta(x_t, t), f_target(x_hat_{t_next}, t_next)) for one CD pair (Song et al. 2023, Eq. 7).
+
+    `solver` is 'heun', 'euler' or a callable (teacher, x, t, t_next, cond) -> x_next (e.g. an exact ODE map).
+    The target is computed without gradient; with `same_dropout` both evaluations share the dropout RNG state.
+    """
+    step = solver if callable(solver) else (lambda te, x, a, b, c: teacher_step(te, x, a, b, c, solver))
+    x_next = step(teacher, x_t, t, t_next, cond)
+    devices = [x_t.device] if x_t.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, enabled=same_dropout):
+        f_student = student(x_t, t, cond)
+    with torch.no_grad():
+        f_target = target(x_next.to(x_t.dtype), t_next, cond)
+    return f_student, f_target
+
+
+# --------------------------------------------------------------------------------------------------
+# Optional LPIPS (Zhang et al. 2018, VGG variant) from user-supplied safetensors weights
+
+
+_VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+_TAPS = (3, 8, 15, 22, 29)    # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision's vgg16.features
+
+
+class LPIPS(nn.Module):
+    """LPIPS-VGG distance; weights: torchvision vgg16 `features.*`, lpips `lin{0..4}.model.1.weight` keys."""
+
+    def __init__(self, weights: str | Path, resize: int = 224):
+        super().__init__()
+        from ..io import load_tensors
+        layers, ch = [], 3
+        for v in _VGG16:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(ch, v, 3, padding=1), nn.ReLU()]
+                ch = v
+        self.features = nn.Sequential(*layers)
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in (64, 128, 256, 512, 512))
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
+        self.resize = resize
+        state = load_tensors(weights)
+        mapped = {}
+        for k, v in state.items():
+            if k.startswith("features."):
+                mapped[k] = v
+            elif k.startswith("lin") and k.endswith(".weight"):
+                mapped[f"lins.{k[3]}.weight"] = v
+        missing = sorted(set(self.state_dict()) - set(mapped) - {"shift", "scale"})
+        if missing:
+            raise DiffdistillError(f"{weights}: not LPIPS-VGG weights (missing {missing[:3]})")
+        try:
+            self.load_state_dict(mapped, strict=False)
+        except RuntimeError as e:
+            detail = str(e).splitlines()[-1]
+            raise DiffdistillError(f"{weights}: LPIPS weights of the wrong shape ({detail})") from None
+        self.requires_grad_(False).eval()
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        if a.ndim != 4 or a.shape[1] not in (1, 3):
+            raise DiffdistillError(f"LPIPS needs [B, 1 or 3, H, W] images, got {tuple(a.shape)}")
+
+        def feats(x):
+            x = x.expand(-1, 3, -1, -1)
+            if self.resize:  # 224-bilinear upsampling, as in the consistency-models recipe
+                x = nn.functional.interpolate(x, size=(self.resize, self.resize), mode="bilinear",
+                                              align_corners=False)
+            x, out = (x - self.shift) / self.scale, []
+            for i, layer in enumerate(self.features):
+                x = layer(x)
+                if i in _TAPS:
+                    out.append(x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
+            return out
+
+        total = 0
+        for lin, fa, fb in zip(self.lins, feats(a), feats(b)):
+            total = total + lin((fa - fb) ** 2).mean((1, 2, 3))
+        return total
+
+
+# --------------------------------------------------------------------------------------------------
+# The method
+
+
+@dataclass
+class CDConfig:
+    """Consistency distillation settings (defaults: the CIFAR-10 recipe of Song et al. 2023)."""
+
+    num_scales: int = 18              # N: levels of the Karras discretisation of [sigma_min, sigma_max]
+    rho: float = 7.0                  # Karras grid exponent
+    solver: str = "heun"              # teacher ODE step: heun | euler
+    target: str = "stopgrad"          # stopgrad (mu = 0, CIFAR-10) | ema (mu = target_ema, ImageNet/LSUN)
+    target_ema: float = 0.95          # EMA rate of the target network when target = 'ema'
+    distance: str = "l2"              # l2 | l1 | lpips
+    lpips_weights: str | None = None  # LPIPS-VGG weights (.safetensors), needed for distance = 'lpips'
+    sample_sigmas: list[float] = field(default_factory=list)  # export: [] = one step at sigma_max; else the
+    #                                   multistep levels tau_0 > tau_1 > ... (e.g. [80, 0.821])
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=4e-4, kind="radam"))  # student (RAdam)
+
+
+class ConsistencyDistillation(Method):
+    """CD: `student` is a boundary-preconditioned denoiser (usually initialised from the teacher)."""
+
+    name = "cd"
+
+    def __init__(self, teacher: Denoiser, cfg: CDConfig | None = None, student: Denoiser | None = None):
+        """student: the network to train instead of the default, a copy of the teacher with boundary scalings
+        (CIFAR-10 recipe; a fresh `Precond(MLP)` for analytic teachers)."""
+        super().__init__()
+        cfg = cfg or CDConfig()
+        if student is None:
+            student = common.student_from_teacher(teacher, boundary=True)
+        if cfg.solver not in ("heun", "euler"):
+            raise UsageError(f"unknown teacher solver {cfg.solver!r} (heun, euler)")
+        if cfg.target not in ("stopgrad", "ema"):
+            raise UsageError(f"unknown target network {cfg.target!r} (stopgrad, ema)")
+        if cfg.distance not in ("l2", "l1", "lpips"):
+            raise UsageError(f"unknown distance {cfg.distance!r} (l2, l1, lpips)")
+        if cfg.distance == "lpips" and not cfg.lpips_weights:
+            raise UsageError("distance 'lpips' needs --lpips-weights PATH (LPIPS-VGG weights as safetensors)")
+        if cfg.num_scales < 2:
+            raise UsageError(f"num_scales must be at least 2, got {cfg.num_scales}")
+        if getattr(student, "precond", None) is not None and student.precond.kind != "boundary":
+            raise DiffdistillError("the CD student needs boundary preconditioning (Precond kind 'boundary')")
+        sig = list(cfg.sample_sigmas)
+        if sig and (any(b >= a for a, b in zip(sig, sig[1:])) or sig[-1] <= 0):
+            raise UsageError(f"sample sigmas must be positive and strictly descending, got {sig}")
+        for s in sig:
+            common.check_sigma(student, s, "sample sigma")
+        self.cfg = cfg
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.student = student
+        self.target_net = copy.deepcopy(student).requires_grad_(False) if cfg.target == "ema" else None
+        # a list hides the frozen LPIPS network from state_dict (it is not saved in every checkpoint)
+        self._lpips = [LPIPS(cfg.lpips_weights)] if cfg.distance == "lpips" else []
+        # the discretisation sigma_max = t_0 > ... > t_{N-1} = sigma_min (Karras et al. 2022, Eq. 5)
+        grid = karras_sigmas(cfg.num_scales, student.sigma_min, student.sigma_max, cfg.rho)[:-1]
+        self.register_buffer("grid", grid.float(), persistent=False)
+
+    def groups(self) -> dict[str, Group]:
+        return {"student": Group(list(self.student.parameters()), self.cfg.optim, needs_data=True)}
+
+    def ema_targets(self) -> dict[str, nn.Module]:
+        return {"student": self.student}
+
+    def begin_step(self, step: int, nimg: int) -> set[str]:
+        # Target EMA theta^- <- mu theta^- + (1 - mu) theta after every update (Song et al. 2023, Alg. 2).
+        if self.target_net is not None and step > 0:
+            with torch.no_grad():
+                for p_t, p in zip(self.target_net.parameters(), self.student.parameters()):
+                    p_t.lerp_(p.detach(), 1 - self.cfg.target_ema)
+                for b_t, b in zip(self.target_net.buffers(), self.student.buffers()):
+                    b_t.copy_(b)
+        return set()
+
+    def loss(self, group: str, batch: Batch) -> dict[str, Tensor]:
+        if batch.x is None:
+            raise DiffdistillError("consistency distillation needs real data (a --data set)")
+        x0 = batch.x
+        # n ~ U{0..N-2}: t = grid[n] (larger), t_next = grid[n+1]; x_t = x + t z (Song et al. 2023, Alg. 2).
+        n = torch.randint(len(self.grid) - 1, (x0.shape[0],), device=x0.device)
+        t, t_next = self.grid[n], self.grid[n + 1]
+        x_t = x0 + param.append_dims(t, x0) * torch.randn_like(x0)
+        target = self.target_net if self.target_net is not None else self.student
+        f_student, f_target = consistency_residual(self.student, target, self.teacher, x_t, t, t_next,
+                                                   batch.cond, self.cfg.solver)
+        # uniform weighting over the grid (Song et al. 2023, lambda(t_n) = 1)
+        lpips = self._lpips[0].to(x0.device) if self._lpips else None
+        per_sample = distance(f_student, f_target.detach(), self.cfg.distance, lpips)
+        return {"loss": per_sample.mean(), "sigma": t.mean()}
+
+    def export(self, ema: dict[str, nn.Module] | None = None) -> tuple[Denoiser, dict]:
+        net = (ema or {}).get("student", self.student)
+        if self.cfg.sample_sigmas:
+            return net, {"sampler": "multistep", "sigmas": [float(s) for s in self.cfg.sample_sigmas] + [0.0]}
+        return net, {"sampler": "onestep", "sigmas": [float(net.sigma_max), 0.0]}
+
+
+# --------------------------------------------------------------------------------------------------
+# Networks and the CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = CDConfig()
+    g = parser.add_argument_group("consistency distillation")
+    g.add_argument("--num-scales", type=int, default=d.num_scales,
+                   help="Karras grid levels N (default %(default)s)")
+    g.add_argument("--solver", choices=["heun", "euler"], default=d.solver, help="teacher ODE step")
+    g.add_argument("--target", choices=["stopgrad", "ema"], default=d.target,
+                   help="target network: stop-grad student (CIFAR-10) or an EMA of it")
+    g.add_argument("--target-ema", type=float, default=d.target_ema,
+                   help="target EMA rate mu (with --target ema)")
+    g.add_argument("--distance", choices=["l2", "l1", "lpips"], default=d.distance,
+                   help="consistency distance")
+    g.add_argument("--lpips-weights", default=None, metavar="PATH",
+                   help="LPIPS-VGG weights (.safetensors), required by --distance lpips")
+    g.add_argument("--sample-sigmas", type=float, nargs="+", default=None, metavar="SIGMA",
+                   help="export a multistep sampler at these levels (default: one step at sigma_max)")
+    g.add_argument("--lr", type=float, default=d.optim.lr, help="student learning rate (RAdam)")
+
+
+def build(args: argparse.Namespace, teacher: Denoiser, data=None) -> ConsistencyDistillation:
+    cfg = CDConfig(num_scales=args.num_scales, solver=args.solver, target=args.target,
+                   target_ema=args.target_ema, distance=args.distance, lpips_weights=args.lpips_weights,
+                   sample_sigmas=list(args.sample_sigmas or []),
+                   optim=OptimConfig(lr=args.lr, kind="radam"))
+    if cfg.lpips_weights and not Path(cfg.lpips_weights).is_file():
+        raise DiffdistillError(f"{cfg.lpips_weights}: LPIPS weights file not found")
+    return ConsistencyDistillation(teacher, cfg)

@@ -1,0 +1,332 @@
+"""DMD2 (Yin et al. 2024, "Improved Distribution Matching Distillation"; algorithms.md §6.2).
+
+Networks: the frozen teacher (real score) D_r; a fake score D_f trained with the EDM (denoising) loss on
+generator samples over the Karras levels; the generator x_g = G(sigma_max z; sigma_max), optionally with
+several steps trained by backward simulation (DMD2 §4.5); an optional GAN classifier head on the fake
+network's bottleneck features, trained on real data (DMD2 §4.4). The generator follows the normalised
+distribution-matching gradient (DMD Eq. 7 with DMD2's normalisation)
+  grad = (D_f(x_s) - D_r(x_s)) / mean|x_g - D_r(x_s)|,   x_s = x_g + sigma n,
+through the surrogate 0.5 * mean((x_g - sg(x_g - grad))^2). The two-time-scale update rule updates the fake
+score every step and the generator every 5th (DMD2 §4.2).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..diffusion import param
+from ..diffusion.denoiser import Denoiser, Precond
+from ..diffusion.schedules import karras_index_sigma
+from ..errors import DiffdistillError, UsageError
+from ..train import dist
+from . import common
+from .base import Batch, Group, Method, OptimConfig
+from .sid import params_frozen
+
+HELP = "DMD2: one- or few-step generator by normalised distribution matching (+ optional GAN on real data)"
+NEEDS_DATA = False   # real data only for the GAN term (--gan-weight > 0)
+
+# --------------------------------------------------------------------------------------------------
+# Noise levels: the Karras grid of 1000 levels, indexed as DMD2 does (ascending: index 0 = sigma_min)
+
+
+def karras_level(k: Tensor, denoiser: Denoiser, num_levels: int = 1000, rho: float = 7.0) -> Tensor:
+    """sigma of ascending index k of an n-level Karras grid over the denoiser's range (0 -> sigma_min)."""
+    return karras_index_sigma((num_levels - 1 - k).double(), num_levels, denoiser.sigma_min,
+                              denoiser.sigma_max, rho).float()
+
+
+def dm_sigma(n: int, denoiser: Denoiser, min_frac: float = 0.02, max_frac: float = 0.98,
+             num_levels: int = 1000, device=None) -> Tensor:
+    """Distribution-matching levels: Karras index k ~ U{20..980} of 1000 (sigma in [0.00323, 72.05])."""
+    k = torch.randint(int(min_frac * num_levels), int(max_frac * num_levels) + 1, (n,), device=device)
+    return karras_level(k, denoiser, num_levels)
+
+
+def all_levels_sigma(n: int, denoiser: Denoiser, num_levels: int = 1000, device=None) -> Tensor:
+    """Uniform over all Karras levels (fake-score and GAN noise levels)."""
+    return karras_level(torch.randint(num_levels, (n,), device=device), denoiser, num_levels)
+
+
+# --------------------------------------------------------------------------------------------------
+# The distribution-matching gradient and its surrogate (algorithms.md §6.2, oracle O18)
+
+
+def dm_gradient(x_g: Tensor, d_real: Tensor, d_fake: Tensor) -> Tensor:
+    """Normalised DMD gradient on x_g: (D_f - D_r) / mean_{CHW}|x_g - D_r| (per sample; NaNs zeroed)."""
+    p_real, p_fake = x_g - d_real, x_g - d_fake
+    w = p_real.abs().flatten(1).mean(1)
+    return torch.nan_to_num((p_real - p_fake) / param.append_dims(w, x_g)).detach()
+
+
+def dm_surrogate(x_g: Tensor, grad: Tensor) -> Tensor:
+    """0.5 * mean((x_g - sg(x_g - grad))^2), whose gradient in x_g is grad / numel."""
+    return 0.5 * F.mse_loss(x_g, (x_g - grad).detach(), reduction="mean")
+
+
+def dm_loss(teacher: Denoiser, fake: Denoiser, x_g: Tensor, sigma: Tensor, cond: Tensor | None = None,
+            noise: Tensor | None = None, dropout: str = "eval") -> tuple[Tensor, Tensor]:
+    """(surrogate loss, grad) of the distribution-matching term at levels sigma [B]."""
+    n = torch.randn_like(x_g) if noise is None else noise
+    with torch.no_grad():
+        x_s = x_g.detach() + param.append_dims(sigma, x_g) * n
+        d_real, d_fake = common.paired_denoise([teacher, fake], x_s, sigma, cond, dropout)
+        grad = dm_gradient(x_g.detach(), d_real.to(x_g.dtype), d_fake.to(x_g.dtype))
+    return dm_surrogate(x_g, grad), grad
+
+
+# --------------------------------------------------------------------------------------------------
+# The GAN classifier on the fake network's bottleneck (DMD2 §4.4, "diffusion GAN")
+
+
+class FeatureTap:
+    """Captures the bottleneck features of a fake-score backbone during its forward pass.
+
+    UNet backbones (`enc` ModuleDict): the output of the last encoder layer. MLP backbones (`out` layer): the
+    input of the output layer.
+    """
+
+    def __init__(self, backbone: nn.Module):
+        self.value: Tensor | None = None
+        self.armed = False            # capture only during `capture()` (other forward passes keep no graph)
+        if isinstance(getattr(backbone, "enc", None), nn.ModuleDict) and len(backbone.enc):
+            layer = list(backbone.enc.values())[-1]
+            self.handle = layer.register_forward_hook(lambda m, a, out: self._set(out))
+        elif isinstance(getattr(backbone, "out", None), nn.Module):
+            self.handle = backbone.out.register_forward_pre_hook(lambda m, a: self._set(a[0]))
+        else:
+            raise DiffdistillError("the GAN head needs a UNet or MLP fake score, got "
+                                   f"{type(backbone).__name__}")
+
+    def _set(self, value):
+        if self.armed:
+            self.value = value
+
+    def capture(self, forward) -> Tensor:
+        """Run `forward()` (a call of the fake score) and return the features it computed."""
+        self.armed, self.value = True, None
+        try:
+            forward()
+        finally:
+            self.armed = False
+        if self.value is None:
+            raise RuntimeError("the fake score's forward pass computed no bottleneck features")
+        value, self.value = self.value, None
+        return value
+
+
+class ClassifierHead(nn.Module):
+    """Real/fake logits from bottleneck features (DMD2's head on 8x8 features): conv 4x4 s2 -> GN -> SiLU ->
+    conv to 1x1 -> GN -> SiLU -> 1x1. An MLP for vector features."""
+
+    def __init__(self, feature_shape):
+        super().__init__()
+        if len(feature_shape) == 1:
+            h = int(feature_shape[0])
+            self.net = nn.Sequential(nn.Linear(h, h), nn.LayerNorm(h), nn.SiLU(), nn.Linear(h, h),
+                                     nn.LayerNorm(h), nn.SiLU(), nn.Linear(h, 1))
+            return
+        c, res, _ = feature_shape
+        first = nn.Conv2d(c, c, 4, 2, 1) if res >= 4 else nn.Conv2d(c, c, 3, 1, 1)
+        res2 = res // 2 if res >= 4 else res
+        groups = max(1, min(32, c // 4))
+        self.net = nn.Sequential(first, nn.GroupNorm(groups, c), nn.SiLU(), nn.Conv2d(c, c, res2),
+                                 nn.GroupNorm(groups, c), nn.SiLU(), nn.Conv2d(c, 1, 1))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.net(features.float()).flatten(1).mean(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# The method
+
+
+@dataclass
+class DMD2Config:
+    """DMD2 settings; defaults are the official ImageNet-64 recipe (train_edm.py, algorithms.md §6.2)."""
+
+    gen_sigmas: list[float] = field(default_factory=list)  # generator levels; [] = one step at sigma_max;
+    #                                  several = multi-step generation trained by backward simulation
+    gen_every: int = 5                 # two-time-scale rule: generator every 5th step, fake score every step
+    lr: float = 2e-6                   # learning rate of both networks (AdamW)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    grad_clip: float = 10.0
+    warmup_kimg: float = 0.0           # LR warm-up (official: 500 steps)
+    min_frac: float = 0.02             # distribution-matching levels: Karras indices in
+    max_frac: float = 0.98             # [min_frac, max_frac] * 1000 of a 1000-level grid
+    dropout: str = "eval"              # teacher and fake score in the DM term: 'eval' | 'shared' masks
+    gan_weight: float = 0.0            # generator GAN term weight (official with GAN: 3e-3); 0 = no GAN head
+    cls_weight: float = 1e-2           # classifier term weight in the fake-score loss
+    fake_warmup_steps: int = 0         # steps training only the fake score first (analytic teachers: 300)
+    mlp_hidden: int = 128              # fresh MLP width/depth (analytic teachers only)
+    mlp_depth: int = 3
+
+
+class DMD2(Method):
+    """DMD2 on the shared loop: 'generator' (every `gen_every` steps), then 'fake_score' (every step)."""
+
+    name = "dmd2"
+
+    def __init__(self, teacher: Denoiser, cfg: DMD2Config | None = None, generator: Denoiser | None = None,
+                 fake: Denoiser | None = None):
+        """generator/fake: networks to use instead of copies of the teacher (fresh MLPs if analytic)."""
+        super().__init__()
+        cfg = cfg or DMD2Config()
+        if cfg.dropout not in ("shared", "eval"):
+            raise DiffdistillError(f"dropout must be 'shared' or 'eval', got {cfg.dropout!r}")
+        if cfg.gen_every < 1:
+            raise UsageError(f"gen_every must be >= 1, got {cfg.gen_every}")
+        if not 0 <= cfg.min_frac <= cfg.max_frac <= 1:
+            raise UsageError(f"need 0 <= min_frac <= max_frac <= 1, got {cfg.min_frac}, {cfg.max_frac}")
+        sig = [float(s) for s in cfg.gen_sigmas] or [float(teacher.sigma_max)]
+        if any(b >= a for a, b in zip(sig, sig[1:])):
+            raise UsageError(f"generator sigmas must be strictly descending, got {sig}")
+        for s in sig:
+            common.check_sigma(teacher, s, "generator sigma")
+        self.cfg, self.gen_sigmas = cfg, sig
+        self.teacher = teacher.eval().requires_grad_(False)
+        mlp = dict(hidden=cfg.mlp_hidden, depth=cfg.mlp_depth)
+        self.generator = generator if generator is not None else common.student_from_teacher(teacher, **mlp)
+        self.fake = fake if fake is not None else common.student_from_teacher(teacher, **mlp)
+        self.head = None
+        if cfg.gan_weight > 0:
+            if not isinstance(self.fake, Precond):
+                raise DiffdistillError("the GAN head needs a network fake score")
+            self._tap = FeatureTap(self.fake.backbone)
+            with torch.no_grad():
+                probe = self._tap.capture(lambda: self.fake(torch.zeros(2, *teacher.shape), 1.0,
+                                                            common.random_labels(teacher, 2, "cpu")))
+            self.head = ClassifierHead(probe.shape[1:])
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def groups(self) -> dict[str, Group]:
+        cfg = self.cfg
+
+        def optim():
+            return OptimConfig(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, kind="adamw",
+                               warmup_kimg=cfg.warmup_kimg, grad_clip=cfg.grad_clip)
+        fake_params = list(self.fake.parameters()) + (list(self.head.parameters()) if self.head else [])
+        return {
+            "generator": Group(list(self.generator.parameters()), optim(), every=cfg.gen_every),
+            "fake_score": Group(fake_params, optim(), needs_data=self.head is not None),
+        }
+
+    def begin_step(self, step: int, nimg: int) -> set[str]:
+        if self.cfg.fake_warmup_steps > 0 and step == self.cfg.fake_warmup_steps:
+            return {"generator"}
+        return set()
+
+    # -- generation, with backward simulation for multi-step generators (DMD2 §4.5) ---------------------
+    def generate(self, n: int, device, grad: bool) -> tuple[Tensor, Tensor | None]:
+        cond = common.random_labels(self.teacher, n, device)
+        sig = self.gen_sigmas
+        x = sig[0] * common.unit_noise(n, self.teacher.shape, device)
+        steps = int(torch.randint(len(sig), ())) if len(sig) > 1 else 0
+        with torch.no_grad():
+            for j in range(steps):   # the generator's own sampler down to level sig[steps] (sample_multistep)
+                x0 = self.generator(x, sig[j], cond)
+                renoise = max(sig[j + 1] ** 2 - self.generator.sigma_min ** 2, 0.0) ** 0.5
+                x = x0 + renoise * torch.randn_like(x0)
+        with torch.set_grad_enabled(grad):
+            return self.generator(x, sig[steps], cond), cond
+
+    def _logits(self, x: Tensor, cond: Tensor | None) -> Tensor:
+        sigma = all_levels_sigma(x.shape[0], self.teacher, device=x.device)
+        x_s = x + param.append_dims(sigma, x) * torch.randn_like(x)
+        return self.head(self._tap.capture(lambda: self.fake(x_s, sigma, cond)))
+
+    def loss(self, group: str, batch: Batch) -> dict[str, Tensor]:
+        cfg = self.cfg
+        if group == "generator":
+            self.generator.train()
+            x_g, cond = self.generate(batch.size, batch.device, grad=True)
+            if batch.step < cfg.fake_warmup_steps:
+                return {"loss": (0.0 * x_g).sum()}
+            sigma = dm_sigma(batch.size, self.teacher, cfg.min_frac, cfg.max_frac, device=batch.device)
+            loss, grad = dm_loss(self.teacher, self.fake, x_g, sigma, cond, dropout=cfg.dropout)
+            out = {"dm_loss": loss.detach(), "grad_norm": grad.flatten(1).norm(dim=1).mean()}
+            if self.head is not None:   # non-saturating generator GAN term through the (frozen) fake encoder
+                with params_frozen(self.fake, self.head):
+                    gen_gan = F.softplus(-self._logits(x_g, cond)).mean()
+                loss = loss + cfg.gan_weight * gen_gan
+                out["gan_loss"] = gen_gan.detach()
+            out["loss"] = loss
+            return out
+        if group == "fake_score":
+            x_g, cond = self.generate(batch.size, batch.device, grad=False)
+            self.fake.train()
+            sigma = all_levels_sigma(batch.size, self.teacher, device=batch.device)
+            # EDM loss with weight sigma^-2 + sigma_data^-2, averaged over elements as in DMD2.
+            loss = common.edm_loss(self.fake, x_g, sigma, cond) / x_g[0].numel()
+            out = {"fake_loss": loss.detach()}
+            if self.head is not None:
+                if batch.x is None:
+                    raise DiffdistillError("the DMD2 GAN term needs real data (a --data set)")
+                real_logits = self._logits(batch.x.to(x_g.dtype), batch.cond)
+                fake_logits = self._logits(x_g, cond)
+                cls = F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+                loss = loss + cfg.cls_weight * cls
+                out["cls_loss"] = cls.detach()
+            out["loss"] = loss
+            return out
+        raise KeyError(f"unknown group {group!r}")
+
+    def ema_targets(self) -> dict[str, nn.Module]:
+        return {"generator": self.generator}
+
+    def export(self, ema: dict[str, nn.Module] | None = None) -> tuple[Denoiser, dict]:
+        net = (ema or {}).get("generator", self.generator)
+        if len(self.gen_sigmas) == 1:
+            return net, common.onestep_recipe(self.gen_sigmas[0])
+        return net, {"sampler": "multistep", "sigmas": self.gen_sigmas + [0.0]}
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI hooks (cli/distill.py)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("DMD2")
+    d = DMD2Config()
+    g.add_argument("--gen-sigmas", type=float, nargs="+", default=None, metavar="SIGMA",
+                   help="generator levels (default: one step at the teacher's sigma_max); several levels "
+                        "train a multi-step generator by backward simulation")
+    g.add_argument("--gen-every", type=int, default=d.gen_every,
+                   help="update the generator every k-th step, the fake score every step "
+                        "(default %(default)s)")
+    g.add_argument("--lr", type=float, default=d.lr,
+                   help="learning rate of both networks (default %(default)s)")
+    g.add_argument("--gan-weight", type=float, default=d.gan_weight,
+                   help="weight of the generator's GAN term (official: 3e-3; needs --data); 0 = off")
+    g.add_argument("--cls-weight", type=float, default=d.cls_weight,
+                   help="weight of the classifier term in the fake-score loss (default %(default)s)")
+    g.add_argument("--teacher-dropout", choices=["eval", "shared"], default=d.dropout,
+                   help="teacher and fake score in the DM term: eval mode or shared dropout masks")
+    g.add_argument("--fake-warmup-steps", type=int, default=None,
+                   help="steps that train only the fake score first (default 0; 300 for analytic teachers)")
+
+
+def build(args: argparse.Namespace, teacher: Denoiser, data=None) -> DMD2:
+    warm = args.fake_warmup_steps
+    if warm is None:
+        warm = 300 if common.is_weightless(teacher) else 0
+    if args.gan_weight > 0 and data is None:
+        raise UsageError("dmd2 --gan-weight > 0 trains a GAN on real data: give a data set (--data)")
+    cfg = DMD2Config(gen_sigmas=list(args.gen_sigmas or []), gen_every=args.gen_every, lr=args.lr,
+                     gan_weight=args.gan_weight, cls_weight=args.cls_weight, dropout=args.teacher_dropout,
+                     fake_warmup_steps=warm)
+    method = DMD2(teacher, cfg)
+    dist.print0(f"dmd2: generator {common.count_params(method.generator):,} parameters, fake score "
+                f"{common.count_params(method.fake):,}, levels {method.gen_sigmas}, generator every "
+                f"{cfg.gen_every} steps, GAN weight {cfg.gan_weight:g}")
+    return method

@@ -1,0 +1,223 @@
+"""Score identity distillation, SiD (Zhou et al. 2024; algorithms.md §6.3): a data-free one-step generator.
+
+Three denoisers, as in Diff-Instruct: the frozen teacher D_r, a fake score D_f trained with the teacher's
+EDM loss on generator samples (§4.2, `common.fake_score_loss`), and the generator
+x_g = G(init_sigma z; init_sigma).
+The generator minimises the SiD loss (Zhou et al. 2024, Eq. 23 as implemented in `training/sid_loss.py`):
+  L = (y_r - y_f) . [(y_r - x_g) - alpha (y_r - y_f)] / w,   y_* = D_*(x_g + sigma n; sigma),
+with w = stop-grad(mean |x_g - y_r|), gradients flowing through x_g and, via their inputs, through both
+denoisers (whose parameters stay fixed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..diffusion import param
+from ..diffusion.denoiser import Denoiser
+from ..diffusion.schedules import karras_index_sigma
+from ..errors import DiffdistillError
+from ..train import dist
+from . import common
+from .base import Batch, Group, Method, OptimConfig
+
+HELP = "SiD: score identity distillation into a one-step generator (data-free)"
+NEEDS_DATA = False
+
+
+@contextlib.contextmanager
+def params_frozen(*modules: nn.Module):
+    """Build the graph without the modules' parameters (gradients reach their inputs, never their weights)."""
+    saved = [(p, p.requires_grad) for m in modules for p in m.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+def sid_sigma(n: int, denoiser: Denoiser, t_max: float = 800.0, rho: float = 7.0, device=None) -> Tensor:
+    """SiD's generator levels: the Karras map of u ~ U(0, t_max/1000), u = 0 -> sigma_min, u = 1 -> sigma_max
+    (sigma in [0.002, 24.41] for t_max = 800)."""
+    u = torch.rand(n, device=device, dtype=torch.float64) * (t_max / 1000)
+    return karras_index_sigma(1 - u, 2, denoiser.sigma_min, denoiser.sigma_max, rho).float()
+
+
+def sid_generator_loss(teacher: Denoiser, fake: Denoiser, x_g: Tensor, sigma: Tensor,
+                       cond: Tensor | None = None, alpha: float = 1.2, normalise: bool = True,
+                       noise: Tensor | None = None, dropout: str = "eval") -> Tensor:
+    """Per-sample SiD generator loss [B] (summed over pixels). `noise` (unit, like x_g) is drawn when None.
+
+    normalise=False sets w = 1 (oracle O17). The denoisers' parameters receive no gradient.
+    """
+    n = torch.randn_like(x_g) if noise is None else noise
+    x_s = x_g + param.append_dims(sigma, x_g) * n
+    with params_frozen(teacher, fake):
+        y_real, y_fake = common.paired_denoise([teacher, fake], x_s, sigma, cond, dropout)
+    y_real, y_fake = y_real.to(x_g.dtype), y_fake.to(x_g.dtype)
+    gap = y_real - y_fake
+    loss = (gap * ((y_real - x_g) - alpha * gap)).flatten(1).sum(1)
+    if normalise:
+        w = (x_g - y_real).abs().flatten(1).mean(1).detach().clamp(min=1e-5)
+        loss = loss / w
+    return loss
+
+
+def drop_nonfinite_mean(per_sample: Tensor) -> tuple[Tensor, Tensor]:
+    """(sum of the finite per-sample losses / batch size, number dropped): samples with NaN/inf are dropped, as
+    in sid_loss.py. If every sample is non-finite the loss stays non-finite, so the loop stops and names the
+    diverging generator instead of training on nothing."""
+    finite = torch.isfinite(per_sample)
+    if not bool(finite.any()):
+        return per_sample.sum(), (~finite).sum().float()
+    return per_sample[finite].sum() / per_sample.shape[0], (~finite).sum().float()
+
+
+@dataclass
+class SiDConfig:
+    """SiD settings; defaults are the official CIFAR-10 recipe (run_sid.sh, algorithms.md §6.3)."""
+
+    init_sigma: float = 2.5            # the generator is the denoiser at this fixed level (same at sampling)
+    alpha: float = 1.2                 # the SiD loss's alpha
+    t_max: float = 800.0               # generator levels: Karras map of U(0, t_max/1000)
+    loss_scale: float = 100.0          # generator loss scaling (lsg)
+    gen_lr: float = 1e-5               # generator learning rate (glr)
+    fake_lr: float = 1e-5              # fake-score learning rate (lr)
+    betas: tuple[float, float] = (0.0, 0.999)  # Adam betas of both networks (g_beta1 = 0)
+    gen_every: int = 1                 # generator every k-th step, the fake score every step (1 = 1:1)
+    dropout: str = "eval"              # teacher + fake in the generator loss: 'eval' (official) | 'shared'
+    p_mean: float = -1.2               # lognormal levels of the fake-score loss (EDM)
+    p_std: float = 1.2
+    fake_warmup_steps: int = 0         # steps training only the fake score first (analytic teachers: 300)
+    mlp_hidden: int = 128              # fresh MLP width/depth (analytic teachers only)
+    mlp_depth: int = 3
+
+
+class SiD(Method):
+    """SiD on the shared loop: groups 'generator' and 'fake_score', updated 1:1 (§6.3)."""
+
+    name = "sid"
+
+    def __init__(self, teacher: Denoiser, cfg: SiDConfig | None = None, generator: Denoiser | None = None,
+                 fake: Denoiser | None = None):
+        """generator/fake: networks to use instead of copies of the teacher (fresh MLPs if analytic)."""
+        super().__init__()
+        cfg = cfg or SiDConfig()
+        if cfg.dropout not in ("shared", "eval"):
+            raise DiffdistillError(f"dropout must be 'shared' or 'eval', got {cfg.dropout!r}")
+        if cfg.gen_every < 1:
+            raise DiffdistillError(f"gen_every must be >= 1, got {cfg.gen_every}")
+        if not 0 < cfg.t_max <= 1000:
+            raise DiffdistillError(f"t_max must lie in (0, 1000], got {cfg.t_max:g}")
+        self.cfg = cfg
+        self.init_sigma = common.check_sigma(teacher, cfg.init_sigma)
+        self.teacher = teacher.eval().requires_grad_(False)
+        mlp = dict(hidden=cfg.mlp_hidden, depth=cfg.mlp_depth)
+        self.generator = generator if generator is not None else common.student_from_teacher(teacher, **mlp)
+        self.fake = fake if fake is not None else common.student_from_teacher(teacher, **mlp)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def groups(self) -> dict[str, Group]:
+        cfg = self.cfg
+        # Generator first, then the fake score: over a run the same alternation as SiD's fake-then-generator
+        # order, but a generator that diverged is the first loss to turn non-finite, so the loop names it.
+        return {
+            "generator": Group(list(self.generator.parameters()), OptimConfig(lr=cfg.gen_lr, betas=cfg.betas),
+                               every=cfg.gen_every),
+            "fake_score": Group(list(self.fake.parameters()), OptimConfig(lr=cfg.fake_lr, betas=cfg.betas)),
+        }
+
+    def begin_step(self, step: int, nimg: int) -> set[str]:
+        if self.cfg.fake_warmup_steps > 0 and step == self.cfg.fake_warmup_steps:
+            return {"generator"}     # the generator's optimiser starts afresh after the fake-score warm-up
+        return set()
+
+    def _generate(self, n: int, device, grad: bool) -> tuple[Tensor, Tensor | None]:
+        cond = common.random_labels(self.teacher, n, device)
+        z = common.unit_noise(n, self.teacher.shape, device)
+        if grad:
+            self.generator.train()
+            return common.generate(self.generator, z, self.init_sigma, cond), cond
+        mode = self.generator.training
+        self.generator.eval()
+        try:
+            with torch.no_grad():
+                return common.generate(self.generator, z, self.init_sigma, cond), cond
+        finally:
+            self.generator.train(mode)
+
+    def loss(self, group: str, batch: Batch) -> dict[str, Tensor]:
+        cfg = self.cfg
+        if group == "fake_score":
+            x_g, cond = self._generate(batch.size, batch.device, grad=False)
+            self.fake.train()
+            return {"loss": common.fake_score_loss(self.fake, x_g, cond, cfg.p_mean, cfg.p_std)}
+        if group == "generator":
+            x_g, cond = self._generate(batch.size, batch.device, grad=True)
+            if batch.step < cfg.fake_warmup_steps:
+                return {"loss": (0.0 * x_g).sum()}
+            sigma = sid_sigma(batch.size, self.teacher, cfg.t_max, device=batch.device)
+            per_sample = sid_generator_loss(self.teacher, self.fake, x_g, sigma, cond, cfg.alpha,
+                                            dropout=cfg.dropout)
+            loss, dropped = drop_nonfinite_mean(per_sample)
+            return {"loss": cfg.loss_scale * loss, "dropped": dropped}
+        raise KeyError(f"unknown group {group!r}")
+
+    def ema_targets(self) -> dict[str, nn.Module]:
+        return {"generator": self.generator}
+
+    def export(self, ema: dict[str, nn.Module] | None = None) -> tuple[Denoiser, dict]:
+        net = (ema or {}).get("generator", self.generator)
+        return net, common.onestep_recipe(self.init_sigma)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI hooks (cli/distill.py)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("SiD")
+    d = SiDConfig()
+    g.add_argument("--init-sigma", type=float, default=d.init_sigma,
+                   help="generator noise level (default %(default)s)")
+    g.add_argument("--alpha", type=float, default=d.alpha, help="alpha of the SiD loss (default %(default)s)")
+    g.add_argument("--t-max", type=float, default=d.t_max,
+                   help="generator levels: Karras map of U(0, t_max/1000) (default %(default)s)")
+    g.add_argument("--loss-scale", type=float, default=d.loss_scale,
+                   help="generator loss scaling (default %(default)s)")
+    g.add_argument("--gen-lr", type=float, default=d.gen_lr,
+                   help="generator learning rate (default %(default)s)")
+    g.add_argument("--fake-lr", type=float, default=d.fake_lr,
+                   help="fake-score learning rate (default %(default)s)")
+    g.add_argument("--gen-every", type=int, default=d.gen_every,
+                   help="update the generator every k-th step, the fake score every step (default 1 = 1:1)")
+    g.add_argument("--teacher-dropout", choices=["eval", "shared"], default=d.dropout,
+                   help="teacher and fake score in the generator loss: eval mode (official) or shared masks")
+    g.add_argument("--fake-warmup-steps", type=int, default=None,
+                   help="steps that train only the fake score first (default 0; 300 for analytic teachers)")
+
+
+def build(args: argparse.Namespace, teacher: Denoiser, data=None) -> SiD:
+    warm = args.fake_warmup_steps
+    if warm is None:
+        warm = 300 if common.is_weightless(teacher) else 0
+    cfg = SiDConfig(init_sigma=args.init_sigma, alpha=args.alpha, t_max=args.t_max,
+                    loss_scale=args.loss_scale, gen_lr=args.gen_lr, fake_lr=args.fake_lr,
+                    gen_every=args.gen_every, dropout=args.teacher_dropout,
+                    fake_warmup_steps=warm)
+    method = SiD(teacher, cfg)
+    dist.print0(f"sid: generator {common.count_params(method.generator):,} parameters, fake score "
+                f"{common.count_params(method.fake):,}, init sigma {method.init_sigma:g}, "
+                f"alpha {cfg.alpha:g}")
+    return method
