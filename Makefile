@@ -26,7 +26,7 @@ lint: venv
 	$(BIN)/ruff check .
 
 test: venv lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2  # two workers: the machines have 2 cores; each test runs one thread
 
 bench: venv
 	$(BIN)/python -m benchmarks --quick

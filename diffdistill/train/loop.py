@@ -342,7 +342,8 @@ class _Run:
 
     def save_snapshot(self, name: str, meta: dict | None = None) -> Path:
         denoiser, recipe = self.export()
-        meta = dict(method=self.method.name, step=self.step, nimg=self.nimg, kimg=self.nimg / 1000, **(meta or {}))
+        meta = {**self.cfg.meta, "method": self.method.name, "step": self.step, "nimg": self.nimg,
+                "kimg": self.nimg / 1000, **(meta or {})}
         return io.save_snapshot(self.run_dir / name, denoiser, recipe, meta)
 
     @torch.no_grad()
