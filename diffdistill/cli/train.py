@@ -24,7 +24,7 @@ examples:
       --preset cifar10 --batch-gpu 64
 
 The run directory gets config.json, command.txt, stats.jsonl, checkpoints/, samples-*.png and, at the end,
-model/ (the EMA network with its sampling recipe: `diffdistill sample --model RUN/model`).
+model/ (the EMA network with its sampling recipe: `diffdistill sample figures OUT.png RUN`).
 Ctrl-C (or SIGTERM) finishes the current step, saves a checkpoint and stops; --resume continues.
 """
 

@@ -1,0 +1,316 @@
+"""`diffdistill sample {figures,tofolder,npz}`: draw samples from a run, a snapshot or any teacher.
+
+A run or snapshot is sampled by its own recipe (`model.json`: e.g. one step at sigma_max for a DI student,
+18 Heun steps for a teacher); `--steps` and `--sampler` change it. Image k comes from seed k alone (per-seed
+noise, `samplers.make_noise`), so `--batch` never changes a sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+
+from ..errors import DiffdistillError, UsageError
+
+EXAMPLES = """\
+examples:
+  # a 7x7 grid of a student's one-step samples (its own recipe from RUN/model/model.json)
+  diffdistill sample figures grid.png runs/di-digits --n-images 49
+
+  # the teacher with 4 Euler steps, class 3 only
+  diffdistill sample figures t4.png runs/digits --steps 4 --sampler euler --class 3
+
+  # the exact 8-Gaussian ring (a scatter plot for 2-D data)
+  diffdistill sample figures ring.png toy:ring8 --n-images 2000
+
+  # one PNG per seed (000000.png ... 000099.png), e.g. for `diffdistill eval DIR`
+  diffdistill sample tofolder samples/ runs/cd-digits --seeds 0-99 --steps 2
+
+  # raw samples: x [N, *shape] float32, seeds, labels (-1 when unconditional)
+  diffdistill sample npz samples.npz runs/kd-ring --n 10000
+"""
+
+KINDS = {
+    "figures": "save one picture: an image grid, or a scatter plot for 2-D data",
+    "tofolder": "save one PNG per image, named by its seed (000123.png)",
+    "npz": "save the raw samples (x, seeds, labels) as .npz",
+}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("sample", help="draw samples from a run, a snapshot or a teacher",
+                              description="Draw samples from a run, a snapshot or a teacher: an image "
+                                          "grid or scatter plot (figures), one PNG per seed (tofolder) or "
+                                          "raw arrays (npz).",
+                              epilog=EXAMPLES,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="kind", metavar="KIND", required=True, parser_class=type(p))
+    for kind, help_text in KINDS.items():
+        sp = sub.add_parser(kind, help=help_text, description=help_text[0].upper() + help_text[1:] + ".",
+                            epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        what = {"figures": "OUT.png", "tofolder": "DIR", "npz": "FILE.npz"}[kind]
+        where = "where to write" + (" (created if missing)" if kind == "tofolder" else "")
+        sp.add_argument("out", metavar=what, help=where)
+        sp.add_argument("model", metavar="RUN",
+                        help="a run or snapshot directory, a diffusers model folder, toy:ring8 or "
+                             "gmm:PATH.json")
+        sp.add_argument("--n", "--n-images", dest="n", type=int, default=None,
+                        help="number of samples (default: 49 images or 2000 points for figures, else 100)")
+        sp.add_argument("--seed", type=int, default=0, help="first seed: samples use seeds SEED..SEED+N-1")
+        sp.add_argument("--seeds", default=None, metavar="LIST",
+                        help="explicit seeds, e.g. 0-99 or 1,5,7 or 0-9,20 (instead of --seed/--n)")
+        sp.add_argument("--steps", type=int, default=None,
+                        help="sampling steps (default: the model's recipe; teachers: 18)")
+        sp.add_argument("--sampler", default=None,
+                        help="euler, ddim, heun, ddpm, dpmpp_2m, onestep, multistep (default: the recipe's)")
+        sp.add_argument("--class", dest="label", type=int, default=None, metavar="K",
+                        help="class label for conditional models (default: seed %% number of classes)")
+        sp.add_argument("--batch", type=int, default=256, help="samples per batch (never changes a sample)")
+        sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+        sp.add_argument("--force", action="store_true", help="overwrite existing output files")
+        sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+        sp.set_defaults(func=run)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pieces the demo reuses
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-99' (inclusive), '1,5,7' or a mix like '0-9,20' -> a list of distinct non-negative seeds."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part[1:]:
+                lo, hi = (int(v) for v in part.split("-", 1))
+                if hi < lo:
+                    raise UsageError(f"--seeds {text!r}: range {part!r} runs backwards")
+                seeds.extend(range(lo, hi + 1))
+            else:
+                seeds.append(int(part))
+        except ValueError:
+            raise UsageError(f"--seeds {text!r}: {part!r} is not a seed or a range A-B "
+                             "(expected e.g. 0-99 or 1,5,7)") from None
+    if any(s < 0 or s >= 2**63 for s in seeds):
+        raise UsageError(f"--seeds {text!r}: seeds must be non-negative 64-bit integers")
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds {text!r}: a seed appears twice")
+    return seeds
+
+
+def few_step_sigmas(denoiser, steps: int, rho: float = 7.0) -> list[float]:
+    """`steps` noise levels from sigma_max for multistep consistency-style sampling, plus the final 0: the
+    Karras grid of steps + 1 levels without its last level sigma_min (where a boundary-conditioned student is
+    the identity, so a step there would be wasted)."""
+    from ..diffusion.schedules import karras_sigmas
+
+    grid = karras_sigmas(steps + 1, denoiser.sigma_min, denoiser.sigma_max, rho)
+    return [float(s) for s in grid[:steps]] + [0.0]
+
+
+def sampling_plan(denoiser, recipe: dict | None, steps: int | None = None,
+                  sampler: str | None = None) -> dict:
+    """The sampler, noise levels and options to use: the model's recipe, changed by `steps`/`sampler`.
+
+    Returns {"sampler": name, "sigmas": [...descending, 0.0], "options": {...}, "nfe": int}. Rules: the recipe
+    as is when nothing changes; a one-step student asked for N > 1 steps samples by multistep consistency
+    sampling over the first N levels of its recipe when it has that many (DMD2's trained levels), else over
+    `few_step_sigmas`; ODE samplers take `samplers.default_sigmas` for a new step count."""
+    from ..samplers import SAMPLERS, default_sigmas, nfe
+
+    recipe = dict(recipe or {})
+    r_sampler = recipe.pop("sampler", None) or "heun"
+    r_steps, r_sigmas = recipe.pop("steps", None), recipe.pop("sigmas", None)
+    if r_sigmas is not None:
+        r_sigmas = [float(s) for s in r_sigmas]
+        r_steps = len(r_sigmas) - 1
+    r_steps = int(r_steps or (1 if r_sampler == "onestep" else 18))
+    if steps is not None and steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {steps}")
+    if sampler is not None and sampler not in SAMPLERS:
+        raise UsageError(f"unknown sampler {sampler!r} (known: {', '.join(SAMPLERS)})")
+    name = sampler or r_sampler
+    n = steps or r_steps
+    few = {"onestep", "multistep"}
+    if name == "onestep" and n > 1:
+        if sampler == "onestep":
+            raise UsageError(f"the onestep sampler takes one step, not --steps {n}; use --sampler multistep")
+        name = "multistep"
+    same_family = name == r_sampler or {name, r_sampler} <= few
+    options = recipe if name == r_sampler else {}
+    if r_sigmas is not None and n == r_steps and same_family:
+        sigmas = r_sigmas
+    elif name in few:
+        levels = [s for s in (r_sigmas or []) if s > 0] if r_sampler in few else []
+        sigmas = levels[:n] + [0.0] if len(levels) >= n else few_step_sigmas(denoiser, n)
+    else:
+        sigmas = [float(s) for s in default_sigmas(denoiser, n, name)]
+    return dict(sampler=name, sigmas=sigmas, options=options, nfe=nfe(name, sigmas))
+
+
+def load_model(spec: str, device="cpu"):
+    """(denoiser, recipe, meta) of a run dir, a snapshot, or any teacher spec `load_teacher` accepts (then
+    the recipe and meta are {})."""
+    from ..io import SNAPSHOT_JSON, load_snapshot
+    from ..teachers import is_analytic_spec, load_teacher
+
+    path = Path(spec)
+    if not is_analytic_spec(spec):
+        if path.is_file() and path.name == SNAPSHOT_JSON:
+            path = path.parent
+        for snap in (path, path / "model"):
+            if (snap / SNAPSHOT_JSON).is_file():
+                return load_snapshot(snap, device)
+    return load_teacher(spec, device), {}, {}
+
+
+def labels_for(denoiser, seeds: list[int], label: int | None, spec: str) -> torch.Tensor | None:
+    """Class labels: `label` for every sample, or seed % label_dim (balanced); None when unconditional."""
+    label_dim = int(getattr(denoiser, "label_dim", 0) or 0)
+    if label is not None:
+        if label_dim == 0:
+            raise UsageError(f"--class {label}: {spec} is unconditional (it has no class labels)")
+        if not 0 <= label < label_dim:
+            raise UsageError(f"--class {label}: {spec} has classes 0..{label_dim - 1}")
+        return torch.full((len(seeds),), label, dtype=torch.long)
+    if label_dim == 0:
+        return None
+    return torch.tensor([s % label_dim for s in seeds], dtype=torch.long)
+
+
+def generate(denoiser, plan: dict, seeds: list[int], cond: torch.Tensor | None = None, device="cpu",
+             batch: int = 256, progress: bool = False) -> torch.Tensor:
+    """All samples [N, *shape] (CPU float32, not clamped) for the seeds, following a `sampling_plan`."""
+    from ..samplers import iter_samples
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(seeds), unit="sample", desc=f"{plan['sampler']} {len(plan['sigmas']) - 1} steps",
+                   leave=False)
+    out = []
+    with torch.no_grad():
+        for x in iter_samples(denoiser, seeds, sampler=plan["sampler"], sigmas=plan["sigmas"], cond=cond,
+                              device=device, batch=batch, **plan["options"]):
+            out.append(x.cpu())
+            if bar is not None:
+                bar.update(len(x))
+    if bar is not None:
+        bar.close()
+    return torch.cat(out)
+
+
+def is_image_shape(shape) -> bool:
+    return len(shape) == 3 and shape[0] in (1, 3)
+
+
+def save_figure(x: torch.Tensor, path: str | Path, reference: torch.Tensor | None = None,
+                ncol: int | None = None, extent: float | None = None) -> Path:
+    """An image grid ([-1, 1] images, 7x7 for 49) or a scatter plot (2-D points; `extent`: the half-width of
+    the square shown, default: fitted to the points), with the shared helpers of `train.stats`."""
+    from ..train.stats import save_image_grid, save_scatter
+
+    shape = tuple(x.shape[1:])
+    if is_image_shape(shape):
+        return save_image_grid(x.clamp(-1, 1), path, ncol=ncol or math.ceil(math.sqrt(len(x))))
+    if len(shape) == 1 and shape[0] >= 2:
+        return save_scatter(x, path, reference=reference, extent=extent)
+    raise DiffdistillError(f"samples of shape {shape} are neither images (C, H, W) with C in 1, 3 nor "
+                           "points; use `diffdistill sample npz`")
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _device(name: str | None) -> str:
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DiffdistillError(f"--device {name}: CUDA is not available on this machine")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise UsageError(f"--device {name!r}: expected cpu, cuda or cuda:N")
+    return name
+
+
+def _seeds(args) -> list[int]:
+    if args.n is not None and args.n < 1:
+        raise UsageError(f"--n must be at least 1, got {args.n}")
+    if args.seeds is not None:
+        seeds = parse_seeds(args.seeds)
+        if args.n is not None and args.n != len(seeds):
+            raise UsageError(f"--n {args.n} disagrees with --seeds {args.seeds} ({len(seeds)} seeds)")
+        return seeds
+    if args.seed < 0:
+        raise UsageError(f"--seed must be non-negative, got {args.seed}")
+    return list(range(args.seed, args.seed + args.n))
+
+
+def _refuse_existing(paths: list[Path], force: bool) -> None:
+    for p in paths:
+        if p.is_dir():
+            raise DiffdistillError(f"{p}: is a directory (expected a file to write)")
+        if p.exists() and not force:
+            more = f" (and {len(paths) - 1} more)" if len(paths) > 1 else ""
+            raise DiffdistillError(f"{p}: already exists{more}; pass --force to overwrite")
+
+
+def run(args) -> int:
+    import numpy as np
+
+    from ..io import atomic_write
+    from ..metrics.features import to_uint8
+
+    if args.batch < 1:
+        raise UsageError(f"--batch must be at least 1, got {args.batch}")
+    out = Path(args.out)
+    if args.kind == "figures":
+        _refuse_existing([out], args.force)
+    elif args.kind == "npz":
+        if out.suffix != ".npz":
+            raise UsageError(f"{out}: the output of `sample npz` must end in .npz")
+        _refuse_existing([out], args.force)
+    elif out.exists() and not out.is_dir():
+        raise DiffdistillError(f"{out}: exists and is not a directory")
+    device = _device(args.device)
+    denoiser, recipe, _ = load_model(args.model, device)
+    shape = tuple(denoiser.shape)
+    if args.n is None and args.seeds is None:
+        args.n = (49 if is_image_shape(shape) else 2000) if args.kind == "figures" else 100
+    seeds = _seeds(args)
+    if args.kind == "tofolder":
+        if not is_image_shape(shape):
+            raise DiffdistillError(f"{args.model} makes samples of shape {shape}, not images; use "
+                                   "`diffdistill sample npz` or `sample figures`")
+        files = [out / f"{s:06d}.png" for s in seeds]
+        existing = [f for f in files if f.exists()]
+        _refuse_existing(existing, args.force)
+    plan = sampling_plan(denoiser, recipe, args.steps, args.sampler)
+    cond = labels_for(denoiser, seeds, args.label, args.model)
+    x = generate(denoiser, plan, seeds, cond, device, args.batch, progress=not args.no_progress)
+    what = f"{len(seeds)} samples, {plan['sampler']} {len(plan['sigmas']) - 1} steps ({plan['nfe']} NFE)"
+
+    if args.kind == "figures":
+        save_figure(x, out)
+    elif args.kind == "npz":
+        labels = cond if cond is not None else torch.full((len(seeds),), -1, dtype=torch.long)
+
+        def write(p: Path) -> None:
+            with open(p, "wb") as f:
+                np.savez(f, x=x.numpy().astype(np.float32), seeds=np.asarray(seeds, dtype=np.int64),
+                         labels=labels.numpy().astype(np.int64))
+        atomic_write(out, write)
+    else:
+        from PIL import Image
+
+        out.mkdir(parents=True, exist_ok=True)
+        images = to_uint8(x).permute(0, 2, 3, 1).numpy()   # EDM: (x * 127.5 + 128).clip(0, 255) -> uint8
+        for f, img in zip(files, images):
+            pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img, mode="L" if img.shape[-1] == 1
+                                  else "RGB")
+            atomic_write(f, lambda p, pil=pil: pil.save(p, format="PNG"))
+    print(f"{out}: {what}")
+    return 0

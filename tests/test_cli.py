@@ -1,0 +1,314 @@
+"""The command line: every command driven once at a tiny size (in-process), `--help` with examples, and the
+errors a person can act on (one line, no traceback; exit 2 for usage, 1 for failures).
+
+Samples written by `diffdistill sample` are checked against the library's own sampler run independently
+(`samplers.sample` with the same seeds), so the CLI's seed handling, batching and file formats are what is
+tested."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffdistill.cli.main import build_parser, main
+from diffdistill.cli.sample import few_step_sigmas, parse_seeds, sampling_plan
+from diffdistill.diffusion.denoiser import Precond
+from diffdistill.errors import DiffdistillError, UsageError
+from diffdistill.io import save_snapshot
+from diffdistill.networks.unet import unet_preset
+from diffdistill.samplers import default_sigmas, sample
+from diffdistill.teachers.analytic import ring8
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `diffdistill ARGV` run in this process."""
+    try:
+        code = main(list(argv))
+    except SystemExit as e:          # argparse: --help (0) and usage errors (2)
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def assert_one_line_error(err: str, *fragments: str) -> None:
+    lines = [line for line in err.strip().splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err, err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+@pytest.fixture(scope="module")
+def digits_snapshot(tmp_path_factory):
+    """A tiny class-conditional 1x8x8 UNet denoiser (random weights) with a 2-step Heun recipe."""
+    torch.manual_seed(0)
+    den = Precond(unet_preset("tiny", 8, 1, label_dim=10), (1, 8, 8), 10).eval()
+    path = tmp_path_factory.mktemp("snap") / "model"
+    save_snapshot(path, den, {"sampler": "heun", "steps": 2}, {"note": "test"})
+    return path, den
+
+
+# --------------------------------------------------------------------------------------------------
+# --help
+
+
+def _walk(parser, path=()):
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from _walk(child, (*path, name))
+
+
+# Commands written before the rule "--help with examples" (not owned by the CLI's author; see the report).
+WITHOUT_EXAMPLES = {(), ("kd-pairs",), ("ref-stats",), ("convert",), ("convert", "edm"), ("dataset",),
+                    ("dataset", "info"), ("dataset", "convert"), ("features", "train"), ("features", "info"),
+                    ("bench",)}
+
+
+def test_help_of_every_command_has_examples(capsys):
+    seen = []
+    for path, parser in _walk(build_parser()):
+        text = parser.format_help()
+        assert text.startswith("usage: diffdistill"), path
+        if path not in WITHOUT_EXAMPLES:
+            assert "examples:" in text, f"`diffdistill {' '.join(path)} --help` shows no examples"
+        seen.append(path)
+    assert {("demo",), ("sample", "figures"), ("sample", "tofolder"), ("sample", "npz"), ("distill", "gdd")} \
+        <= set(seen)
+    code, out, _ = run_cli(capsys, "sample", "figures", "--help")
+    assert code == 0 and "--n-images" in out and "examples:" in out
+
+
+# --------------------------------------------------------------------------------------------------
+# Seeds and sampling plans
+
+
+def test_parse_seeds():
+    assert parse_seeds("0-4") == [0, 1, 2, 3, 4]
+    assert parse_seeds("1,5,7") == [1, 5, 7]
+    assert parse_seeds("0-2, 9") == [0, 1, 2, 9]
+    for bad in ("a-b", "5-1", "1,1", "-3", "", "1,,2", "1.5"):
+        with pytest.raises(UsageError, match="--seeds"):
+            parse_seeds(bad)
+
+
+def test_sampling_plans():
+    teacher = ring8()
+    # a teacher without a recipe: 18 Heun steps on the Karras grid, 35 NFE (EDM)
+    plan = sampling_plan(teacher, {})
+    assert plan["sampler"] == "heun" and plan["nfe"] == 35
+    assert plan["sigmas"] == [float(s) for s in default_sigmas(teacher, 18, "heun")]
+    # a recipe is kept as is; --steps changes an ODE sampler's grid
+    assert sampling_plan(teacher, {"sampler": "onestep", "sigmas": [80.0, 0.0]})["sigmas"] == [80.0, 0.0]
+    assert sampling_plan(teacher, {"sampler": "heun", "steps": 18}, steps=4)["nfe"] == 7
+    euler = sampling_plan(teacher, {"sampler": "heun", "steps": 18}, steps=4, sampler="euler")
+    assert euler["nfe"] == 4 and euler["sigmas"] == [float(s) for s in default_sigmas(teacher, 4, "euler")]
+    # a one-step student asked for more steps: multistep over levels that never reach sigma_min
+    two = sampling_plan(teacher, {"sampler": "onestep", "sigmas": [80.0, 0.0]}, steps=2)
+    assert two["sampler"] == "multistep" and two["sigmas"] == few_step_sigmas(teacher, 2)
+    assert len(two["sigmas"]) == 3 and two["sigmas"][0] == 80.0 and two["sigmas"][1] > 0.1
+    # ... but a student trained at several levels (DMD2) uses a prefix of its own levels
+    dmd2 = {"sampler": "multistep", "sigmas": [80.0, 10.0, 1.0, 0.2, 0.0]}
+    assert sampling_plan(teacher, dmd2, steps=2)["sigmas"] == [80.0, 10.0, 0.0]
+    with pytest.raises(UsageError, match="onestep"):
+        sampling_plan(teacher, {}, steps=2, sampler="onestep")
+    with pytest.raises(UsageError, match="sampler"):
+        sampling_plan(teacher, {}, sampler="rk45")
+
+
+# --------------------------------------------------------------------------------------------------
+# sample figures / tofolder / npz
+
+
+def test_sample_figures_grid(capsys, tmp_path, digits_snapshot):
+    path, den = digits_snapshot
+    out = tmp_path / "grid.png"
+    code, stdout, err = run_cli(capsys, "sample", "figures", str(out), str(path.parent), "--n-images", "49",
+                                "--batch", "5", "--no-progress")
+    assert code == 0, err
+    assert "49 samples, heun 2 steps (3 NFE)" in stdout
+    img = np.asarray(Image.open(out))
+    assert img.shape == (7 * 64, 7 * 64)                  # 7x7 tiles of 8x8 pixels, upscaled 8x
+    # oracle: the library's sampler with the recipe, one batch, labels seed % 10
+    x = sample(den, 49, steps=2, sampler="heun", cond=torch.arange(49) % 10, batch=49)
+    ref = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    tiles = img[::8, ::8]                                    # undo the nearest-neighbour upscaling
+    for k in (0, 8, 48):
+        r, c = divmod(k, 7)
+        assert np.array_equal(tiles[r * 8:(r + 1) * 8, c * 8:(c + 1) * 8], ref[k, 0].numpy()), k
+
+
+def test_sample_tofolder_and_npz_match_the_sampler(capsys, tmp_path, digits_snapshot):
+    path, den = digits_snapshot
+    folder = tmp_path / "pngs"
+    code, _, err = run_cli(capsys, "sample", "tofolder", str(folder), str(path), "--seeds", "3,5,12",
+                           "--steps", "3", "--sampler", "euler", "--class", "7", "--no-progress")
+    assert code == 0, err
+    assert sorted(p.name for p in folder.iterdir()) == ["000003.png", "000005.png", "000012.png"]
+    sig = default_sigmas(den, 3, "euler")
+    x = sample(den, [3, 5, 12], sampler="euler", sigmas=sig, cond=7)
+    expected = (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)          # EDM's conversion
+    assert np.array_equal(np.asarray(Image.open(folder / "000005.png")), expected[1, 0].numpy())
+
+    npz = tmp_path / "x.npz"
+    code, _, err = run_cli(capsys, "sample", "npz", str(npz), str(path), "--seeds", "3,5,12", "--steps", "3",
+                           "--sampler", "euler", "--class", "7", "--batch", "1", "--no-progress")
+    assert code == 0, err
+    with np.load(npz) as f:
+        assert f["seeds"].tolist() == [3, 5, 12] and f["labels"].tolist() == [7, 7, 7]
+        torch.testing.assert_close(torch.from_numpy(f["x"]), x, rtol=0, atol=1e-6)
+
+
+def test_sample_toy_points(capsys, tmp_path):
+    npz = tmp_path / "ring.npz"
+    code, _, err = run_cli(capsys, "sample", "npz", str(npz), "toy:ring8", "--n", "64", "--seed", "10",
+                           "--steps", "4", "--no-progress")
+    assert code == 0, err
+    with np.load(npz) as f:
+        assert f["seeds"].tolist() == list(range(10, 74)) and (f["labels"] == -1).all()
+        expected = sample(ring8(), list(range(10, 74)), steps=4, sampler="heun")
+        torch.testing.assert_close(torch.from_numpy(f["x"]), expected, rtol=0, atol=1e-6)
+    png = tmp_path / "ring.png"
+    code, _, err = run_cli(capsys, "sample", "figures", str(png), "toy:ring8", "--n", "300", "--steps", "4",
+                           "--no-progress")
+    assert code == 0, err
+    img = np.asarray(Image.open(png).convert("RGB"))
+    assert img.shape == (512, 512, 3) and (img != 255).any()          # a scatter plot with points drawn
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors a person can act on
+
+
+def test_sample_errors(capsys, tmp_path, digits_snapshot):
+    path, _ = digits_snapshot
+    out = tmp_path / "o.png"
+    missing = tmp_path / "no-such-run"
+    code, _, err = run_cli(capsys, "sample", "figures", str(out), str(missing))
+    assert code == 1
+    assert_one_line_error(err, str(missing), "not found")
+    code, _, err = run_cli(capsys, "sample", "figures", str(out), "toy:ring9")
+    assert code == 1
+    assert_one_line_error(err, "toy:ring9", "toy:ring8")
+
+    out.write_bytes(b"keep me")
+    code, _, err = run_cli(capsys, "sample", "figures", str(out), "toy:ring8", "--n", "8")
+    assert code == 1 and out.read_bytes() == b"keep me"
+    assert_one_line_error(err, str(out), "--force")
+    code, _, err = run_cli(capsys, "sample", "figures", str(out), "toy:ring8", "--n", "8", "--force",
+                           "--no-progress")
+    assert code == 0 and out.read_bytes()[:4] == b"\x89PNG"
+
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / "000002.png").write_bytes(b"x")
+    code, _, err = run_cli(capsys, "sample", "tofolder", str(folder), str(path), "--seeds", "0-3")
+    assert code == 1 and (folder / "000002.png").read_bytes() == b"x" and not (folder / "000000.png").exists()
+    assert_one_line_error(err, "000002.png", "--force")
+
+    usage = [
+        (["sample", "figures", str(tmp_path / "a.png"), "toy:ring8", "--seeds", "1-x"], "--seeds"),
+        (["sample", "figures", str(tmp_path / "a.png"), "toy:ring8", "--seeds", "9-2"], "backwards"),
+        (["sample", "figures", str(tmp_path / "a.png"), "toy:ring8", "--seeds", "0-3", "--n", "5"], "--n"),
+        (["sample", "figures", str(tmp_path / "a.png"), "toy:ring8", "--class", "3"], "unconditional"),
+        (["sample", "figures", str(tmp_path / "a.png"), str(path), "--class", "10"], "0..9"),
+        (["sample", "figures", str(tmp_path / "a.png"), "toy:ring8", "--steps", "0"], "--steps"),
+        (["sample", "npz", str(tmp_path / "a.txt"), "toy:ring8"], ".npz"),
+        (["sample", "figures", str(tmp_path / "a.png"), "toy:ring8", "--n", "0"], "--n"),
+        (["sample", "figures", str(tmp_path / "a.png"), "toy:ring8", "--seeds"], "expected one argument"),
+    ]
+    for argv, fragment in usage:
+        code, _, err = run_cli(capsys, *argv)
+        assert code == 2, (argv, err)
+        assert_one_line_error(err, fragment)
+    assert not (tmp_path / "a.png").exists()
+
+    code, _, err = run_cli(capsys, "sample", "tofolder", str(tmp_path / "pts"), "toy:ring8")
+    assert code == 1
+    assert_one_line_error(err, "not images", "sample npz")
+    if not torch.cuda.is_available():
+        code, _, err = run_cli(capsys, "sample", "figures", str(tmp_path / "c.png"), "toy:ring8", "--device",
+                               "cuda")
+        assert code == 1
+        assert_one_line_error(err, "CUDA is not available")
+    with pytest.raises(DiffdistillError, match="toy:ring9"):      # --debug: the exception itself
+        main(["--debug", "sample", "figures", str(tmp_path / "b.png"), "toy:ring9"])
+
+
+def test_distill_errors(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "distill", "gdd", "--teacher", "toy:ring8", "--out", str(tmp_path / "g"))
+    assert code == 2
+    assert_one_line_error(err, "--data")
+    missing = tmp_path / "teachers" / "nothing"
+    code, _, err = run_cli(capsys, "distill", "di", "--teacher", str(missing), "--out", str(tmp_path / "d"))
+    assert code == 1
+    assert_one_line_error(err, str(missing))
+    code, _, err = run_cli(capsys, "distill", "di", "--teacher", "toy:ring9", "--out", str(tmp_path / "d"))
+    assert code == 1
+    assert_one_line_error(err, "toy:ring9")
+    code, _, err = run_cli(capsys, "distill", "kd", "--teacher", "toy:ring8")          # --out is required
+    assert code == 2
+    assert_one_line_error(err, "--out")
+    code, _, err = run_cli(capsys, "demo", "--methods", "kd,xx", "--out", str(tmp_path / "demo"))
+    assert code == 2
+    assert_one_line_error(err, "--methods")
+    code, _, err = run_cli(capsys, "convert", "edm", str(tmp_path / "missing.pkl"), str(tmp_path / "conv"))
+    assert code == 1
+    assert_one_line_error(err, "missing.pkl")
+
+
+# --------------------------------------------------------------------------------------------------
+# Each command once, tiny
+
+
+def test_train_distill_pairs_eval_on_the_ring(capsys, tmp_path):
+    teacher_run = tmp_path / "toy"
+    code, out, err = run_cli(capsys, "train-teacher", "--data", "toy:ring8", "--preset", "toy", "--out",
+                             str(teacher_run), "--max-steps", "2", "--batch", "16", "--no-progress")
+    assert code == 0, err
+    assert (teacher_run / "model" / "model.json").is_file()
+
+    student_run = tmp_path / "di"
+    code, out, err = run_cli(capsys, "distill", "di", "--teacher", str(teacher_run), "--out",
+                             str(student_run), "--max-steps", "2", "--batch", "16", "--kimg", "0.032",
+                             "--no-progress")
+    assert code == 0, err
+    recipe = json.loads((student_run / "model" / "model.json").read_text())["sampling"]
+    assert recipe["sampler"] == "onestep"
+
+    pairs = tmp_path / "pairs"
+    code, out, err = run_cli(capsys, "kd-pairs", "--teacher", "toy:ring8", "--pairs", str(pairs), "--n-pairs",
+                             "32", "--heldout", "8", "--shard-size", "32", "--pairs-steps", "2")
+    assert code == 0, err
+    assert (pairs / "pairs.json").is_file()
+
+    result = tmp_path / "eval.json"
+    code, out, err = run_cli(capsys, "eval", str(student_run), "--ref-data", "toy:ring8", "--n", "64",
+                             "--out", str(result))
+    assert code == 0, err
+    assert result.is_file()
+
+    npz = tmp_path / "s.npz"                      # a student run samples by its own recipe (one step)
+    code, out, err = run_cli(capsys, "sample", "npz", str(npz), str(student_run), "--n", "16",
+                             "--no-progress")
+    assert code == 0 and "onestep 1 steps (1 NFE)" in out, err
+
+
+def test_data_and_feature_commands(capsys, tmp_path):
+    code, out, err = run_cli(capsys, "dataset", "info", "digits")
+    assert code == 0 and "1797" in out + err, out + err
+    code, out, err = run_cli(capsys, "ref-stats", "digits", "--out", str(tmp_path / "ref.npz"), "--n", "64",
+                             "--device", "cpu")
+    assert code == 0, err
+    with np.load(tmp_path / "ref.npz") as f:
+        assert f["mu"].shape == (64,) and f["sigma"].shape == (64, 64)
+    from diffdistill.metrics.features import DIGITS_CLASSIFIER
+
+    code, out, err = run_cli(capsys, "features", "info", str(DIGITS_CLASSIFIER))
+    assert code == 0, err

@@ -1,0 +1,142 @@
+"""`diffdistill demo` at its tiny test size: the report has a row for the teacher and every method, a failing
+method becomes a row with its error, finished stages are reused on a rerun, and the page is self-contained."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffdistill.cli.main import main
+from diffdistill.demo import METHODS
+from diffdistill.demo.report import svg_plot
+from diffdistill.errors import DiffdistillError
+
+
+def _table_models(report: str) -> list[str]:
+    """First-column cells of the markdown tables (without the header rows)."""
+    rows = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| model")
+            and not line.startswith("| stage")]
+    return [row.split("|")[1].strip() for row in rows]
+
+
+def _check_page(out: Path) -> str:
+    page = (out / "index.html").read_text()
+    assert "<svg" in page and "</html>" in page
+    assert not re.search(r"(src|href)=['\"](https?:)?//", page), "the page must not load anything remote"
+    for src in re.findall(r"<img src='([^']+)'", page):
+        assert (out / src).is_file(), src
+    return page
+
+
+def test_tiny_demo_report_failure_row_and_reuse(tmp_path, monkeypatch, capsys):
+    from diffdistill.methods import sid
+
+    def broken(args, teacher, data):
+        raise DiffdistillError("sid: simulated failure for the test")
+
+    monkeypatch.setattr(sid, "build", broken)
+    out = tmp_path / "demo"
+    assert main(["demo", "--tiny", "--out", str(out), "--no-progress"]) == 0
+    assert "1 stage(s) failed (ring-sid)" in capsys.readouterr().err
+
+    report = (out / "report.md").read_text()
+    models = _table_models(report)
+    assert "teacher (exact)" in models
+    for method in METHODS:
+        assert method in models, f"no row for {method}"
+    sid_rows = [line for line in report.splitlines() if line.startswith("| sid |")]
+    assert len(sid_rows) == 1
+    assert "failed: training failed: sid: simulated failure for the test" in sid_rows[0]
+    page = _check_page(out)
+    assert "simulated failure for the test" in page
+
+    results = json.loads((out / "results.json").read_text())
+    ok = [r for r in results["rows"] if r["status"] == "ok"]
+    assert {r["method"] for r in ok} == {"teacher", *METHODS} - {"sid"}
+    for r in ok:
+        assert r["nfe"] >= 1 and r["sample_seconds"] >= 0 and 0 <= r["within_3std"] <= 1
+        assert (out / r["image"]).is_file()
+    # one Heun step is one Euler step (the same algorithm): identical samples, identical numbers
+    by = {(r["model"], r["sampler"], r["steps"]): r for r in ok}
+    heun1, euler1 = by[("teacher (exact)", "heun", 1)], by[("teacher (exact)", "euler", 1)]
+    assert heun1["nfe"] == euler1["nfe"] == 1 and heun1["sliced_w2"] == euler1["sliced_w2"]
+    # multi-step students: CD at 1 and 2 steps, PD one row per round (tiny: 4 -> 2 -> 1)
+    assert sorted(r["steps"] for r in ok if r["method"] == "cd") == [1, 2]
+    assert sorted(r["steps"] for r in ok if r["method"] == "pd") == [1, 2]
+
+    # rerun: every finished stage is reused, the failed one is retried (and now works)
+    monkeypatch.undo()
+    assert main(["demo", "--tiny", "--out", str(out), "--no-progress"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    stages = {s["key"]: s for s in again["stages"]}
+    assert all(s["ok"] for s in stages.values())
+    assert [k for k, s in stages.items() if not s["reused"]] == ["ring-sid"]
+    assert all(r["status"] == "ok" for r in again["rows"])
+    first = {(r["model"], r["sampler"], r["steps"]): r.get("sliced_w2") for r in ok}
+    second = {(r["model"], r["sampler"], r["steps"]): r.get("sliced_w2") for r in again["rows"]}
+    assert all(second[k] == v for k, v in first.items())        # reused stages give the same numbers
+
+
+def test_plot_without_results():
+    results = {"rows": [dict(track="ring", status="failed", model="kd", method="kd")]}
+    assert "no results to plot" in svg_plot(results, "ring")
+
+
+def test_demo_refuses_a_file_as_out(tmp_path, capsys):
+    out = tmp_path / "file"
+    out.write_text("x")
+    assert main(["demo", "--tiny", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "exists and is not a directory" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", ["--tracks", "--methods"])
+def test_demo_bad_lists(tmp_path, capsys, flag):
+    assert main(["demo", "--tiny", "--out", str(tmp_path / "d"), flag, "nope"]) == 2
+    assert flag in capsys.readouterr().err
+
+
+def test_tiny_digits_track_fid_matches_the_library(tmp_path):
+    """The digits track (a teacher trained for 2 steps, KD and CD students): the report's FID of a row is the
+    FID the metrics library gives for the same seeds, labels (seed mod 10) and recipe."""
+    import torch
+
+    from diffdistill.data import open_dataset
+    from diffdistill.io import load_snapshot
+    from diffdistill.metrics import compute_features, feature_stats, fid_from_stats, load_feature_net
+    from diffdistill.metrics.features import dataset_batches
+    from diffdistill.samplers import sample
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--tiny", "--tracks", "digits", "--methods", "kd,cd", "--out", str(out),
+                 "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    assert {r["method"] for r in rows} == {"teacher", "kd", "cd"}
+    assert all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
+    models = _table_models((out / "report.md").read_text())
+    assert {"teacher", "kd", "cd"} <= set(models)
+    _check_page(out)
+
+    row = next(r for r in rows if r["method"] == "kd")
+    den, recipe, _ = load_snapshot(Path(row["spec"]) / "model")
+    n = results["profile"]["n_eval"]
+    x = sample(den, n, sampler=recipe["sampler"], sigmas=recipe["sigmas"], cond=torch.arange(n) % 10)
+    net = load_feature_net("digits")
+    gen, _ = compute_features(net, [x.clamp(-1, 1)])
+    ref, _ = compute_features(net, dataset_batches(open_dataset("digits"), 512))
+    assert row["fid"] == pytest.approx(fid_from_stats(feature_stats(gen), feature_stats(ref)), rel=1e-6)
+    perm, half = np.random.default_rng(0).permutation(len(ref)), len(ref) // 2
+    assert results["floors"]["digits_fid_split_half"] == pytest.approx(
+        fid_from_stats(feature_stats(ref[perm[:half]]), feature_stats(ref[perm[half:]])), rel=1e-9)
+
+
+def test_stage_settings_ignore_runtime_options():
+    from diffdistill.demo.pipeline import stage_settings
+
+    argv = ["distill", "kd", "--out", "r", "--device", "cpu", "--no-progress", "--batch", "8"]
+    assert stage_settings(argv) == ["distill", "kd", "--out", "r", "--batch", "8"]
