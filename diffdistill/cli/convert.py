@@ -32,6 +32,10 @@ def _add_edm(sub) -> None:
                     "code is ignored. EDMPrecond/VPPrecond/VEPrecond around SongUNet (DDPM++/NCSN++) or "
                     "DhariwalUNet (ADM) are supported. The snapshot samples with EDM's 18-step Heun sampler "
                     "by default.",
+        epilog="examples:\n  diffdistill convert edm edm-cifar10-32x32-uncond-vp.pkl teachers/edm-cifar10-uncond\n"
+               "  diffdistill convert edm network-snapshot-200000.pkl teachers/mine --key ema\n"
+               "  diffdistill sample figures grid.png teachers/edm-cifar10-uncond   # Heun, 18 steps",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("pkl", help="the EDM .pkl file")
     p.add_argument("out", help="output snapshot directory (must not exist, or be empty)")
@@ -48,6 +52,7 @@ def register(subparsers) -> None:
         help="convert a foreign checkpoint (EDM pickle, ...) into a snapshot",
         description="Convert a foreign checkpoint into a diffdistill snapshot directory "
                     "(model.safetensors + model.json). Nothing is written if anything fails.",
+        epilog="examples:\n  diffdistill convert edm edm-cifar10-32x32-uncond-vp.pkl teachers/edm-cifar10-uncond",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="format", metavar="FORMAT", required=True, parser_class=type(parser))

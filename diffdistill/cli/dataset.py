@@ -13,14 +13,26 @@ SPEC_HELP = ("SPEC is a folder of images, a .zip (EDM layout), cifar-10-python.t
              "folder, 'digits', 'toy:ring8' or 'gmm:PATH.json'; options after '?', e.g. mnist.npz?split=test")
 
 
+DATASET_EXAMPLES = """\
+examples:
+  diffdistill dataset info digits
+  diffdistill dataset info ~/data/cifar-10-python.tar.gz
+  diffdistill dataset info ~/data/ffhq --resolution 64 --check
+  diffdistill dataset convert ~/data/cifar-10-python.tar.gz cifar10-32x32.zip
+  diffdistill dataset convert ~/data/lsun/church_outdoor_train_lmdb church-64x64.zip --resolution 64
+"""
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "dataset", help="inspect a data set, or convert one to the EDM zip layout",
-        description="Inspect a data set, or convert one to the EDM/StyleGAN zip layout (PNG + dataset.json).")
+        description="Inspect a data set, or convert one to the EDM/StyleGAN zip layout (PNG + dataset.json).",
+        epilog=DATASET_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     info = actions.add_parser("info", help="print size, shape and labels of a data set",
-                              description=SPEC_HELP)
+                              description=SPEC_HELP,
+                              epilog=DATASET_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     info.add_argument("spec", metavar="SPEC", help="the data set")
     info.add_argument("--resolution", type=int, metavar="R", help="centre-crop and resize to R x R")
     info.add_argument("--check", action="store_true",
@@ -28,7 +40,8 @@ def register(subparsers) -> None:
     info.set_defaults(func=run_info)
 
     convert = actions.add_parser("convert", help="write a data set as an EDM zip (PNG + dataset.json)",
-                                 description=SPEC_HELP)
+                                 description=SPEC_HELP,
+                              epilog=DATASET_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     convert.add_argument("src", metavar="SRC", help="the data set to read")
     convert.add_argument("dest", metavar="DEST.zip", help="the zip to write (atomically)")
     convert.add_argument("--resolution", type=int, metavar="R",

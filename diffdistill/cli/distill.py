@@ -83,7 +83,14 @@ def register(subparsers) -> None:
     kd = _method_module("kd")
     pp = subparsers.add_parser("kd-pairs", help="generate (noise, teacher sample) pairs for knowledge distillation",
                                description="Generate the (x_T, teacher(x_T)) pairs of the Denoising Student as "
-                                           "resumable shards.")
+                                           "resumable shards.",
+                               epilog="examples:\n"
+                                      "  diffdistill kd-pairs --teacher runs/digits --pairs runs/digits-pairs "
+                                      "--n-pairs 100000\n  torchrun --nproc_per_node=8 -m diffdistill kd-pairs "
+                                      "--teacher ./ddpm-cifar10-32 --pairs pairs-cifar --n-pairs 1024000\n"
+                                      "  diffdistill distill kd --teacher runs/digits --pairs runs/digits-pairs "
+                                      "--out runs/kd-digits",
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     pp.add_argument("--teacher", required=True, metavar="SPEC", help="the teacher (see `distill --help`)")
     pp.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
     pp.add_argument("--seed", type=int, default=0, help="random seed")

@@ -62,7 +62,11 @@ def register(subparsers) -> None:
 
     r = subparsers.add_parser("ref-stats", help="write reference FID statistics (mu, sigma) of a data set",
                               description="Compute the feature mean and covariance of a data set and write "
-                                          "them as .npz (mu, sigma; the pytorch-fid/EDM layout).")
+                                          "them as .npz (mu, sigma; the pytorch-fid/EDM layout).",
+                              epilog="examples:\n  diffdistill ref-stats digits --features digits --out digits-ref.npz "
+                                     "--save-features\n  diffdistill ref-stats cifar10-32x32.zip --features inception "
+                                     "--inception pt_inception-2015-12-05-6726825d.pth --out cifar10-ref.npz",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("data", metavar="DATA", help="data set spec (folder, .zip, .npz, CIFAR tarball, digits)")
     r.add_argument("--out", required=True, metavar="FILE.npz", help="output file")
     r.add_argument("--n", type=int, default=None, help="use the first N images (default: all)")

@@ -25,7 +25,13 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("features", help="train or inspect a classifier used as a feature network",
                               description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="features_command", metavar="SUBCOMMAND")
-    t = sub.add_parser("train", help="train a classifier on a labelled image data set")
+    t = sub.add_parser("train", help="train a classifier on a labelled image data set",
+                       epilog="examples:\n"
+                              "  diffdistill features train --data mnist.npz --out mnist-classifier.safetensors\n"
+                              "  diffdistill features train --data cifar-10-python.tar.gz --out cifar-clf.safetensors "
+                              "--xflip\n  diffdistill eval RUN --metrics fid --features mnist-classifier.safetensors "
+                              "--ref-data mnist.npz",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--data", required=True, metavar="SPEC", help="labelled data (digits, .npz, CIFAR)")
     t.add_argument("--out", required=True, metavar="FILE", help="output .safetensors (+ a .json beside)")
     t.add_argument("--epochs", type=int, default=10, help="passes over the training split")
@@ -39,7 +45,10 @@ def register(subparsers) -> None:
     t.add_argument("--seed", type=int, default=0, help="seed of the split, init and batches")
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     t.set_defaults(func=run_train)
-    i = sub.add_parser("info", help="print a classifier's config and training record")
+    i = sub.add_parser("info", help="print a classifier's config and training record",
+                       epilog="examples:\n  diffdistill features info digits\n"
+                              "  diffdistill features info mnist-classifier.safetensors",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     i.add_argument("file", metavar="FILE", help="a classifier .safetensors, 'digits' or an Inception .pth")
     i.set_defaults(func=run_info)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])

@@ -16,6 +16,18 @@ from ..errors import DiffdistillError, UsageError
 COMMANDS = ["demo", "sample", "train", "distill", "eval", "convert", "dataset", "features", "bench"]
 
 
+EXAMPLES = """\
+examples:
+  diffdistill demo --quick                                   # every method on a CPU in about two minutes
+  diffdistill train-teacher --data digits --out runs/digits  # a small teacher on sklearn's 8x8 digits
+  diffdistill distill di --teacher runs/digits --out runs/di-digits --kimg 50
+  diffdistill sample figures grid.png runs/di-digits         # one step per image
+  diffdistill eval runs/di-digits --metrics fid --features digits --ref-data digits
+
+Run `diffdistill COMMAND --help` for each command's options and examples.
+"""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # usage errors: one line, exit 2
         self.print_usage(sys.stderr)
@@ -27,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="diffdistill",
         description="Distil a diffusion model (the teacher) into a 1-4 step student.",
+        epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
