@@ -103,13 +103,11 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def few_step_sigmas(denoiser, steps: int, rho: float = 7.0) -> list[float]:
-    """`steps` noise levels from sigma_max for multistep consistency-style sampling, plus the final 0: the
-    Karras grid of steps + 1 levels without its last level sigma_min (where a boundary-conditioned student is
-    the identity, so a step there would be wasted)."""
-    from ..diffusion.schedules import karras_sigmas
+    """`steps` noise levels from sigma_max for multistep consistency-style sampling, plus the final 0
+    (`samplers.default_sigmas(..., 'multistep')`)."""
+    from ..samplers import default_sigmas
 
-    grid = karras_sigmas(steps + 1, denoiser.sigma_min, denoiser.sigma_max, rho)
-    return [float(s) for s in grid[:steps]] + [0.0]
+    return [float(s) for s in default_sigmas(denoiser, steps, "multistep", rho)]
 
 
 def sampling_plan(denoiser, recipe: dict | None, steps: int | None = None,

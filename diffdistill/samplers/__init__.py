@@ -54,6 +54,11 @@ def default_sigmas(denoiser, steps: int, sampler: str = "heun", rho: float = 7.0
     `steps` of its own levels spaced evenly (top level first); else the Karras grid on the denoiser's range."""
     if sampler == "onestep":
         return torch.tensor([denoiser.sigma_max, 0.0], dtype=torch.float64)
+    if sampler == "multistep":
+        # Consistency-style: the Karras grid of steps+1 levels without its last level sigma_min, where a
+        # boundary-conditioned student is the identity (a step there would be wasted), then 0.
+        grid = karras_sigmas(steps + 1, denoiser.sigma_min, denoiser.sigma_max, rho)
+        return torch.cat([grid[:steps], grid.new_zeros(1)])
     if callable(getattr(denoiser, "default_sigmas", None)):
         return torch.as_tensor(denoiser.default_sigmas(steps), dtype=torch.float64)
     discrete = getattr(denoiser, "discrete_sigmas", None)
