@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import importlib.util
 import shlex
 import sys
+from pathlib import Path
 
 from ..errors import DiffdistillError
 
 
+def _checkout_roots() -> list[Path]:
+    """Where a checkout's benchmarks/ may sit: beside this package (editable install), or the working directory
+    and its parents."""
+    here = Path(__file__).resolve().parents[2]
+    cwd = Path.cwd().resolve()
+    return [here, cwd, *cwd.parents]
+
+
 def _benchmarks():
+    if importlib.util.find_spec("benchmarks") is None:
+        for root in _checkout_roots():
+            if (root / "benchmarks" / "__main__.py").is_file() and (root / "diffdistill").is_dir():
+                sys.path.insert(0, str(root))
+                break
     try:
         import benchmarks.__main__ as runner
     except ModuleNotFoundError as e:

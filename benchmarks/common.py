@@ -1,0 +1,172 @@
+"""What every benchmark shares: the run context, timing (medians, alternating ratios), machine records."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from diffdistill.errors import DiffdistillError
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Context:
+    """Settings of one runner invocation, handed to every benchmark."""
+
+    quick: bool = False                    # fewer repeats, smaller sizes, slow parts marked "not run"
+    device: str = "cpu"                    # cpu | cuda | cuda:N
+    threads: int = 1                       # torch intra-op threads (1: stable timings on a shared machine)
+    work: Path = ROOT / "runs" / "bench"   # scratch: teachers, students, pairs (git-ignored)
+    results: Path = RESULTS                # one JSON record per benchmark
+    shared_data: Path = ROOT.parent / "shared" / "data"  # MNIST / CIFAR-10 files (optional)
+    digits_teacher: str | None = None      # an existing digits teacher run/snapshot (else one is trained)
+    command: str = ""                      # the command line, recorded in every record
+    log: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr, flush=True))
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    @property
+    def cuda(self) -> bool:
+        return self.torch_device.type == "cuda"
+
+
+def check_device(device: str) -> None:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DiffdistillError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise DiffdistillError(f"--device {device}: only cpu and cuda are supported")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine(ctx: Context) -> dict:
+    """The machine and software a record was measured on."""
+    info = dict(cpu=cpu_model(), cores=os.cpu_count(), platform=platform.platform(),
+                python=platform.python_version(), torch=torch.__version__, threads=torch.get_num_threads(),
+                device=ctx.device)
+    if ctx.cuda:
+        info["gpu"] = torch.cuda.get_device_name(ctx.torch_device)
+    return info
+
+
+def load_average() -> list[float]:
+    """1, 5 and 15-minute load averages (the machine is shared: this says how noisy the timings are)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn: Callable[[], object], device="cpu") -> float:
+    """Seconds of one call (CUDA synchronised)."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1, device="cpu") -> dict:
+    """Median (and min) seconds per call over `repeats` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = [timeit(fn, device) for _ in range(max(repeats, 1))]
+    return dict(median_s=statistics.median(times), min_s=min(times), repeats=len(times))
+
+
+def alternate(fn_a: Callable[[], object], fn_b: Callable[[], object], rounds: int, warmup: int = 1,
+              device="cpu") -> dict:
+    """Time A and B alternately (A, B, B, A, A, B, ...: the order flips every round so that neither side
+    always runs second), and return the medians of each and the median of the per-round ratios A / B."""
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    ta, tb = [], []
+    for r in range(max(rounds, 1)):
+        if r % 2 == 0:
+            ta.append(timeit(fn_a, device))
+            tb.append(timeit(fn_b, device))
+        else:
+            tb.append(timeit(fn_b, device))
+            ta.append(timeit(fn_a, device))
+    ratios = [a / b for a, b in zip(ta, tb)]
+    return dict(a_median_s=statistics.median(ta), b_median_s=statistics.median(tb),
+                ratio=statistics.median(ratios), rounds=len(ratios))
+
+
+def table(title: str, columns: list[str], rows: list[list], note: str = "") -> dict:
+    """A table of a record: BENCHMARKS.md renders it as markdown (note in italics below the title)."""
+    return dict(title=title, columns=columns, rows=rows, note=note)
+
+
+def goal(text: str, met: bool | None, value: str, why: str = "") -> dict:
+    """A goal of the issue: met True/False, or None when it was not measured in this run."""
+    return dict(goal=text, met=met, value=value, why=why)
+
+
+def not_run(reason: str) -> str:
+    return f"not run: {reason}"
+
+
+def write_record(ctx: Context, name: str, started: float, load_start: list[float], payload: dict) -> Path:
+    """Write benchmarks/results/<name>.json: the machine, the command, the load, and the tables/goals."""
+    record = dict(benchmark=name, command=ctx.command, quick=ctx.quick,
+                  date=time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(started)),
+                  wall_s=round(time.time() - started, 1), machine=machine(ctx),
+                  load_average_start=load_start, load_average_end=load_average(), **payload)
+    ctx.results.mkdir(parents=True, exist_ok=True)
+    path = ctx.results / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=_json_default) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(value):
+    if isinstance(value, Path):
+        return str(value)
+    if torch.is_tensor(value):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def fmt(value, digits: int = 3) -> str:
+    """A number for a table: 3 significant digits, thousands separators for big ones."""
+    if value is None:
+        return "–"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return f"{value:,}"
+    if value != 0 and (abs(value) >= 10 ** digits):
+        return f"{value:,.0f}"
+    return f"{value:.{digits}g}"

@@ -1,0 +1,351 @@
+"""Quality against NFE (issue 9, part 2): the teacher at 1-35 NFE and every method's student (1 step, and 2 and 4
+where the method allows), with the training compute each took.
+
+Students are made through the library's own command line (`diffdistill distill METHOD ...`, i.e.
+`diffdistill.cli.main.main`). To count the teacher's evaluations and read the loop's result without changing the
+library, the runner wraps `diffdistill.teachers.load_teacher` (a forward hook on the loaded teacher that counts
+only calls of that very module, not of copies made from it) and `diffdistill.train.loop.train` (records the method
+and the loop's result) for the duration of one command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffdistill.cli.main import main as cli_main
+from diffdistill.diffusion.schedules import karras_sigmas
+from diffdistill.errors import DiffdistillError
+from diffdistill.io import load_snapshot
+from diffdistill.metrics.protocol import generate
+
+from .common import Context, fmt, goal, not_run, table
+
+METHODS = ["kd", "pd", "di", "gdd", "cd", "dmd2", "sid"]
+TEACHER_NFE = [1, 2, 4, 8, 18, 35]
+
+
+def teacher_recipe(nfe: int) -> dict:
+    """Euler (= deterministic DDIM) with `nfe` steps; 35 NFE is EDM's Heun with 18 steps."""
+    return dict(sampler="heun", steps=18) if nfe == 35 else dict(sampler="euler", steps=nfe)
+
+
+class TeacherCounter:
+    """Counts images passed through one teacher module (forward hook; copies of it are not counted)."""
+
+    def __init__(self):
+        self.calls = 0
+        self.images = 0
+        self.handles = []
+
+    def attach(self, teacher: torch.nn.Module) -> None:
+        def hook(module, args, output):
+            if module is teacher:
+                self.calls += 1
+                self.images += int(output.shape[0])
+        self.handles.append(teacher.register_forward_hook(hook))
+
+
+@contextlib.contextmanager
+def instrumented(counter: TeacherCounter):
+    """Within: teachers loaded by the CLI are counted, and the loop's method and result are recorded."""
+    # (importlib: `diffdistill.train` the attribute may be a re-exported function shadowing the subpackage)
+    teachers_mod = importlib.import_module("diffdistill.teachers")
+    loop_mod = importlib.import_module("diffdistill.train.loop")
+
+    seen: dict = {}
+    load_orig, train_orig = teachers_mod.load_teacher, loop_mod.train
+
+    def load_teacher(spec, *args, **kwargs):
+        teacher = load_orig(spec, *args, **kwargs)
+        counter.attach(teacher)
+        return teacher
+
+    def train(method, cfg, data=None, evaluate=None):
+        seen["method"] = method
+        seen["result"] = train_orig(method, cfg, data, evaluate)
+        return seen["result"]
+
+    teachers_mod.load_teacher, loop_mod.train = load_teacher, train
+    try:
+        yield seen
+    finally:
+        teachers_mod.load_teacher, loop_mod.train = load_orig, train_orig
+        for h in counter.handles:
+            h.remove()
+
+
+def student_updates(method, steps: int) -> int:
+    """Optimiser steps of the exported network's group (generator/student), given the loop's step count."""
+    groups = method.groups()
+    name = next((k for k in method.ema_targets() if k in groups), next(iter(groups)))
+    every = groups[name].every
+    return math.ceil(steps / every)
+
+
+def distill(ctx: Context, method: str, teacher: str, run_dir: Path, kimg: float, batch: int,
+            extra: list[str]) -> dict:
+    """Run `diffdistill distill METHOD` from scratch; returns its compute and the snapshot paths."""
+    for path in (run_dir, run_dir.with_name(run_dir.name + "-pairs")):
+        shutil.rmtree(path, ignore_errors=True)
+    argv = ["distill", method, "--teacher", teacher, "--out", str(run_dir), "--kimg", f"{kimg:g}",
+            "--batch", str(batch), "--no-progress", "--seed", "0", *extra]
+    if ctx.device != "cpu":
+        argv += ["--device", ctx.device]
+    counter = TeacherCounter()
+    t0 = time.perf_counter()
+    with instrumented(counter) as seen:
+        rc = cli_main(argv)
+    wall = time.perf_counter() - t0
+    if rc != 0 or "result" not in seen:
+        raise DiffdistillError(f"diffdistill {' '.join(argv)} exited with {rc}")
+    steps = int(seen["result"]["step"])
+    snaps = {"model": run_dir / "model"}
+    snaps.update({p.name: p for p in sorted(run_dir.glob("round-*steps")) if (p / "model.json").is_file()})
+    return dict(command="diffdistill " + " ".join(argv), wall_s=wall, steps=steps,
+                student_updates=student_updates(seen["method"], steps), teacher_images=counter.images,
+                kimg=seen["result"]["nimg"] / 1000, snapshots={k: str(v) for k, v in snaps.items()})
+
+
+def student_recipes(method: str, run: dict, den, sampling: dict) -> list[tuple[int, str, dict | None]]:
+    """(steps, label, recipe or None = not applicable) for 1, 2 and 4 steps of a student."""
+    out = [(1, sampling.get("sampler", "?"), sampling)]
+    if method == "pd":
+        for n in (2, 4):
+            snap = run["snapshots"].get(f"round-{n:02d}steps")
+            out.append((n, f"round-{n:02d}steps", None if snap is None else dict(snapshot=snap)))
+    elif method == "cd":
+        # Multistep consistency sampling (Song et al. 2023, Alg. 1) of the same model at the first n levels
+        # of an (n+1)-point Karras grid: n network evaluations, re-noising in between.
+        for n in (2, 4):
+            levels = karras_sigmas(n + 1, den.sigma_min, den.sigma_max)[:n].tolist()
+            out.append((n, "multistep", dict(sampler="multistep", sigmas=levels + [0.0])))
+    elif method == "dmd2":
+        out += [(n, "needs training with --gen-sigmas", None) for n in (2, 4)]
+    else:
+        out += [(n, "one-step method", None) for n in (2, 4)]
+    return out
+
+
+def samples_of(den, recipe: dict, n: int, device: str, clamp: bool) -> torch.Tensor:
+    return torch.cat([x.cpu() for x in generate(den, recipe, range(n), device=device, batch=1024, clamp=clamp)])
+
+
+# --------------------------------------------------------------------------------------------------
+# Scorers: toy ring (exact metrics) and images (FID of classifier features)
+
+
+class ToyScorer:
+    unit = "sliced W2"
+
+    def __init__(self, n: int):
+        from diffdistill.teachers import load_analytic
+
+        self.gmm, self.n = load_analytic("toy:ring8"), n
+
+    def __call__(self, den, recipe, device) -> dict:
+        from diffdistill.metrics.toy import toy_metrics
+
+        m = toy_metrics(self.gmm, samples_of(den, recipe, self.n, device, clamp=False))
+        return dict(distance=m["sliced_w2"], floor=m["sliced_w2_noise_floor"],
+                    detail=f"{m['modes_covered']}/{m['num_modes']} modes, share err {m['mode_share_max_error']:.3f}, "
+                           f"{100 * m['within_3std']:.0f}% within 3 std")
+
+
+class ImageScorer:
+    unit = "FID (classifier features)"
+
+    def __init__(self, feature_spec: str, data_spec: str, n: int, device: str):
+        from diffdistill.metrics.features import load_feature_net
+        from diffdistill.metrics.protocol import reference_from_data
+
+        self.net = load_feature_net(feature_spec, device=device)
+        self.ref = reference_from_data(data_spec, self.net)
+        self.n = n
+
+    def __call__(self, den, recipe, device) -> dict:
+        from diffdistill.metrics.features import compute_features
+        from diffdistill.metrics.fid import fid_from_features
+
+        feats, logits = compute_features(self.net, generate(den, recipe, range(self.n), device=device, batch=512),
+                                         gather=False)
+        detail = ""
+        if logits is not None and den.label_dim:
+            labels = np.arange(self.n) % den.label_dim
+            detail = f"class accuracy {100 * float((logits.argmax(1) == labels).mean()):.0f}%"
+        return dict(distance=fid_from_features(feats, self.ref.features), floor=None, detail=detail)
+
+
+# --------------------------------------------------------------------------------------------------
+# One data set: teacher rows, then every method's student rows
+
+
+def method_extra(method: str, data: str, quick: bool, image: bool) -> list[str]:
+    """Per-method options: real data where the method needs it; small pair sets for KD; PD's rounds."""
+    extra = []
+    if method in ("pd", "gdd", "cd"):
+        extra += ["--data", data]
+    if method == "kd":
+        n = (2000 if quick else 10000) if image else (10000 if quick else 50000)
+        extra += ["--n-pairs", str(n), "--heldout", str(n // 10), "--shard-size", str(n // 2)]
+    if method == "pd":
+        extra += ["--start-steps", "8", "--end-steps", "1"]
+    return extra
+
+
+def dataset_rows(ctx: Context, name: str, teacher: str, data: str, scorer, kimg: float, batch: int,
+                 teacher_compute: dict | None, image: bool, runs: list, goals: list) -> list[list]:
+    rows = []
+    den, _, _ = _load(teacher)
+    teacher_cost = teacher_compute or {}
+    full_nfe = None
+    for nfe in TEACHER_NFE:
+        recipe = teacher_recipe(nfe)
+        s = scorer(den, recipe, ctx.device)
+        if nfe == TEACHER_NFE[-1]:
+            full_nfe = s["distance"]
+        rows.append(["teacher", f"{recipe['sampler']} {recipe['steps']}", nfe, fmt(s["distance"]), s["detail"],
+                     fmt(teacher_cost.get("teacher_images")), fmt(teacher_cost.get("steps")),
+                     fmt(teacher_cost.get("wall_s"))])
+        runs.append(dict(dataset=name, model="teacher", nfe=nfe, distance=s["distance"], floor=s["floor"]))
+        ctx.log(f"quality {name}: teacher {nfe} NFE: {s['distance']:.4g} ({s['detail']})")
+    if s["floor"] is not None:
+        rows.append(["exact samples (noise floor)", "–", "–", fmt(s["floor"]), "two independent exact sets",
+                     "", "", ""])
+    best = (math.inf, None)
+    for method in METHODS:
+        run_dir = ctx.work / ("quick" if ctx.quick else "full") / f"{name}-{method}"
+        try:
+            run = distill(ctx, method, teacher, run_dir, kimg, batch, method_extra(method, data, ctx.quick, image))
+        except Exception as e:  # one method failing must not lose the others' rows: record it in the table
+            msg = f"failed: {type(e).__name__}: {e}".split("\n")[0][:160]
+            ctx.log(f"quality {name}: {method} {msg}")
+            rows.append([method, "–", "–", msg, "", "", "", ""])
+            runs.append(dict(dataset=name, method=method, error=msg))
+            continue
+        sden, sampling, _ = _load(run["snapshots"]["model"])
+        cost = [fmt(run["teacher_images"]), fmt(run["student_updates"]), fmt(run["wall_s"])]
+        for steps, label, recipe in student_recipes(method, run, sden, sampling):
+            if recipe is None:
+                rows.append([method, label, steps, "–", "", "", "", ""])
+                continue
+            if "snapshot" in recipe:
+                net, recipe, _ = _load(recipe["snapshot"])
+            else:
+                net = sden
+            s = scorer(net, recipe, ctx.device)
+            if steps == 1 and s["distance"] < best[0]:
+                best = (s["distance"], method)
+            rows.append([method, label, steps, fmt(s["distance"]), s["detail"], *cost])
+            ctx.log(f"quality {name}: {method} {steps} step(s): {s['distance']:.4g} ({s['detail']})")
+        runs.append(dict(dataset=name, method=method, **{k: v for k, v in run.items() if k != "snapshots"}))
+    if best[1] is not None and full_nfe is not None:
+        goals.append(goal(f"{name}: best one-step student at or below the teacher's {TEACHER_NFE[-1]}-NFE "
+                          f"{scorer.unit}", best[0] <= full_nfe,
+                          f"{best[1]} {best[0]:.4g} vs teacher {full_nfe:.4g}",
+                          "" if best[0] <= full_nfe else f"short training ({kimg:g} kimg per student on a shared "
+                          "CPU)"))
+    return rows
+
+
+def _load(path: str):
+    from diffdistill.teachers import is_analytic_spec, load_teacher
+
+    if is_analytic_spec(path):
+        return load_teacher(path), dict(sampler="heun", steps=18), {}
+    path = Path(path)
+    if (path / "model" / "model.json").is_file():
+        path = path / "model"
+    return load_snapshot(path)
+
+
+def digits_teacher(ctx: Context) -> tuple[str, dict]:
+    """The digits teacher: --digits-teacher, else `train-teacher --preset digits` (reused once finished)."""
+    if ctx.digits_teacher:
+        path = Path(ctx.digits_teacher)
+        return str(path), _run_compute(path)
+    kimg = 10 if ctx.quick else 100
+    run_dir = ctx.work / f"digits-teacher-{kimg}kimg"
+    if not (run_dir / "model" / "model.json").is_file():
+        argv = ["train-teacher", "--data", "digits", "--preset", "digits", "--out", str(run_dir), "--kimg",
+                str(kimg), "--no-progress"]
+        ctx.log(f"quality digits: training the teacher: diffdistill {' '.join(argv)}")
+        if cli_main(argv) != 0:
+            raise DiffdistillError(f"diffdistill {' '.join(argv)} failed")
+    return str(run_dir), _run_compute(run_dir)
+
+
+def _run_compute(run_dir: Path) -> dict:
+    """Steps, kimg and wall time of a finished run, from its stats.jsonl (empty when there is none)."""
+    stats = Path(run_dir) / "stats.jsonl"
+    if not stats.is_file():
+        return {}
+    lines = [json.loads(line) for line in stats.read_text().splitlines() if line.strip()]
+    if not lines:
+        return {}
+    last = lines[-1]
+    return dict(steps=last.get("step"), kimg=last.get("kimg"), wall_s=last.get("time"), teacher_images=None)
+
+
+COST_NOTE = ("Teacher evals = images passed through the loaded teacher during distillation (KD: mostly the "
+             "pairs; GDD never evaluates it; PD: first round only, later rounds distil from the previous "
+             "student); student updates = optimiser steps of the exported network.")
+COLUMNS = ["model", "sampler", "NFE", "distance", "detail", "teacher evals (images)", "student updates",
+           "train wall s"]
+
+
+def run(ctx: Context) -> dict:
+    runs, goals, tables = [], [], []
+    kimg_toy, batch_toy = (50, 256) if ctx.quick else (200, 256)
+    n_toy = 2000 if ctx.quick else 10000
+    toy = dataset_rows(ctx, "toy-ring8", "toy:ring8", "toy:ring8", ToyScorer(n_toy), kimg_toy, batch_toy, None,
+                       False, runs, goals)
+    tables.append(table(f"toy:ring8 (exact metrics, {n_toy} samples): sliced W2 to the exact distribution",
+                        COLUMNS, toy,
+                        f"Teacher: the exact analytic denoiser (no training). Students: `diffdistill distill METHOD "
+                        f"--teacher toy:ring8 --kimg {kimg_toy} --batch {batch_toy}` (method defaults). Goal: the "
+                        "best one-step student at or below the teacher's 35-NFE distance. " + COST_NOTE))
+    try:
+        teacher, compute = digits_teacher(ctx)
+        kimg_dig, batch_dig = (2, 64) if ctx.quick else (10, 64)
+        n_dig = 500 if ctx.quick else 2000
+        scorer = ImageScorer("digits", "digits", n_dig, ctx.device)
+        digits = dataset_rows(ctx, "digits", teacher, "digits", scorer, kimg_dig, batch_dig, compute, True, runs,
+                              goals)
+        note = (f"FID of the shipped digits classifier's features (`load_feature_net('digits')`; not Inception) "
+                f"of {n_dig} samples against the 1,797 sklearn digits. Teacher: `diffdistill train-teacher --data "
+                f"digits --preset digits` ({fmt(compute.get('kimg'))} kimg) at `{Path(teacher).name}`. "
+                f"Students: --kimg {kimg_dig} --batch {batch_dig}. Teacher rows: its own training steps and "
+                "wall time. " + COST_NOTE)
+    except Exception as e:
+        msg = f"failed: {type(e).__name__}: {e}".split("\n")[0][:200]
+        digits, note = [["–"] * 3 + [msg] + [""] * 4], msg
+        ctx.log(f"quality digits: {msg}")
+    tables.append(table("digits (8x8): FID of digits-classifier features", COLUMNS, digits, note))
+    tables.append(table("MNIST and CIFAR-10 test subset (own classifier features, not Inception FIDs)",
+                        ["data set", "status"], real_data_rows(ctx)))
+    return dict(tables=tables, goals=goals, results=dict(runs=runs))
+
+
+def real_data_rows(ctx: Context) -> list[list]:
+    files = {"MNIST": "mnist.npz", "CIFAR-10 test subset": "cifar10_test_subset2000_jpeg.npz"}
+    rows = []
+    for name, file in files.items():
+        path = ctx.shared_data / file
+        if not path.is_file():
+            rows.append([name, not_run(f"{path} not found (--shared-data PATH)")])
+        elif not ctx.cuda:
+            rows.append([name, not_run("a CPU teacher takes hours to days (preset mnist: 2 Mimg; cifar10: 200 "
+                                       "Mimg, 56M parameters); this part needs --device cuda")])
+        else:
+            rows.append([name, not_run("the GPU pipeline (teacher, classifier via `diffdistill features train`, "
+                                       "students) is not written yet")])
+    return rows

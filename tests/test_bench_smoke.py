@@ -1,0 +1,104 @@
+"""Smoke test of the benchmark runner's plumbing (no timing assertions): alternation order, records, the
+report, the CLI wrapper, and the instrumented `distill` run that the quality benchmark uses."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# benchmarks/ sits beside the package at the repository root (not installed): make it importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import __main__ as runner  # noqa: E402
+from benchmarks.common import Context, alternate, goal, table, write_record  # noqa: E402
+from benchmarks.quality import TeacherCounter, distill, student_updates  # noqa: E402
+from benchmarks.report import load_records, render  # noqa: E402
+from diffdistill.cli.main import main as cli_main  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_alternate_flips_the_order_every_round():
+    calls = []
+    r = alternate(lambda: calls.append("a"), lambda: calls.append("b"), rounds=4, warmup=1)
+    assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert r["rounds"] == 4 and r["ratio"] > 0 and r["a_median_s"] >= 0
+
+
+def test_record_and_report(tmp_path):
+    ctx = Context(results=tmp_path, command="python -m benchmarks --test")
+    payload = dict(tables=[table("A table", ["x", "y|z"], [[1, "two"]], "a note")],
+                   goals=[goal("a goal", False, "0.5", "because")], results={})
+    path = write_record(ctx, "speed", 0.0, [1.0, 2.0, 3.0], payload)
+    rec = json.loads(path.read_text())
+    for key in ("command", "machine", "load_average_start", "load_average_end", "date"):
+        assert key in rec
+    assert rec["machine"]["torch"] == torch.__version__ and rec["machine"]["threads"] == 1
+    text = render(load_records(tmp_path))
+    assert "python -m benchmarks --test" in text and "**A table**" in text and "y\\|z" in text
+    assert "| speed | a goal | **no** | 0.5 | because |" in text
+    assert "## 2. Quality against NFE" in text and "not run yet" in text
+
+
+def test_runner_gpu_rows_without_gpu_and_usage_errors(tmp_path):
+    report = tmp_path / "B.md"
+    args = ["--only", "gpu", "--results", str(tmp_path), "--report", str(report), "--work", str(tmp_path / "w")]
+    if torch.cuda.is_available():
+        pytest.skip("this checks the no-GPU rows")
+    assert runner.main(args) == 0
+    rec = json.loads((tmp_path / "gpu.json").read_text())
+    assert all("not run: no GPU" in row[3] for row in rec["tables"][0]["rows"])
+    assert "not run: no GPU" in report.read_text()
+    assert runner.main(["--only", "nonsense", "--results", str(tmp_path), "--report", "-"]) == 2
+    assert runner.main(["--device", "cuda", "--results", str(tmp_path), "--report", "-"]) == 1
+
+
+def test_cli_wrapper_registered(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["bench", "--help"])
+    assert e.value.code == 0
+    assert "--quick" in capsys.readouterr().out
+
+
+def test_teacher_counter_ignores_copies():
+    net = torch.nn.Linear(2, 2)
+    counter = TeacherCounter()
+    counter.attach(net)
+    twin = copy.deepcopy(net)           # methods initialise students from copies of the teacher
+    net(torch.zeros(3, 2))
+    twin(torch.zeros(5, 2))
+    assert (counter.calls, counter.images) == (1, 3)
+
+
+def test_distill_through_the_cli_is_measured(tmp_path):
+    ctx = Context(work=tmp_path)
+    extra = ["--n-pairs", "256", "--heldout", "0", "--shard-size", "256"]
+    run = distill(ctx, "kd", "toy:ring8", tmp_path / "kd", kimg=0.256, batch=64, extra=extra)
+    assert run["steps"] == 4 and run["student_updates"] == 4 and run["kimg"] == pytest.approx(0.256)
+    # the pairs: 256 teacher samples by EDM's Heun with 18 steps = 35 evaluations each, plus the few of the
+    # pairs module's determinism check (students, copies of nothing here, are not counted)
+    assert 256 * 35 <= run["teacher_images"] <= 256 * 35 + 16
+    assert (tmp_path / "kd" / "model" / "model.json").is_file()
+
+
+def test_student_updates_counts_the_exported_group():
+    class M:
+        def groups(self):
+            from diffdistill.methods.base import Group
+            return {"fake": Group([], every=1), "generator": Group([], every=5)}
+
+        def ema_targets(self):
+            return {"generator": None}
+
+    assert student_updates(M(), 12) == 3
