@@ -233,7 +233,11 @@ def test_ring8_keeps_every_mode(tmp_path):
 
     teacher = ring8()
     torch.manual_seed(0)
-    method = cd.ConsistencyDistillation(teacher, cd.CDConfig(optim=cd.OptimConfig(lr=1e-3, kind="radam")))
+    parser = argparse.ArgumentParser()
+    cd.add_arguments(parser)
+    method = cd.build(parser.parse_args(["--lr", "1e-3"]), teacher, None)   # the CLI's analytic defaults
+    assert method.cfg.target == cd.ANALYTIC_TARGET == "ema"
+    assert method.cfg.optim == cd.OptimConfig(lr=1e-3, kind="radam")
     cfg = TrainConfig(out=str(tmp_path / "run"), max_steps=RING8_STEPS, batch=256, ema_halflife_kimg=5,
                       ema_rampup=None, tick_kimg=1e9, checkpoint_kimg=0, progress=False, tensorboard=False,
                       device="cpu")
@@ -247,8 +251,11 @@ def test_ring8_keeps_every_mode(tmp_path):
     assert recipe == {"sampler": "onestep", "sigmas": [80.0, 0.0]}
     x = sample(student, 10_000, sampler=recipe["sampler"], sigmas=recipe["sigmas"])
     shares = mode_shares(teacher, x)
-    print(f"cd ring8: shares {shares.round(4).tolist()}, within 3 std {within_nstd(teacher, x):.4f}")
+    within = within_nstd(teacher, x)
+    print(f"cd ring8: shares {shares.round(4).tolist()}, within 3 std {within:.4f}")
     assert abs(shares - 1 / 8).max() < 0.25 / 8, shares
+    # measured 0.83 (seeds 1, 2: 0.83; stop-grad target 0.63; 0.33 before the MLP's input Fourier features)
+    assert within > 0.7
 
 
 RING8_STEPS = 1500

@@ -235,4 +235,4 @@ def test_ring8_keeps_every_mode(tmp_path):
     print(f"di ring8: shares {[round(s, 3) for s in share.tolist()]}, within 3 std {within:.3f} "
           f"(teacher {within_t:.3f})")
     assert float((share - 1 / 8).abs().max()) < 0.25 / 8
-    assert within > 0.5
+    assert within > 0.8          # measured 0.91 (0.77 before the MLP's input Fourier features)

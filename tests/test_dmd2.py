@@ -187,5 +187,7 @@ def test_ring8_keeps_every_mode(tmp_path):
     generator, recipe, _ = load_snapshot(result["model"])
     x = sample(generator, 10_000, sampler=recipe["sampler"], sigmas=recipe["sigmas"])
     shares = mode_shares(teacher, x)
-    print(f"dmd2 ring8: shares {shares.round(4).tolist()}, within 3 std {within_nstd(teacher, x):.4f}")
+    within = within_nstd(teacher, x)
+    print(f"dmd2 ring8: shares {shares.round(4).tolist()}, within 3 std {within:.4f}")
     assert abs(shares - 1 / 8).max() < 0.25 / 8, shares
+    assert within > 0.65         # measured 0.78 (seed 1: 0.84; 0.72 before the MLP's input Fourier features)

@@ -261,4 +261,4 @@ def test_ring8_keeps_every_mode(tmp_path):
     print(f"gdd ring8: shares {[round(s, 3) for s in share.tolist()]}, within 3 std {within:.3f} "
           f"(teacher {within_teacher:.3f})")
     assert float((share - 1 / 8).abs().max()) < 0.25 / 8
-    assert within > 0.6
+    assert within > 0.8          # measured 0.94 (0.90 before the MLP's input Fourier features)

@@ -174,4 +174,4 @@ def test_end_to_end_ring8_one_step_student(tmp_path, one_thread):
     mt = teacher.mode_of(xt)
     within_t = float((((xt.double() - teacher.means[mt]) ** 2).sum(1).sqrt() < 0.3).double().mean())
     print(f"\nring8 within 3 std of a mode: teacher heun-35NFE {within_t:.4f}, KD student {within:.4f}")
-    assert within > 0.5
+    assert within > 0.8          # measured 0.91 (0.82 before the MLP's input Fourier features)

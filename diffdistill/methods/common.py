@@ -47,13 +47,21 @@ def copy_denoiser(denoiser: Denoiser, boundary: bool = False) -> Denoiser:
 
 
 def mlp_denoiser(shape, sigma_data: float, label_dim: int = 0, kind: str = "edm", sigma_min: float = 0.002,
-                 sigma_max: float = 80.0, hidden: int = 128, depth: int = 3) -> Denoiser:
-    """A fresh `Precond(MLP)` for flat toy data (shape (D,)): the student/fake net of analytic teachers."""
+                 sigma_max: float = 80.0, hidden: int = 128, depth: int = 3,
+                 input_fourier: int = 32) -> Denoiser:
+    """A fresh `Precond(MLP)` for flat toy data (shape (D,)): the student/fake net of analytic teachers.
+
+    Analytic teachers only: the input is lifted with `input_fourier` random Fourier frequencies (Tancik et
+    al. 2020). A plain coordinate MLP's spectral bias left the one-step ring8 students blurry (fraction within
+    3 std of a mode, before -> after: DI 0.77 -> 0.91, GDD 0.90 -> 0.94, DMD2 0.72 -> 0.77, SiD 0.71 -> 0.84,
+    CD 0.33 -> 0.63 with its stop-grad target). Network teachers are copied and never reach here.
+    """
     from ..networks.mlp import MLP
 
     if len(shape) != 1:
         raise DiffdistillError(f"a fresh MLP student needs flat data (shape (D,)), got shape {tuple(shape)}")
-    net = MLP(dim=int(shape[0]), label_dim=label_dim, hidden=hidden, num_layers=depth)
+    net = MLP(dim=int(shape[0]), label_dim=label_dim, hidden=hidden, num_layers=depth,
+              input_fourier=input_fourier)
     cfg = PrecondConfig(kind=kind, sigma_data=float(sigma_data), sigma_min=sigma_min, sigma_max=sigma_max)
     return Precond(net, shape, label_dim, cfg).train()
 

@@ -3,9 +3,17 @@
 F(x_in [B,D], c_noise [B], class_labels [B,L] or None) -> [B,D]: the noise level is embedded with sinusoids
 (positional, as in DDPM, or random Fourier features, as in NCSN++), added to a projection of x_in and of the
 class label, then passed through residual SiLU layers.
+
+Optionally x_in itself is lifted with random Fourier features [x, cos 2 pi B x, sin 2 pi B x] (Tancik et al.
+2020, Eq. 5 with Gaussian B): a plain coordinate MLP has a strong spectral bias and learns the sharp, nearly
+piecewise-constant maps of a one-step generator (noise -> one of several narrow modes) slowly; the features
+let it resolve them in a few hundred steps (toy:ring8, 300 Adam steps regressing the exact ODE map: within
+3 std 0.72 without, 0.88 with 32 frequencies of std 0.5; see also the ring8 tests of the seven methods).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +35,9 @@ class MLP(nn.Module):
         embedding_type: str = "fourier",   # fourier | positional
         fourier_scale: float = 1.0,        # std of the Fourier frequencies (c_noise = ln(sigma)/4 is O(1))
         label_dropout: float = 0.0,        # training-time class-label dropout (for classifier-free guidance)
+        input_fourier: int = 0,            # random Fourier frequencies of x_in (0 = feed x_in only)
+        input_fourier_scale: float = 0.5,  # std of those frequencies (x_in = c_in x is O(1); ring8: 0.5 kept the
+        #                                    mode shares balanced where 1 and 2 did not)
     ):
         super().__init__()
         if embedding_type not in ("fourier", "positional"):
@@ -34,7 +45,10 @@ class MLP(nn.Module):
         self._config = dict(dim=int(dim), label_dim=int(label_dim), hidden=int(hidden),
                             num_layers=int(num_layers), emb_channels=int(emb_channels),
                             embedding_type=embedding_type,
-                            fourier_scale=float(fourier_scale), label_dropout=float(label_dropout))
+                            fourier_scale=float(fourier_scale), label_dropout=float(label_dropout),
+                            input_fourier=int(input_fourier), input_fourier_scale=float(input_fourier_scale))
+        if input_fourier < 0:
+            raise ValueError(f"input_fourier must be >= 0, got {input_fourier}")
         self.label_dim, self.label_dropout = label_dim, label_dropout
         if embedding_type == "fourier":
             self.map_noise = FourierEmbedding(emb_channels, scale=fourier_scale)
@@ -42,7 +56,11 @@ class MLP(nn.Module):
             self.map_noise = PositionalEmbedding(emb_channels, endpoint=True)
         self.map_label = nn.Linear(label_dim, hidden, bias=False) if label_dim else None
         self.map_emb = nn.Linear(emb_channels, hidden)
-        self.inp = nn.Linear(dim, hidden)
+        if input_fourier:
+            self.register_buffer("input_freqs", torch.randn(dim, input_fourier) * input_fourier_scale)
+        else:
+            self.input_freqs = None
+        self.inp = nn.Linear(dim + 2 * input_fourier, hidden)
         self.layers = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(num_layers))
         self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(num_layers))
         self.out = nn.Linear(hidden, dim)
@@ -61,6 +79,9 @@ class MLP(nn.Module):
                 keep = torch.rand(labels.shape[0], 1, device=labels.device) >= self.label_dropout
                 labels = labels * keep.to(labels.dtype)
             emb = emb + self.map_label(labels)
+        if self.input_freqs is not None:   # Tancik et al. 2020, Eq. 5: gamma(x) = [cos 2 pi B x, sin 2 pi B x]
+            angles = x @ (2 * math.pi * self.input_freqs.to(x.dtype))
+            x = torch.cat([x, angles.cos(), angles.sin()], dim=1)
         h = self.inp(x) + emb
         for layer, norm in zip(self.layers, self.norms):
             h = h + layer(F.silu(norm(h)))
@@ -70,8 +91,9 @@ class MLP(nn.Module):
 MLP_PRESETS: dict[str, dict] = {
     # Tests: a few thousand parameters.
     "tiny": dict(hidden=32, num_layers=2, emb_channels=16),
-    # 2-D toy data (ring of Gaussians etc.): ~70k parameters, fits in about a minute on CPU.
-    "toy": dict(hidden=128, num_layers=4, emb_channels=32),
+    # 2-D toy data (ring of Gaussians etc.): ~80k parameters, fits in about a minute on CPU; 32 random
+    # Fourier frequencies of the input (spectral bias, see the module docstring).
+    "toy": dict(hidden=128, num_layers=4, emb_channels=32, input_fourier=32),
 }
 
 
