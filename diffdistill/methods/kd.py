@@ -252,8 +252,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--student-preset", default="auto",
                    help="auto | teacher (copy of the teacher network, the paper) | mlp-tiny | mlp-toy "
                         "(fresh MLP for analytic teachers); default auto: teacher when it has a network")
-    g.add_argument("--warmup-kimg", type=float, default=d.warmup_kimg,
-                   help="LR warm-up (default %(default)s)")
+    g.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default %(default)s, CIFAR-10)")
+    g.add_argument("--warmup-kimg", type=float, default=None,
+                   help=f"LR warm-up (default: 10%% of --kimg, at most the paper's {d.warmup_kimg:g} = 5000 steps "
+                        "of 512, which is 10%% of its 25.6 Mimg run)")
     g.add_argument("--student-sigma", type=float, default=None,
                    help="fixed level of the one-step student (default: its sigma_max)")
     _add_pair_options(parser.add_argument_group("pairs (stage 1)"), required=False)
@@ -271,7 +273,10 @@ def build(args: argparse.Namespace, teacher: Denoiser, data=None) -> KnowledgeDi
     device = getattr(args, "device", None) or "cpu"
     student = make_student(teacher, args.student_preset)       # fails early on a bad preset
     m = P.generate_pairs(teacher, root, _pairs_config(args), device=device)
-    cfg = KDConfig(loss=args.loss, warmup_kimg=args.warmup_kimg, sigma=args.student_sigma,
+    warmup = args.warmup_kimg
+    if warmup is None:  # the paper's proportion (10% of the run), capped at its absolute length
+        warmup = min(KDConfig.warmup_kimg, 0.1 * (getattr(args, "kimg", None) or KDConfig.warmup_kimg * 10))
+    cfg = KDConfig(loss=args.loss, warmup_kimg=warmup, sigma=args.student_sigma,
                    seed=getattr(args, "seed", 0) or 0)
     if getattr(args, "lr", None):
         cfg.lr = args.lr

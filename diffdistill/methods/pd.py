@@ -332,6 +332,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="auto | teacher (copy of the teacher network) | mlp-tiny | mlp-toy (analytic "
                         "teachers)")
     g.add_argument("--pd-ema", action="store_true", help="export an EMA of the student (paper: no EMA)")
+    g.add_argument("--lr", type=float, default=d.lr,
+                   help="Adam learning rate, decayed linearly to 0 in each round (default %(default)s, paper)")
 
 
 def build(args: argparse.Namespace, teacher: Denoiser, data=None) -> ProgressiveDistillation:
