@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..diffusion import param, schedules
 from ..diffusion.denoiser import Denoiser, Precond, PrecondConfig
-from ..errors import DiffdistillError
+from ..errors import DiffdistillError, UsageError
 
 # --------------------------------------------------------------------------------------------------
 # Networks
@@ -187,6 +187,59 @@ FREEZE_ROLES: dict[int, tuple[str, ...]] = {
     2: ("conv0", "conv1", "proj", "qkv"),   # ... and attention qkv
     3: ("conv0", "conv1", "proj", "qkv", "skip"),  # ... and the blocks' skip convolutions
 }
+
+
+class ScoreDistillation:
+    """The frame shared by Diff-Instruct, SiD and DMD2 (mixed into their `Method`): a frozen teacher, a one-step
+    generator and an online fake score, each a copy of the teacher (fresh MLPs for analytic teachers); the
+    fake-score warm-up; an EMA of the generator. `cfg` needs dropout, gen_every, fake_warmup_steps, mlp_hidden
+    and mlp_depth."""
+
+    def _init_networks(self, teacher: Denoiser, cfg, generator: Denoiser | None, fake: Denoiser | None) -> None:
+        if cfg.dropout not in ("shared", "eval"):
+            raise DiffdistillError(f"dropout must be 'shared' or 'eval', got {cfg.dropout!r}")
+        if cfg.gen_every < 1:
+            raise UsageError(f"gen_every must be >= 1, got {cfg.gen_every}")
+        self.cfg = cfg
+        self.teacher = teacher.eval().requires_grad_(False)
+        mlp = dict(hidden=cfg.mlp_hidden, depth=cfg.mlp_depth)
+        self.generator = generator if generator is not None else student_from_teacher(teacher, **mlp)
+        self.fake = fake if fake is not None else student_from_teacher(teacher, **mlp)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()          # its dropout is switched on only inside paired_denoise
+        return self
+
+    def begin_step(self, step: int, nimg: int) -> set[str]:
+        # After the fake-score warm-up the generator's optimiser starts afresh (no moments from idle steps).
+        if self.cfg.fake_warmup_steps > 0 and step == self.cfg.fake_warmup_steps:
+            return {"generator"}
+        return set()
+
+    def generate_onestep(self, n: int, device, grad: bool) -> tuple[Tensor, Tensor | None]:
+        """x_g = G(init_sigma z; init_sigma) with random labels; without gradients G runs in eval mode."""
+        cond = random_labels(self.teacher, n, device)
+        z = unit_noise(n, self.teacher.shape, device)
+        if grad:
+            self.generator.train()
+            return generate(self.generator, z, self.init_sigma, cond), cond
+        mode = self.generator.training
+        self.generator.eval()
+        try:
+            with torch.no_grad():
+                return generate(self.generator, z, self.init_sigma, cond), cond
+        finally:
+            self.generator.train(mode)
+
+    def ema_targets(self) -> dict[str, nn.Module]:
+        return {"generator": self.generator}
+
+    def recipe(self) -> dict:
+        return onestep_recipe(self.init_sigma)
+
+    def export(self, ema: dict[str, nn.Module] | None = None) -> tuple[Denoiser, dict]:
+        return (ema or {}).get("generator", self.generator), self.recipe()
 
 
 def count_params(module: nn.Module, trainable_only: bool = True) -> int:

@@ -16,7 +16,7 @@ import argparse
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..diffusion import param
 from ..diffusion.denoiser import Denoiser
@@ -71,7 +71,7 @@ def di_generator_loss(teacher: Denoiser, fake: Denoiser, x_g: Tensor, cond: Tens
     return loss, diff.flatten(1).pow(2).sum(1)
 
 
-class DiffInstruct(Method):
+class DiffInstruct(common.ScoreDistillation, Method):
     """Diff-Instruct on the shared loop: groups 'fake_score' then 'generator' (§4.4's order)."""
 
     name = "di"
@@ -81,23 +81,9 @@ class DiffInstruct(Method):
         """generator/fake: ready networks to use instead of copies of the teacher (or fresh MLPs)."""
         super().__init__()
         cfg = cfg or DIConfig()
-        if cfg.dropout not in ("shared", "eval"):
-            raise DiffdistillError(f"dropout must be 'shared' or 'eval', got {cfg.dropout!r}")
-        if cfg.gen_every < 1:
-            raise DiffdistillError(f"gen_every must be >= 1, got {cfg.gen_every}")
-        self.cfg = cfg
         self.init_sigma = common.check_sigma(teacher, cfg.init_sigma)
-        self.teacher = teacher.eval().requires_grad_(False)
         # §4.1: generator and fake score start from the teacher (fresh MLPs for analytic teachers).
-        self.generator = generator if generator is not None else \
-            common.student_from_teacher(teacher, hidden=cfg.mlp_hidden, depth=cfg.mlp_depth)
-        self.fake = fake if fake is not None else \
-            common.student_from_teacher(teacher, hidden=cfg.mlp_hidden, depth=cfg.mlp_depth)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.eval()          # its dropout is switched on only inside paired_denoise
-        return self
+        self._init_networks(teacher, cfg, generator, fake)
 
     def groups(self) -> dict[str, Group]:
         cfg = self.cfg
@@ -107,30 +93,11 @@ class DiffInstruct(Method):
                                every=cfg.gen_every),
         }
 
-    def begin_step(self, step: int, nimg: int) -> set[str]:
-        # After the fake-score warm-up the generator's optimiser starts afresh (no moments from idle steps).
-        if self.cfg.fake_warmup_steps > 0 and step == self.cfg.fake_warmup_steps:
-            return {"generator"}
-        return set()
-
-    def _generate(self, n: int, device, grad: bool) -> tuple[Tensor, Tensor | None]:
-        cond = common.random_labels(self.teacher, n, device)
-        z = common.unit_noise(n, self.teacher.shape, device)
-        if grad:
-            return common.generate(self.generator, z, self.init_sigma, cond), cond
-        mode = self.generator.training
-        self.generator.eval()
-        try:
-            with torch.no_grad():
-                return common.generate(self.generator, z, self.init_sigma, cond), cond
-        finally:
-            self.generator.train(mode)
-
     def loss(self, group: str, batch: Batch) -> dict[str, Tensor]:
         cfg = self.cfg
         if group == "fake_score":
             # §4.2: G in eval mode without gradients; the fake score (train mode) fits its samples.
-            x_g, cond = self._generate(batch.size, batch.device, grad=False)
+            x_g, cond = self.generate_onestep(batch.size, batch.device, grad=False)
             self.fake.train()
             if not bool(torch.isfinite(x_g).all()):
                 # The generator diverged, not the fake score: skip this update so that the generator's own
@@ -140,20 +107,13 @@ class DiffInstruct(Method):
             return {"loss": cfg.fake_loss_scale * loss}
         if group == "generator":
             self.generator.train()
-            x_g, cond = self._generate(batch.size, batch.device, grad=True)
+            x_g, cond = self.generate_onestep(batch.size, batch.device, grad=True)
             if batch.step < cfg.fake_warmup_steps:
                 return {"loss": (0.0 * x_g).sum()}    # fake-score warm-up: the generator does not move yet
             loss, gap = di_generator_loss(self.teacher, self.fake, x_g, cond, None, cfg.dropout,
                                           cfg.p_mean, cfg.p_std)
             return {"loss": cfg.loss_scale * loss, "score_gap": gap.mean().detach()}
         raise KeyError(f"unknown group {group!r}")
-
-    def ema_targets(self) -> dict[str, nn.Module]:
-        return {"generator": self.generator}
-
-    def export(self, ema: dict[str, nn.Module] | None = None) -> tuple[Denoiser, dict]:
-        net = (ema or {}).get("generator", self.generator)
-        return net, common.onestep_recipe(self.init_sigma)
 
 
 # --------------------------------------------------------------------------------------------------

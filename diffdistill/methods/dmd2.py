@@ -168,7 +168,7 @@ class DMD2Config:
     mlp_depth: int = 3
 
 
-class DMD2(Method):
+class DMD2(common.ScoreDistillation, Method):
     """DMD2 on the shared loop: 'generator' (every `gen_every` steps), then 'fake_score' (every step)."""
 
     name = "dmd2"
@@ -178,10 +178,6 @@ class DMD2(Method):
         """generator/fake: networks to use instead of copies of the teacher (fresh MLPs if analytic)."""
         super().__init__()
         cfg = cfg or DMD2Config()
-        if cfg.dropout not in ("shared", "eval"):
-            raise DiffdistillError(f"dropout must be 'shared' or 'eval', got {cfg.dropout!r}")
-        if cfg.gen_every < 1:
-            raise UsageError(f"gen_every must be >= 1, got {cfg.gen_every}")
         if not 0 <= cfg.min_frac <= cfg.max_frac <= 1:
             raise UsageError(f"need 0 <= min_frac <= max_frac <= 1, got {cfg.min_frac}, {cfg.max_frac}")
         sig = [float(s) for s in cfg.gen_sigmas] or [float(teacher.sigma_max)]
@@ -189,11 +185,8 @@ class DMD2(Method):
             raise UsageError(f"generator sigmas must be strictly descending, got {sig}")
         for s in sig:
             common.check_sigma(teacher, s, "generator sigma")
-        self.cfg, self.gen_sigmas = cfg, sig
-        self.teacher = teacher.eval().requires_grad_(False)
-        mlp = dict(hidden=cfg.mlp_hidden, depth=cfg.mlp_depth)
-        self.generator = generator if generator is not None else common.student_from_teacher(teacher, **mlp)
-        self.fake = fake if fake is not None else common.student_from_teacher(teacher, **mlp)
+        self.gen_sigmas = sig
+        self._init_networks(teacher, cfg, generator, fake)
         self.head = None
         if cfg.gan_weight > 0:
             if not isinstance(self.fake, Precond):
@@ -203,11 +196,6 @@ class DMD2(Method):
                 probe = self._tap.capture(lambda: self.fake(torch.zeros(2, *teacher.shape), 1.0,
                                                             common.random_labels(teacher, 2, "cpu")))
             self.head = ClassifierHead(probe.shape[1:])
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.eval()
-        return self
 
     def groups(self) -> dict[str, Group]:
         cfg = self.cfg
@@ -220,11 +208,6 @@ class DMD2(Method):
             "generator": Group(list(self.generator.parameters()), optim(), every=cfg.gen_every),
             "fake_score": Group(fake_params, optim(), needs_data=self.head is not None),
         }
-
-    def begin_step(self, step: int, nimg: int) -> set[str]:
-        if self.cfg.fake_warmup_steps > 0 and step == self.cfg.fake_warmup_steps:
-            return {"generator"}
-        return set()
 
     # -- generation, with backward simulation for multi-step generators (DMD2 §4.5) ---------------------
     def generate(self, n: int, device, grad: bool) -> tuple[Tensor, Tensor | None]:
@@ -281,14 +264,10 @@ class DMD2(Method):
             return out
         raise KeyError(f"unknown group {group!r}")
 
-    def ema_targets(self) -> dict[str, nn.Module]:
-        return {"generator": self.generator}
-
-    def export(self, ema: dict[str, nn.Module] | None = None) -> tuple[Denoiser, dict]:
-        net = (ema or {}).get("generator", self.generator)
+    def recipe(self) -> dict:
         if len(self.gen_sigmas) == 1:
-            return net, common.onestep_recipe(self.gen_sigmas[0])
-        return net, {"sampler": "multistep", "sigmas": self.gen_sigmas + [0.0]}
+            return common.onestep_recipe(self.gen_sigmas[0])
+        return {"sampler": "multistep", "sigmas": self.gen_sigmas + [0.0]}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ class SiDConfig:
     mlp_depth: int = 3
 
 
-class SiD(Method):
+class SiD(common.ScoreDistillation, Method):
     """SiD on the shared loop: groups 'generator' and 'fake_score', updated 1:1 (§6.3)."""
 
     name = "sid"
@@ -110,23 +110,10 @@ class SiD(Method):
         """generator/fake: networks to use instead of copies of the teacher (fresh MLPs if analytic)."""
         super().__init__()
         cfg = cfg or SiDConfig()
-        if cfg.dropout not in ("shared", "eval"):
-            raise DiffdistillError(f"dropout must be 'shared' or 'eval', got {cfg.dropout!r}")
-        if cfg.gen_every < 1:
-            raise DiffdistillError(f"gen_every must be >= 1, got {cfg.gen_every}")
         if not 0 < cfg.t_max <= 1000:
             raise DiffdistillError(f"t_max must lie in (0, 1000], got {cfg.t_max:g}")
-        self.cfg = cfg
         self.init_sigma = common.check_sigma(teacher, cfg.init_sigma)
-        self.teacher = teacher.eval().requires_grad_(False)
-        mlp = dict(hidden=cfg.mlp_hidden, depth=cfg.mlp_depth)
-        self.generator = generator if generator is not None else common.student_from_teacher(teacher, **mlp)
-        self.fake = fake if fake is not None else common.student_from_teacher(teacher, **mlp)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.eval()
-        return self
+        self._init_networks(teacher, cfg, generator, fake)
 
     def groups(self) -> dict[str, Group]:
         cfg = self.cfg
@@ -138,33 +125,14 @@ class SiD(Method):
             "fake_score": Group(list(self.fake.parameters()), OptimConfig(lr=cfg.fake_lr, betas=cfg.betas)),
         }
 
-    def begin_step(self, step: int, nimg: int) -> set[str]:
-        if self.cfg.fake_warmup_steps > 0 and step == self.cfg.fake_warmup_steps:
-            return {"generator"}     # the generator's optimiser starts afresh after the fake-score warm-up
-        return set()
-
-    def _generate(self, n: int, device, grad: bool) -> tuple[Tensor, Tensor | None]:
-        cond = common.random_labels(self.teacher, n, device)
-        z = common.unit_noise(n, self.teacher.shape, device)
-        if grad:
-            self.generator.train()
-            return common.generate(self.generator, z, self.init_sigma, cond), cond
-        mode = self.generator.training
-        self.generator.eval()
-        try:
-            with torch.no_grad():
-                return common.generate(self.generator, z, self.init_sigma, cond), cond
-        finally:
-            self.generator.train(mode)
-
     def loss(self, group: str, batch: Batch) -> dict[str, Tensor]:
         cfg = self.cfg
         if group == "fake_score":
-            x_g, cond = self._generate(batch.size, batch.device, grad=False)
+            x_g, cond = self.generate_onestep(batch.size, batch.device, grad=False)
             self.fake.train()
             return {"loss": common.fake_score_loss(self.fake, x_g, cond, cfg.p_mean, cfg.p_std)}
         if group == "generator":
-            x_g, cond = self._generate(batch.size, batch.device, grad=True)
+            x_g, cond = self.generate_onestep(batch.size, batch.device, grad=True)
             if batch.step < cfg.fake_warmup_steps:
                 return {"loss": (0.0 * x_g).sum()}
             sigma = sid_sigma(batch.size, self.teacher, cfg.t_max, device=batch.device)
@@ -173,13 +141,6 @@ class SiD(Method):
             loss, dropped = drop_nonfinite_mean(per_sample)
             return {"loss": cfg.loss_scale * loss, "dropped": dropped}
         raise KeyError(f"unknown group {group!r}")
-
-    def ema_targets(self) -> dict[str, nn.Module]:
-        return {"generator": self.generator}
-
-    def export(self, ema: dict[str, nn.Module] | None = None) -> tuple[Denoiser, dict]:
-        net = (ema or {}).get("generator", self.generator)
-        return net, common.onestep_recipe(self.init_sigma)
 
 
 # --------------------------------------------------------------------------------------------------
