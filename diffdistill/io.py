@@ -63,6 +63,22 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise DiffdistillError(f"{path}: not a readable safetensors file ({e})") from None
 
 
+def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], where, what: str = "the config"):
+    """Load `state` into `module` after checking that every tensor is there with its shape (no silent skips)."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise DiffdistillError(f"{where}: weights do not match {what} (missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]})")
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise DiffdistillError(f"{where}: tensor {k} has shape {tuple(v.shape)}, {what} needs "
+                                   f"{tuple(expected[k].shape)}")
+    module.load_state_dict(state)
+    return module
+
+
 # --------------------------------------------------------------------------------------------------
 # Rebuilding denoisers from their JSON config
 
@@ -111,17 +127,6 @@ def load_snapshot(path: str | Path, device="cpu"):
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise DiffdistillError(f"{cfg_path}: malformed snapshot config ({e})") from None
     denoiser = build_denoiser(den_cfg)
-    expected = denoiser.state_dict()
-    if expected:
-        state = load_tensors(path / SNAPSHOT_WEIGHTS)
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise DiffdistillError(f"{path / SNAPSHOT_WEIGHTS}: weights do not match the config "
-                                   f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-        for k, v in state.items():
-            if v.shape != expected[k].shape:
-                raise DiffdistillError(f"{path / SNAPSHOT_WEIGHTS}: tensor {k} has shape {tuple(v.shape)}, "
-                                       f"the config needs {tuple(expected[k].shape)}")
-        denoiser.load_state_dict(state)
+    if denoiser.state_dict():
+        load_state_strict(denoiser, load_tensors(path / SNAPSHOT_WEIGHTS), path / SNAPSHOT_WEIGHTS)
     return denoiser.to(device).eval().requires_grad_(False), cfg.get("sampling", {}), cfg.get("meta", {})

@@ -184,7 +184,7 @@ def save_classifier(net: Classifier, path: str | os.PathLike, meta: dict | None 
 
 def load_classifier(path: str | os.PathLike, device="cpu") -> Classifier:
     """Load a classifier from `NAME.safetensors` (or `NAME.json`); errors name the file and the mismatch."""
-    from ..io import load_tensors
+    from ..io import load_state_strict, load_tensors
 
     path = Path(path)
     weights = path.with_suffix(".safetensors")
@@ -205,17 +205,7 @@ def load_classifier(path: str | os.PathLike, device="cpu") -> Classifier:
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
         raise DiffdistillError(f"{config_path}: not a diffdistill classifier config ({e})") from None
     net = Classifier(config, name=weights.stem)
-    state = load_tensors(weights)
-    expected = net.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise DiffdistillError(f"{weights}: weights do not match {config_path.name} (missing {missing[:3]}, "
-                               f"unexpected {unexpected[:3]})")
-    for key, value in state.items():
-        if value.shape != expected[key].shape:
-            raise DiffdistillError(f"{weights}: tensor {key} has shape {tuple(value.shape)}, "
-                                   f"{config_path.name} needs {tuple(expected[key].shape)}")
-    net.load_state_dict(state)
+    load_state_strict(net, load_tensors(weights), weights, config_path.name)
     net.weights_path = str(weights)
     net.weights_sha256 = sha256_file(weights)
     net.meta = spec.get("meta", {})

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..diffusion.schedules import ddpm_alphas_cumprod
 from ..errors import DiffdistillError
-from ..io import load_tensors, register_builder, save_snapshot
+from ..io import load_state_strict, load_tensors, register_builder, save_snapshot
 from .discrete import PREDICTIONS, DiscreteVPDenoiser, ddim_timesteps, discrete_sigmas_for
 
 SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
@@ -181,19 +181,6 @@ def _build_unet(cfg: dict, where):
                                .split("\n")[0]) from None
 
 
-def _check_state(model, state: dict[str, Tensor], where) -> None:
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise DiffdistillError(f"{where}: weights do not match the config (missing {missing[:3]}, "
-                               f"unexpected {unexpected[:3]})")
-    for k, v in state.items():
-        if v.shape != expected[k].shape:
-            raise DiffdistillError(f"{where}: tensor {k} has shape {tuple(v.shape)}, the config needs "
-                                   f"{tuple(expected[k].shape)}")
-
-
 # --------------------------------------------------------------------------------------------------
 # The denoiser
 
@@ -287,8 +274,8 @@ def load_diffusers(path, device="cpu", timestep_rule: str = "nearest", null_clas
     unet_cfg_path = unet_dir / "config.json"
     unet = _build_unet(_read_unet_config(unet_cfg_path), unet_cfg_path)
     state, weights_path = _read_weights(unet_dir)
-    _check_state(unet, state, f"{weights_path} (config {unet_cfg_path})")
-    unet.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    load_state_strict(unet, state, f"{weights_path} (config {unet_cfg_path})")
     den = DiffusersDenoiser(unet.float(), scheduler, timestep_rule, null_class, str(path.resolve()))
     return den.to(device).eval().requires_grad_(False)
 
