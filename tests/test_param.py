@@ -161,9 +161,11 @@ def test_precond_cosine_predictions_agree():
 
         def forward(self, z_in, t_in, labels):
             assert torch.allclose(z_in, z)
+            if self.pred == "both":
+                return torch.cat([x0, eps], dim=1)
             return {"x": x0, "eps": eps, "v": param.v_from_x_eps(x0, eps, alpha, s_t)}[self.pred]
 
-    for pred in ("x", "v", "eps"):
+    for pred in ("x", "v", "eps", "both"):
         den = Precond(Oracle(pred), (4,), config=PrecondConfig(kind="cosine", prediction=pred))
         tol = 1e-3 if pred == "eps" else 1e-10  # eps -> x divides by alpha ~ 5e-5 at the top level
         assert torch.allclose(den(xs, sigma), x0, atol=tol)

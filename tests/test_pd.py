@@ -185,11 +185,23 @@ def test_rounds_reset_copy_and_milestones(tmp_path):
     assert fresh.round == 1 and fresh.records == method.records
 
 
-def test_vp_cosine_teachers_x_and_v():
+class _TwoHeads(torch.nn.Module):
+    """A 'both'-output backbone: x head and eps head concatenated along the channel axis (PD's ImageNet model)."""
+
+    def __init__(self):
+        super().__init__()
+        self.x_head, self.eps_head = mlp_preset("tiny", 2), mlp_preset("tiny", 2)
+
+    def forward(self, z, t, labels):
+        return torch.cat([self.x_head(z, t, labels), self.eps_head(z, t, labels)], dim=1)
+
+
+def test_vp_cosine_teachers_x_v_and_both():
     torch.manual_seed(0)
     x = ring8().sample(32)
-    for prediction in ("x", "v"):
-        teacher = Precond(mlp_preset("tiny", 2), (2,), 0, PrecondConfig(kind="cosine", prediction=prediction))
+    for prediction in ("x", "v", "both"):
+        backbone = _TwoHeads() if prediction == "both" else mlp_preset("tiny", 2)
+        teacher = Precond(backbone, (2,), 0, PrecondConfig(kind="cosine", prediction=prediction))
         teacher.eval()
         method = pd.ProgressiveDistillation(teacher, pd.PDConfig(start_steps=4, end_steps=1))
         assert method.grid == "cosine"

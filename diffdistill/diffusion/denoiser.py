@@ -83,7 +83,7 @@ class PrecondConfig:
     """How a raw backbone F(x_in, c_noise, class_labels) becomes a denoiser."""
 
     kind: str = "edm"            # edm | boundary (CM/GDD) | vp (EDM VPPrecond, eps) | ve | cosine (PD-style VP)
-    prediction: str = "eps"      # for kind=cosine/vp: what F predicts: eps | v | x
+    prediction: str = "eps"      # kind=cosine: what F predicts: eps | v | x | both (x and eps heads, 2C channels)
     sigma_data: float = 0.5      # data standard deviation (EDM)
     sigma_min: float = 0.002     # smallest supported level (boundary kind: f(x, sigma_min) = x)
     sigma_max: float = 80.0      # largest supported level
@@ -100,8 +100,10 @@ class Precond(Denoiser):
         super().__init__(shape, cfg.sigma_min, cfg.sigma_max, cfg.sigma_data, label_dim)
         if cfg.kind not in ("edm", "boundary", "vp", "ve", "cosine"):
             raise ValueError(f"unknown preconditioning {cfg.kind!r} (edm, boundary, vp, ve, cosine)")
-        if cfg.prediction not in ("eps", "v", "x"):
-            raise ValueError(f"unknown prediction type {cfg.prediction!r} (eps, v, x)")
+        if cfg.prediction not in ("eps", "v", "x", "both"):
+            raise ValueError(f"unknown prediction type {cfg.prediction!r} (eps, v, x, both)")
+        if cfg.prediction == "both" and cfg.kind != "cosine":
+            raise ValueError("prediction 'both' needs the cosine (VP) preconditioning")
         self.backbone = backbone
         self.precond = cfg
 
@@ -134,6 +136,9 @@ class Precond(Denoiser):
             return out
         if cfg.prediction == "v":
             return param.x_from_v(z, out, alpha, sigma_t)
+        if cfg.prediction == "both":  # separate x and eps heads along the channel axis (PD's ImageNet model)
+            x_head, eps_head = out.chunk(2, dim=1)
+            return param.x_from_both(z, x_head, eps_head, alpha, sigma_t)
         return param.x_from_eps(z, out, alpha, sigma_t)
 
     def config(self) -> dict:
