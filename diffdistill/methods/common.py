@@ -242,6 +242,22 @@ class ScoreDistillation:
         return (ema or {}).get("generator", self.generator), self.recipe()
 
 
+ANALYTIC_FAKE_WARMUP = 300  # fresh fake scores of analytic teachers fit the generator alone this many steps first
+
+
+def add_fake_warmup_argument(group) -> None:
+    group.add_argument("--fake-warmup-steps", type=int, default=None,
+                       help=f"steps that train only the fake score first (default 0; {ANALYTIC_FAKE_WARMUP} for "
+                            "analytic teachers, whose fake score starts as a fresh network)")
+
+
+def fake_warmup_steps(value: int | None, teacher: Denoiser) -> int:
+    """--fake-warmup-steps, defaulting to 0 for network teachers (the fake score is a copy of the teacher)."""
+    if value is not None:
+        return value
+    return ANALYTIC_FAKE_WARMUP if is_weightless(teacher) else 0
+
+
 def count_params(module: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 

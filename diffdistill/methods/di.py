@@ -20,7 +20,6 @@ from torch import Tensor
 
 from ..diffusion import param
 from ..diffusion.denoiser import Denoiser
-from ..errors import DiffdistillError
 from ..train import dist
 from . import common
 from .base import Batch, Group, Method, OptimConfig
@@ -132,16 +131,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--teacher-dropout", choices=["shared", "eval"], default=d.dropout,
                    help="'shared': teacher and fake net in train mode with equal dropout masks (official); "
                         "'eval': both in eval mode")
-    g.add_argument("--fake-warmup-steps", type=int, default=None,
-                   help="steps that train only the fake score first (default 0; 300 for analytic teachers)")
+    common.add_fake_warmup_argument(g)
 
 
 def build(args: argparse.Namespace, teacher: Denoiser, data=None) -> DiffInstruct:
-    warm = args.fake_warmup_steps
-    if warm is None:
-        warm = 300 if common.is_weightless(teacher) else 0
-    if args.gen_every < 1:
-        raise DiffdistillError(f"--gen-every must be >= 1, got {args.gen_every}")
+    warm = common.fake_warmup_steps(args.fake_warmup_steps, teacher)
     cfg = DIConfig(init_sigma=args.init_sigma, gen_lr=args.gen_lr, fake_lr=args.fake_lr,
                    gen_every=args.gen_every, dropout=args.teacher_dropout, fake_warmup_steps=warm)
     method = DiffInstruct(teacher, cfg)

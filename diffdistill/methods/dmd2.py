@@ -291,14 +291,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="weight of the classifier term in the fake-score loss (default %(default)s)")
     g.add_argument("--teacher-dropout", choices=["eval", "shared"], default=d.dropout,
                    help="teacher and fake score in the DM term: eval mode or shared dropout masks")
-    g.add_argument("--fake-warmup-steps", type=int, default=None,
-                   help="steps that train only the fake score first (default 0; 300 for analytic teachers)")
+    common.add_fake_warmup_argument(g)
 
 
 def build(args: argparse.Namespace, teacher: Denoiser, data=None) -> DMD2:
-    warm = args.fake_warmup_steps
-    if warm is None:
-        warm = 300 if common.is_weightless(teacher) else 0
+    warm = common.fake_warmup_steps(args.fake_warmup_steps, teacher)
     if args.gan_weight > 0 and data is None:
         raise UsageError("dmd2 --gan-weight > 0 trains a GAN on real data: give a data set (--data)")
     cfg = DMD2Config(gen_sigmas=list(args.gen_sigmas or []), gen_every=args.gen_every, lr=args.lr,

@@ -165,14 +165,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="update the generator every k-th step, the fake score every step (default 1 = 1:1)")
     g.add_argument("--teacher-dropout", choices=["eval", "shared"], default=d.dropout,
                    help="teacher and fake score in the generator loss: eval mode (official) or shared masks")
-    g.add_argument("--fake-warmup-steps", type=int, default=None,
-                   help="steps that train only the fake score first (default 0; 300 for analytic teachers)")
+    common.add_fake_warmup_argument(g)
 
 
 def build(args: argparse.Namespace, teacher: Denoiser, data=None) -> SiD:
-    warm = args.fake_warmup_steps
-    if warm is None:
-        warm = 300 if common.is_weightless(teacher) else 0
+    warm = common.fake_warmup_steps(args.fake_warmup_steps, teacher)
     cfg = SiDConfig(init_sigma=args.init_sigma, alpha=args.alpha, t_max=args.t_max,
                     loss_scale=args.loss_scale, gen_lr=args.gen_lr, fake_lr=args.fake_lr,
                     gen_every=args.gen_every, dropout=args.teacher_dropout,
