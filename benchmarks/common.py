@@ -84,13 +84,14 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timeit(fn: Callable[[], object], device="cpu") -> float:
-    """Seconds of one call (CUDA synchronised)."""
+def timeit(fn: Callable[[], object], device="cpu", calls: int = 1) -> float:
+    """Seconds per call of `calls` back-to-back calls (CUDA synchronised)."""
     sync(device)
     t0 = time.perf_counter()
-    fn()
+    for _ in range(calls):
+        fn()
     sync(device)
-    return time.perf_counter() - t0
+    return (time.perf_counter() - t0) / calls
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1, device="cpu") -> dict:
@@ -102,20 +103,22 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1, device=
 
 
 def alternate(fn_a: Callable[[], object], fn_b: Callable[[], object], rounds: int, warmup: int = 1,
-              device="cpu") -> dict:
+              device="cpu", calls: int = 1) -> dict:
     """Time A and B alternately (A, B, B, A, A, B, ...: the order flips every round so that neither side
-    always runs second), and return the medians of each and the median of the per-round ratios A / B."""
+    always runs second), `calls` calls per timing, and return the medians of each and the median of the
+    per-round ratios A / B. Blocks of calls (tens of ms) keep a loaded machine's bursts from deciding a
+    single few-ms timing."""
     for _ in range(warmup):
         fn_a()
         fn_b()
     ta, tb = [], []
     for r in range(max(rounds, 1)):
         if r % 2 == 0:
-            ta.append(timeit(fn_a, device))
-            tb.append(timeit(fn_b, device))
+            ta.append(timeit(fn_a, device, calls))
+            tb.append(timeit(fn_b, device, calls))
         else:
-            tb.append(timeit(fn_b, device))
-            ta.append(timeit(fn_a, device))
+            tb.append(timeit(fn_b, device, calls))
+            ta.append(timeit(fn_a, device, calls))
     ratios = [a / b for a, b in zip(ta, tb)]
     return dict(a_median_s=statistics.median(ta), b_median_s=statistics.median(tb),
                 ratio=statistics.median(ratios), rounds=len(ratios))

@@ -101,6 +101,23 @@ def test_o8_dirac_data_is_exact():
             assert torch.allclose(out, torch.tensor([0.42, -1.0], dtype=f64).expand(16, 2), atol=1e-9)
 
 
+def test_onestep_is_one_call_in_the_denoisers_dtype():
+    """sample_onestep is exactly D(s0 z; s0), computed in the denoiser's dtype (no float64 state, no casts)."""
+    from diffdistill.diffusion.denoiser import Precond, PrecondConfig
+    from diffdistill.networks.mlp import MLP
+
+    torch.manual_seed(0)
+    den = Precond(MLP(dim=2, hidden=16, num_layers=2), (2,), 0, PrecondConfig(kind="edm")).eval()
+    z = torch.randn(5, 2)
+    with torch.no_grad():
+        expected = den(z * 2.5, 2.5)
+    out = sample_onestep(den, z, torch.tensor([2.5, 0.0], dtype=f64))
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
+    assert sample_onestep(den.double(), z.double(), [2.5, 0.0]).dtype == f64
+    with pytest.raises(ValueError, match="end in 0"):
+        sample_onestep(den, z, [2.5, 1.0])
+
+
 @pytest.mark.parametrize("n,expected,trunc", [(1, 0.0, False), (2, 0.5, False), (4, 0.728553, False),
                                                (1000, 0.998767, False), (2, 0.500023, True), (4, 0.728567, True)])
 def test_o10_cosine_ddim_on_unit_gaussian(n, expected, trunc):

@@ -15,10 +15,15 @@ from torch import Tensor
 from ..diffusion.schedules import check_sigmas
 
 
-def call_denoiser(denoiser, x: Tensor, sigma: Tensor | float, cond=None) -> Tensor:
-    """D(x; sigma) in the denoiser's dtype (its parameters' dtype, else x's), returned in x's dtype."""
+def denoiser_dtype(denoiser, default: torch.dtype) -> torch.dtype:
+    """The dtype a denoiser computes in: its parameters' dtype, else `default` (parameter-free analytic ones)."""
     p = next(iter(denoiser.parameters()), None)
-    dtype = p.dtype if p is not None else x.dtype
+    return p.dtype if p is not None else default
+
+
+def call_denoiser(denoiser, x: Tensor, sigma: Tensor | float, cond=None) -> Tensor:
+    """D(x; sigma) in the denoiser's dtype (`denoiser_dtype`), returned in x's dtype."""
+    dtype = denoiser_dtype(denoiser, x.dtype)
     s = torch.as_tensor(sigma, dtype=dtype, device=x.device)
     return denoiser(x.to(dtype), s.expand(x.shape[0]) if s.ndim == 0 else s, cond).to(x.dtype)
 
