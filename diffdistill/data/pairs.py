@@ -226,7 +226,7 @@ def _digest(tensors: dict[str, Tensor]) -> str:
     h = hashlib.sha256()
     for k in sorted(tensors):
         h.update(k.encode())
-        h.update(tensors[k].contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(tensors[k].contiguous().view(torch.uint8).numpy())  # the buffer itself: no copy of a shard
     return h.hexdigest()[:32]
 
 
@@ -378,6 +378,7 @@ def generate_pairs(teacher: Denoiser, root: str | Path, cfg: PairsConfig, device
         meta = dict(format=FORMAT, teacher=m["teacher"], shard=s["name"], index=str(i), count=str(s["count"]),
                     seed=str(m["seed"]), target_dtype=m["target_dtype"], sha256=_digest(tensors))
         atomic_save_tensors(shard_path(root, s["name"]), tensors, metadata=meta)
+        del tensors  # else the finished shard stays alive while the next one is generated
         bar.update(s["count"])
     bar.close()
     dist.barrier()
