@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+import torch
 from torch import nn
 
 from .errors import DiffdistillError
@@ -54,6 +55,10 @@ PRESETS: dict[str, Preset] = {
     "mnist": Preset("mnist", "mnist", {}, total_kimg=2000, batch=128, lr=1e-3, warmup_kimg=50,
                     ema_halflife_kimg=50, tick_kimg=20, checkpoint_kimg=200, snapshot_kimg=500, grid_kimg=100,
                     grid_n=100, expect="clean digits; FID (Inception) around 2-5 against the MNIST training set"),
+    # 32x32 RGB (CIFAR-10) on a CPU: a 1.26M-parameter UNet (one block per level) instead of EDM's 56M.
+    "cifar10-small": Preset("cifar10-small", "cifar10-small", {}, total_kimg=300, batch=128, lr=1e-3,
+                            warmup_kimg=10, ema_halflife_kimg=20, tick_kimg=10, checkpoint_kimg=50,
+                            grid_kimg=50, grid_n=64, expect=""),
     # EDM CIFAR-10 DDPM++ recipe (§1.3): batch 512, Adam lr 1e-3 with 10 Mimg warm-up, EMA half-life 500 kimg,
     # dropout 0.13, 200 Mimg. EDM reports FID 1.97 (uncond) / 1.79 (cond) with 18-step Heun (35 NFE) when trained
     # with its augmentation pipeline (p=0.12), which this library does not implement: expect somewhat worse
@@ -70,23 +75,76 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
-def build_network(preset: Preset | str, shape, label_dim: int = 0) -> nn.Module:
-    """The preset's backbone for samples of `shape` ((D,) for the MLP, (C, H, W) with H == W for UNets)."""
+# The generic architecture options of `train-teacher` and the constructor argument each sets, per network kind
+# (None: the kind has no such setting).
+NETWORK_OPTIONS = {
+    "channels": {"unet": "model_channels", "mlp": "hidden"},
+    "channel_mult": {"unet": "channel_mult", "mlp": None},
+    "blocks": {"unet": "num_blocks", "mlp": "num_layers"},
+    "attn": {"unet": "attn_resolutions", "mlp": None},
+    "dropout": {"unet": "dropout", "mlp": None},
+}
+
+
+def network_options(args) -> dict:
+    """The architecture options given on a command line (argparse namespace), without the unset ones."""
+    return {k: getattr(args, k) for k in NETWORK_OPTIONS if getattr(args, k, None) is not None}
+
+
+def _constructor_overrides(preset: Preset, options: dict) -> dict:
+    kind = "mlp" if preset.network == "mlp" else "unet"
+    out = dict(preset.network_options)
+    for name, value in options.items():
+        if name not in NETWORK_OPTIONS:
+            raise DiffdistillError(f"unknown network option {name!r} (known: {', '.join(NETWORK_OPTIONS)})")
+        arg = NETWORK_OPTIONS[name][kind]
+        if arg is None:
+            raise DiffdistillError(f"--{name.replace('_', '-')} does not apply to the {kind.upper()} of preset "
+                                   f"{preset.name!r}")
+        if name in ("channels", "blocks") and not value >= 1:
+            raise DiffdistillError(f"--{name} must be at least 1, got {value}")
+        if name == "channel_mult" and (not value or min(value) < 1):
+            raise DiffdistillError(f"--channel-mult needs one multiplier >= 1 per level, got {value}")
+        if name == "dropout" and not 0 <= value < 1:
+            raise DiffdistillError(f"--dropout must lie in [0, 1), got {value}")
+        out[arg] = value
+    return out
+
+
+def build_network(preset: Preset | str, shape, label_dim: int = 0, **options) -> nn.Module:
+    """The preset's backbone for samples of `shape` ((D,) for the MLP, (C, H, W) with H == W for UNets);
+    `options` (channels, channel_mult, blocks, attn, dropout) override the preset's architecture."""
     preset = get_preset(preset) if isinstance(preset, str) else preset
     shape = tuple(int(s) for s in shape)
+    kwargs = _constructor_overrides(preset, options)
     if preset.network == "mlp":
         from .networks.mlp import MLP
 
         if len(shape) != 1:
             raise DiffdistillError(f"preset {preset.name!r} is for flat points (shape (D,)), the data has "
                                    f"shape {shape}; use digits, mnist or cifar10")
-        return MLP(dim=shape[0], label_dim=label_dim, **preset.network_options)
+        return MLP(dim=shape[0], label_dim=label_dim, **kwargs)
     from .networks.unet import unet_preset
 
     if len(shape) != 3 or shape[1] != shape[2]:
         raise DiffdistillError(f"preset {preset.name!r} is for square images (C, H, H), the data has shape {shape}; "
                                "use --preset toy for points")
-    return unet_preset(preset.network, shape[1], shape[0], label_dim, **preset.network_options)
+    what = f"preset {preset.name!r} with {_cli(options)}" if options else f"preset {preset.name!r}"
+    try:
+        net = unet_preset(preset.network, shape[1], shape[0], label_dim, **kwargs)
+        if options:  # a custom architecture: one forward pass finds channel counts GroupNorm cannot split
+            with torch.no_grad():
+                net(torch.zeros(1, *shape), torch.zeros(1), torch.zeros(1, label_dim) if label_dim else None)
+    except (ValueError, AssertionError, RuntimeError) as e:
+        raise DiffdistillError(f"{what}: not a valid UNet for images of shape {shape} "
+                               f"({str(e).splitlines()[0]})") from None
+    return net
+
+
+def _cli(options: dict) -> str:
+    def value(v):
+        return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
+    return " ".join(f"--{k.replace('_', '-')} {value(v) if v != [] else 'none'}" for k, v in options.items())
 
 
 def train_config(preset: Preset | str, out: str, **overrides) -> TrainConfig:

@@ -198,8 +198,11 @@ def test_train_writes_stats_checkpoints_and_model(tmp_path):
     den, recipe, meta = io.load_snapshot(run / "model")
     assert recipe == {"sampler": "euler", "steps": 4} and meta["step"] == 10
     assert set(den.state_dict()) == set(method.a.state_dict())
-    assert (run / "samples-000000.png").is_file() and (run / "samples-final.png").is_file()
-    assert (run / "snapshot-000000" / "model.json").is_file()
+    # every 80 images: two grids and two snapshots, named by kimg to the image under 1 kimg
+    assert (run / "samples-000000.080.png").is_file() and (run / "samples-000000.160.png").is_file()
+    assert (run / "samples-final.png").is_file()
+    assert sorted(p.name for p in run.glob("snapshot-*")) == ["snapshot-000000.080", "snapshot-000000.160"]
+    assert (run / "snapshot-000000.160" / "model.json").is_file()
 
 
 def test_model_is_the_ema_not_the_raw_weights(tmp_path):

@@ -186,3 +186,38 @@ def test_cli_rules(tmp_path, capsys):
     assert main(["train-teacher", "--data", "toy:ring8", "--out", str(tmp_path / "d"), "--preset", "digits",
                  "--kimg", "1"]) == 1
     assert "square images" in capsys.readouterr().err
+
+
+def test_cli_network_and_loop_options(tmp_path, capsys):
+    """train-teacher's architecture overrides reach the saved network; its loop options are the shared ones."""
+    import json
+
+    from diffdistill.cli.main import main
+
+    run = tmp_path / "digits"
+    args = ["train-teacher", "--data", "digits", "--out", str(run), "--preset", "digits", "--channels", "8",
+            "--channel-mult", "1,1", "--blocks", "1", "--attn", "none", "--dropout", "0.05", "--warmup", "0.5",
+            "--kimg", "0.128", "--batch", "32", "--snapshot-kimg", "0.064", "--tick-kimg", "0.032",
+            "--no-progress"]
+    assert main(args) == 0
+    net = io.load_snapshot(run / "model")[0].backbone.config()
+    assert (net["model_channels"], net["channel_mult"], net["num_blocks"], net["attn_resolutions"],
+            net["dropout"]) == (8, [1, 1], 1, [], 0.05)
+    config = json.loads((run / "config.json").read_text())
+    assert config["meta"]["warmup_kimg"] == 0.5 and config["meta"]["network"]["channels"] == 8
+    assert config["train"]["snapshot_kimg"] == 0.064 and config["train"]["tick_kimg"] == 0.032
+    assert len(list(run.glob("snapshot-*"))) == 2
+    assert len((run / "stats.jsonl").read_text().splitlines()) == 4
+    # A different architecture is a different run; impossible ones are one-line errors.
+    assert main([*args[:8], "16", *args[9:]]) == 1
+    assert "holds a different run" in capsys.readouterr().err
+    for bad, message in ((["--preset", "toy", "--data", "toy:ring8", "--attn", "8"], "does not apply to the MLP"),
+                         (["--data", "digits", "--channels", "48"], "not a valid UNet"),
+                         (["--data", "digits", "--channel-mult", "1,0"], "one multiplier >= 1")):
+        assert main(["train-teacher", "--out", str(tmp_path / "bad"), "--kimg", "0.1", *bad]) == 1
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train-teacher", "--data", "digits", "--out", str(tmp_path / "x"), "--attn", "8,a"])
+    assert exit_info.value.code == 2 and "comma-separated integers" in capsys.readouterr().err
+    assert main(["train-teacher", "--data", "digits", "--out", str(tmp_path / "x"), "--grid-kimg", "-1"]) == 2

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import shlex
 import sys
 
 from ..errors import UsageError
+from .common import add_loop_arguments, check_loop_arguments, loop_settings
 
 METHODS = ["kd", "pd", "di", "gdd", "cd", "dmd2", "sid"]
 
@@ -39,28 +39,6 @@ def _method_module(name: str):
     return importlib.import_module(f"diffdistill.methods.{name}")
 
 
-def add_loop_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of the loop shared by every method."""
-    g = p.add_argument_group("training loop")
-    g.add_argument("--out", required=True, metavar="RUN", help="run directory")
-    g.add_argument("--kimg", type=float, default=100.0, help="training length in thousands of images (default 100)")
-    g.add_argument("--batch", type=int, default=128, help="global batch size (default 128)")
-    g.add_argument("--batch-gpu", type=int, default=None, help="per-process micro-batch (gradient accumulation)")
-    g.add_argument("--ema", type=float, default=None, metavar="KIMG",
-                   help="EMA half-life of the student in kimg (default: 5%% of the run)")
-    g.add_argument("--tick-kimg", type=float, default=None, help="a stats.jsonl line every this many kimg")
-    g.add_argument("--checkpoint-kimg", type=float, default=None, help="checkpoint every this many kimg")
-    g.add_argument("--grid-kimg", type=float, default=None, help="save a sample grid every this many kimg")
-    g.add_argument("--resume", action="store_true", help="continue RUN even if its settings differ")
-    g.add_argument("--force", action="store_true", help="start RUN over (deletes its checkpoints and stats)")
-    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    g.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    g.add_argument("--seed", type=int, default=0, help="random seed")
-    g.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser("distill", help="distil a teacher into a 1-4 step student",
                               description="Distil a teacher into a fast student with one of the methods below.",
@@ -76,7 +54,8 @@ def register(subparsers) -> None:
         mp.add_argument("--data", default=None, metavar="SPEC",
                         help="real data" + (" (required)" if module.NEEDS_DATA else " (not needed)"))
         mp.add_argument("--xflip", action="store_true", help="augment real images with horizontal flips")
-        add_loop_arguments(mp)
+        add_loop_arguments(mp, kimg=100.0, batch=128, default_note="",
+                           ema_help="EMA half-life of the student in kimg (default: 5%% of the run)")
         module.add_arguments(mp)
         mp.set_defaults(func=run, method_module=name)
 
@@ -98,17 +77,6 @@ def register(subparsers) -> None:
     pp.set_defaults(func=run_pairs)
 
 
-def _check_positive(args) -> None:
-    for name in ("kimg", "ema", "tick_kimg", "checkpoint_kimg", "grid_kimg"):
-        value = getattr(args, name, None)
-        if value is not None and not value > 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    for name in ("batch", "batch_gpu"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-
-
 def _device(args) -> str:
     import torch
 
@@ -120,7 +88,7 @@ def run(args) -> int:
     from ..teachers import is_analytic_spec, load_teacher
     from ..train.loop import TrainConfig, train
 
-    _check_positive(args)
+    check_loop_arguments(args)
     module = _method_module(args.method_module)
     if module.NEEDS_DATA and args.data is None:
         raise UsageError(f"{args.method_module} needs real data: pass --data SPEC (a folder, .zip, .npz, digits, "
@@ -134,16 +102,12 @@ def run(args) -> int:
                              f"{args.teacher} makes {tuple(teacher.shape)}")
     method = module.build(args, teacher, data)
     data_spec = args.data or (args.teacher if is_analytic_spec(args.teacher) else None)
-    cfg = TrainConfig(
-        out=args.out, total_kimg=args.kimg, batch=args.batch, batch_gpu=args.batch_gpu,
-        ema_halflife_kimg=args.ema if args.ema is not None else 0.05 * args.kimg,
-        seed=args.seed, tick_kimg=args.tick_kimg or max(args.kimg / 20, 1e-3),
-        checkpoint_kimg=args.checkpoint_kimg or max(args.kimg / 4, 1e-3),
-        grid_kimg=args.grid_kimg or 0.0, device=args.device, workers=args.workers, resume=args.resume,
-        force=args.force, max_steps=args.max_steps, bf16=args.bf16, progress=not args.no_progress,
-        command=shlex.join(["diffdistill", *sys.argv[1:]]),
-        meta=dict(method=args.method_module, teacher=args.teacher, data=data_spec),
-    )
+    settings = loop_settings(args)
+    # Defaults that scale with the run: EMA half-life 5% of it, 20 stats lines, 4 checkpoints, no grids.
+    settings.setdefault("ema_halflife_kimg", 0.05 * args.kimg)
+    settings.setdefault("tick_kimg", max(args.kimg / 20, 1e-3))
+    settings.setdefault("checkpoint_kimg", max(args.kimg / 4, 1e-3))
+    cfg = TrainConfig(**settings, meta=dict(method=args.method_module, teacher=args.teacher, data=data_spec))
     evaluate = getattr(module, "evaluate", None)  # a method's own model selection (KD: held-out loss)
     if evaluate is not None:
         cfg.eval_kimg = max(args.kimg / 10, 1e-3)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 
 from ..errors import UsageError
+from .common import add_loop_arguments, check_loop_arguments, loop_settings
 
 EXAMPLES = """\
 examples:
@@ -37,26 +37,37 @@ def register(subparsers) -> None:
                               epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, metavar="SPEC",
                    help="data set: folder, .zip, cifar-10-python.tar.gz, .npz, LMDB, digits, toy:ring8, gmm:PATH")
-    p.add_argument("--out", required=True, metavar="RUN", help="run directory")
     p.add_argument("--preset", choices=list(PRESETS), default=None,
                    help="network and loop settings (default: by data shape: toy for points, digits up to 8x8, "
                         "mnist up to 28x28, else cifar10)")
-    p.add_argument("--kimg", type=float, default=None, help="training length in thousands of images")
-    p.add_argument("--batch", type=int, default=None, help="global batch size")
-    p.add_argument("--batch-gpu", type=int, default=None, help="per-process micro-batch (gradient accumulation)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the preset's)")
-    p.add_argument("--ema", type=float, default=None, metavar="KIMG", help="EMA half-life in kimg")
+    p.add_argument("--warmup", type=float, default=None, metavar="KIMG",
+                   help="linear learning-rate warm-up in kimg (default: the preset's)")
     p.add_argument("--xflip", action="store_true", help="augment images with horizontal flips")
-    p.add_argument("--resume", action="store_true", help="continue RUN even if its settings differ")
-    p.add_argument("--force", action="store_true", help="start RUN over (deletes its checkpoints and stats)")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (testing)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_loop_arguments(p, kimg=None, batch=None, default_note="the preset's",
+                       ema_help="EMA half-life in kimg (default: the preset's)")
+    g = p.add_argument_group("network (overrides of the preset's)")
+    g.add_argument("--channels", type=int, default=None,
+                   help="base channel count of a UNet (a multiple of 32 with the default GroupNorm); "
+                        "width of the MLP")
+    g.add_argument("--channel-mult", type=_int_list, default=None, metavar="M1,M2,...",
+                   help="UNet channel multiplier per resolution level, e.g. 1,2,2 (one level each)")
+    g.add_argument("--blocks", type=int, default=None, help="residual blocks per level (UNet), layers (MLP)")
+    g.add_argument("--attn", type=_int_list, default=None, metavar="R1,R2,...|none",
+                   help="UNet resolutions with self-attention, e.g. 16 or 8,16, or none")
+    g.add_argument("--dropout", type=float, default=None, help="dropout probability in the residual blocks")
     teacher.add_arguments(p)
     p.set_defaults(func=run)
+
+
+def _int_list(text: str) -> list[int]:
+    """'1,2,2' -> [1, 2, 2]; 'none' -> []."""
+    if text.strip().lower() == "none":
+        return []
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def default_preset(shape: tuple[int, ...]) -> str:
@@ -69,36 +80,27 @@ def default_preset(shape: tuple[int, ...]) -> str:
 def run(args) -> int:
     from ..data import open_dataset
     from ..methods import teacher
-    from ..presets import get_preset, train_config
+    from ..presets import get_preset, network_options, train_config
     from ..train.loop import train
 
-    for name in ("kimg", "lr", "ema"):
-        value = getattr(args, name)
-        if value is not None and not value > 0:
-            raise UsageError(f"--{name} must be positive, got {value}")
-    for name in ("batch", "batch_gpu"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    check_loop_arguments(args)
+    if args.lr is not None and not args.lr > 0:
+        raise UsageError(f"--lr must be positive, got {args.lr}")
+    if args.warmup is not None and not args.warmup >= 0:
+        raise UsageError(f"--warmup must be 0 (none) or positive, got {args.warmup}")
     data = open_dataset(args.data, xflip=args.xflip, use_labels=not args.uncond)
     if args.preset is None:
         args.preset = default_preset(tuple(data.shape))
     preset = get_preset(args.preset)
     method = teacher.build(args, None, data)
-    overrides = dict(batch_gpu=args.batch_gpu, seed=args.seed, bf16=args.bf16, device=args.device,
-                     workers=args.workers, resume=args.resume, force=args.force, max_steps=args.max_steps,
-                     progress=not args.no_progress, command=shlex.join(["diffdistill", *sys.argv[1:]]))
-    if args.kimg is not None:
-        overrides["total_kimg"] = args.kimg
-    if args.batch is not None:
-        overrides["batch"] = args.batch
-    if args.ema is not None:
-        overrides["ema_halflife_kimg"] = args.ema
+    overrides = loop_settings(args)
+    overrides.pop("out")
     meta = dict(data=args.data, xflip=args.xflip, preset=preset.name, loss=method.cfg.loss,
                 prediction=method.cfg.prediction, schedule=method.cfg.schedule, weighting=method.cfg.weighting,
                 sigma_data=method.cfg.sigma_data, label_dropout=method.cfg.label_dropout,
-                lr=method.cfg.optim.lr if method.cfg.optim else None, label_dim=method.denoiser.label_dim,
-                sample_steps=args.sample_steps)
+                lr=method.cfg.optim.lr, warmup_kimg=method.cfg.optim.warmup_kimg,
+                label_dim=method.denoiser.label_dim, sample_steps=args.sample_steps,
+                network=network_options(args))
     cfg = train_config(preset, args.out, meta=meta, **overrides)
     result = train(method, cfg, data)
     if result["interrupted"]:

@@ -218,8 +218,10 @@ def build(args, teacher, data) -> TeacherTraining:
         raise UsageError("--pred applies to --loss vp (EDM's preconditioning fixes the output)")
     preset = presets.get_preset(args.preset)
     label_dim = 0 if getattr(args, "uncond", False) else int(getattr(data, "label_dim", 0) or 0)
-    network = presets.build_network(preset, tuple(data.shape), label_dim)
-    optim = OptimConfig(lr=args.lr if args.lr is not None else preset.lr, warmup_kimg=preset.warmup_kimg,
+    network = presets.build_network(preset, tuple(data.shape), label_dim, **presets.network_options(args))
+    warmup = getattr(args, "warmup", None)
+    optim = OptimConfig(lr=args.lr if args.lr is not None else preset.lr,
+                        warmup_kimg=warmup if warmup is not None else preset.warmup_kimg,
                         grad_clip=preset.grad_clip)
     cfg = TeacherConfig(loss=args.loss, prediction=(args.pred or "v") if args.loss == "vp" else "eps",
                         schedule=args.schedule, weighting=args.weighting,

@@ -421,6 +421,9 @@ UNET_PRESETS: dict[str, dict] = {
     # MNIST at its native 28x28: levels 28 -> 14 -> 7, ~1.75M parameters.
     "mnist": dict(model_channels=32, channel_mult=[1, 2, 2], channel_mult_emb=4, num_blocks=2,
                   attn_resolutions=[7], dropout=0.1),
+    # 32x32 RGB on a CPU (a laptop-sized CIFAR-10 teacher): levels 32 -> 16 -> 8, ~1.26M parameters.
+    "cifar10-small": dict(model_channels=32, channel_mult=[1, 2, 2], channel_mult_emb=4, num_blocks=1,
+                          attn_resolutions=[8], dropout=0.1),
     # EDM's DDPM++ CIFAR-10 config (train.py --arch=ddpmpp, algorithms.md §1.3): 55.73M parameters
     # (unconditional, no augment labels); FID 1.79 cond / 1.97 uncond with EDM training and 18-step Heun.
     "cifar10": dict(model_channels=128, channel_mult=[2, 2, 2], channel_mult_emb=4, num_blocks=4,

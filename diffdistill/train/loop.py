@@ -81,6 +81,12 @@ def run_config(method: Method, cfg: TrainConfig) -> dict:
 # Pieces
 
 
+def kimg_label(nimg: int, interval_kimg: float) -> str:
+    """The kimg in names of periodic outputs: 000200 (EDM's style), or 000000.064 when the interval is under
+    1 kimg (so that short runs do not give two outputs one name)."""
+    return f"{nimg // 1000:06d}" if interval_kimg >= 1 else f"{nimg / 1000:010.3f}"
+
+
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "", "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -471,9 +477,9 @@ class _Run:
                         if bar is not None:
                             bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items() if k.endswith("/loss")})
                     if self.main and _crossed(prev, self.nimg, cfg.grid_kimg):
-                        self.save_grid(self.run_dir / f"samples-{self.nimg // 1000:06d}.png")
+                        self.save_grid(self.run_dir / f"samples-{kimg_label(self.nimg, cfg.grid_kimg)}.png")
                     if self.main and _crossed(prev, self.nimg, cfg.snapshot_kimg):
-                        self.save_snapshot(f"snapshot-{self.nimg // 1000:06d}")
+                        self.save_snapshot(f"snapshot-{kimg_label(self.nimg, cfg.snapshot_kimg)}")
                     if _crossed(prev, self.nimg, cfg.eval_kimg) or (done and cfg.eval_kimg > 0):
                         self.run_eval()
                     if _crossed(prev, self.nimg, cfg.checkpoint_kimg):
