@@ -31,8 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--shared-data", default=str(ROOT.parent / "shared" / "data"), metavar="PATH",
                    help="folder with mnist.npz and the CIFAR-10 test files (default ../shared/data)")
-    p.add_argument("--digits-teacher", default=None, metavar="RUN",
-                   help="an existing digits teacher (run or snapshot); default: train one under --work")
+    for name in ("digits", "mnist", "cifar10"):
+        p.add_argument(f"--{name}-teacher", default=None, metavar="RUN",
+                       help=f"an existing {name} teacher (run or snapshot); default: train one under --work")
     p.add_argument("--work", default=str(ROOT / "runs" / "bench"), metavar="DIR",
                    help="scratch folder for teachers, students and pairs (default runs/bench)")
     p.add_argument("--results", default=str(RESULTS), metavar="DIR", help="where the JSON records go")
@@ -58,7 +59,9 @@ def run(args, command: str) -> int:
     check_device(args.device)
     ctx = Context(quick=args.quick, device=args.device, threads=args.threads, work=Path(args.work),
                   results=Path(args.results), shared_data=Path(args.shared_data),
-                  digits_teacher=args.digits_teacher, command=command)
+                  teachers={k: v for k in ("digits", "mnist", "cifar10")
+                            if (v := getattr(args, f"{k}_teacher")) is not None},
+                  command=command)
     failed = []
     if not args.report_only:
         torch.set_num_threads(args.threads)

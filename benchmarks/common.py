@@ -30,7 +30,7 @@ class Context:
     work: Path = ROOT / "runs" / "bench"   # scratch: teachers, students, pairs (git-ignored)
     results: Path = RESULTS                # one JSON record per benchmark
     shared_data: Path = ROOT.parent / "shared" / "data"  # MNIST / CIFAR-10 files (optional)
-    digits_teacher: str | None = None      # an existing digits teacher run/snapshot (else one is trained)
+    teachers: dict = field(default_factory=dict)  # data set -> an existing teacher run/snapshot (else trained)
     command: str = ""                      # the command line, recorded in every record
     log: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr, flush=True))
 

@@ -27,7 +27,7 @@ from diffdistill.errors import DiffdistillError
 from diffdistill.io import load_snapshot
 from diffdistill.metrics.protocol import generate
 
-from .common import Context, fmt, goal, not_run, table
+from .common import Context, fmt, goal, table
 
 METHODS = ["kd", "pd", "di", "gdd", "cd", "dmd2", "sid"]
 TEACHER_NFE = [1, 2, 4, 8, 18, 35]
@@ -115,21 +115,32 @@ def distill(ctx: Context, method: str, teacher: str, run_dir: Path, kimg: float,
                 kimg=seen["result"]["nimg"] / 1000, snapshots={k: str(v) for k, v in snaps.items()})
 
 
+def multistep_levels(den, n: int) -> list[float]:
+    """The n noise levels of an n-step student: the first n of an (n+1)-point Karras grid of the teacher's
+    range (80 .. sigma_min), so that the last level is small but not the boundary."""
+    return karras_sigmas(n + 1, den.sigma_min, den.sigma_max)[:n].tolist()
+
+
 def student_recipes(method: str, run: dict, den, sampling: dict) -> list[tuple[int, str, dict | None]]:
-    """(steps, label, recipe or None = not applicable) for 1, 2 and 4 steps of a student."""
+    """(steps, label, recipe) for 1, 2 and 4 steps of a student: a sampling recipe of this run's student, a
+    {'snapshot'} of it, a {'train': extra options} for a student of its own (DMD2's multi-step generators), or
+    None = the method has no such student."""
     out = [(1, sampling.get("sampler", "?"), sampling)]
     if method == "pd":
         for n in (2, 4):
             snap = run["snapshots"].get(f"round-{n:02d}steps")
             out.append((n, f"round-{n:02d}steps", None if snap is None else dict(snapshot=snap)))
     elif method == "cd":
-        # Multistep consistency sampling (Song et al. 2023, Alg. 1) of the same model at the first n levels
-        # of an (n+1)-point Karras grid: n network evaluations, re-noising in between.
+        # Multistep consistency sampling (Song et al. 2023, Alg. 1) of the same model: n network evaluations,
+        # re-noising in between.
         for n in (2, 4):
-            levels = karras_sigmas(n + 1, den.sigma_min, den.sigma_max)[:n].tolist()
-            out.append((n, "multistep", dict(sampler="multistep", sigmas=levels + [0.0])))
+            out.append((n, "multistep", dict(sampler="multistep", sigmas=multistep_levels(den, n) + [0.0])))
     elif method == "dmd2":
-        out += [(n, "needs training with --gen-sigmas", None) for n in (2, 4)]
+        # DMD2's multi-step generator is trained at its levels (backward simulation): a run of its own.
+        for n in (2, 4):
+            levels = multistep_levels(den, n)
+            out.append((n, f"own run, --gen-sigmas ({n} levels)",
+                        dict(train=["--gen-sigmas", *[f"{v:.6g}" for v in levels]])))
     else:
         out += [(n, "one-step method", None) for n in (2, 4)]
     return out
@@ -163,12 +174,12 @@ class ToyScorer:
 class ImageScorer:
     unit = "FID (classifier features)"
 
-    def __init__(self, feature_spec: str, data_spec: str, n: int, device: str):
+    def __init__(self, feature_spec: str, data_spec: str, n: int, device: str, n_ref: int | None = None):
         from diffdistill.metrics.features import load_feature_net
         from diffdistill.metrics.protocol import reference_from_data
 
         self.net = load_feature_net(feature_spec, device=device)
-        self.ref = reference_from_data(data_spec, self.net)
+        self.ref = reference_from_data(data_spec, self.net, n=n_ref)   # the first n_ref images (None: all)
         self.n = n
 
     def __call__(self, den, recipe, device) -> dict:
@@ -188,21 +199,21 @@ class ImageScorer:
 # One data set: teacher rows, then every method's student rows
 
 
-def method_extra(method: str, data: str, quick: bool, image: bool) -> list[str]:
-    """Per-method options: real data where the method needs it; small pair sets for KD; PD's rounds."""
+def method_extra(method: str, data: str, kd_pairs: int) -> list[str]:
+    """Per-method options: real data where the method needs it; the pair set of KD; PD's rounds."""
     extra = []
     if method in ("pd", "gdd", "cd"):
         extra += ["--data", data]
     if method == "kd":
-        n = (2000 if quick else 10000) if image else (10000 if quick else 50000)
-        extra += ["--n-pairs", str(n), "--heldout", str(n // 10), "--shard-size", str(n // 2)]
+        extra += ["--n-pairs", str(kd_pairs), "--heldout", str(kd_pairs // 10), "--shard-size", str(kd_pairs // 2)]
     if method == "pd":
         extra += ["--start-steps", "8", "--end-steps", "1"]
     return extra
 
 
 def dataset_rows(ctx: Context, name: str, teacher: str, data: str, scorer, kimg: float, batch: int,
-                 teacher_compute: dict | None, image: bool, runs: list, goals: list) -> list[list]:
+                 teacher_compute: dict | None, kd_pairs: int, runs: list, goals: list,
+                 methods: list[str] = METHODS) -> list[list]:
     rows = []
     den, _, _ = _load(teacher)
     teacher_cost = teacher_compute or {}
@@ -221,30 +232,37 @@ def dataset_rows(ctx: Context, name: str, teacher: str, data: str, scorer, kimg:
         rows.append(["exact samples (noise floor)", "–", "–", fmt(s["floor"]), "two independent exact sets",
                      "", "", ""])
     best = (math.inf, None)
-    for method in METHODS:
+    for method in methods:
         run_dir = ctx.work / ("quick" if ctx.quick else "full") / f"{name}-{method}"
+        extra = method_extra(method, data, kd_pairs)
         try:
-            run = distill(ctx, method, teacher, run_dir, kimg, batch, method_extra(method, data, ctx.quick, image))
+            run = distill(ctx, method, teacher, run_dir, kimg, batch, extra)
         except Exception as e:  # one method failing must not lose the others' rows: record it in the table
-            msg = f"failed: {type(e).__name__}: {e}".split("\n")[0][:160]
-            ctx.log(f"quality {name}: {method} {msg}")
-            rows.append([method, "–", "–", msg, "", "", "", ""])
-            runs.append(dict(dataset=name, method=method, error=msg))
+            rows.append(_failed_row(ctx, name, method, e, runs))
             continue
         sden, sampling, _ = _load(run["snapshots"]["model"])
-        cost = [fmt(run["teacher_images"]), fmt(run["student_updates"]), fmt(run["wall_s"])]
         for steps, label, recipe in student_recipes(method, run, sden, sampling):
             if recipe is None:
                 rows.append([method, label, steps, "–", "", "", "", ""])
                 continue
+            net, cost = sden, run
             if "snapshot" in recipe:
                 net, recipe, _ = _load(recipe["snapshot"])
-            else:
-                net = sden
+            elif "train" in recipe:
+                try:
+                    cost = distill(ctx, method, teacher, run_dir.with_name(f"{run_dir.name}-{steps}step"), kimg,
+                                   batch, extra + recipe["train"])
+                except Exception as e:
+                    rows.append(_failed_row(ctx, name, f"{method} {steps}-step", e, runs))
+                    continue
+                net, recipe, _ = _load(cost["snapshots"]["model"])
+                runs.append(dict(dataset=name, method=method, sampling_steps=steps,
+                                 **{k: v for k, v in cost.items() if k != "snapshots"}))
             s = scorer(net, recipe, ctx.device)
             if steps == 1 and s["distance"] < best[0]:
                 best = (s["distance"], method)
-            rows.append([method, label, steps, fmt(s["distance"]), s["detail"], *cost])
+            rows.append([method, label, steps, fmt(s["distance"]), s["detail"], fmt(cost["teacher_images"]),
+                         fmt(cost["student_updates"]), fmt(cost["wall_s"])])
             ctx.log(f"quality {name}: {method} {steps} step(s): {s['distance']:.4g} ({s['detail']})")
         runs.append(dict(dataset=name, method=method, **{k: v for k, v in run.items() if k != "snapshots"}))
     if best[1] is not None and full_nfe is not None:
@@ -254,6 +272,13 @@ def dataset_rows(ctx: Context, name: str, teacher: str, data: str, scorer, kimg:
                           "" if best[0] <= full_nfe else f"short training ({kimg:g} kimg per student on a shared "
                           "CPU)"))
     return rows
+
+
+def _failed_row(ctx: Context, name: str, what: str, error: Exception, runs: list) -> list:
+    msg = f"failed: {type(error).__name__}: {error}".split("\n")[0][:160]
+    ctx.log(f"quality {name}: {what} {msg}")
+    runs.append(dict(dataset=name, method=what, error=msg))
+    return [what, "–", "–", msg, "", "", "", ""]
 
 
 def _load(path: str):
@@ -269,8 +294,8 @@ def _load(path: str):
 
 def digits_teacher(ctx: Context) -> tuple[str, dict]:
     """The digits teacher: --digits-teacher, else `train-teacher --preset digits` (reused once finished)."""
-    if ctx.digits_teacher:
-        path = Path(ctx.digits_teacher)
+    if ctx.teachers.get("digits"):
+        path = Path(ctx.teachers["digits"])
         return str(path), _run_compute(path)
     kimg = 10 if ctx.quick else 100
     run_dir = ctx.work / f"digits-teacher-{kimg}kimg"
@@ -307,7 +332,7 @@ def run(ctx: Context) -> dict:
     kimg_toy, batch_toy = (50, 256) if ctx.quick else (200, 256)
     n_toy = 2000 if ctx.quick else 10000
     toy = dataset_rows(ctx, "toy-ring8", "toy:ring8", "toy:ring8", ToyScorer(n_toy), kimg_toy, batch_toy, None,
-                       False, runs, goals)
+                       10000 if ctx.quick else 50000, runs, goals)
     tables.append(table(f"toy:ring8 (exact metrics, {n_toy} samples): sliced W2 to the exact distribution",
                         COLUMNS, toy,
                         f"Teacher: the exact analytic denoiser (no training). Students: `diffdistill distill METHOD "
@@ -318,8 +343,8 @@ def run(ctx: Context) -> dict:
         kimg_dig, batch_dig = (2, 64) if ctx.quick else (10, 64)
         n_dig = 500 if ctx.quick else 2000
         scorer = ImageScorer("digits", "digits", n_dig, ctx.device)
-        digits = dataset_rows(ctx, "digits", teacher, "digits", scorer, kimg_dig, batch_dig, compute, True, runs,
-                              goals)
+        digits = dataset_rows(ctx, "digits", teacher, "digits", scorer, kimg_dig, batch_dig, compute,
+                              2000 if ctx.quick else 10000, runs, goals)
         note = (f"FID of the shipped digits classifier's features (`load_feature_net('digits')`; not Inception) "
                 f"of {n_dig} samples against the 1,797 sklearn digits. Teacher: `diffdistill train-teacher --data "
                 f"digits --preset digits` ({fmt(compute.get('kimg'))} kimg) at `{Path(teacher).name}`. "
@@ -330,22 +355,4 @@ def run(ctx: Context) -> dict:
         digits, note = [["–"] * 3 + [msg] + [""] * 4], msg
         ctx.log(f"quality digits: {msg}")
     tables.append(table("digits (8x8): FID of digits-classifier features", COLUMNS, digits, note))
-    tables.append(table("MNIST and CIFAR-10 test subset (own classifier features, not Inception FIDs)",
-                        ["data set", "status"], real_data_rows(ctx)))
     return dict(tables=tables, goals=goals, results=dict(runs=runs))
-
-
-def real_data_rows(ctx: Context) -> list[list]:
-    files = {"MNIST": "mnist.npz", "CIFAR-10 test subset": "cifar10_test_subset2000_jpeg.npz"}
-    rows = []
-    for name, file in files.items():
-        path = ctx.shared_data / file
-        if not path.is_file():
-            rows.append([name, not_run(f"{path} not found (--shared-data PATH)")])
-        elif not ctx.cuda:
-            rows.append([name, not_run("a CPU teacher takes hours to days (preset mnist: 2 Mimg; cifar10: 200 "
-                                       "Mimg, 56M parameters); this part needs --device cuda")])
-        else:
-            rows.append([name, not_run("the GPU pipeline (teacher, classifier via `diffdistill features train`, "
-                                       "students) is not written yet")])
-    return rows

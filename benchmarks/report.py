@@ -8,8 +8,9 @@ from pathlib import Path
 from . import BENCHMARKS
 from .common import RESULTS, ROOT
 
-TITLES = {"speed": "1. Sampling speed", "quality": "2. Quality against NFE", "throughput": "3. Training throughput",
-          "memory": "4. Memory", "gpu": "5. GPU"}
+TITLES = {"speed": "1. Sampling speed", "quality": "2. Quality against NFE: toy ring and digits",
+          "quality_real": "3. Quality against NFE: MNIST and CIFAR-10", "throughput": "4. Training throughput",
+          "memory": "5. Memory", "gpu": "6. GPU"}
 
 
 def _cell(value) -> str:
@@ -62,8 +63,10 @@ def render(records: dict[str, dict]) -> str:
             lines += [f"## {TITLES[name]}", "", "not run yet", ""]
             continue
         rec = records[name]
+        m = rec.get("machine", {})
         lines += [f"## {TITLES[name]}", "",
-                  f"_`{rec.get('command')}`, {rec['date']}, {rec['wall_s']:g} s"
+                  f"_`{rec.get('command')}`, {rec['date']}, {rec['wall_s']:g} s, {m.get('threads')} torch "
+                  f"thread(s), device {m.get('device')}"
                   f"{', --quick' if rec.get('quick') else ''}; load average "
                   f"(1/5/15 min) {rec.get('load_average_start')} at the start, {rec.get('load_average_end')} at "
                   "the end._", ""]

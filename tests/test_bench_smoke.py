@@ -48,7 +48,7 @@ def test_record_and_report(tmp_path):
     text = render(load_records(tmp_path))
     assert "python -m benchmarks --test" in text and "**A table**" in text and "y\\|z" in text
     assert "| speed | a goal | **no** | 0.5 | because |" in text
-    assert "## 2. Quality against NFE" in text and "not run yet" in text
+    assert "## 2. Quality against NFE" in text and "not run yet" in text and "1 torch thread(s)" in text
 
 
 def test_runner_gpu_rows_without_gpu_and_usage_errors(tmp_path):
@@ -102,3 +102,39 @@ def test_student_updates_counts_the_exported_group():
             return {"generator": None}
 
     assert student_updates(M(), 12) == 3
+
+
+def test_real_data_quality_pipeline(tmp_path):
+    """The MNIST/CIFAR-10 section end to end on a tiny labelled npz: teacher, own classifier, teacher rows,
+    students (DMD2's 2- and 4-step generators are runs of their own), cost columns, the goal; a missing file
+    is a 'not run' row."""
+    import numpy as np
+
+    from benchmarks.quality_real import Budget, RealData, dataset_table
+
+    rng = np.random.default_rng(0)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    np.savez(shared / "tiny.npz", x_train=(rng.random((300, 8, 8)) * 255).astype(np.uint8),
+             y_train=np.arange(300) % 10)
+    data = RealData("tiny", "tiny.npz", "tiny test images", "digits", {})
+    budget = Budget(teacher_kimg=0.128, classifier_epochs=1, classifier_max_n=200, student_kimg=0.064,
+                    student_batch=16, kd_pairs=64, n=128, n_ref=200)
+    ctx = Context(work=tmp_path / "work", shared_data=shared)
+    runs, goals = [], []
+    t = dataset_table(ctx, data, runs, goals, methods=["kd", "dmd2"], budget=budget)
+    rows = t["rows"]
+    assert [r[2] for r in rows if r[0] == "teacher"] == [1, 2, 4, 8, 18, 35]
+    assert [(r[0], r[2]) for r in rows if r[0] != "teacher"] == [("kd", 1), ("kd", 2), ("kd", 4), ("dmd2", 1),
+                                                                 ("dmd2", 2), ("dmd2", 4)]
+    scored = [r for r in rows if r[3] != "–"]
+    assert len(scored) == 6 + 1 + 3 and all(float(r[3].replace(",", "")) >= 0 for r in scored)
+    two, four = (next(r for r in rows if r[0] == "dmd2" and r[2] == n) for n in (2, 4))
+    assert two[1].startswith("own run") and four[1].startswith("own run")
+    commands = [r["command"] for r in runs if r.get("method") == "dmd2" and r.get("sampling_steps") == 4]
+    assert len(commands) == 1 and commands[0].count("--gen-sigmas") == 1
+    assert (tmp_path / "work" / "tiny-teacher-0.128kimg" / "model" / "model.json").is_file()
+    assert "held-out accuracy" in t["note"] and "not Inception" in t["title"]
+    assert len(goals) == 1 and "tiny" in goals[0]["goal"]
+    missing = dataset_table(ctx, RealData("gone", "gone.npz", "absent", "digits", {}), [], [], budget=budget)
+    assert "not run" in missing["rows"][0][1]

@@ -1,0 +1,133 @@
+"""Quality against NFE on real images (issue 9, part 2): MNIST and the CIFAR-10 test split from ../shared/data,
+scored with diffdistill's own classifier features (not Inception: these are not comparable with published FIDs).
+
+For each data set the runner makes (or reuses, under --work) three things through the library's own commands:
+the teacher (`diffdistill train-teacher`, or an existing run given by --mnist-teacher / --cifar10-teacher), the
+feature network (`diffdistill features train` on the same labelled data) and the reference features (the first
+`n_ref` images); then the teacher rows at 1-35 NFE and every method's students, as in `benchmarks.quality`.
+Budgets depend on the device: a CPU gets a laptop-sized run (hours in all), a GPU a longer one; --quick is a
+smoke run of minutes that says nothing about quality.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffdistill.cli.main import main as cli_main
+from diffdistill.errors import DiffdistillError
+
+from .common import Context, fmt, not_run, table
+from .quality import COLUMNS, COST_NOTE, METHODS, ImageScorer, _run_compute, dataset_rows
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much of everything one data set gets."""
+
+    teacher_kimg: float          # teacher training length (when the runner trains it)
+    classifier_epochs: int       # feature-network training
+    classifier_max_n: int        # ... on at most this many labelled images
+    student_kimg: float          # per student (PD: over all its rounds)
+    student_batch: int
+    kd_pairs: int                # KD's (noise, teacher sample) pairs
+    n: int                       # generated samples per row
+    n_ref: int                   # reference images (the first n_ref of the data file)
+
+
+@dataclass(frozen=True)
+class RealData:
+    """One data set of ../shared/data and how the runner trains its teacher."""
+
+    name: str
+    file: str                    # in --shared-data
+    title: str                   # what the table says the data is
+    preset: str                  # train-teacher --preset
+    budgets: dict                # 'quick' | 'cpu' | 'cuda' -> Budget
+    xflip: bool = False          # augment with horizontal flips (natural images, not digits)
+
+
+DATASETS = [
+    RealData("mnist", "mnist.npz", "MNIST (28x28 grey; training split, 60,000 images)", "mnist", {
+        "quick": Budget(2, 1, 2000, 0.5, 32, 256, 200, 1000),
+        "cpu": Budget(300, 3, 20000, 5, 64, 5000, 1000, 10000),
+        "cuda": Budget(2000, 10, 60000, 200, 128, 100000, 10000, 60000)}),
+    RealData("cifar10", "cifar10_test_jpeg.npz",
+             "CIFAR-10 test split (32x32 RGB, 10,000 images, JPEG quality 75)", "cifar10-small", {
+                 "quick": Budget(2, 1, 2000, 0.5, 32, 256, 200, 1000),
+                 "cpu": Budget(300, 8, 10000, 5, 64, 5000, 1000, 10000),
+                 "cuda": Budget(5000, 30, 10000, 200, 128, 100000, 10000, 10000)}, xflip=True),
+]
+
+
+def budget_for(ctx: Context, data: RealData) -> Budget:
+    return data.budgets["quick" if ctx.quick else "cuda" if ctx.cuda else "cpu"]
+
+
+def _cli(argv: list[str], ctx: Context, what: str) -> None:
+    ctx.log(f"quality_real: {what}: diffdistill {' '.join(argv)}")
+    if cli_main(argv) != 0:
+        raise DiffdistillError(f"diffdistill {' '.join(argv)} failed")
+
+
+def teacher_for(ctx: Context, data: RealData, path: Path, budget: Budget) -> tuple[str, dict]:
+    """The given teacher (--<name>-teacher), else `train-teacher --preset` under --work (reused once finished)."""
+    given = ctx.teachers.get(data.name)
+    if given:
+        return given, _run_compute(Path(given))
+    run_dir = ctx.work / f"{data.name}-teacher-{budget.teacher_kimg:g}kimg"
+    if not (run_dir / "model" / "model.json").is_file():
+        argv = ["train-teacher", "--data", str(path), "--preset", data.preset, "--out", str(run_dir), "--kimg",
+                f"{budget.teacher_kimg:g}", "--no-progress"] + (["--xflip"] if data.xflip else [])
+        if ctx.device != "cpu":
+            argv += ["--device", ctx.device]
+        _cli(argv, ctx, f"{data.name} teacher")
+    return str(run_dir), _run_compute(run_dir)
+
+
+def classifier_for(ctx: Context, data: RealData, path: Path, budget: Budget) -> tuple[str, dict]:
+    """diffdistill's own classifier of the data set (features + logits), trained once under --work."""
+    out = ctx.work / f"{data.name}-classifier-{budget.classifier_epochs}ep-{budget.classifier_max_n}.safetensors"
+    if not out.is_file():
+        _cli(["features", "train", "--data", str(path), "--out", str(out), "--epochs",
+              str(budget.classifier_epochs), "--max-n", str(budget.classifier_max_n)]
+             + (["--xflip"] if data.xflip else []), ctx, f"{data.name} feature network")
+    meta = json.loads(out.with_suffix(".json").read_text()).get("meta", {})
+    return str(out), meta
+
+
+def dataset_table(ctx: Context, data: RealData, runs: list, goals: list, methods: list[str] = METHODS,
+                  budget: Budget | None = None) -> dict:
+    path = ctx.shared_data / data.file
+    title = f"{data.title}: FID of diffdistill's own classifier features (not Inception)"
+    if not path.is_file():
+        return table(title, ["data set", "status"], [[data.name, not_run(f"{path} not found (--shared-data)")]])
+    budget = budget or budget_for(ctx, data)
+    teacher, compute = teacher_for(ctx, data, path, budget)
+    features, clf = classifier_for(ctx, data, path, budget)
+    scorer = ImageScorer(features, str(path), budget.n, ctx.device, n_ref=budget.n_ref)
+    rows = dataset_rows(ctx, data.name, teacher, str(path), scorer, budget.student_kimg, budget.student_batch,
+                        compute, budget.kd_pairs, runs, goals, methods)
+    accuracy = clf.get("holdout_accuracy")
+    note = (f"{budget.n:,} samples per row against the first {budget.n_ref:,} images of `{data.file}`. Features: "
+            f"the penultimate layer of a classifier trained here by `diffdistill features train` "
+            f"({budget.classifier_epochs} epochs on {budget.classifier_max_n:,} images; held-out accuracy "
+            f"{fmt(100 * accuracy) if accuracy is not None else '?'}%). Teacher: `{Path(teacher).name}` "
+            f"(train-teacher --preset {data.preset}, {fmt(compute.get('kimg'))} kimg, "
+            f"{fmt(compute.get('wall_s'))} s); its rows show its own training steps and wall time. Students: "
+            f"--kimg {budget.student_kimg:g} --batch {budget.student_batch}, KD on {budget.kd_pairs:,} pairs. "
+            + COST_NOTE)
+    return table(title, COLUMNS, rows, note)
+
+
+def run(ctx: Context) -> dict:
+    runs, goals, tables = [], [], []
+    for data in DATASETS:
+        try:
+            tables.append(dataset_table(ctx, data, runs, goals))
+        except Exception as e:  # one data set failing keeps the other's table
+            msg = f"failed: {type(e).__name__}: {e}".split("\n")[0][:200]
+            ctx.log(f"quality_real {data.name}: {msg}")
+            tables.append(table(data.title, ["data set", "status"], [[data.name, msg]]))
+    return dict(tables=tables, goals=goals, results=dict(runs=runs))
