@@ -329,7 +329,7 @@ COLUMNS = ["model", "sampler", "NFE", "distance", "detail", "teacher evals (imag
 
 def run(ctx: Context) -> dict:
     runs, goals, tables = [], [], []
-    kimg_toy, batch_toy = (50, 256) if ctx.quick else (200, 256)
+    kimg_toy, batch_toy = (50, 256) if ctx.quick else (400, 256)
     n_toy = 2000 if ctx.quick else 10000
     toy = dataset_rows(ctx, "toy-ring8", "toy:ring8", "toy:ring8", ToyScorer(n_toy), kimg_toy, batch_toy, None,
                        10000 if ctx.quick else 50000, runs, goals)
@@ -340,7 +340,7 @@ def run(ctx: Context) -> dict:
                         "best one-step student at or below the teacher's 35-NFE distance. " + COST_NOTE))
     try:
         teacher, compute = digits_teacher(ctx)
-        kimg_dig, batch_dig = (2, 64) if ctx.quick else (10, 64)
+        kimg_dig, batch_dig = (2, 64) if ctx.quick else (40, 64)
         n_dig = 500 if ctx.quick else 2000
         scorer = ImageScorer("digits", "digits", n_dig, ctx.device)
         digits = dataset_rows(ctx, "digits", teacher, "digits", scorer, kimg_dig, batch_dig, compute,
