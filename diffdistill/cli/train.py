@@ -48,7 +48,7 @@ def register(subparsers) -> None:
                        ema_help="EMA half-life in kimg (default: the preset's)")
     g = p.add_argument_group("network (overrides of the preset's)")
     g.add_argument("--channels", type=int, default=None,
-                   help="base channel count of a UNet (a multiple of 32 with the default GroupNorm); "
+                   help="base channel count of a UNet (counts GroupNorm cannot split are refused up front); "
                         "width of the MLP")
     g.add_argument("--channel-mult", type=_int_list, default=None, metavar="M1,M2,...",
                    help="UNet channel multiplier per resolution level, e.g. 1,2,2 (one level each)")
