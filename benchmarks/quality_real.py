@@ -51,12 +51,12 @@ class RealData:
 DATASETS = [
     RealData("mnist", "mnist.npz", "MNIST (28x28 grey; training split, 60,000 images)", "mnist", {
         "quick": Budget(2, 1, 2000, 0.5, 32, 256, 200, 1000),
-        "cpu": Budget(300, 3, 20000, 5, 64, 5000, 1000, 10000),
+        "cpu": Budget(200, 3, 20000, 4, 64, 4000, 1000, 10000),
         "cuda": Budget(2000, 10, 60000, 200, 128, 100000, 10000, 60000)}),
     RealData("cifar10", "cifar10_test_jpeg.npz",
              "CIFAR-10 test split (32x32 RGB, 10,000 images, JPEG quality 75)", "cifar10-small", {
                  "quick": Budget(2, 1, 2000, 0.5, 32, 256, 200, 1000),
-                 "cpu": Budget(300, 8, 10000, 5, 64, 5000, 1000, 10000),
+                 "cpu": Budget(120, 5, 10000, 4, 64, 4000, 1000, 10000),
                  "cuda": Budget(5000, 30, 10000, 200, 128, 100000, 10000, 10000)}, xflip=True),
 ]
 
