@@ -22,10 +22,12 @@ import numpy as np
 import torch
 
 from diffdistill.cli.main import main as cli_main
+from diffdistill.demo.settings import short_run_options
 from diffdistill.diffusion.schedules import karras_sigmas
 from diffdistill.errors import DiffdistillError
 from diffdistill.io import load_snapshot
 from diffdistill.metrics.protocol import generate
+from diffdistill.teachers import is_analytic_spec
 
 from .common import Context, fmt, goal, table
 
@@ -234,7 +236,8 @@ def dataset_rows(ctx: Context, name: str, teacher: str, data: str, scorer, kimg:
     best = (math.inf, None)
     for method in methods:
         run_dir = ctx.work / ("quick" if ctx.quick else "full") / f"{name}-{method}"
-        extra = method_extra(method, data, kd_pairs)
+        kind = "ring" if is_analytic_spec(teacher) else "image"
+        extra = method_extra(method, data, kd_pairs) + short_run_options(method, kind, kimg, batch)
         try:
             run = distill(ctx, method, teacher, run_dir, kimg, batch, extra)
         except Exception as e:  # one method failing must not lose the others' rows: record it in the table
@@ -282,7 +285,7 @@ def _failed_row(ctx: Context, name: str, what: str, error: Exception, runs: list
 
 
 def _load(path: str):
-    from diffdistill.teachers import is_analytic_spec, load_teacher
+    from diffdistill.teachers import load_teacher
 
     if is_analytic_spec(path):
         return load_teacher(path), dict(sampler="heun", steps=18), {}
@@ -336,7 +339,8 @@ def run(ctx: Context) -> dict:
     tables.append(table(f"toy:ring8 (exact metrics, {n_toy} samples): sliced W2 to the exact distribution",
                         COLUMNS, toy,
                         f"Teacher: the exact analytic denoiser (no training). Students: `diffdistill distill METHOD "
-                        f"--teacher toy:ring8 --kimg {kimg_toy} --batch {batch_toy}` (method defaults). Goal: the "
+                        f"--teacher toy:ring8 --kimg {kimg_toy} --batch {batch_toy}` with the short-run settings of "
+                        "`diffdistill.demo.settings` (the papers' defaults are for runs of 10^4-10^5 steps). Goal: the "
                         "best one-step student at or below the teacher's 35-NFE distance. " + COST_NOTE))
     try:
         teacher, compute = digits_teacher(ctx)
@@ -348,7 +352,8 @@ def run(ctx: Context) -> dict:
         note = (f"FID of the shipped digits classifier's features (`load_feature_net('digits')`; not Inception) "
                 f"of {n_dig} samples against the 1,797 sklearn digits. Teacher: `diffdistill train-teacher --data "
                 f"digits --preset digits` ({fmt(compute.get('kimg'))} kimg) at `{Path(teacher).name}`. "
-                f"Students: --kimg {kimg_dig} --batch {batch_dig}. Teacher rows: its own training steps and "
+                f"Students: --kimg {kimg_dig} --batch {batch_dig} with the short-run settings of "
+                "`diffdistill.demo.settings`. Teacher rows: its own training steps and "
                 "wall time. " + COST_NOTE)
     except Exception as e:
         msg = f"failed: {type(e).__name__}: {e}".split("\n")[0][:200]

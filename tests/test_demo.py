@@ -140,3 +140,20 @@ def test_stage_settings_ignore_runtime_options():
 
     argv = ["distill", "kd", "--out", "r", "--device", "cpu", "--no-progress", "--batch", "8"]
     assert stage_settings(argv) == ["distill", "kd", "--out", "r", "--batch", "8"]
+
+
+@pytest.mark.parametrize("kind", ["ring", "image"])
+def test_short_run_options_parse_for_every_method(kind):
+    """The settings shared by the demo and the benchmarks are options of each method's command line."""
+    from diffdistill.cli.distill import METHODS
+    from diffdistill.cli.main import build_parser
+    from diffdistill.demo.settings import short_run_options
+
+    for method in METHODS:
+        options = short_run_options(method, kind, kimg=12.8, batch=64)
+        args = build_parser().parse_args(["distill", method, "--teacher", "t", "--out", "o", *options])
+        assert args.method_module == method
+        if "--lr" in options:
+            assert args.lr == float(options[options.index("--lr") + 1])
+    with pytest.raises(ValueError, match="teacher kind"):
+        short_run_options("kd", "video", 1.0, 8)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import re
 import shutil
 import sys
@@ -24,6 +23,7 @@ import torch
 
 from ..errors import DiffdistillError, UsageError
 from ..io import atomic_write_json
+from .settings import short_run_options
 
 METHODS = ("kd", "pd", "di", "gdd", "cd", "dmd2", "sid")
 MARKER = "demo-stage.json"
@@ -97,7 +97,6 @@ class Stage:
     method: str                         # 'teacher' or a method name
     argv: list[str]                     # the `diffdistill` command line
     run_dir: Path
-    lr: float | None = None             # KD/PD learning rate (build() reads args.lr; no --lr option)
     result: dict = field(default_factory=dict)
 
     @property
@@ -122,49 +121,18 @@ def _loop_argv(run_dir: Path, kimg: float, batch: int, profile: Profile, cfg: De
     return argv
 
 
-def _ring_method_args(method: str, kimg: float, profile: Profile) -> tuple[list[str], float | None]:
-    """Settings of each method on the exact ring teacher (those of the methods' own ring8 tests)."""
-    n_pairs = profile.kd_pairs if profile.max_steps else 20_000
-    pd_rounds = int(math.log2(profile.pd_start_steps))
+def _method_plumbing(method: str, track: str, profile: Profile) -> list[str]:
+    """What a method needs besides its optimisation settings (`short_run_options`): real data, KD's pairs,
+    PD's step counts."""
+    data = "toy:ring8" if track == "ring" else "digits"
+    n_pairs = profile.kd_pairs if track == "digits" or profile.max_steps else 20_000
     return {
-        "kd": (["--student-preset", "mlp-toy", "--loss", "l2", "--warmup-kimg", f"{kimg / 10:g}",
-                "--n-pairs", str(n_pairs), "--heldout", str(max(n_pairs // 8, 8)),
-                "--shard-size", str(n_pairs), "--gen-batch", "2048"], 2e-3),
-        "pd": (["--data", "toy:ring8", "--start-steps", str(profile.pd_start_steps), "--end-steps", "1",
-                "--round-kimg", f"{kimg / pd_rounds:g}", "--student-preset", "mlp-toy"], 2e-3),
-        "di": (["--gen-lr", "2e-3", "--fake-lr", "2e-3",
-                "--fake-warmup-steps", str(min(200, kimg_steps(kimg, 4))), "--ema", f"{kimg / 10:g}"], None),
-        "gdd": (["--data", "toy:ring8", "--gen-lr", "1e-3", "--disc-lr", "1e-3", "--r1-gamma", "0.1",
-                 "--ema", f"{kimg / 10:g}"], None),
-        "cd": (["--data", "toy:ring8", "--lr", "1e-3", "--ema", f"{kimg / 40:g}"], None),
-        "dmd2": (["--lr", "1e-3", "--fake-warmup-steps", str(min(100, kimg_steps(kimg, 8))),
-                  "--ema", f"{kimg / 40:g}"], None),
-        "sid": (["--gen-lr", "3e-4", "--fake-lr", "1e-3", "--loss-scale", "1.0",
-                 "--fake-warmup-steps", str(min(100, kimg_steps(kimg, 8))), "--ema", f"{kimg / 40:g}"], None),
-    }[method]
-
-
-def kimg_steps(kimg: float, fraction: int) -> int:
-    """A warm-up of 1/fraction of a run of `kimg` at batch 256, in steps."""
-    return max(0, int(kimg * 1000 / 256) // fraction)
-
-
-def _digits_method_args(method: str, kimg: float, profile: Profile) -> tuple[list[str], float | None]:
-    """Settings of each method for the small digits teacher (students start as copies of it)."""
-    n_pairs = profile.kd_pairs
-    pd_rounds = int(math.log2(profile.pd_start_steps))
-    return {
-        "kd": (["--loss", "l2", "--warmup-kimg", f"{kimg / 10:g}", "--n-pairs", str(n_pairs),
-                "--heldout", str(max(n_pairs // 8, 8)), "--shard-size", str(n_pairs), "--gen-batch", "512"],
-               5e-4),
-        "pd": (["--data", "digits", "--start-steps", str(profile.pd_start_steps), "--end-steps", "1",
-                "--round-kimg", f"{kimg / pd_rounds:g}"], 5e-4),
-        "di": (["--gen-lr", "1e-4", "--fake-lr", "1e-4", "--init-sigma", "2.5"], None),
-        "gdd": (["--data", "digits", "--gen-lr", "1e-4", "--disc-lr", "2e-4"], None),
-        "cd": (["--data", "digits", "--lr", "2e-4"], None),
-        "dmd2": (["--lr", "1e-4", "--gen-every", "2"], None),
-        "sid": (["--gen-lr", "5e-5", "--fake-lr", "1e-4", "--loss-scale", "1.0"], None),
-    }[method]
+        "kd": ["--n-pairs", str(n_pairs), "--heldout", str(max(n_pairs // 8, 8)), "--shard-size", str(n_pairs),
+               "--gen-batch", "2048" if track == "ring" else "512"],
+        "pd": ["--data", data, "--start-steps", str(profile.pd_start_steps), "--end-steps", "1"],
+        "gdd": ["--data", data],
+        "cd": ["--data", data],
+    }.get(method, [])
 
 
 def build_stages(cfg: DemoConfig, profile: Profile, root: Path) -> list[Stage]:
@@ -191,10 +159,10 @@ def build_stages(cfg: DemoConfig, profile: Profile, root: Path) -> list[Stage]:
             raise UsageError(f"unknown demo data set {track!r} (known: {', '.join(TRACKS)})")
         for method in cfg.methods:
             run = root / f"{track}-{method}"
-            extra, lr = (_ring_method_args if track == "ring" else _digits_method_args)(method, kimg, profile)
             argv = ["distill", method, "--teacher", teacher_spec, *_loop_argv(run, kimg, batch, profile, cfg),
-                    *extra]
-            stages.append(Stage(f"{track}-{method}", track, method, argv, run, lr=lr))
+                    *_method_plumbing(method, track, profile),
+                    *short_run_options(method, "ring" if track == "ring" else "image", kimg, batch)]
+            stages.append(Stage(f"{track}-{method}", track, method, argv, run))
     return stages
 
 
@@ -250,7 +218,7 @@ def run_stage(stage: Stage, threads: int | None = None) -> dict:
 
     marker = stage.run_dir / MARKER
     old = _read_marker(marker)
-    same = old.get("settings") == stage_settings(stage.argv) and old.get("lr") == stage.lr
+    same = old.get("settings") == stage_settings(stage.argv)
     if same and old.get("finished") and (stage.run_dir / "model" / "model.json").is_file():
         return dict(ok=True, seconds=float(old.get("seconds", 0.0)), reused=True, error=None,
                     finished=old["finished"])
@@ -258,13 +226,11 @@ def run_stage(stage: Stage, threads: int | None = None) -> dict:
 
     def record(finished: str | None) -> None:
         if (stage.run_dir / "config.json").is_file():   # never make a run dir the loop would not recognise
-            atomic_write_json(marker, dict(settings=stage_settings(stage.argv), lr=stage.lr,
+            atomic_write_json(marker, dict(settings=stage_settings(stage.argv),
                                            seconds=spent + time.perf_counter() - start, finished=finished,
                                            command=stage.command))
 
     args = build_parser().parse_args(stage.argv)
-    if stage.lr is not None:
-        args.lr = stage.lr
     start = time.perf_counter()
     error = None
     try:
@@ -545,7 +511,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         torch=torch.__version__, threads=cfg.threads if device == "cpu" else torch.get_num_threads(),
         started=time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
         seconds=time.time() - started,
-        stages=[dict(key=s.key, track=s.track, method=s.method, command=s.command, lr=s.lr,
+        stages=[dict(key=s.key, track=s.track, method=s.method, command=s.command,
                      run_dir=str(s.run_dir), **s.result) for s in stages],
         floors=evaluator.floors, rows=rows,
     )

@@ -244,8 +244,7 @@ def markdown(results: dict) -> str:
     out += ["## Commands", "", "| stage | command | time (s) | status |", "|---|---|---|---|"]
     for s in results["stages"]:
         status = ("reused" if s.get("reused") else "ok") if s.get("ok") else f"failed: {s.get('error')}"
-        lr = f" (learning rate {s['lr']:g})" if s.get("lr") else ""
-        out.append(f"| {s['key']} | `{s['command']}`{lr} | {_seconds(s.get('seconds'))} | "
+        out.append(f"| {s['key']} | `{s['command']}` | {_seconds(s.get('seconds'))} | "
                    f"{status.replace('|', '/')} |")
     out += ["", "All numbers are in `results.json`.", ""]
     return "\n".join(out)
@@ -309,10 +308,9 @@ def html_page(results: dict) -> str:
                 "<th>time (s)</th><th class='l'>status</th></tr></thead><tbody>")
     for s in results["stages"]:
         status = ("reused" if s.get("reused") else "ok") if s.get("ok") else f"failed: {s.get('error')}"
-        lr = f" (learning rate {s['lr']:g})" if s.get("lr") else ""
         cls = "" if s.get("ok") else "failed"
         body.append(f"<tr class='{cls}'><td class='l'>{esc(s['key'])}</td><td class='l'><code>"
-                    f"{esc(s['command'])}</code>{esc(lr)}</td><td>{_seconds(s.get('seconds'))}</td>"
+                    f"{esc(s['command'])}</code></td><td>{_seconds(s.get('seconds'))}</td>"
                     f"<td class='l'>{esc(status)}</td></tr>")
     body.append("</tbody></table>")
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>diffdistill demo</title>"
