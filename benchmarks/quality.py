@@ -320,7 +320,16 @@ def _run_compute(run_dir: Path) -> dict:
     if not lines:
         return {}
     last = lines[-1]
-    return dict(steps=last.get("step"), kimg=last.get("kimg"), wall_s=last.get("time"), teacher_images=None)
+    # Runs made before the loop carried the training time over a resume restart `time` at 0 in each session:
+    # add the sessions up (a no-op for newer runs, whose `time` only grows).
+    wall, prev = 0.0, 0.0
+    for rec in lines:
+        t = rec.get("time")
+        if t is not None:
+            if t < prev:
+                wall += prev
+            prev = t
+    return dict(steps=last.get("step"), kimg=last.get("kimg"), wall_s=wall + prev, teacher_images=None)
 
 
 COST_NOTE = ("Teacher evals = images passed through the loaded teacher during distillation (KD: mostly the "

@@ -301,6 +301,20 @@ def test_sigint_finishes_the_step_and_saves(tmp_path):
     assert resumed["step"] == 10 and resumed["model"]
 
 
+def test_training_time_counts_every_session(tmp_path):
+    """stats.jsonl's `time` is the run's training time: a resumed session continues from its checkpoint's."""
+    train(Toy(kill_at=3), config(tmp_path, checkpoint_kimg=10.0), Points())
+    (_, ckpt_json), = ckpt.list_checkpoints(tmp_path / "run")
+    state = json.loads(ckpt_json.read_text())
+    assert 0 < state["seconds"] < 60
+    ckpt_json.write_text(json.dumps(dict(state, seconds=1000.0)))   # as if the first session took 1000 s
+    train(Toy(), config(tmp_path, checkpoint_kimg=10.0), Points())
+    lines = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
+    first, resumed = [r["time"] for r in lines if r["step"] <= 4], [r["time"] for r in lines if r["step"] > 4]
+    assert first and all(t < 60 for t in first)
+    assert resumed and all(1000 <= t < 1060 for t in resumed)
+
+
 def test_image_grid_and_scatter(tmp_path):
     from PIL import Image
 

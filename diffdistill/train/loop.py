@@ -253,6 +253,8 @@ class _Run:
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else \
             math.ceil(cfg.total_kimg * 1000 / cfg.batch)
         self.step, self.nimg = 0, 0
+        # Training seconds: those of earlier sessions of this run (from its checkpoint) plus this session's.
+        self.seconds_before, self.session_start = 0.0, time.time()
         self.origins = {name: 0 for name in self.groups}
         self.best: dict | None = None
 
@@ -307,7 +309,7 @@ class _Run:
             t, info = ckpt.optimizer_to_flat(opt, f"optim.{name}")
             tensors.update(t)
             optim_json[name] = info
-        state = dict(nimg=self.nimg, origins=self.origins, best=self.best, optim=optim_json,
+        state = dict(nimg=self.nimg, seconds=self.seconds(), origins=self.origins, best=self.best, optim=optim_json,
                      rng=ckpt.rng_state(), extra_state=self.method.extra_state(),
                      config=run_config(self.method, self.cfg), world=self.world)
         return tensors, state
@@ -324,6 +326,7 @@ class _Run:
             raise DiffdistillError(f"{self.run_dir}: the newest checkpoint does not fit this method "
                                    f"({str(e).splitlines()[0]}); pass --force to start over") from None
         self.step, self.nimg = int(state["step"]), int(state["nimg"])
+        self.seconds_before = float(state.get("seconds", 0.0))
         self.origins.update({k: int(v) for k, v in state.get("origins", {}).items() if k in self.origins})
         self.best = state.get("best")
         ckpt.set_rng_state(state.get("rng", {}))
@@ -341,6 +344,10 @@ class _Run:
                 raise DiffdistillError(f"{self.run_dir / ckpt.CHECKPOINT_DIR}: cannot write the checkpoint of step "
                                        f"{self.step} ({e.strerror or e}){keep}") from None
         dist.barrier()
+
+    def seconds(self) -> float:
+        """Training time of the run so far, over all its sessions (stats.jsonl's `time`)."""
+        return self.seconds_before + time.time() - self.session_start
 
     # -- exports ----------------------------------------------------------------------------------
     def export(self):
@@ -441,7 +448,8 @@ class _Run:
     def run(self) -> dict:
         cfg = self.cfg
         self.setup()
-        start_time, tick_time, tick_step, tick_nimg = time.time(), time.time(), self.step, self.nimg
+        self.session_start = tick_time = time.time()
+        tick_step, tick_nimg = self.step, self.nimg
         sums: dict = {}
         interrupted, last_ckpt_step = False, self.step
         bar = None
@@ -471,7 +479,7 @@ class _Run:
                     done = self.step >= self.total_steps
                     if _crossed(prev, self.nimg, cfg.tick_kimg) or done:
                         now = time.time()
-                        rec = self.tick_record(sums, now - start_time, now - tick_time, self.step - tick_step,
+                        rec = self.tick_record(sums, self.seconds(), now - tick_time, self.step - tick_step,
                                                self.nimg - tick_nimg)
                         sums, tick_time, tick_step, tick_nimg = {}, now, self.step, self.nimg
                         if bar is not None:
