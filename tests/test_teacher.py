@@ -191,6 +191,7 @@ def test_cli_rules(tmp_path, capsys):
 def test_cli_network_and_loop_options(tmp_path, capsys):
     """train-teacher's architecture overrides reach the saved network; its loop options are the shared ones."""
     import json
+    import shlex
 
     from diffdistill.cli.main import main
 
@@ -207,6 +208,8 @@ def test_cli_network_and_loop_options(tmp_path, capsys):
     assert config["meta"]["warmup_kimg"] == 0.5 and config["meta"]["network"]["channels"] == 8
     assert config["train"]["snapshot_kimg"] == 0.064 and config["train"]["tick_kimg"] == 0.032
     assert len(list(run.glob("snapshot-*"))) == 2
+    # the command that made the run is the one this caller gave, not the test runner's own argv
+    assert (run / "command.txt").read_text().splitlines()[0] == shlex.join(["diffdistill", *args])
     assert len((run / "stats.jsonl").read_text().splitlines()) == 4
     # A different architecture is a different run; impossible ones are one-line errors.
     assert main([*args[:8], "16", *args[9:]]) == 1

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
-import shlex
 import sys
 from pathlib import Path
 
 from ..errors import DiffdistillError
+from .common import command_line
 
 
 def _checkout_roots() -> list[Path]:
@@ -55,4 +55,4 @@ def _missing(args) -> int:
 
 def _run(args) -> int:
     runner = _benchmarks()
-    return runner.run(args, shlex.join(["diffdistill", *sys.argv[1:]]))
+    return runner.run(args, command_line(args))

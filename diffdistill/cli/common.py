@@ -63,6 +63,12 @@ def check_loop_arguments(args) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
+def command_line(args) -> str:
+    """The `diffdistill ...` command that `args` were parsed from (`cli.main.main` keeps the argv it was given,
+    whether from a shell, torchrun or a Python caller)."""
+    return shlex.join(["diffdistill", *getattr(args, "argv", sys.argv[1:])])
+
+
 def loop_settings(args) -> dict:
     """TrainConfig fields set by the command line: every option given (None ones left out) and the runtime ones."""
     given = dict(total_kimg=args.kimg, batch=args.batch, ema_halflife_kimg=args.ema,
@@ -70,5 +76,5 @@ def loop_settings(args) -> dict:
     out = {k: v for k, v in given.items() if v is not None}
     out.update(out=args.out, batch_gpu=args.batch_gpu, seed=args.seed, bf16=args.bf16, device=args.device,
                workers=args.workers, resume=args.resume, force=args.force, max_steps=args.max_steps,
-               progress=not args.no_progress, command=shlex.join(["diffdistill", *sys.argv[1:]]))
+               progress=not args.no_progress, command=command_line(args))
     return out

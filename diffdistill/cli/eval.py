@@ -107,7 +107,7 @@ def _command(args, name: str, positional: str) -> str:
     """The command line that reproduces this result (rebuilt from the parsed options)."""
     parts = ["diffdistill", name, str(getattr(args, positional))]
     for key, value in sorted(vars(args).items()):
-        if key in (positional, "func", "command", "debug") or value is None or value is False:
+        if key in (positional, "func", "command", "debug", "argv") or value is None or value is False:
             continue
         flag = "--" + key.replace("_", "-")
         parts += [flag] if value is True else [flag, str(value)]

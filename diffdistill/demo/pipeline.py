@@ -231,6 +231,7 @@ def run_stage(stage: Stage, threads: int | None = None) -> dict:
                                            command=stage.command))
 
     args = build_parser().parse_args(stage.argv)
+    args.argv = list(stage.argv)
     start = time.perf_counter()
     error = None
     try:
