@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help=f"an existing {name} teacher (run or snapshot); default: train one under --work")
     p.add_argument("--work", default=str(ROOT / "runs" / "bench"), metavar="DIR",
                    help="scratch folder for teachers, students and pairs (default runs/bench)")
+    p.add_argument("--rerun", action="store_true",
+                   help="train every student again (default: reuse a finished one made by the same command from "
+                        "the same teacher weights under --work, with the compute it measured then)")
     p.add_argument("--results", default=str(RESULTS), metavar="DIR", help="where the JSON records go")
     p.add_argument("--report", default=str(ROOT / "BENCHMARKS.md"), metavar="FILE",
                    help="the markdown report to regenerate ('-' = none)")
@@ -61,7 +64,7 @@ def run(args, command: str) -> int:
                   results=Path(args.results), shared_data=Path(args.shared_data),
                   teachers={k: v for k in ("digits", "mnist", "cifar10")
                             if (v := getattr(args, f"{k}_teacher")) is not None},
-                  command=command)
+                  reuse=not args.rerun, command=command)
     failed = []
     if not args.report_only:
         torch.set_num_threads(args.threads)

@@ -31,6 +31,7 @@ class Context:
     results: Path = RESULTS                # one JSON record per benchmark
     shared_data: Path = ROOT.parent / "shared" / "data"  # MNIST / CIFAR-10 files (optional)
     teachers: dict = field(default_factory=dict)  # data set -> an existing teacher run/snapshot (else trained)
+    reuse: bool = True                     # reuse finished students of the same command and teacher under work
     command: str = ""                      # the command line, recorded in every record
     log: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr, flush=True))
 

@@ -25,7 +25,7 @@ from diffdistill.cli.main import main as cli_main
 from diffdistill.demo.settings import short_run_options
 from diffdistill.diffusion.schedules import karras_sigmas
 from diffdistill.errors import DiffdistillError
-from diffdistill.io import load_snapshot
+from diffdistill.io import atomic_write_json, load_snapshot
 from diffdistill.metrics.protocol import generate
 from diffdistill.teachers import is_analytic_spec
 
@@ -93,15 +93,38 @@ def student_updates(method, steps: int) -> int:
     return math.ceil(steps / every)
 
 
+RUN_RECORD = "bench-run.json"   # in a student's run directory: what made it and what it cost
+
+
+def teacher_id(teacher: str) -> str:
+    """The teacher as a benchmark cache key: an analytic spec, or the sha256 of a snapshot's weights."""
+    from diffdistill.metrics.features import sha256_file
+
+    if is_analytic_spec(teacher):
+        return teacher
+    path = Path(teacher)
+    path = path / "model" if (path / "model" / "model.json").is_file() else path
+    weights = sorted(path.glob("*.safetensors"))
+    return ",".join(sha256_file(w) for w in weights) or str(path)
+
+
 def distill(ctx: Context, method: str, teacher: str, run_dir: Path, kimg: float, batch: int,
             extra: list[str]) -> dict:
-    """Run `diffdistill distill METHOD` from scratch; returns its compute and the snapshot paths."""
-    for path in (run_dir, run_dir.with_name(run_dir.name + "-pairs")):
-        shutil.rmtree(path, ignore_errors=True)
+    """Run `diffdistill distill METHOD` from scratch, or reuse a finished run of the very same command and
+    teacher weights under --work (unless --rerun); returns its compute and the snapshot paths."""
     argv = ["distill", method, "--teacher", teacher, "--out", str(run_dir), "--kimg", f"{kimg:g}",
             "--batch", str(batch), "--no-progress", "--seed", "0", *extra]
     if ctx.device != "cpu":
         argv += ["--device", ctx.device]
+    ident = dict(command="diffdistill " + " ".join(argv), teacher_id=teacher_id(teacher))
+    record = run_dir / RUN_RECORD
+    if ctx.reuse and record.is_file() and (run_dir / "model" / "model.json").is_file():
+        old = json.loads(record.read_text())
+        if all(old.get(k) == v for k, v in ident.items()):
+            ctx.log(f"quality: reusing {run_dir} (same command and teacher; --rerun trains it again)")
+            return old
+    for path in (run_dir, run_dir.with_name(run_dir.name + "-pairs")):
+        shutil.rmtree(path, ignore_errors=True)
     counter = TeacherCounter()
     t0 = time.perf_counter()
     with instrumented(counter) as seen:
@@ -112,9 +135,11 @@ def distill(ctx: Context, method: str, teacher: str, run_dir: Path, kimg: float,
     steps = int(seen["result"]["step"])
     snaps = {"model": run_dir / "model"}
     snaps.update({p.name: p for p in sorted(run_dir.glob("round-*steps")) if (p / "model.json").is_file()})
-    return dict(command="diffdistill " + " ".join(argv), wall_s=wall, steps=steps,
-                student_updates=student_updates(seen["method"], steps), teacher_images=counter.images,
-                kimg=seen["result"]["nimg"] / 1000, snapshots={k: str(v) for k, v in snaps.items()})
+    out = dict(ident, wall_s=wall, steps=steps, student_updates=student_updates(seen["method"], steps),
+               teacher_images=counter.images, kimg=seen["result"]["nimg"] / 1000,
+               snapshots={k: str(v) for k, v in snaps.items()})
+    atomic_write_json(record, out)
+    return out
 
 
 def multistep_levels(den, n: int) -> list[float]:
@@ -158,6 +183,7 @@ def samples_of(den, recipe: dict, n: int, device: str, clamp: bool) -> torch.Ten
 
 class ToyScorer:
     unit = "sliced W2"
+    floor_label = ("exact samples (noise floor)", "two independent exact sets")
 
     def __init__(self, n: int):
         from diffdistill.teachers import load_analytic
@@ -174,15 +200,39 @@ class ToyScorer:
 
 
 class ImageScorer:
+    """FID of `n` samples against reference features of the data. With `held_out`, a seeded random split of the
+    data gives the reference (up to `n_ref` images) and, disjoint from it, `n` real images whose FID is the
+    noise floor of n-sample FIDs; without, the reference is every image (n_ref None) or the first n_ref."""
+
     unit = "FID (classifier features)"
 
-    def __init__(self, feature_spec: str, data_spec: str, n: int, device: str, n_ref: int | None = None):
-        from diffdistill.metrics.features import load_feature_net
-        from diffdistill.metrics.protocol import reference_from_data
+    def __init__(self, feature_spec: str, data_spec: str, n: int, device: str, n_ref: int | None = None,
+                 held_out: bool = False):
+        from diffdistill.metrics.features import compute_features, load_feature_net
+        from diffdistill.metrics.fid import fid_from_features
+        from diffdistill.metrics.protocol import open_images, reference_from_data, reference_from_features
 
         self.net = load_feature_net(feature_spec, device=device)
-        self.ref = reference_from_data(data_spec, self.net, n=n_ref)   # the first n_ref images (None: all)
-        self.n = n
+        self.n, self.floor = n, None
+        if not held_out:
+            self.ref = reference_from_data(data_spec, self.net, n=n_ref)
+            return
+        ds = open_images(data_spec)
+        if len(ds) < 2 * n:
+            raise DiffdistillError(f"{data_spec}: {len(ds)} images are too few for {n} held out and a reference")
+        order = np.random.default_rng(0).permutation(len(ds))
+        held, ref = order[:n], order[n:][:n_ref]
+
+        def features(indices):
+            batches = (torch.stack([torch.as_tensor(ds[int(i)][0]) for i in indices[lo:lo + 256]])
+                       for lo in range(0, len(indices), 256))
+            return compute_features(self.net, batches, source=data_spec, gather=False)[0]
+
+        ref_features = features(ref)
+        self.ref = reference_from_features(ref_features, data_spec)
+        self.floor = fid_from_features(features(held), ref_features)
+        self.floor_label = ("real images (noise floor)", f"{n:,} real images, not in the {len(ref):,} of the "
+                                                         "reference")
 
     def __call__(self, den, recipe, device) -> dict:
         from diffdistill.metrics.features import compute_features
@@ -194,7 +244,7 @@ class ImageScorer:
         if logits is not None and den.label_dim:
             labels = np.arange(self.n) % den.label_dim
             detail = f"class accuracy {100 * float((logits.argmax(1) == labels).mean()):.0f}%"
-        return dict(distance=fid_from_features(feats, self.ref.features), floor=None, detail=detail)
+        return dict(distance=fid_from_features(feats, self.ref.features), floor=self.floor, detail=detail)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,7 +281,7 @@ def dataset_rows(ctx: Context, name: str, teacher: str, data: str, scorer, kimg:
         runs.append(dict(dataset=name, model="teacher", nfe=nfe, distance=s["distance"], floor=s["floor"]))
         ctx.log(f"quality {name}: teacher {nfe} NFE: {s['distance']:.4g} ({s['detail']})")
     if s["floor"] is not None:
-        rows.append(["exact samples (noise floor)", "–", "–", fmt(s["floor"]), "two independent exact sets",
+        rows.append([scorer.floor_label[0], "–", "–", fmt(s["floor"]), scorer.floor_label[1],
                      "", "", ""])
     best = (math.inf, None)
     for method in methods:

@@ -33,7 +33,7 @@ class Budget:
     student_batch: int
     kd_pairs: int                # KD's (noise, teacher sample) pairs
     n: int                       # generated samples per row
-    n_ref: int                   # reference images (the first n_ref of the data file)
+    n_ref: int                   # reference images (at most; a seeded random split, disjoint from n real ones)
 
 
 @dataclass(frozen=True)
@@ -106,11 +106,12 @@ def dataset_table(ctx: Context, data: RealData, runs: list, goals: list, methods
     budget = budget or budget_for(ctx, data)
     teacher, compute = teacher_for(ctx, data, path, budget)
     features, clf = classifier_for(ctx, data, path, budget)
-    scorer = ImageScorer(features, str(path), budget.n, ctx.device, n_ref=budget.n_ref)
+    scorer = ImageScorer(features, str(path), budget.n, ctx.device, n_ref=budget.n_ref, held_out=True)
     rows = dataset_rows(ctx, data.name, teacher, str(path), scorer, budget.student_kimg, budget.student_batch,
                         compute, budget.kd_pairs, runs, goals, methods)
     accuracy = clf.get("holdout_accuracy")
-    note = (f"{budget.n:,} samples per row against the first {budget.n_ref:,} images of `{data.file}`. Features: "
+    note = (f"{budget.n:,} samples per row against up to {budget.n_ref:,} images of `{data.file}` (a seeded random "
+            f"split; the noise-floor row scores {budget.n:,} other real images). Features: "
             f"the penultimate layer of a classifier trained here by `diffdistill features train` "
             f"({budget.classifier_epochs} epochs on {budget.classifier_max_n:,} images; held-out accuracy "
             f"{fmt(100 * accuracy) if accuracy is not None else '?'}%). Teacher: `{Path(teacher).name}` "

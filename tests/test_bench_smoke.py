@@ -125,10 +125,12 @@ def test_real_data_quality_pipeline(tmp_path):
     t = dataset_table(ctx, data, runs, goals, methods=["kd", "dmd2"], budget=budget)
     rows = t["rows"]
     assert [r[2] for r in rows if r[0] == "teacher"] == [1, 2, 4, 8, 18, 35]
-    assert [(r[0], r[2]) for r in rows if r[0] != "teacher"] == [("kd", 1), ("kd", 2), ("kd", 4), ("dmd2", 1),
-                                                                 ("dmd2", 2), ("dmd2", 4)]
+    floor = next(r for r in rows if r[0] == "real images (noise floor)")
+    assert "128 real images, not in the 172 of the reference" == floor[4] and float(floor[3]) >= 0
+    assert [(r[0], r[2]) for r in rows if r[0] not in ("teacher", floor[0])] == [
+        ("kd", 1), ("kd", 2), ("kd", 4), ("dmd2", 1), ("dmd2", 2), ("dmd2", 4)]
     scored = [r for r in rows if r[3] != "–"]
-    assert len(scored) == 6 + 1 + 3 and all(float(r[3].replace(",", "")) >= 0 for r in scored)
+    assert len(scored) == 6 + 1 + 1 + 3 and all(float(r[3].replace(",", "")) >= 0 for r in scored)
     two, four = (next(r for r in rows if r[0] == "dmd2" and r[2] == n) for n in (2, 4))
     assert two[1].startswith("own run") and four[1].startswith("own run")
     commands = [r["command"] for r in runs if r.get("method") == "dmd2" and r.get("sampling_steps") == 4]
@@ -138,3 +140,9 @@ def test_real_data_quality_pipeline(tmp_path):
     assert len(goals) == 1 and "tiny" in goals[0]["goal"]
     missing = dataset_table(ctx, RealData("gone", "gone.npz", "absent", "digits", {}), [], [], budget=budget)
     assert "not run" in missing["rows"][0][1]
+    # Rerun: every student is reused (same command, same teacher weights) with the compute measured the first time.
+    again: list = []
+    t2 = dataset_table(ctx, data, again, [], methods=["kd", "dmd2"], budget=budget)
+    students = [r for r in runs if "method" in r and "error" not in r]
+    assert [r["wall_s"] for r in again if "method" in r] == [r["wall_s"] for r in students]
+    assert [r[5:] for r in t2["rows"] if r[0] == "dmd2"] == [r[5:] for r in rows if r[0] == "dmd2"]
