@@ -34,6 +34,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for name in ("digits", "mnist", "cifar10"):
         p.add_argument(f"--{name}-teacher", default=None, metavar="RUN",
                        help=f"an existing {name} teacher (run or snapshot); default: train one under --work")
+    p.add_argument("--real-data", default=None, metavar="NAMES",
+                   help="quality_real: comma-separated data sets to run (mnist, cifar10; default all); the "
+                        "others' tables are kept from the existing record")
     p.add_argument("--work", default=str(ROOT / "runs" / "bench"), metavar="DIR",
                    help="scratch folder for teachers, students and pairs (default runs/bench)")
     p.add_argument("--rerun", action="store_true",
@@ -64,7 +67,8 @@ def run(args, command: str) -> int:
                   results=Path(args.results), shared_data=Path(args.shared_data),
                   teachers={k: v for k in ("digits", "mnist", "cifar10")
                             if (v := getattr(args, f"{k}_teacher")) is not None},
-                  reuse=not args.rerun, command=command)
+                  reuse=not args.rerun, command=command,
+                  real_data=tuple(n.strip() for n in (args.real_data or "").split(",") if n.strip()))
     failed = []
     if not args.report_only:
         torch.set_num_threads(args.threads)

@@ -33,6 +33,7 @@ class Context:
     teachers: dict = field(default_factory=dict)  # data set -> an existing teacher run/snapshot (else trained)
     reuse: bool = True                     # reuse finished students of the same command and teacher under work
     command: str = ""                      # the command line, recorded in every record
+    real_data: tuple = ()                  # quality_real: the data sets to run (empty: all)
     log: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr, flush=True))
 
     @property

@@ -56,7 +56,7 @@ DATASETS = [
     RealData("cifar10", "cifar10_test_jpeg.npz",
              "CIFAR-10 test split (32x32 RGB, 10,000 images, JPEG quality 75)", "cifar10-small", {
                  "quick": Budget(2, 1, 2000, 0.5, 32, 256, 200, 1000),
-                 "cpu": Budget(120, 5, 10000, 4, 64, 4000, 1000, 10000),
+                 "cpu": Budget(120, 5, 10000, 2, 64, 2000, 500, 10000),
                  "cuda": Budget(5000, 30, 10000, 200, 128, 100000, 10000, 10000)}, xflip=True),
 ]
 
@@ -123,9 +123,43 @@ def dataset_table(ctx: Context, data: RealData, runs: list, goals: list, methods
     return table(title, COLUMNS, rows, note)
 
 
+def previous_results(ctx: Context, data: RealData) -> tuple[dict, list, list] | None:
+    """The table, goals and runs of `data` in the existing quality_real record (None: none there)."""
+    path = ctx.results / "quality_real.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    found = [t for t in record.get("tables", []) if t.get("title", "").startswith(data.title)]
+    if not found or not found[0].get("rows") or found[0].get("columns") != COLUMNS:
+        return None
+    carried = dict(found[0])
+    carried["note"] = (f"{carried.get('note', '')} Made by `{record.get('command')}`, {record.get('date')} "
+                       f"({fmt(record.get('wall_s'))} s for the data sets that run ran).").strip()
+    goals = [g for g in record.get("goals", []) if g.get("goal", "").startswith(f"{data.name}:")]
+    runs = [r for r in record.get("results", {}).get("runs", []) if r.get("dataset") == data.name]
+    return carried, goals, runs
+
+
 def run(ctx: Context) -> dict:
+    known = [d.name for d in DATASETS]
+    unknown = [n for n in ctx.real_data if n not in known]
+    if unknown:
+        raise DiffdistillError(f"--real-data: unknown data set(s) {', '.join(unknown)} (known: {', '.join(known)})")
     runs, goals, tables = [], [], []
     for data in DATASETS:
+        if ctx.real_data and data.name not in ctx.real_data:
+            # Not selected: keep what the existing record says of it (its own command and date in the note).
+            previous = previous_results(ctx, data)
+            if previous is None:
+                tables.append(table(data.title, ["data set", "status"],
+                                    [[data.name, not_run("not selected (--real-data)")]]))
+            else:
+                ctx.log(f"quality_real {data.name}: not selected; keeping its table from the existing record")
+                tables.append(previous[0])
+                goals += previous[1]
+                runs += previous[2]
+            continue
         try:
             tables.append(dataset_table(ctx, data, runs, goals))
         except Exception as e:  # one data set failing keeps the other's table

@@ -146,3 +146,33 @@ def test_real_data_quality_pipeline(tmp_path):
     students = [r for r in runs if "method" in r and "error" not in r]
     assert [r["wall_s"] for r in again if "method" in r] == [r["wall_s"] for r in students]
     assert [r[5:] for r in t2["rows"] if r[0] == "dmd2"] == [r[5:] for r in rows if r[0] == "dmd2"]
+
+
+def test_real_data_selection_keeps_the_other_data_sets_table(tmp_path):
+    """--real-data runs some data sets and keeps the others' tables, goals and runs from the existing record
+    (its command and date said in the note); unknown names are refused."""
+    from benchmarks import quality_real
+    from benchmarks.quality import COLUMNS
+    from diffdistill.errors import DiffdistillError
+
+    mnist, cifar = quality_real.DATASETS
+    old = dict(title=f"{mnist.title}: FID", columns=COLUMNS, rows=[["teacher", "heun 18", 35] + [""] * 5],
+               note="old note.")
+    payload = dict(tables=[old, dict(title=cifar.title, columns=["data set", "status"], rows=[["cifar10", "x"]])],
+                   goals=[goal("mnist: best one-step", False, "kd 41.9"), goal("cifar10: best", True, "1")],
+                   results=dict(runs=[dict(dataset="mnist", model="teacher"), dict(dataset="cifar10")]))
+    ctx = Context(results=tmp_path / "results", shared_data=tmp_path / "absent", real_data=("cifar10",),
+                  command="python -m benchmarks --only quality_real")
+    write_record(ctx, "quality_real", 0.0, [0.0], payload)
+    out = quality_real.run(ctx)
+    kept, fresh = out["tables"]
+    assert kept["rows"] == old["rows"] and kept["note"].startswith("old note. Made by `python -m benchmarks")
+    assert "not run" in fresh["rows"][0][1]           # cifar10 ran: its file is absent here
+    assert [g["value"] for g in out["goals"]] == ["kd 41.9"]
+    assert out["results"]["runs"] == [dict(dataset="mnist", model="teacher")]
+    ctx.real_data = ("mnist",)
+    (tmp_path / "results" / "quality_real.json").unlink()
+    assert "not selected" in quality_real.run(ctx)["tables"][1]["rows"][0][1]
+    ctx.real_data = ("svhn",)
+    with pytest.raises(DiffdistillError, match="svhn"):
+        quality_real.run(ctx)
