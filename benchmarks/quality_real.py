@@ -6,7 +6,8 @@ the teacher (`diffdistill train-teacher`, or an existing run given by --mnist-te
 feature network (`diffdistill features train` on the same labelled data) and the reference features (the first
 `n_ref` images); then the teacher rows at 1-35 NFE and every method's students, as in `benchmarks.quality`.
 Budgets depend on the device: a CPU gets a laptop-sized run (hours in all), a GPU a longer one; --quick is a
-smoke run of minutes that says nothing about quality.
+smoke run of minutes that says nothing about quality. `--real-data mnist` (or `cifar10`) runs one data set and
+keeps the other's table from the existing record, so that each can be rerun on its own.
 """
 
 from __future__ import annotations
