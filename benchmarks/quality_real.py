@@ -3,8 +3,9 @@ scored with diffdistill's own classifier features (not Inception: these are not 
 
 For each data set the runner makes (or reuses, under --work) three things through the library's own commands:
 the teacher (`diffdistill train-teacher`, or an existing run given by --mnist-teacher / --cifar10-teacher), the
-feature network (`diffdistill features train` on the same labelled data) and the reference features (the first
-`n_ref` images); then the teacher rows at 1-35 NFE and every method's students, as in `benchmarks.quality`.
+feature network (`diffdistill features train` on the same labelled data) and the reference features (up to
+`n_ref` images of a seeded random split, disjoint from the real images of the noise-floor row); then the
+teacher rows at 1-35 NFE and every method's students, as in `benchmarks.quality`.
 Budgets depend on the device: a CPU gets a laptop-sized run (hours in all), a GPU a longer one; --quick is a
 smoke run of minutes that says nothing about quality. `--real-data mnist` (or `cifar10`) runs one data set and
 keeps the other's table from the existing record, so that each can be rerun on its own.
@@ -136,7 +137,7 @@ def previous_results(ctx: Context, data: RealData) -> tuple[dict, list, list] | 
         return None
     carried = dict(found[0])
     carried["note"] = (f"{carried.get('note', '')} Made by `{record.get('command')}`, {record.get('date')} "
-                       f"({fmt(record.get('wall_s'))} s for the data sets that run ran).").strip()
+                       f"(that run took {fmt(record.get('wall_s'))} s).").strip()
     goals = [g for g in record.get("goals", []) if g.get("goal", "").startswith(f"{data.name}:")]
     runs = [r for r in record.get("results", {}).get("runs", []) if r.get("dataset") == data.name]
     return carried, goals, runs
