@@ -44,11 +44,19 @@ def render(records: dict[str, dict]) -> str:
              "comparison is a ratio measured in one process, alternating the two sides.", ""]
     commands = sorted({r.get("command", "") for r in records.values()})
     lines.append("Made by: " + "; ".join(f"`{c}`" for c in commands) + " (each section names its own).")
-    if records:
-        m = next(iter(records.values()))["machine"]
-        lines += ["", f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}; Python {m['python']}, torch "
-                      f"{m['torch']}, {m['threads']} torch thread(s), device {m['device']}"
-                      + (f" ({m['gpu']})" if m.get("gpu") else "") + "."]
+    # The records may come from different machines (sessions): name each, with the benchmarks it ran. The
+    # torch thread count is each section's own (its header line).
+    machines: dict[str, list[str]] = {}
+    for name, rec in records.items():
+        m = rec["machine"]
+        desc = (f"{m['cpu']}, {m['cores']} cores, {m['platform']}; Python {m['python']}, torch {m['torch']}, "
+                f"device {m['device']}" + (f" ({m['gpu']})" if m.get("gpu") else ""))
+        machines.setdefault(desc, []).append(name)
+    if len(machines) == 1:
+        lines += ["", f"Machine: {next(iter(machines))}."]
+    elif machines:
+        lines += ["", "Machines: " + "; ".join(f"{desc} ({', '.join(names)})" for desc, names in machines.items())
+                  + "."]
     lines += ["", "The machine was shared with other jobs while these ran (load averages per benchmark below): "
                   "absolute timings are noisy, the alternating ratios much less so.", ""]
     # Goals first: what the issue asks for, met or not.

@@ -49,6 +49,13 @@ def test_record_and_report(tmp_path):
     assert "python -m benchmarks --test" in text and "**A table**" in text and "y\\|z" in text
     assert "| speed | a goal | **no** | 0.5 | because |" in text
     assert "## 2. Quality against NFE" in text and "not run yet" in text and "1 torch thread(s)" in text
+    assert "Machine: " in text and "(speed)" not in text
+    # Records from another machine: each machine is named with the benchmarks it ran.
+    other = copy.deepcopy(rec)
+    other["machine"]["cpu"] = "Another CPU"
+    (tmp_path / "memory.json").write_text(json.dumps(other))
+    text = render(load_records(tmp_path))
+    assert "Machines: " in text and "Another CPU" in text and "(speed);" in text and "(memory)." in text
 
 
 def test_runner_gpu_rows_without_gpu_and_usage_errors(tmp_path):
