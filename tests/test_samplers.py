@@ -236,6 +236,11 @@ def test_bad_sigma_grids():
         sample_euler(g, noise, torch.tensor([2.0, 1.0]))
     with pytest.raises(ValueError, match="descending"):
         sample_euler(g, noise, torch.tensor([1.0, 2.0, 0.0]))
+    for grid in ([2.0, 2.0, 0.0], [2.0, float("nan"), 0.0], [float("nan"), 1.0, 0.0]):   # ties and NaN too
+        with pytest.raises(ValueError, match="descending"):
+            sample_euler(g, noise, torch.tensor(grid))
+    with pytest.raises(ValueError, match="end in 0"):
+        sample_euler(g, noise, torch.tensor([2.0, float("nan")]))
     with pytest.raises(ValueError):
         sample_heun(g, noise, torch.tensor([0.0]))
     with pytest.raises(Exception, match="unknown sampler"):

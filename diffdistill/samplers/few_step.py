@@ -17,7 +17,8 @@ def sample_onestep(denoiser, noise, sigmas, *, cond=None, generator=None, callba
     sampling path costs next to nothing over the network's forward pass (benchmarks/speed.py).
     """
     s0 = float(check_sigmas(torch.as_tensor(sigmas, dtype=torch.float64))[0])
-    x = call_denoiser(denoiser, noise.to(denoiser_dtype(denoiser, noise.dtype)) * s0, s0, cond)
+    dtype = denoiser_dtype(denoiser, noise.dtype)
+    x = call_denoiser(denoiser, noise.to(dtype) * s0, s0, cond, dtype)
     if callback is not None:
         callback(0, x, x)
     return x

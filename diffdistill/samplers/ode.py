@@ -21,9 +21,10 @@ def denoiser_dtype(denoiser, default: torch.dtype) -> torch.dtype:
     return p.dtype if p is not None else default
 
 
-def call_denoiser(denoiser, x: Tensor, sigma: Tensor | float, cond=None) -> Tensor:
-    """D(x; sigma) in the denoiser's dtype (`denoiser_dtype`), returned in x's dtype."""
-    dtype = denoiser_dtype(denoiser, x.dtype)
+def call_denoiser(denoiser, x: Tensor, sigma: Tensor | float, cond=None, dtype: torch.dtype | None = None) -> Tensor:
+    """D(x; sigma) in the denoiser's dtype (`denoiser_dtype`, or `dtype` when the caller knows it), returned in
+    x's dtype."""
+    dtype = dtype or denoiser_dtype(denoiser, x.dtype)
     s = torch.as_tensor(sigma, dtype=dtype, device=x.device)
     return denoiser(x.to(dtype), s.expand(x.shape[0]) if s.ndim == 0 else s, cond).to(x.dtype)
 
