@@ -208,7 +208,9 @@ class ImageScorer:
 
     def __init__(self, feature_spec: str, data_spec: str, n: int, device: str, n_ref: int | None = None,
                  held_out: bool = False):
-        from diffdistill.metrics.features import compute_features, load_feature_net
+        from torch.utils.data import Subset
+
+        from diffdistill.metrics.features import compute_features, dataset_batches, load_feature_net
         from diffdistill.metrics.fid import fid_from_features
         from diffdistill.metrics.protocol import open_images, reference_from_data, reference_from_features
 
@@ -224,9 +226,8 @@ class ImageScorer:
         held, ref = order[:n], order[n:][:n_ref]
 
         def features(indices):
-            batches = (torch.stack([torch.as_tensor(ds[int(i)][0]) for i in indices[lo:lo + 256]])
-                       for lo in range(0, len(indices), 256))
-            return compute_features(self.net, batches, source=data_spec, gather=False)[0]
+            subset = Subset(ds, indices.tolist())
+            return compute_features(self.net, dataset_batches(subset), source=data_spec, gather=False)[0]
 
         ref_features = features(ref)
         self.ref = reference_from_features(ref_features, data_spec)
