@@ -136,7 +136,7 @@ def _run(method, steps, batch, seed=0):
             opts[name] = torch.optim.Adam(groups[name].params, lr=groups[name].optim.lr,
                                           betas=groups[name].optim.betas)
         for name, g in groups.items():
-            if step % g.every:
+            if step < g.start or step % g.every:
                 continue
             opts[name].zero_grad(set_to_none=True)
             out = method.loss(name, Batch(size=batch, device=torch.device("cpu"), step=step))

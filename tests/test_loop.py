@@ -237,6 +237,72 @@ def test_reset_milestone_and_extra_state(tmp_path):
     assert state["extra_state"] == {"counter": 8}
 
 
+class LateStart(Toy):
+    """Group 'b' under AdamW with weight decay, starting at step `start_b` (a warm-up of group 'a')."""
+
+    def __init__(self, start_b):
+        super().__init__(every_b=1)
+        self.start_b = start_b
+
+    def groups(self):
+        groups = super().groups()
+        groups["b"].optim = OptimConfig(lr=1e-2, kind="adamw", weight_decay=0.1, warmup_kimg=0.032)
+        groups["b"].start = self.start_b
+        return groups
+
+
+def test_group_start_leaves_the_group_untouched_until_then(tmp_path):
+    """A group with `start` is neither evaluated nor stepped before it: under AdamW (whose decoupled weight decay
+    moves weights even for a zero gradient) its weights stay bit-identical through the warm-up, and its LR
+    warm-up counts from `start`."""
+    method = LateStart(start_b=5)
+    before = {k: v.clone() for k, v in method.b.state_dict().items()}
+    train(method, config(tmp_path, max_steps=5, total_kimg=1), Points())
+    assert all(torch.equal(before[k], v) for k, v in method.b.state_dict().items())
+    assert not [s for s in method.seen if s[0] == "b"]
+    method = LateStart(start_b=5)
+    train(method, config(tmp_path, name="run2", max_steps=7, total_kimg=1), Points())
+    assert {s[1] for s in method.seen if s[0] == "b"} == {5, 6}
+    assert not all(torch.equal(before[k], v) for k, v in method.b.state_dict().items())
+    stats = [json.loads(line) for line in (tmp_path / "run2" / "stats.jsonl").read_text().splitlines()]
+    lr_b = [r["lr/b"] for r in stats if "lr/b" in r]
+    assert lr_b and lr_b[-1] == pytest.approx(1e-2 * (2 * 16) / 32)   # 2 of its 2 warm-up steps: the full lr
+
+
+def test_reset_restarts_the_ema_of_the_network_of_that_name(tmp_path):
+    """A group reset (PD's new round) restarts the EMA of the same-named network from its current weights."""
+    seen = {}
+
+    class ResetA(Toy):
+        def begin_step(self, step, nimg):
+            if step == 3:
+                seen.update({k: v.clone() for k, v in self.a.state_dict().items()})
+                return {"a"}
+            return set()
+
+    method = ResetA()
+    init = {k: v.clone() for k, v in method.a.state_dict().items()}
+    # a half-life far longer than the run: the EMA barely moves from where it (re)starts
+    train(method, config(tmp_path, max_steps=4, ema_halflife_kimg=1e6, ema_rampup=None), Points())
+    tensors, _ = ckpt.load_latest(tmp_path / "run")
+    ema = {k[len("ema.a."):]: v for k, v in tensors.items() if k.startswith("ema.a.")}
+    floats = [k for k in ema if ema[k].is_floating_point()]
+    assert all(torch.allclose(ema[k], seen[k], atol=1e-6) for k in floats)      # restarted at step 3's weights
+    assert any(not torch.allclose(ema[k], init[k], atol=1e-4) for k in floats)   # not the initial weights
+
+
+def test_method_ema_default_when_the_loop_gives_none(tmp_path):
+    from diffdistill.train.loop import ema_settings
+
+    class KDLike(Toy):
+        def ema_default(self, batch):
+            return 0.1 * batch, None
+
+    assert ema_settings(KDLike(), TrainConfig(batch=8)) == (0.8, None)
+    assert ema_settings(KDLike(), TrainConfig(batch=8, ema_halflife_kimg=3.0)) == (3.0, 0.05)
+    assert ema_settings(Toy(), TrainConfig()) == (500.0, 0.05)
+
+
 def test_nan_loss_stops_with_the_group_named_and_keeps_checkpoint(tmp_path):
     method = Toy(nan_at=6)
     with pytest.raises(DiffdistillError, match=r"non-finite loss in group 'b'.*ckpt-000000004"):

@@ -35,6 +35,35 @@ model/ (the EMA student with its sampling recipe: `diffdistill sample figures OU
 """
 
 
+def dropout_value(text: str) -> float | str:
+    """--student-dropout: a probability in [0, 1) or 'teacher'."""
+    if text == "teacher":
+        return text
+    try:
+        p = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1) or 'teacher', got {text!r}") from None
+    if not 0.0 <= p < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1) or 'teacher', got {text!r}")
+    return p
+
+
+def with_recipe(args, teacher):
+    """`args` re-parsed with the recipe's options placed before the user's own (so the user's win)."""
+    module = _method_module(args.method_module)
+    recipe = getattr(module, "RECIPES", {})[args.recipe]
+    options = recipe.options(args, teacher) if callable(recipe.options) else recipe.options
+    argv = list(getattr(args, "argv", None) or [])
+    if "distill" not in argv:
+        raise UsageError("--recipe needs the command line it was given with (call diffdistill.cli.main.main)")
+    i = argv.index("distill") + 2          # after `distill METHOD`
+    from .main import build_parser
+
+    new = build_parser().parse_args(argv[:i] + [str(o) for o in options] + argv[i:])
+    new.argv = argv
+    return new
+
+
 def _method_module(name: str):
     return importlib.import_module(f"diffdistill.methods.{name}")
 
@@ -55,7 +84,17 @@ def register(subparsers) -> None:
                         help="real data" + (" (required)" if module.NEEDS_DATA else " (not needed)"))
         mp.add_argument("--xflip", action="store_true", help="augment real images with horizontal flips")
         add_loop_arguments(mp, kimg=100.0, batch=128, default_note="",
-                           ema_help="EMA half-life of the student in kimg (default: 5%% of the run)")
+                           ema_help=getattr(module, "EMA_HELP", "EMA half-life of the student in kimg (default: "
+                                            "the paper's, 500 kimg with EDM's ramp-up)"))
+        recipes = getattr(module, "RECIPES", {})
+        g = mp.add_argument_group("recipes and students")
+        g.add_argument("--recipe", choices=sorted(recipes) or None, default=None,
+                       help="a named set of options, placed before yours (yours win): "
+                            + "; ".join(f"{k}: {r.source}" for k, r in sorted(recipes.items())))
+        g.add_argument("--student-dropout", type=dropout_value, default=None, metavar="P|teacher",
+                       help="dropout probability of the trained networks copied from the teacher, or 'teacher' "
+                            "to keep the teacher's (default: the method's official setting; "
+                            f"{getattr(module, 'DROPOUT_HELP', 'see the README')})")
         module.add_arguments(mp)
         mp.set_defaults(func=run, method_module=name)
 
@@ -94,6 +133,9 @@ def run(args) -> int:
         raise UsageError(f"{args.method_module} needs real data: pass --data SPEC (a folder, .zip, .npz, digits, "
                          "toy:ring8, ...)")
     teacher = load_teacher(args.teacher, device=_device(args))
+    if args.recipe is not None:
+        args = with_recipe(args, teacher)
+        check_loop_arguments(args)
     data = None
     if args.data is not None:
         data = open_dataset(args.data, xflip=args.xflip)
@@ -103,11 +145,11 @@ def run(args) -> int:
     method = module.build(args, teacher, data)
     data_spec = args.data or (args.teacher if is_analytic_spec(args.teacher) else None)
     settings = loop_settings(args)
-    # Defaults that scale with the run: EMA half-life 5% of it, 20 stats lines, 4 checkpoints, no grids.
-    settings.setdefault("ema_halflife_kimg", 0.05 * args.kimg)
+    # Defaults that scale with the run: 20 stats lines, 4 checkpoints, no grids (the EMA is the method's own).
     settings.setdefault("tick_kimg", max(args.kimg / 20, 1e-3))
     settings.setdefault("checkpoint_kimg", max(args.kimg / 4, 1e-3))
-    cfg = TrainConfig(**settings, meta=dict(method=args.method_module, teacher=args.teacher, data=data_spec))
+    cfg = TrainConfig(**settings, meta=dict(method=args.method_module, teacher=args.teacher, data=data_spec,
+                                                 recipe=args.recipe))
     evaluate = getattr(module, "evaluate", None)  # a method's own model selection (KD: held-out loss)
     if evaluate is not None:
         cfg.eval_kimg = max(args.kimg / 10, 1e-3)

@@ -38,6 +38,18 @@ class Group:
     optim: OptimConfig = field(default_factory=OptimConfig)
     every: int = 1                # update on steps where step % every == 0 (DMD2's two-time-scale rule)
     needs_data: bool = False      # whether this group's loss uses real data
+    start: int = 0                # first step of the group's updates: before it the loop neither computes its
+    #                               loss nor steps its optimiser (a warm-up of the other groups), and its LR
+    #                               schedule (warm-up, decay) counts from there
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named set of `distill METHOD` options (e.g. a paper's published CIFAR-10 recipe). The options are
+    placed before the user's own, so that anything given on the command line wins."""
+
+    source: str                   # where the values come from (paper section, official script)
+    options: tuple[str, ...]      # command-line options, e.g. ("--lr", "2e-4", "--batch", "512")
 
 
 @dataclass
@@ -70,6 +82,11 @@ class Method(nn.Module):
         """Networks of which the loop keeps an EMA (e.g. {'student': self.student})."""
         return {}
 
+    def ema_default(self, batch: int) -> tuple[float, float | None]:
+        """The method's own EMA, used when the loop is given none: (half-life in kimg, EDM ramp-up ratio or
+        None). Default: EDM's 500 kimg with ramp-up 0.05 (Diff-Instruct, SiD, GDD)."""
+        return 500.0, 0.05
+
     def export(self, ema: dict[str, nn.Module] | None = None) -> tuple[Denoiser, dict]:
         """The sampler-ready student (the EMA copy when given) and its sampling recipe, e.g.
         {'sampler': 'onestep', 'sigmas': [80.0, 0.0]}."""
@@ -77,7 +94,8 @@ class Method(nn.Module):
 
     def begin_step(self, step: int, nimg: int) -> set[str]:
         """Called before every step. Return the names of groups whose optimiser and LR schedule must be reset
-        (progressive distillation, at the start of each halving round)."""
+        (progressive distillation, at the start of each halving round); the EMA of the network of the same
+        name in `ema_targets` restarts from its current weights too."""
         return set()
 
     def lr_schedule_kimg(self, group: str) -> float | None:

@@ -31,8 +31,50 @@ def is_weightless(denoiser: nn.Module) -> bool:
     return not any(True for _ in denoiser.parameters())
 
 
-def copy_denoiser(denoiser: Denoiser, boundary: bool = False) -> Denoiser:
-    """A trainable deep copy (train mode, requires_grad) of a network denoiser.
+def set_dropout(module: nn.Module, p: float | None) -> int:
+    """Set the dropout probability of every dropout layer in `module` to p (None: leave them as they are).
+
+    Covers `nn.Dropout*` modules (diffusers UNets) and the functional dropout of this project's UNet/ADM blocks
+    (a float `dropout` attribute), and updates a backbone's saved config (`_config['dropout']`) so that a
+    snapshot of the student records the dropout it trained with. Returns the number of layers changed.
+    """
+    if p is None:
+        return 0
+    if not 0.0 <= float(p) < 1.0:
+        raise UsageError(f"dropout must lie in [0, 1), got {p}")
+    n = 0
+    for m in module.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.p = float(p)
+            n += 1
+        elif isinstance(getattr(m, "dropout", None), float):
+            m.dropout = float(p)
+            n += 1
+        cfg = getattr(m, "_config", None)
+        if isinstance(cfg, dict) and isinstance(cfg.get("dropout"), float):
+            cfg["dropout"] = float(p)
+    return n
+
+
+def resolve_dropout(args, default: float | None) -> float | None:
+    """The dropout a method's trained copies get: `--student-dropout` (a probability, or 'teacher' = keep the
+    teacher's), else the method's official default (None = keep the teacher's)."""
+    value = getattr(args, "student_dropout", None)
+    if value is None:
+        return default
+    return None if value == "teacher" else float(value)
+
+
+def dropout_of(module: nn.Module) -> float | None:
+    """The largest dropout probability of `module`'s dropout layers (None when it has none)."""
+    ps = [m.p for m in module.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    ps += [m.dropout for m in module.modules() if isinstance(getattr(m, "dropout", None), float)]
+    return max(ps) if ps else None
+
+
+def copy_denoiser(denoiser: Denoiser, boundary: bool = False, dropout: float | None = None) -> Denoiser:
+    """A trainable deep copy (train mode, requires_grad) of a network denoiser, with its dropout set to
+    `dropout` (None: the teacher's).
 
     boundary=True switches an EDM-preconditioned copy to the consistency/GDD scalings (§5.2), which agree with
     EDM's at large sigma (c_skip(80) ~ 3.9e-5 either way) and make D(x, sigma_min) = x exactly.
@@ -43,6 +85,7 @@ def copy_denoiser(denoiser: Denoiser, boundary: bool = False) -> Denoiser:
     net = copy.deepcopy(denoiser)
     if boundary and isinstance(net, Precond) and net.precond.kind == "edm":
         net.precond = replace(net.precond, kind="boundary")
+    set_dropout(net, dropout)
     return net.train().requires_grad_(True)
 
 
@@ -67,10 +110,11 @@ def mlp_denoiser(shape, sigma_data: float, label_dim: int = 0, kind: str = "edm"
 
 
 def student_from_teacher(teacher: Denoiser, boundary: bool = False, hidden: int = 128,
-                         depth: int = 3) -> Denoiser:
-    """A trainable copy of the teacher, or, for an analytic teacher, a fresh `Precond(MLP)` of its shape."""
+                         depth: int = 3, dropout: float | None = None) -> Denoiser:
+    """A trainable copy of the teacher (dropout p, None: the teacher's), or, for an analytic teacher, a fresh
+    `Precond(MLP)` of its shape."""
     if not is_weightless(teacher):
-        return copy_denoiser(teacher, boundary=boundary)
+        return copy_denoiser(teacher, boundary=boundary, dropout=dropout)
     kind = "boundary" if boundary else "edm"
     return mlp_denoiser(teacher.shape, teacher.sigma_data, teacher.label_dim, kind, teacher.sigma_min,
                         teacher.sigma_max, hidden=hidden, depth=depth)
@@ -191,9 +235,10 @@ FREEZE_ROLES: dict[int, tuple[str, ...]] = {
 
 class ScoreDistillation:
     """The frame shared by Diff-Instruct, SiD and DMD2 (mixed into their `Method`): a frozen teacher, a one-step
-    generator and an online fake score, each a copy of the teacher (fresh MLPs for analytic teachers); the
-    fake-score warm-up; an EMA of the generator. `cfg` needs dropout, gen_every, fake_warmup_steps, mlp_hidden
-    and mlp_depth."""
+    generator and an online fake score, each a copy of the teacher (fresh MLPs for analytic teachers) with
+    dropout `cfg.student_dropout` (None: the teacher's); an EMA of the generator. `cfg` needs dropout,
+    student_dropout, gen_every, fake_warmup_steps, mlp_hidden and mlp_depth. The fake-score warm-up is the
+    generator group's `start` (the loop neither evaluates nor steps the generator before it)."""
 
     def _init_networks(self, teacher: Denoiser, cfg, generator: Denoiser | None, fake: Denoiser | None) -> None:
         if cfg.dropout not in ("shared", "eval"):
@@ -202,7 +247,7 @@ class ScoreDistillation:
             raise UsageError(f"gen_every must be >= 1, got {cfg.gen_every}")
         self.cfg = cfg
         self.teacher = teacher.eval().requires_grad_(False)
-        mlp = dict(hidden=cfg.mlp_hidden, depth=cfg.mlp_depth)
+        mlp = dict(hidden=cfg.mlp_hidden, depth=cfg.mlp_depth, dropout=cfg.student_dropout)
         self.generator = generator if generator is not None else student_from_teacher(teacher, **mlp)
         self.fake = fake if fake is not None else student_from_teacher(teacher, **mlp)
 
@@ -210,12 +255,6 @@ class ScoreDistillation:
         super().train(mode)
         self.teacher.eval()          # its dropout is switched on only inside paired_denoise
         return self
-
-    def begin_step(self, step: int, nimg: int) -> set[str]:
-        # After the fake-score warm-up the generator's optimiser starts afresh (no moments from idle steps).
-        if self.cfg.fake_warmup_steps > 0 and step == self.cfg.fake_warmup_steps:
-            return {"generator"}
-        return set()
 
     def generate_onestep(self, n: int, device, grad: bool) -> tuple[Tensor, Tensor | None]:
         """x_g = G(init_sigma z; init_sigma) with random labels; without gradients G runs in eval mode."""

@@ -44,6 +44,7 @@ class DIConfig:
     fake_loss_scale: float = 1.0       # fake-score loss scaling (sgls)
     fake_warmup_steps: int = 0         # steps training only the fake score first (default: 0 for network
                                        # teachers, 300 for analytic ones)
+    student_dropout: float | None = None  # dropout of generator and fake score (None: the teacher's, official)
     mlp_hidden: int = 128              # fresh MLP width/depth (analytic teachers only)
     mlp_depth: int = 3
 
@@ -89,7 +90,7 @@ class DiffInstruct(common.ScoreDistillation, Method):
         return {
             "fake_score": Group(list(self.fake.parameters()), OptimConfig(lr=cfg.fake_lr, betas=cfg.betas)),
             "generator": Group(list(self.generator.parameters()), OptimConfig(lr=cfg.gen_lr, betas=cfg.betas),
-                               every=cfg.gen_every),
+                               every=cfg.gen_every, start=cfg.fake_warmup_steps),
         }
 
     def loss(self, group: str, batch: Batch) -> dict[str, Tensor]:
@@ -107,8 +108,6 @@ class DiffInstruct(common.ScoreDistillation, Method):
         if group == "generator":
             self.generator.train()
             x_g, cond = self.generate_onestep(batch.size, batch.device, grad=True)
-            if batch.step < cfg.fake_warmup_steps:
-                return {"loss": (0.0 * x_g).sum()}    # fake-score warm-up: the generator does not move yet
             loss, gap = di_generator_loss(self.teacher, self.fake, x_g, cond, None, cfg.dropout,
                                           cfg.p_mean, cfg.p_std)
             return {"loss": cfg.loss_scale * loss, "score_gap": gap.mean().detach()}

@@ -164,6 +164,7 @@ class DMD2Config:
     gan_weight: float = 0.0            # generator GAN term weight (official with GAN: 3e-3); 0 = no GAN head
     cls_weight: float = 1e-2           # classifier term weight in the fake-score loss
     fake_warmup_steps: int = 0         # steps training only the fake score first (analytic teachers: 300)
+    student_dropout: float | None = 0.0  # dropout of generator and fake score (official: 0; None = teacher's)
     mlp_hidden: int = 128              # fresh MLP width/depth (analytic teachers only)
     mlp_depth: int = 3
 
@@ -205,7 +206,8 @@ class DMD2(common.ScoreDistillation, Method):
                                warmup_kimg=cfg.warmup_kimg, grad_clip=cfg.grad_clip)
         fake_params = list(self.fake.parameters()) + (list(self.head.parameters()) if self.head else [])
         return {
-            "generator": Group(list(self.generator.parameters()), optim(), every=cfg.gen_every),
+            "generator": Group(list(self.generator.parameters()), optim(), every=cfg.gen_every,
+                               start=cfg.fake_warmup_steps),
             "fake_score": Group(fake_params, optim(), needs_data=self.head is not None),
         }
 
@@ -233,8 +235,6 @@ class DMD2(common.ScoreDistillation, Method):
         if group == "generator":
             self.generator.train()
             x_g, cond = self.generate(batch.size, batch.device, grad=True)
-            if batch.step < cfg.fake_warmup_steps:
-                return {"loss": (0.0 * x_g).sum()}
             sigma = dm_sigma(batch.size, self.teacher, cfg.min_frac, cfg.max_frac, device=batch.device)
             loss, grad = dm_loss(self.teacher, self.fake, x_g, sigma, cond, dropout=cfg.dropout)
             out = {"dm_loss": loss.detach(), "grad_norm": grad.flatten(1).norm(dim=1).mean()}

@@ -96,6 +96,7 @@ class SiDConfig:
     p_mean: float = -1.2               # lognormal levels of the fake-score loss (EDM)
     p_std: float = 1.2
     fake_warmup_steps: int = 0         # steps training only the fake score first (analytic teachers: 300)
+    student_dropout: float | None = None  # dropout of generator and fake score (None: the teacher's, official)
     mlp_hidden: int = 128              # fresh MLP width/depth (analytic teachers only)
     mlp_depth: int = 3
 
@@ -121,7 +122,7 @@ class SiD(common.ScoreDistillation, Method):
         # order, but a generator that diverged is the first loss to turn non-finite, so the loop names it.
         return {
             "generator": Group(list(self.generator.parameters()), OptimConfig(lr=cfg.gen_lr, betas=cfg.betas),
-                               every=cfg.gen_every),
+                               every=cfg.gen_every, start=cfg.fake_warmup_steps),
             "fake_score": Group(list(self.fake.parameters()), OptimConfig(lr=cfg.fake_lr, betas=cfg.betas)),
         }
 
@@ -133,8 +134,6 @@ class SiD(common.ScoreDistillation, Method):
             return {"loss": common.fake_score_loss(self.fake, x_g, cond, cfg.p_mean, cfg.p_std)}
         if group == "generator":
             x_g, cond = self.generate_onestep(batch.size, batch.device, grad=True)
-            if batch.step < cfg.fake_warmup_steps:
-                return {"loss": (0.0 * x_g).sum()}
             sigma = sid_sigma(batch.size, self.teacher, cfg.t_max, device=batch.device)
             per_sample = sid_generator_loss(self.teacher, self.fake, x_g, sigma, cond, cfg.alpha,
                                             dropout=cfg.dropout)

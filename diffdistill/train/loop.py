@@ -1,6 +1,7 @@
 """The one training loop: method-blind (the contract is diffdistill.methods.base.Method).
 
-Per step: `milestone` -> `begin_step` -> for every group due this step (`step % every == 0`), in order:
+Per step: `milestone` -> `begin_step` -> for every group due this step (`step >= start` and `step % every == 0`),
+in order:
 accumulate the gradients of `batch / (batch_gpu * world)` micro-batches (averaged over ranks by DDP), pass
 them through nan_to_num (EDM), clip, and step that group's optimiser -> EMA (EDM half-life rule) -> ticks
 (stats.jsonl, TensorBoard), sample grids, snapshots, evaluation, checkpoints. Progress is counted in images.
@@ -43,8 +44,10 @@ class TrainConfig:
     total_kimg: float = 200.0              # training length
     batch: int = 512                       # global batch per optimiser step (over all ranks and accumulation)
     batch_gpu: int | None = None           # per-process micro-batch; None = batch / world (no accumulation)
-    ema_halflife_kimg: float = 500.0       # EMA half-life (EDM); 0 = the EMA is a copy of the weights
-    ema_rampup: float | None = 0.05        # EMA ramp-up ratio (EDM): half-life <= rampup * images seen
+    ema_halflife_kimg: float | None = None  # EMA half-life (EDM); 0 = the EMA is a copy of the weights;
+    #                                         None = the method's own (`Method.ema_default`, ramp-up included)
+    ema_rampup: float | None = 0.05        # with a given half-life: EDM's ramp-up ratio (half-life <= rampup * images
+    #                                        seen); None = no ramp-up
     seed: int = 0                          # seeds data order, noise and dropout
     tick_kimg: float = 10.0                # a line in stats.jsonl every tick
     snapshot_kimg: float = 0.0             # sampler-ready snapshots RUN/snapshot-<kimg>/
@@ -222,6 +225,8 @@ def _check_groups(method: Method, groups: dict[str, Group]) -> None:
             raise DiffdistillError(f"group {name!r} of method {method.name!r} has no parameters")
         if g.every < 1:
             raise DiffdistillError(f"group {name!r}: every must be >= 1, got {g.every}")
+        if g.start < 0:
+            raise DiffdistillError(f"group {name!r}: start must be >= 0, got {g.start}")
         for p in g.params:
             if id(p) in seen:
                 raise DiffdistillError(f"a parameter is in both groups {seen[id(p)]!r} and {name!r}")
@@ -270,7 +275,8 @@ class _Run:
         method.to(self.device)
         self.optims = {name: make_optimizer(g.params, g.optim) for name, g in self.groups.items()}
         targets = method.ema_targets()
-        self.ema = EMA(targets, cfg.ema_halflife_kimg, cfg.ema_rampup) if targets else None
+        halflife, rampup = ema_settings(method, cfg)
+        self.ema = EMA(targets, halflife, rampup) if targets else None
         if resume:
             loaded = ckpt.load_latest(self.run_dir)
             if loaded is None:
@@ -393,11 +399,16 @@ class _Run:
                 raise DiffdistillError(f"begin_step reset unknown group {name!r} (groups: {list(self.groups)})")
             self.optims[name] = make_optimizer(self.groups[name].params, self.groups[name].optim)
             self.origins[name] = self.nimg
+            if self.ema is not None and name in self.ema.modules:
+                self.ema.reset(name)          # e.g. PD: a new round's EMA holds no weights of earlier rounds
+        for name, group in self.groups.items():
+            if group.start and self.step == group.start:
+                self.origins[name] = self.nimg  # a group that starts late: its LR schedule counts from here
         micro = [next(self.batches) for _ in range(self.accum)] if self.needs_data else [None] * self.accum
         nimg_after = self.nimg + cfg.batch
         schedule_kimg = getattr(method, "lr_schedule_kimg", None)
         for gi, (name, group) in enumerate(self.groups.items()):
-            if self.step % group.every:
+            if self.step < group.start or self.step % group.every:
                 continue
             opt = self.optims[name]
             end = self.total_steps * cfg.batch
@@ -548,6 +559,13 @@ class _Run:
             if self.main:
                 self.save_snapshot("best", meta=dict(metrics=metrics))
         dist.barrier()
+
+
+def ema_settings(method: Method, cfg: TrainConfig) -> tuple[float, float | None]:
+    """(half-life kimg, ramp-up) of the run's EMA: the config's when it gives a half-life, else the method's."""
+    if cfg.ema_halflife_kimg is None:
+        return method.ema_default(cfg.batch)
+    return cfg.ema_halflife_kimg, cfg.ema_rampup
 
 
 class _NonFinite(Exception):
