@@ -96,6 +96,7 @@ def register_builder(type_name: str):
 def build_denoiser(config: dict):
     """Rebuild a denoiser (random or empty weights) from its `config()`."""
     from . import networks, teachers  # noqa: F401  (registers builders)
+    from .methods import kd  # noqa: F401  (registers 'kd-onestep', the paper's student of eps teachers)
 
     kind = config.get("type")
     if kind not in _BUILDERS:

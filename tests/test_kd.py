@@ -12,13 +12,14 @@ import torch
 from diffdistill import io
 from diffdistill.data import pairs as P
 from diffdistill.diffusion.denoiser import Denoiser, Precond, PrecondConfig
-from diffdistill.diffusion.schedules import ddpm_alphas_cumprod, sigmas_from_alphas_cumprod
+from diffdistill.diffusion.schedules import ddpm_alphas_cumprod, sigmas_from_alphas_cumprod, vp_sigma_inv
 from diffdistill.errors import DiffdistillError
-from diffdistill.methods import kd
+from diffdistill.methods import common, kd
 from diffdistill.methods.base import Batch
 from diffdistill.networks.mlp import mlp_preset
-from diffdistill.samplers import sample
+from diffdistill.samplers import sample, sample_onestep
 from diffdistill.teachers.analytic import Gaussian, GaussianMixture, ring8
+from diffdistill.train.ema import ema_beta
 from diffdistill.train.loop import TrainConfig, train
 
 MU, VAR = 0.3, 0.25
@@ -175,3 +176,154 @@ def test_end_to_end_ring8_one_step_student(tmp_path, one_thread):
     within_t = float((((xt.double() - teacher.means[mt]) ** 2).sum(1).sqrt() < 0.3).double().mean())
     print(f"\nring8 within 3 std of a mode: teacher heun-35NFE {within_t:.4f}, KD student {within:.4f}")
     assert within > 0.8          # measured 0.91 (0.82 before the MLP's input Fourier features)
+
+
+# --------------------------------------------------------------------------------------------------
+# The paper's student for eps teachers (official models.py: Onestep_Model), dropout, EMA, recipes
+
+
+def ddpm_eps_teacher(dropout: float = 0.0):
+    """A tiny random diffusers UNet2DModel on DDPM's linear schedule, predicting eps (T = 1000)."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffdistill.teachers.diffusers import DiffusersDenoiser, SchedulerConfig
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4, attention_head_dim=8, dropout=dropout)
+    return DiffusersDenoiser(unet, SchedulerConfig()).eval().requires_grad_(False)
+
+
+SMALL_PAIRS = dict(n_pairs=8, heldout=4, shard_size=8, steps=2, batch=8)
+
+
+def test_ddpm_eps_student_is_the_papers_g_with_its_gradient_scale(tmp_path, one_thread):
+    """G(z) = z - F(z, 999) on the pairs' unit noise, trained with the paper's gradient, exported and reloaded."""
+    teacher = ddpm_eps_teacher()
+    m = P.generate_pairs(teacher, tmp_path / "p", P.PairsConfig(**SMALL_PAIRS), progress=False)
+    assert m["recipe"]["name"] == "ddim-quad"
+    method = kd.KnowledgeDistillation(kd.make_student(teacher), tmp_path / "p", kd.KDConfig(), manifest=m)
+    assert isinstance(method.student, kd.PaperStudent)
+    assert method.sigma == teacher.sigma_max == float(teacher.discrete_sigmas[-1])      # t_max = 999
+    unet = method.student.net.model
+    z, y, _ = method.pairs.rows(0, 8)
+    params = list(unet.parameters())
+
+    def paper_g():  # the reference: the UNet itself, fed z at timestep 999, subtracted from z
+        return z - unet(z, torch.full((8,), 999.0)).sample
+
+    with torch.no_grad():
+        ref = paper_g()
+        assert float((kd.predict(method.student, z, method.sigma) - ref).abs().max()) < 1e-5
+        net, recipe = method.export()
+        assert float((sample_onestep(net, z, recipe["sigmas"]) - ref).abs().max()) < 1e-5
+    # The gradient of the method's loss is the paper's (old code: D(sigma_max z; sigma_max), 157x the output).
+    loss = method.loss("student", Batch(size=8, device=torch.device("cpu")))["loss"]
+    grads = torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+    ref_loss = kd.regression_loss(paper_g(), y, "l1")
+    ref_grads = torch.cat([g.flatten() for g in torch.autograd.grad(ref_loss, params)])
+    assert float(loss.detach()) == pytest.approx(float(ref_loss.detach()), rel=1e-5)
+    assert float((grads - ref_grads).norm() / ref_grads.norm()) < 1e-5        # measured 9e-7 (old code: 236x)
+    # The exported student saves and loads as a snapshot, unchanged.
+    io.save_snapshot(tmp_path / "snap", net, recipe)
+    again, recipe2, _ = io.load_snapshot(tmp_path / "snap")
+    assert isinstance(again, kd.PaperStudent) and recipe2 == recipe == {"sampler": "onestep",
+                                                                       "sigmas": [method.sigma, 0.0]}
+    with torch.no_grad():
+        assert torch.equal(sample_onestep(again, z, recipe2["sigmas"]), sample_onestep(net, z, recipe["sigmas"]))
+
+
+def test_vp_eps_students_are_wrapped_and_others_are_not(tmp_path):
+    """EDM's VPPrecond (eps, sigma_max 80): G(u) = u - F(u, 999 t(80)); an EDM-preconditioned student stays
+    D(sigma z; sigma)."""
+    torch.manual_seed(0)
+    vp = Precond(mlp_preset("tiny", 2), (2,), 0, PrecondConfig(kind="vp", sigma_max=80.0))
+    student = kd.PaperStudent(vp, 80.0)
+    u = torch.randn(16, 2)
+    with torch.no_grad():
+        ref = u - vp.backbone(u, 999 * vp_sigma_inv(torch.full((16,), 80.0)), None)
+        assert float((kd.predict(student, u, 80.0) - ref).abs().max()) < 1e-5
+    root = tmp_path / "p"
+    m = P.generate_pairs(ring8(), root, P.PairsConfig(n_pairs=16, heldout=0, shard_size=16, steps=2),
+                         progress=False)
+    assert isinstance(kd.KnowledgeDistillation(vp, root, manifest=m).student, kd.PaperStudent)
+    edm = Precond(mlp_preset("tiny", 2), (2,), 0, PrecondConfig())
+    assert kd.KnowledgeDistillation(edm, root, manifest=m).student is edm
+    assert kd.is_vp_eps(vp) and not kd.is_vp_eps(edm) and not kd.is_vp_eps(ring8())
+    with pytest.raises(DiffdistillError, match="eps-prediction VP"):
+        kd.PaperStudent(edm, 80.0)
+
+
+def _kd_args(tmp_path, *extra):
+    from diffdistill.cli.main import build_parser
+
+    return build_parser().parse_args(["distill", "kd", "--teacher", "t", "--out", str(tmp_path / "run"),
+                                      "--pairs", str(tmp_path / "p"), "--n-pairs", "8", "--heldout", "0",
+                                      "--shard-size", "8", "--pairs-steps", "2", *extra])
+
+
+def test_student_has_no_dropout_by_default(tmp_path, one_thread):
+    """The official student has no dropout: a copy of a teacher with dropout 0.1 trains without it."""
+    teacher = ddpm_eps_teacher(dropout=0.1)
+    assert common.dropout_of(teacher) == pytest.approx(0.1)
+    x = torch.randn(2, *teacher.shape)
+
+    def two_passes(net):
+        with torch.no_grad():
+            return net(80 * x, 80.0), net(80 * x, 80.0)
+
+    method = kd.build(_kd_args(tmp_path), teacher)
+    assert method.student.training and common.dropout_of(method.student) == 0
+    a, b = two_passes(method.student)
+    assert torch.equal(a, b)
+    kept = kd.build(_kd_args(tmp_path, "--student-dropout", "teacher"), teacher)     # the override
+    assert common.dropout_of(kept.student) == pytest.approx(0.1)
+    a, b = two_passes(kept.student)
+    assert not torch.equal(a, b)
+    assert common.dropout_of(kd.make_student(teacher)) == 0
+
+
+def test_ema_is_the_papers_per_step_decay(tmp_path):
+    root = tmp_path / "p"
+    m = P.generate_pairs(ring8(), root, P.PairsConfig(n_pairs=16, heldout=0, shard_size=16, steps=2),
+                         progress=False)
+    method = kd.KnowledgeDistillation(kd.make_student(ring8(), "mlp-tiny"), root, manifest=m)
+    halflife, rampup = method.ema_default(512)
+    assert rampup is None and halflife == pytest.approx(70.80, abs=0.01)
+    for nimg in (512, 512 * 10_000):                             # no ramp-up: 0.995 from the first step
+        assert ema_beta(512, nimg, halflife, rampup) == pytest.approx(0.995, abs=1e-12)
+    lsun = kd.KnowledgeDistillation(kd.make_student(ring8(), "mlp-tiny"), root, kd.KDConfig(ema_decay=0.9995),
+                                    manifest=m)
+    assert ema_beta(32, 32, *lsun.ema_default(32)) == pytest.approx(0.9995, abs=1e-12)
+    with pytest.raises(DiffdistillError, match="EMA decay"):
+        kd.KnowledgeDistillation(method.student, root, kd.KDConfig(ema_decay=1.0), manifest=m)
+
+
+@pytest.mark.parametrize("name, want", [
+    ("cifar10", dict(loss="l1", lr=2e-4, betas=(0.9, 0.98), warmup_kimg=2560, batch=512, kimg=25_600,
+                     decay=0.995, shard_size=102_400, heldout=51_200, sampler="ddim-quad", steps=100)),
+    ("lsun_church", dict(loss="l2", lr=5e-6, betas=(0.98, 0.999), warmup_kimg=32, batch=32, kimg=40_960,
+                         decay=0.9995, shard_size=2560, heldout=2560, sampler="ddim-uniform", steps=50)),
+])
+def test_recipes_are_the_official_settings(tmp_path, one_thread, name, want):
+    """`--recipe` values of official utils.py get_settings: every one reaches the optimiser, EMA and pairs."""
+    recipe = kd.RECIPES[name]
+    assert "get_settings" in recipe.source and set(kd.RECIPES) == {"cifar10", "celeba", "lsun_church",
+                                                                   "lsun_bedroom"}
+    from diffdistill.cli.main import build_parser
+
+    args = build_parser().parse_args(["distill", "kd", "--teacher", "t", "--out", "r", *recipe.options])
+    assert (args.kimg, args.batch, args.ema, args.student_dropout) == (want["kimg"], want["batch"], None, None)
+    assert (args.n_pairs, args.shard_size, args.heldout) == (1_024_000, want["shard_size"], want["heldout"])
+    assert (args.pairs_sampler, args.pairs_steps, args.target_dtype) == (want["sampler"], want["steps"], "uint8")
+    # The user's options come after the recipe's and win: a small pairs directory for the test.
+    small = ["--pairs", str(tmp_path / "p"), "--n-pairs", "8", "--heldout", "0", "--shard-size", "8",
+             "--pairs-steps", "2"]
+    args = build_parser().parse_args(["distill", "kd", "--teacher", "t", "--out", str(tmp_path / "run"),
+                                      *recipe.options, *small])
+    method = kd.build(args, ddpm_eps_teacher())
+    oc = method.groups()["student"].optim
+    assert (oc.lr, tuple(oc.betas), oc.eps, oc.warmup_kimg) == (want["lr"], want["betas"], 1e-8, want["warmup_kimg"])
+    assert method.cfg.loss == want["loss"] and common.dropout_of(method.student) == 0
+    assert ema_beta(args.batch, 0, *method.ema_default(args.batch)) == pytest.approx(want["decay"], abs=1e-12)
