@@ -408,3 +408,148 @@ def test_zero_terminal_snr_rejected(tmp_path, unet):
     src = model_dir(tmp_path, unet, ddim(rescale_betas_zero_snr=True))
     with pytest.raises(DiffdistillError, match="rescale_betas_zero_snr"):
         load_teacher(src)
+
+
+# --------------------------------------------------------------------------------------------------
+# `sample` and `diffdistill sample` against diffusers' own pipelines, from the same unit noise
+
+
+def pipeline_images(unet, sched, seeds, n, **kw):
+    """DDIMPipeline(eta=0) output in [0, 1] (NCHW); per-seed generators draw exactly `samplers.make_noise`."""
+    pipe = diffusers.DDIMPipeline(unet=unet, scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    with torch.no_grad():
+        return pipe(batch_size=len(seeds), generator=gens, num_inference_steps=n, eta=0.0, output_type="pt",
+                    **kw).images
+
+
+def as_pipeline_output(x):
+    return (x.float() / 2 + 0.5).clamp(0, 1)
+
+
+@pytest.mark.parametrize("schedule,spacing,prediction", [
+    ("squaredcos_cap_v2", "leading", "epsilon"), ("squaredcos_cap_v2", "trailing", "v_prediction"),
+    ("linear", "leading", "v_prediction"), ("linear", "trailing", "v_prediction")])
+def test_sample_reproduces_ddim_pipeline(tmp_path, unet, schedule, spacing, prediction):
+    """`samplers.sample` starts a VP teacher from z_T = u (x_T = u sqrt(1 + sigma_T^2)), as DDIMPipeline does:
+    with 4 leading steps of the cosine schedule (t = 750, sigma_T = 2.4) starting from sigma_T u instead was
+    8% off. A random eps-UNet's x0 at large sigma (linear: 17 at t = 750, 157 at t = 999) is mostly out of
+    [-1, 1], where the pipeline clamps: those cases use v-prediction."""
+    from diffdistill.samplers import initial_noise_scale, prior_scale, sample
+
+    kw = dict(beta_schedule=schedule, timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0,
+              prediction_type=prediction)
+    den = load_teacher(model_dir(tmp_path, unet, ddim(**kw)))
+    seeds, n = [3, 11], 4
+    ref = pipeline_images(unet, ddim(**kw), seeds, n)
+    out = sample(den, seeds, steps=n, sampler="ddim")
+    assert 0.2 < float(((ref > 0) & (ref < 1)).double().mean())        # mostly unclamped pixels
+    torch.testing.assert_close(as_pipeline_output(out), ref, atol=1e-5, rtol=0)
+    s0 = float(den.default_sigmas(n)[0])
+    assert initial_noise_scale(den, s0) == pytest.approx(math.sqrt(1 + s0**2))
+    assert prior_scale(load_teacher("toy:ring8"), 80.0) == 1.0            # EDM teachers: x_T = sigma_max u
+
+
+def test_diffdistill_sample_cli_and_converted_snapshot_reproduce_ddim_pipeline(tmp_path, unet):
+    """`diffdistill sample npz` on a diffusers folder (--sampler ddim) and on its converted snapshot (whose recipe
+    keeps the scheduler's x0 clipping) give DDIMPipeline's images from the same seeds."""
+    import numpy as np
+
+    from diffdistill.cli.main import main
+
+    kw = dict(beta_schedule="squaredcos_cap_v2", steps_offset=1)
+    src = model_dir(tmp_path / "model", unet, ddim(**kw))
+    seeds, n = [0, 1, 2], 4
+    assert main(["sample", "npz", str(tmp_path / "a.npz"), str(src), "--seeds", "0-2", "--steps", str(n),
+                 "--sampler", "ddim", "--device", "cpu", "--no-progress"]) == 0
+    x = torch.from_numpy(np.load(tmp_path / "a.npz")["x"])
+    torch.testing.assert_close(as_pipeline_output(x), pipeline_images(unet, ddim(**kw), seeds, n), atol=1e-5,
+                               rtol=0)
+    # clip_sample=True (diffusers' default): the snapshot's recipe clips x0 and keeps the unclipped eps.
+    clipping = tmp_path / "clipping"
+    model_dir(clipping, unet, diffusers.DDIMScheduler(clip_sample=True, **kw))
+    snap = snapshot_from_diffusers(clipping, tmp_path / "snap", steps=n)
+    recipe = json.loads((snap / "model.json").read_text())["sampling"]
+    assert recipe["clip_denoised"] is True and recipe["clip_keeps_eps"] is True
+    assert main(["sample", "npz", str(tmp_path / "b.npz"), str(snap), "--seeds", "0-2", "--device", "cpu",
+                 "--no-progress"]) == 0
+    x = torch.from_numpy(np.load(tmp_path / "b.npz")["x"])
+    ref = pipeline_images(unet, diffusers.DDIMScheduler(clip_sample=True, **kw), seeds, n)
+    torch.testing.assert_close(as_pipeline_output(x), ref, atol=1e-5, rtol=0)
+    unclipped = pipeline_images(unet, ddim(**kw), seeds, n)
+    assert (ref - unclipped).abs().max() > 1e-2                          # the clipping matters here
+
+
+def test_clip_denoised_is_ddim_with_the_clipped_model_output(tmp_path, unet):
+    """clip_denoised=True recomputes eps from the clipped x0 (the official PD sampler's clip_x): diffusers' DDIM
+    with use_clipped_model_output=True."""
+    from diffdistill.samplers import sample
+
+    kw = dict(clip_sample=True, steps_offset=1)
+    den = load_teacher(model_dir(tmp_path, unet, diffusers.DDIMScheduler(**kw)))
+    seeds, n = [5, 6], 5
+    ref = pipeline_images(unet, diffusers.DDIMScheduler(**kw), seeds, n, use_clipped_model_output=True)
+    out = sample(den, seeds, steps=n, sampler="euler", clip_denoised=True)
+    torch.testing.assert_close(as_pipeline_output(out), ref, atol=1e-5, rtol=0)
+    plain = sample(den, seeds, steps=n, sampler="euler")
+    assert (as_pipeline_output(plain) - ref).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("variance,clip", [("fixed_large", False), ("fixed_small", True), ("fixed_large", True)])
+def test_ddpm_variance_type_and_clip_sample(tmp_path, unet, variance, clip):
+    """sample_ddpm draws the scheduler's variance_type noise (fixed_large: beta_t; before: always the posterior
+    variance, 0.6% off) and clip_denoised is diffusers' clip_sample, against DDPMScheduler.step."""
+    kw = dict(variance_type=variance, clip_sample=clip)
+    den = load_teacher(model_dir(tmp_path, unet, diffusers.DDPMScheduler(**kw)))
+    assert den.ddpm_variance == variance
+    z_T = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(12))
+    n = 10
+    ref = diffusers_loop(unet, diffusers.DDPMScheduler(**kw), z_T, n, torch.Generator().manual_seed(13))
+    sigmas = den.default_sigmas(n)
+    out = sample_ddpm(den, vp_noise_to_edm(z_T, sigmas[0].item()), sigmas, generator=torch.Generator().manual_seed(13),
+                      clip_denoised=clip)
+    torch.testing.assert_close(out.float(), ref, atol=1e-5, rtol=1e-5)
+    other = "fixed_small" if variance == "fixed_large" else "fixed_large"
+    wrong = sample_ddpm(den, vp_noise_to_edm(z_T, sigmas[0].item()), sigmas,
+                        generator=torch.Generator().manual_seed(13), clip_denoised=clip, variance=other)
+    assert (wrong.float() - ref).abs().max() > 1e-3
+
+
+def test_ddpm_refuses_learned_variances(tmp_path):
+    unet = tiny_unet(out_channels=6, seed=4)
+    den = load_teacher(model_dir(tmp_path, unet, diffusers.DDPMScheduler(variance_type="learned_range")))
+    sigmas = den.default_sigmas(4)
+    with pytest.raises(DiffdistillError, match="variance_type 'learned_range' is not supported"):
+        sample_ddpm(den, torch.randn(1, *SHAPE), sigmas)
+    # deterministic DDIM does not need the variance
+    assert torch.isfinite(sample_euler(den, torch.randn(1, *SHAPE), sigmas)).all()
+
+
+def test_kd_pairs_start_from_the_samplers_prior(tmp_path, unet):
+    """The KD pairs' prior_scale is `samplers.prior_scale` (one mechanism): VP-discrete teachers start every ODE
+    sampler from z sqrt(1 + sigma_0^2), the Karras-grid samplers too (they started from sigma_0 z); the DDIM
+    recipes' value is bit-identical to before, and a directory made with the old heun start is finished with it."""
+    from diffdistill.data import pairs as P
+    from diffdistill.samplers import prior_scale
+
+    den = load_teacher(model_dir(tmp_path / "model", unet, ddim()))
+    uniform = P.teacher_recipe(den, P.PairsConfig(sampler="ddim-uniform", steps=4))
+    s0 = uniform["sigmas"][0]
+    assert uniform["prior_scale"] == math.sqrt(1 + s0**2) / s0 == prior_scale(den, s0)
+    heun = P.teacher_recipe(den, P.PairsConfig(sampler="heun", steps=2))
+    s0 = heun["sigmas"][0]
+    assert heun["prior_scale"] == prior_scale(den, s0) == pytest.approx(math.sqrt(1 + s0**2) / s0) != 1.0
+    cfg = P.PairsConfig(n_pairs=2, heldout=0, shard_size=1, sampler="heun", steps=2, target_dtype="float16", batch=1)
+    root = tmp_path / "pairs"
+    P.generate_pairs(den, root, cfg, progress=False, log=lambda *_: None)
+    m = json.loads((root / "pairs.json").read_text())
+    m["recipe"]["prior_scale"] = 1.0                        # as the old code wrote it
+    (root / "pairs.json").write_text(json.dumps(m))
+    (root / "train-00001.safetensors").unlink()
+    again = P.generate_pairs(den, root, cfg, progress=False, log=lambda *_: None)
+    assert again["recipe"]["prior_scale"] == 1.0 and (root / "train-00001.safetensors").is_file()
+    m["recipe"]["sigmas"][0] += 1.0                         # any other difference is still refused
+    (root / "pairs.json").write_text(json.dumps(m))
+    with pytest.raises(DiffdistillError, match="other settings"):
+        P.generate_pairs(den, root, cfg, progress=False, log=lambda *_: None)

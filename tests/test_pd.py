@@ -218,11 +218,128 @@ def test_vp_cosine_teachers_x_v_and_both():
         pd.ProgressiveDistillation(eps_teacher, pd.PDConfig(start_steps=4))
 
 
+def test_every_eps_teacher_is_refused():
+    """§3.1/§3.8: not only cosine-eps; EDM's VP (and VE) preconditioning and DDPM eps checkpoints predict eps too.
+    x, v, 'both' and EDM-preconditioned teachers pass."""
+    from diffdistill.diffusion.schedules import ddpm_alphas_cumprod
+    from diffdistill.teachers.discrete import DiscreteVPDenoiser
+    from diffdistill.teachers.guidance import CFGDenoiser
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+
+        def forward(self, z, t, cond):
+            return self.lin(z)
+
+    def precond(kind, prediction="eps", label_dim=0):
+        return Precond(mlp_preset("tiny", 2, label_dim=label_dim) if label_dim else mlp_preset("tiny", 2), (2,),
+                       label_dim, PrecondConfig(kind=kind, prediction=prediction, sigma_max=80.0)).eval()
+
+    refused = {"EDM's VP": precond("vp"), "EDM's VE": precond("ve"), "cosine-schedule eps": precond("cosine"),
+               "DDPM eps": DiscreteVPDenoiser(Net(), (2,), ddpm_alphas_cumprod()).eval(),
+               "EDM's VP ": CFGDenoiser(precond("vp", label_dim=3), 2.0).eval()}
+    for what, teacher in refused.items():
+        with pytest.raises(DiffdistillError, match=f"refuses this teacher, .*{what.strip()}.*use such a teacher"):
+            pd.ProgressiveDistillation(teacher, pd.PDConfig(start_steps=4))
+    for teacher in (precond("edm"), precond("cosine", "x"), precond("cosine", "v"),
+                    DiscreteVPDenoiser(Net(), (2,), ddpm_alphas_cumprod(), prediction="v_prediction").eval(),
+                    DiscreteVPDenoiser(Net(), (2,), ddpm_alphas_cumprod(), prediction="sample").eval()):
+        pd.ProgressiveDistillation(teacher, pd.PDConfig(start_steps=4))
+
+
+class _Images:
+    """A stand-in for an image data set: PD's build reads only its shape."""
+
+    shape, label_dim, name = (3, 8, 8), 0, "images"
+
+
+def _image_teacher(dropout=0.3):
+    from diffdistill.networks.unet import unet_preset
+
+    torch.manual_seed(0)
+    net = unet_preset("tiny", 8, 3, dropout=dropout)
+    return Precond(net, (3, 8, 8), 0, PrecondConfig(kind="cosine", prediction="x")).eval().requires_grad_(False)
+
+
+def test_student_dropout_is_zero_unless_asked():
+    """The official student is 'same as teacher but with 0 dropout' (cifar_distill.py)."""
+    from diffdistill.methods import common
+
+    teacher = _image_teacher(0.3)
+    method = pd.build(_args(start_steps=4, end_steps=1), teacher, _Images())
+    assert common.dropout_of(method.student) == 0.0 and common.dropout_of(method.prev) == 0.0
+    assert common.dropout_of(teacher) == pytest.approx(0.3)
+    kept = pd.build(_args(start_steps=4, end_steps=1, student_dropout="teacher"), teacher, _Images())
+    assert common.dropout_of(kept.student) == pytest.approx(0.3)
+    assert common.dropout_of(pd.build(_args(start_steps=4, end_steps=1, student_dropout=0.1), teacher,
+                                      _Images()).student) == pytest.approx(0.1)
+
+
+def test_clip_denoised_recipe_is_honoured_by_the_sampler():
+    """Images: the exported recipe clips x-hat to [-1, 1] (official eval_clip_denoised=True) and `sample` with it
+    equals DDIM with the clipped x-hat and eps recomputed from it (dpm.py: _run_model(clip_x=True))."""
+    from diffdistill.samplers import make_noise
+
+    teacher = _image_teacher(0.0)
+    with torch.no_grad():                                    # a network whose x-hat leaves [-1, 1]
+        w = teacher.backbone.dec["8x8_aux_conv"].weight    # (EDM's init makes the last layer ~1e-5)
+        w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(1)))
+    method = pd.build(_args(start_steps=4, end_steps=1), teacher, _Images())
+    net, recipe = method.export()
+    assert recipe["clip_denoised"] is True and recipe["sampler"] == "euler"
+    assert "clip_denoised" not in pd.build(_args(start_steps=4, end_steps=1, clip_denoised=False), teacher,
+                                           _Images()).export()[1]
+    assert "clip_denoised" not in pd.ProgressiveDistillation(ring8(), pd.PDConfig(start_steps=4)).export()[1]
+    got = sample(net, [0, 1, 2], sampler=recipe["sampler"], sigmas=recipe["sigmas"],
+                 clip_denoised=recipe["clip_denoised"])
+    grid = torch.tensor(recipe["sigmas"], dtype=torch.float64)
+    x = make_noise([0, 1, 2], (3, 8, 8)).double() * grid[0]
+    unclipped_range = 0.0
+    for i in range(len(grid) - 1):
+        with torch.no_grad():
+            d = net(x.float(), float(grid[i])).double()
+        unclipped_range = max(unclipped_range, float(d.abs().max()))
+        d = d.clamp(-1, 1)
+        x = d + grid[i + 1] / grid[i] * (x - d)
+    assert unclipped_range > 1.5                             # the clipping acts
+    torch.testing.assert_close(got, x.float(), atol=1e-5, rtol=1e-5)
+    unclipped = sample(net, [0, 1, 2], sampler="euler", sigmas=recipe["sigmas"])
+    assert float((unclipped - got).abs().max()) > 1e-2
+
+
+def test_pd_ema_restarts_every_round_through_the_loop(tmp_path):
+    """--pd-ema with a huge half-life: the EMA exported at the end of a round equals the student's weights at
+    that round's start, i.e. it holds nothing of earlier rounds (before the loop restarted the EMA at a group
+    reset, every round's EMA was the round-0 initialisation)."""
+    from diffdistill.data import open_dataset
+    from diffdistill.train.loop import TrainConfig, train
+
+    torch.manual_seed(0)
+    method = pd.build(_args(start_steps=8, end_steps=2, round_kimg=0.256, pd_ema=True, lr=2e-3), ring8(),
+                      open_dataset("toy:ring8"))
+    init = {k: v.clone() for k, v in method.student.state_dict().items()}
+    cfg = TrainConfig(out=str(tmp_path), total_kimg=0.512, batch=64, ema_halflife_kimg=1e9, ema_rampup=None,
+                      checkpoint_kimg=0, tick_kimg=0.256, progress=False, tensorboard=False, device="cpu")
+    train(method, cfg, data=open_dataset("toy:ring8"))
+    round1, _, _ = io.load_snapshot(tmp_path / "round-04steps")
+    round2, recipe, _ = io.load_snapshot(tmp_path / "model")
+    assert len(recipe["sigmas"]) == 3
+    start2 = method.prev.state_dict()                        # the student at the end of round 1
+    moved = max(float((start2[k] - init[k]).abs().max()) for k in init)
+    assert moved > 1e-3
+    for k, v in round1.state_dict().items():
+        torch.testing.assert_close(v, init[k], atol=1e-7, rtol=0)        # round 1: its own start
+    for k, v in round2.state_dict().items():
+        torch.testing.assert_close(v, start2[k], atol=1e-7, rtol=0)      # round 2: round 2's start only
+
+
 def _args(**kw):
     parser = argparse.ArgumentParser()
     pd.add_arguments(parser)
     ns = parser.parse_args([])
-    for k, v in dict(out=None, kimg=3.0, lr=None, **kw).items():
+    for k, v in {"out": None, "kimg": 3.0, "lr": None, **kw}.items():
         setattr(ns, k, v)
     return ns
 
@@ -290,3 +407,30 @@ def _end_to_end(tmp_path):
     print(f"\nring8 within 3 std of a mode: teacher heun-35NFE {within:.4f}, PD students {fractions}")
     assert result["model"] is not None
     assert fractions["model"] > 0.7     # measured 0.82 (0.59 from 8 steps without input Fourier features)
+
+
+@pytest.mark.parametrize("name,start,batch,lr,round_kimg", [("cifar10", 8192, 128, 5e-5, 6400.0),
+                                                             ("imagenet64", 1024, 2048, 1e-4, 102400.0)])
+def test_official_recipes(name, start, batch, lr, round_kimg):
+    """cifar_distill.py / imagenet64_distill.py: 50k Adam steps per halving down to 1 step, linear LR decay to 0
+    per round, betas (0.9, 0.999), grad clip 1, no EMA, dropout 0, snr_trunc, random flips, x-hat clipped."""
+    from diffdistill.cli import distill as cli_distill
+    from diffdistill.cli.main import build_parser
+    from diffdistill.methods import common
+
+    teacher = _image_teacher(0.3)
+    argv = ["distill", "pd", "--teacher", "t", "--out", "unused", "--data", "d", "--recipe", name]
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    args = cli_distill.with_recipe(args, teacher)
+    assert (args.batch, args.lr, args.kimg, args.round_kimg) == (batch, lr, round_kimg * math.log2(start), round_kimg)
+    assert round_kimg == 50_000 * batch / 1000 and args.xflip and args.ema is None and not args.pd_ema
+    method = pd.build(args, teacher, _Images())
+    c = method.cfg
+    assert (c.start_steps, c.end_steps, c.betas, c.grad_clip, c.weighting) == (start, 1, (0.9, 0.999), 1.0,
+                                                                             "snr_trunc")
+    assert method.grid == "cosine" and method.ema_targets() == {} and common.dropout_of(method.student) == 0.0
+    assert method.export()[1]["clip_denoised"] is True
+    optim = method.groups()["student"].optim
+    assert (optim.lr, optim.decay, optim.warmup_kimg, optim.weight_decay) == (lr, "linear", 0.0, 0.0)
+    assert method.lr_schedule_kimg("student") == round_kimg

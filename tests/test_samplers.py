@@ -8,11 +8,13 @@ import torch
 from scipy.integrate import solve_ivp
 
 from diffdistill.diffusion import param, schedules
+from diffdistill.errors import DiffdistillError
 from diffdistill.samplers import (
     default_sigmas,
     make_noise,
     nfe,
     sample,
+    sample_ddpm,
     sample_dpmpp_2m,
     sample_euler,
     sample_heun,
@@ -200,7 +202,9 @@ def test_batch_size_independence(sampler):
 
 def test_ddpm_ancestral_marginals_and_dpmpp_accuracy():
     g = Gaussian([0.3], 0.5)
-    x = sample(g, 20_000, steps=1000, sampler="ddpm", batch=20_000)  # first order: needs many steps
+    # first order: needs many steps; one noise stream for the whole batch (per-seed streams cost 150 s here)
+    noise = torch.randn(20_000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = sample_ddpm(g, noise, schedules.karras_sigmas(1000), generator=torch.Generator().manual_seed(1))
     assert x.mean().item() == pytest.approx(0.3, abs=0.02) and x.std().item() == pytest.approx(0.5, rel=0.02)
     exact = exact_gaussian_ode(80.0, 0.3, 0.25, 80.0, 0.0)
     errs = [abs(sample_dpmpp_2m(g, ONE, schedules.karras_sigmas(n)).item() - exact) for n in (16, 32, 64)]
@@ -245,3 +249,23 @@ def test_bad_sigma_grids():
         sample_heun(g, noise, torch.tensor([0.0]))
     with pytest.raises(Exception, match="unknown sampler"):
         sample(g, 2, sampler="rk45")
+
+
+def test_sample_starts_vp_discrete_teachers_from_their_prior():
+    """A discrete-time (VP) teacher's ODE samplers start from z sqrt(1 + sigma_0^2), diffusers' z_T ~ N(0, I);
+    EDM-style denoisers from sigma_0 z; one-step students from sigma_0 z (what they were trained on)."""
+    from diffdistill.diffusion.schedules import ddpm_alphas_cumprod, sigmas_from_alphas_cumprod
+
+    vp = Gaussian([0.3], 0.5)
+    vp.discrete_sigmas = sigmas_from_alphas_cumprod(ddpm_alphas_cumprod())
+    edm = Gaussian([0.3], 0.5)
+    grid = [2.0, 0.5, 0.0]
+    noise = make_noise([0, 1], (1,)).double()
+    for sampler, fn in (("euler", sample_euler), ("heun", sample_heun), ("dpmpp_2m", sample_dpmpp_2m)):
+        got = sample(vp, [0, 1], sampler=sampler, sigmas=grid)
+        torch.testing.assert_close(got, fn(vp, noise * math.sqrt(5) / 2, grid).float(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(sample(edm, [0, 1], sampler=sampler, sigmas=grid), fn(edm, noise, grid).float())
+    one = sample(vp, [0, 1], sampler="onestep", sigmas=[2.0, 0.0])
+    torch.testing.assert_close(one, vp(2.0 * noise.float(), 2.0))
+    with pytest.raises(DiffdistillError, match="clip_denoised"):
+        sample_euler(edm, noise, grid, clip_denoised=-1.0)

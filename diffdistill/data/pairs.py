@@ -122,9 +122,11 @@ def teacher_recipe(teacher: Denoiser, cfg: PairsConfig) -> dict:
 
     For a discrete DDPM teacher x_T ~ N(0, I) is the VP state z at the first grid index (§2.1), i.e.
     x = z/alpha = z sqrt(1 + sigma^2) in EDM coordinates: `prior_scale` multiplies the unit noise that the
-    sampler scales by sigmas[0]. Continuous teachers start from sigma_max * z (EDM), prior_scale = 1.
+    sampler scales by sigmas[0]. Continuous teachers start from sigma_max * z (EDM), prior_scale = 1. The
+    factor is `samplers.prior_scale`, the one `samplers.sample` uses (the manifest keeps the value used).
     """
     from ..diffusion.schedules import karras_sigmas
+    from ..samplers import prior_scale
 
     discrete = getattr(teacher, "discrete_sigmas", None)
     name = cfg.sampler
@@ -136,12 +138,13 @@ def teacher_recipe(teacher: Denoiser, cfg: PairsConfig) -> dict:
                                    "use heun or euler")
         sigmas = (ddpm_quadratic_sigmas(discrete, cfg.steps or 100) if name == "ddim-quad"
                   else ddpm_uniform_sigmas(discrete, cfg.steps or 50))
-        s0 = float(sigmas[0])
-        return dict(name=name, sampler="euler", sigmas=sigmas.tolist(), prior_scale=math.sqrt(1 + s0**2) / s0)
+        return dict(name=name, sampler="euler", sigmas=sigmas.tolist(),
+                    prior_scale=prior_scale(teacher, float(sigmas[0])))
     if name in ("heun", "euler"):
         steps = cfg.steps or (18 if name == "heun" else 50)
         sigmas = karras_sigmas(steps, teacher.sigma_min, teacher.sigma_max)
-        return dict(name=name, sampler=name, sigmas=sigmas.tolist(), prior_scale=1.0)
+        return dict(name=name, sampler=name, sigmas=sigmas.tolist(),
+                    prior_scale=prior_scale(teacher, float(sigmas[0])))
     raise DiffdistillError(f"unknown pair sampler {cfg.sampler!r} "
                            "(auto, ddim-quad, ddim-uniform, heun, euler)")
 
@@ -279,6 +282,14 @@ def _seed(*parts: int) -> int:
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:7], "little")
 
 
+def _same_but_prior_scale(old, new: dict) -> bool:
+    """Whether an existing manifest's recipe differs from `new` in its prior_scale only."""
+    if not isinstance(old, dict) or old.get("prior_scale") == new.get("prior_scale"):
+        return False
+    drop = lambda r: {k: v for k, v in r.items() if k != "prior_scale"}  # noqa: E731
+    return drop(old) == drop(new)
+
+
 @torch.no_grad()
 def generate_shard(teacher: Denoiser, m: dict, index: int, count: int, device="cpu") -> dict[str, Tensor]:
     """Pairs of shard `index`: batch b draws noise (and labels) from a generator seeded by (seed, index, b)"""
@@ -344,6 +355,10 @@ def generate_pairs(teacher: Denoiser, root: str | Path, cfg: PairsConfig, device
             raise DiffdistillError(f"{root}: these pairs were made by a different teacher (fingerprint "
                                    f"{old.get('teacher')}, this teacher is {m['teacher']}); "
                                    "use a new --pairs directory")
+        if _same_but_prior_scale(old.get("recipe"), m["recipe"]):
+            # Made before the Karras-grid samplers started a discrete teacher from its VP prior: finish the
+            # directory with the start it was made with, so that all its pairs agree.
+            m["recipe"] = old["recipe"]
         keys = ("n_pairs", "heldout", "shard_size", "seed", "batch", "target_dtype", "recipe", "shape")
         diff = [k for k in keys if old.get(k) != m[k]]
         if diff:

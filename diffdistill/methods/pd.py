@@ -12,7 +12,13 @@ Grids: the cosine logSNR schedule t = k/N (§3.1) for VP-cosine teachers, else a
 sigma(u) = (sigma_max^(1/rho) + (1-u)(sigma_min^(1/rho) - sigma_max^(1/rho)))^rho at u = k/N (§3.6); both end
 in 0 and the student's grid is every other level of the teacher's, so halving is exact.
 At each round boundary the optimiser and its linearly decaying LR are reset (`begin_step`), the finished
-student is saved (`milestone`) and becomes the next teacher (its current parameters; no EMA by default).
+student is saved (`milestone`) and becomes the next teacher (its current parameters; no EMA by default, as
+the official `ema_decay=0`; with --pd-ema the loop restarts the EMA at every round, so an exported N-step
+student holds no weights of earlier rounds). The student is "same as teacher but with 0 dropout" (official
+cifar_distill.py). The exported recipe is DDIM (euler) on the student's grid, clipping x-hat to [-1, 1] for
+images as the official evaluation does (`eval_clip_denoised=True`; eps recomputed from the clipped x-hat).
+Teachers that predict eps are refused (§3.1, §3.8): x-hat = (z - sigma eps)/alpha is ill-conditioned at the
+top levels where a few-step student does most of its work.
 """
 
 from __future__ import annotations
@@ -32,12 +38,43 @@ from ..diffusion.denoiser import Denoiser, Precond
 from ..errors import DiffdistillError, UsageError
 from ..io import atomic_write, atomic_write_json
 from ..train import dist
-from .base import Batch, Group, Method, OptimConfig
+from . import common
+from .base import Batch, Group, Method, OptimConfig, Recipe
 from .kd import make_student
 
 HELP = "Progressive distillation: halve the teacher's DDIM steps round by round (needs real data)"
 NEEDS_DATA = True
 WEIGHTINGS = ("snr_trunc", "snr", "snr+1", "constant")
+EMA_HELP = ("EMA half-life of the student in kimg, used only with --pd-ema (default: no EMA, as the paper's "
+            "ema_decay=0; with --pd-ema: 500 kimg with EDM's ramp-up, restarted at every round)")
+DROPOUT_HELP = "PD: 0, the official student is 'same as teacher but with 0 dropout' (cifar_distill.py)"
+
+
+def _official(start: int, batch: int, lr: str) -> tuple[str, ...]:
+    """The official distillation config: 50k Adam steps per halving (kimg = 50k x batch / 1000), linear LR decay
+    to 0 per round, betas (0.9, 0.999), no weight decay, grad clip 1.0, no EMA, dropout 0, snr_trunc, random
+    flips, DDIM evaluation with x-hat clipped; down to 1 step."""
+    rounds = int(math.log2(start))
+    round_kimg = 50_000 * batch / 1000
+    return ("--start-steps", str(start), "--end-steps", "1", "--round-kimg", f"{round_kimg:g}",
+            "--kimg", f"{rounds * round_kimg:g}", "--batch", str(batch), "--lr", lr, "--betas", "0.9", "0.999",
+            "--grad-clip", "1.0", "--weighting", "snr_trunc", "--clip-denoised", "--xflip")
+
+
+RECIPES = {
+    "cifar10": Recipe(
+        source="Salimans & Ho 2022 §4 / official diffusion_distillation/config/cifar_distill.py: 8192 -> 1 steps "
+               "(13 rounds of 50k steps at batch 128 = 6400 kimg), Adam lr 5e-5 linearly to 0 per round, "
+               "betas (0.9, 0.999), grad clip 1, no EMA, dropout 0, snr_trunc, x-hat clipped at evaluation; "
+               "the official teacher is a VP-cosine x-prediction network (the grid is then cosine)",
+        options=_official(8192, 128, "5e-5")),
+    "imagenet64": Recipe(
+        source="official diffusion_distillation/config/imagenet64_distill.py: 1024 -> 1 steps (10 rounds of 50k "
+               "steps at batch 2048 = 102400 kimg), Adam lr 1e-4 linearly to 0 per round, grad clip 1, no EMA, "
+               "dropout 0, snr_trunc, x-hat clipped; the official teacher is a class-conditional VP-cosine "
+               "'both'-prediction network",
+        options=_official(1024, 2048, "1e-4")),
+}
 
 
 @dataclass
@@ -53,7 +90,10 @@ class PDConfig:
     lr: float = 5e-5                   # Adam learning rate, decayed linearly to 0 within each round
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float | None = 1.0      # global-norm clipping
-    ema: bool = False                  # keep an EMA of the student (paper: no)
+    ema: bool = False                  # keep an EMA of the student (paper: no), restarted every round
+    dropout: float | None = 0.0        # the student's dropout (official: 0; None = the teacher's)
+    clip_denoised: bool | None = None  # clip x-hat to [-1, 1] when sampling the students (official: yes);
+    #                                    None = for images only
 
 
 def is_power_of_two(n: int) -> bool:
@@ -93,6 +133,38 @@ def pd_sigmas(n: int, grid: str, sigma_min: float = 0.002, sigma_max: float = 80
         levels = schedules.karras_index_sigma(1 - u, 2, sigma_min, sigma_max, rho)
         return torch.cat([levels, levels.new_zeros(1)])
     raise DiffdistillError(f"unknown PD grid {grid!r} (auto, cosine, karras)")
+
+
+def eps_teacher(teacher: Denoiser) -> str | None:
+    """How `teacher` predicts eps, or None when it predicts x, v, 'both' or an EDM mixture (guidance wrappers
+    are looked through)."""
+    from ..teachers.discrete import DiscreteVPDenoiser
+
+    inner = getattr(teacher, "denoiser", None)
+    if isinstance(inner, Denoiser):
+        return eps_teacher(inner)
+    if isinstance(teacher, Precond):
+        kind, prediction = teacher.precond.kind, teacher.precond.prediction
+        if kind == "vp":
+            return "EDM's VP preconditioning (VPPrecond, an eps-prediction network)"
+        if kind == "ve":
+            return "EDM's VE preconditioning (D = x + sigma F, an eps-prediction network)"
+        if kind == "cosine" and prediction == "eps":
+            return "a cosine-schedule eps-prediction network"
+    if isinstance(teacher, DiscreteVPDenoiser) and teacher.prediction == "epsilon":
+        return "a DDPM eps-prediction network (prediction_type 'epsilon')"
+    return None
+
+
+def check_not_eps(teacher: Denoiser) -> None:
+    """Refuse eps-predicting teachers (§3.1, §3.8: the paper distils x-, v- and 'both'-prediction models)."""
+    what = eps_teacher(teacher)
+    if what is not None:
+        raise DiffdistillError(f"progressive distillation refuses this teacher, {what}: its x-hat = (z - sigma "
+                               "eps)/alpha multiplies eps errors by sigma/alpha (up to e^10 at alpha_1 ~ 0), at "
+                               "the top levels where a 1-4 step student does most of its work, so the paper "
+                               "uses x, v or 'both' outputs (§3.1, §3.8); use such a teacher (or an "
+                               "EDM-preconditioned one), or distil this one with kd, cd, di, gdd, dmd2 or sid")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,12 +226,8 @@ class ProgressiveDistillation(Method):
         if cfg.round_kimg <= 0:
             raise DiffdistillError(f"the round length must be positive, got {cfg.round_kimg} kimg")
         check_deterministic_teacher(teacher)
+        check_not_eps(teacher)
         cosine = isinstance(teacher, Precond) and teacher.precond.kind == "cosine"
-        if cosine and teacher.precond.prediction == "eps":
-            raise DiffdistillError("the teacher predicts eps on the cosine schedule: at t=1 (alpha_1 ~ 0) "
-                                   "x = (z - sigma eps)/alpha is undefined, so few-step students cannot be "
-                                   "distilled from it (§3.1, §3.8); use an x-, v- or 'both'-prediction "
-                                   "teacher")
         grid = cfg.grid if cfg.grid != "auto" else ("cosine" if cosine else "karras")
         if grid == "cosine" and not cosine:
             raise DiffdistillError("grid 'cosine' needs a VP-cosine teacher (Precond kind 'cosine')")
@@ -167,8 +235,11 @@ class ProgressiveDistillation(Method):
         self.grid_kw = dict(sigma_min=teacher.sigma_min, sigma_max=teacher.sigma_max, rho=cfg.rho,
                             logsnr_range=cosine_range(teacher) if cosine else (-20.0, 20.0))
         self.teacher = teacher.eval().requires_grad_(False)           # round 0's teacher
-        student = student if student is not None else make_student(teacher)
+        # The student's dropout is PD's decision (cfg.dropout), made here for given students too.
+        student = student if student is not None else make_student(teacher, dropout=None)
+        common.set_dropout(student, cfg.dropout)
         self.student = student.train().requires_grad_(True)
+        self.clip_denoised = cfg.clip_denoised if cfg.clip_denoised is not None else len(teacher.shape) == 3
         # Later rounds' teacher: the previous student (same architecture, so checkpoints keep their keys).
         self.prev = copy.deepcopy(self.student).eval().requires_grad_(False)
         self.n_rounds = int(math.log2(cfg.start_steps // cfg.end_steps))
@@ -295,7 +366,10 @@ class ProgressiveDistillation(Method):
             rows = [r for r in self.records if r["round"] != self.round + 1]
             if len(rows) == len(self.records):
                 self._finish_round(self._nimg + self._batch, snapshot="model")
-        return net, {"sampler": "euler", "sigmas": self.grids()[1].tolist()}
+        recipe = {"sampler": "euler", "sigmas": self.grids()[1].tolist()}
+        if self.clip_denoised:
+            recipe["clip_denoised"] = True        # the official evaluation (eval_clip_denoised=True)
+        return net, recipe
 
     def extra_state(self) -> dict:
         return dict(round=self.round, records=self.records, loss_sum=self._loss_sum, loss_n=self._loss_n,
@@ -331,9 +405,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--student-preset", default="auto",
                    help="auto | teacher (copy of the teacher network) | mlp-tiny | mlp-toy (analytic "
                         "teachers)")
-    g.add_argument("--pd-ema", action="store_true", help="export an EMA of the student (paper: no EMA)")
+    g.add_argument("--pd-ema", action="store_true",
+                   help="export an EMA of the student, restarted every round (paper: no EMA); half-life: --ema")
     g.add_argument("--lr", type=float, default=d.lr,
                    help="Adam learning rate, decayed linearly to 0 in each round (default %(default)s, paper)")
+    g.add_argument("--betas", type=float, nargs=2, default=d.betas, metavar=("B1", "B2"),
+                   help="Adam betas (default %(default)s, the official)")
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip,
+                   help="global gradient-norm clipping, 0 = off (default %(default)s, the official)")
+    g.add_argument("--clip-denoised", action=argparse.BooleanOptionalAction, default=None,
+                   help="the students' recipe clips x-hat to [-1, 1] at every DDIM step (default: for images, "
+                        "as the official evaluation, eval_clip_denoised=True)")
 
 
 def build(args: argparse.Namespace, teacher: Denoiser, data=None) -> ProgressiveDistillation:
@@ -352,10 +434,14 @@ def build(args: argparse.Namespace, teacher: Denoiser, data=None) -> Progressive
             raise UsageError("give --round-kimg or --kimg (split evenly over the rounds)")
         round_kimg = kimg / n_rounds
     cfg = PDConfig(start_steps=args.start_steps, end_steps=args.end_steps, round_kimg=round_kimg,
-                   grid=args.grid, weighting=args.weighting, ema=args.pd_ema)
+                   grid=args.grid, weighting=args.weighting, ema=args.pd_ema,
+                   betas=tuple(getattr(args, "betas", PDConfig.betas)),
+                   grad_clip=getattr(args, "grad_clip", PDConfig.grad_clip) or None,
+                   dropout=common.resolve_dropout(args, 0.0), clip_denoised=getattr(args, "clip_denoised", None))
     if getattr(args, "lr", None):
         cfg.lr = args.lr
-    student = make_student(teacher, args.student_preset)
+    check_not_eps(teacher)                  # before a copy of the teacher is made
+    student = make_student(teacher, args.student_preset, dropout=None)     # cfg.dropout is applied in __init__
     method = ProgressiveDistillation(teacher, cfg, student, run_dir=getattr(args, "out", None))
     total = getattr(args, "kimg", None)
     if total and total < n_rounds * round_kimg - 1e-9:

@@ -1,10 +1,14 @@
 """Samplers: stateless functions over (denoiser, noise, sigmas), and a `sample` convenience.
 
 Noise comes from per-sample seeds, so image k depends on seed k only: the batch size never changes a sample.
+`sample` / `iter_samples` start the ODE and ancestral samplers from the denoiser's prior at the grid's first
+level (`prior_scale`: sigma_0 z for EDM-style denoisers, z sqrt(1 + sigma_0^2) for VP-discrete teachers, as
+diffusers' pipelines do); the few-step samplers start from sigma_0 z, the input their students trained on.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -25,10 +29,11 @@ SAMPLERS = {
     "multistep": sample_multistep,
 }
 STOCHASTIC = {"ddpm", "multistep"}
+PRIOR_SAMPLERS = {"euler", "ddim", "heun", "ddpm", "dpmpp_2m"}   # integrate the teacher's process from its prior
 
-__all__ = ["SAMPLERS", "call_denoiser", "default_sigmas", "get_sampler", "iter_samples", "make_noise", "nfe",
-           "sample", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "sample_euler", "sample_heun",
-           "sample_multistep", "sample_onestep"]
+__all__ = ["SAMPLERS", "call_denoiser", "default_sigmas", "get_sampler", "initial_noise_scale", "iter_samples",
+           "make_noise", "nfe", "prior_scale", "sample", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m",
+           "sample_euler", "sample_heun", "sample_multistep", "sample_onestep"]
 
 
 def get_sampler(name: str):
@@ -41,6 +46,27 @@ def make_noise(seeds: Sequence[int], shape, device="cpu") -> Tensor:
     """Unit Gaussian noise [len(seeds), *shape]; row k is drawn from its own generator seeded by seeds[k]."""
     rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds]
     return torch.stack(rows).to(device)
+
+
+def initial_noise_scale(denoiser, sigma: float) -> float:
+    """Standard deviation of the start x of an ODE/ancestral sampler whose grid begins at `sigma`.
+
+    A denoiser's own `initial_noise_scale(sigma)` when it has one; else, for a discrete-time (DDPM/DDIM, VP)
+    teacher (`discrete_sigmas` set, guidance wrappers included), the VP prior z ~ N(0, I) at that level:
+    x = z / alpha = z sqrt(1 + sigma^2), as diffusers' pipelines start; else EDM's sigma (x = sigma z)."""
+    own = getattr(denoiser, "initial_noise_scale", None)
+    if callable(own):
+        return float(own(sigma))
+    if getattr(denoiser, "discrete_sigmas", None) is not None:
+        return math.sqrt(1 + float(sigma) ** 2)
+    return float(sigma)
+
+
+def prior_scale(denoiser, sigma: float) -> float:
+    """The factor on unit noise that a sampler then scales by its first level `sigma`:
+    initial_noise_scale / sigma (1 for EDM-style denoisers). `sample` and the KD pairs use it."""
+    sigma = float(sigma)
+    return initial_noise_scale(denoiser, sigma) / sigma if sigma > 0 else 1.0
 
 
 def _sampler_generators(seeds: Sequence[int]) -> list[torch.Generator]:
@@ -82,7 +108,10 @@ def nfe(sampler: str, sigmas) -> int:
 def iter_samples(denoiser, seeds: int | Sequence[int], steps: int | None = None, sampler: str | None = None,
                  sigmas=None, cond: Tensor | int | None = None, device="cpu", batch: int = 64,
                  **options) -> Iterator[Tensor]:
-    """Yield float32 sample batches (on `device`) for the given seeds (an int n means seeds 0..n-1)."""
+    """Yield float32 sample batches (on `device`) for the given seeds (an int n means seeds 0..n-1).
+
+    `options` are the sampler's (e.g. a recipe's clip_denoised); ODE/ancestral samplers start from the
+    denoiser's prior (`prior_scale`)."""
     seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     sampler = sampler or "heun"
     fn = get_sampler(sampler)
@@ -91,9 +120,12 @@ def iter_samples(denoiser, seeds: int | Sequence[int], steps: int | None = None,
     sigmas = check_sigmas(torch.as_tensor(sigmas, dtype=torch.float64))
     if isinstance(cond, int):
         cond = torch.full((len(seeds),), cond, dtype=torch.long)
+    scale = prior_scale(denoiser, float(sigmas[0])) if sampler in PRIOR_SAMPLERS else 1.0
     for start in range(0, len(seeds), batch):
         chunk = seeds[start:start + batch]
         noise = make_noise(chunk, denoiser.shape, device)
+        if scale != 1.0:
+            noise = noise.double() * scale
         c = None if cond is None else cond[start:start + batch].to(device)
         gens = _sampler_generators(chunk) if sampler in STOCHASTIC or options.get("s_churn") else None
         yield fn(denoiser, noise, sigmas, cond=c, generator=gens, **options).float()

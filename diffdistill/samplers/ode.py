@@ -1,7 +1,8 @@
 """Multi-step samplers of the probability-flow ODE (and DDPM's ancestral chain) in EDM sigma space.
 
 Every sampler is a stateless function `fn(denoiser, noise, sigmas, *, cond=None, generator=None, callback=None)`:
-`noise` is unit Gaussian [B, *shape] and is scaled by sigmas[0]; `sigmas` descends and ends in 0. The state is
+`noise` is unit Gaussian [B, *shape] and is scaled by sigmas[0] (`samplers.sample` first rescales it to a VP
+teacher's prior, `prior_scale`); `sigmas` descends and ends in 0. The state is
 kept in float64 (as EDM's sampler does); the denoiser is called in its own dtype.
 """
 
@@ -13,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..diffusion.schedules import check_sigmas
+from ..errors import DiffdistillError
 
 
 def denoiser_dtype(denoiser, default: torch.dtype) -> torch.dtype:
@@ -44,14 +46,38 @@ def _start(noise: Tensor, sigmas) -> tuple[Tensor, Tensor]:
     return noise.to(torch.float64) * sigmas[0], sigmas
 
 
+def clip_limit(clip_denoised: bool | float) -> float | None:
+    """The clipping range of the denoised prediction: None (off), 1.0 for True (images in [-1, 1]), or a
+    positive number (diffusers' clip_sample_range)."""
+    if not clip_denoised:
+        return None
+    lim = 1.0 if clip_denoised is True else float(clip_denoised)
+    if not lim > 0:
+        raise DiffdistillError(f"clip_denoised must be true, false or a positive range, got {clip_denoised!r}")
+    return lim
+
+
 @torch.no_grad()
-def sample_euler(denoiser, noise, sigmas, *, cond=None, generator=None, callback=None):
-    """Euler steps of dx/dsigma = (x - D)/sigma. Equals deterministic DDIM (algorithms.md §1.5, O7)."""
+def sample_euler(denoiser, noise, sigmas, *, cond=None, generator=None, callback=None,
+                 clip_denoised: bool | float = False, clip_keeps_eps: bool = False):
+    """Euler steps of dx/dsigma = (x - D)/sigma. Equals deterministic DDIM (algorithms.md §1.5, O7).
+
+    clip_denoised: clip D to [-1, 1] (or [-c, c]) at every step. The step is then D_c + (s'/s)(x - D_c), i.e.
+    eps is recomputed from the clipped x-hat: the official PD sampler (`dpm.py: _run_model(clip_x=True)`,
+    `eval_clip_denoised=True`) and diffusers' DDIM with use_clipped_model_output=True. clip_keeps_eps: the
+    step keeps the network's unclipped eps, D_c + (s'/s)(x - D): diffusers' DDIMScheduler default
+    (clip_sample=True, use_clipped_model_output=False), which DDIMPipeline runs.
+    """
+    lim = clip_limit(clip_denoised)
     x, sigmas = _start(noise, sigmas)
     for i in range(len(sigmas) - 1):
         denoised = call_denoiser(denoiser, x, sigmas[i], cond)
+        base = denoised
+        if lim is not None:
+            denoised = denoised.clamp(-lim, lim)
+            base = base if clip_keeps_eps else denoised
         # x + (s' - s)(x - D)/s, written as D + (s'/s)(x - D): exact in floating point at huge s (cosine t=1).
-        x = denoised + (sigmas[i + 1] / sigmas[i]) * (x - denoised)
+        x = denoised + (sigmas[i + 1] / sigmas[i]) * (x - base)
         if callback is not None:
             callback(i, x, denoised)
     return x
@@ -84,23 +110,42 @@ def sample_heun(denoiser, noise, sigmas, *, cond=None, generator=None, callback=
     return x
 
 
-@torch.no_grad()
-def sample_ddpm(denoiser, noise, sigmas, *, cond=None, generator=None, callback=None):
-    """DDPM ancestral sampling (DDIM with eta=1, = the DDPM posterior q(x_s | x_t, x0)) in EDM coordinates.
+DDPM_VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large")
 
-    With sigma_up = s_next/s * sqrt(s^2 - s_next^2) and sigma_down = sqrt(s_next^2 - sigma_up^2), one step is
-    x <- D + sigma_down (x - D)/s + sigma_up z. Noise is drawn (float32) only on steps that end above 0.
+
+@torch.no_grad()
+def sample_ddpm(denoiser, noise, sigmas, *, cond=None, generator=None, callback=None,
+                variance: str | None = None, clip_denoised: bool | float = False):
+    """DDPM ancestral sampling: x_s ~ q(x_s | x_t, x0 = D) in EDM coordinates (Ho et al. 2020, Eq. 6-7).
+
+    The mean is D + (s'/s)^2 (x - D) for every variance; the noise std (x space) is, by `variance` (default:
+    the denoiser's `ddpm_variance`, diffusers' scheduler variance_type, else 'fixed_small'):
+      fixed_small (= fixed_small_log): the posterior's, s'/s sqrt(s^2 - s'^2) (= DDIM with eta=1);
+      fixed_large: DDPM's beta_t = 1 - abar_t/abar_s with abar = 1/(1 + sigma^2), i.e. z-space std
+      sqrt(beta_t), x-space sqrt((s^2 - s'^2)(1 + s'^2)/(1 + s^2)) (diffusers' DDPMScheduler, PD's 'large').
+    Learned variances (the network's second output) are refused. clip_denoised clips D (diffusers'
+    clip_sample). Noise is drawn (float32) only on steps that end above 0; the last step returns D.
     """
+    kind = variance or getattr(denoiser, "ddpm_variance", None) or "fixed_small"
+    if kind not in DDPM_VARIANCES:
+        raise DiffdistillError(f"DDPM sampling with variance_type {kind!r} is not supported (only fixed_small "
+                               "and fixed_large: a learned variance needs the network's variance output); "
+                               "sample with euler/ddim instead")
+    lim = clip_limit(clip_denoised)
     x, sigmas = _start(noise, sigmas)
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         denoised = call_denoiser(denoiser, x, s, cond)
+        if lim is not None:
+            denoised = denoised.clamp(-lim, lim)
         if s_next == 0:
             x = denoised
         else:
-            sigma_up = s_next / s * (s**2 - s_next**2).sqrt()
-            sigma_down = (s_next**2 - sigma_up**2).sqrt()
-            x = denoised + sigma_down * (x - denoised) / s + sigma_up * randn_like(x, generator)
+            if kind == "fixed_large":
+                std = ((s**2 - s_next**2) * (1 + s_next**2) / (1 + s**2)).sqrt()
+            else:
+                std = s_next / s * (s**2 - s_next**2).sqrt()
+            x = denoised + (s_next / s) ** 2 * (x - denoised) + std * randn_like(x, generator)
         if callback is not None:
             callback(i, x, denoised)
     return x

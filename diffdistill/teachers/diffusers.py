@@ -7,9 +7,11 @@ Nothing is unpickled: the architecture is built from its JSON config, weights ar
 diffusers itself is an optional dependency, imported only here.
 
 The scheduler config supplies the discrete schedule abar_t and the prediction type; the timestep <-> sigma
-mapping is `sigma_t = sqrt((1 - abar_t) / abar_t)` (see `teachers.discrete`). Clipping / thresholding of the
-predicted x0 (`clip_sample`, `thresholding`) is a sampler option of diffusers, not part of the model, and is not
-applied here.
+mapping is `sigma_t = sqrt((1 - abar_t) / abar_t)` (see `teachers.discrete`). Clipping of the predicted x0
+(`clip_sample`) is a sampler option of diffusers, not part of the model: `ddim_recipe` turns it into the euler
+sampler's clip_denoised (+ clip_keeps_eps, diffusers' DDIM default), which a converted snapshot records;
+`thresholding` and `clip_sample_range` are not read. The DDPM sampler's noise follows `variance_type`
+(`ddpm_variance`: fixed_small / fixed_large; learned ones are refused by `samplers.sample_ddpm`).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ class SchedulerConfig:
     steps_offset: int = 0                 # added to 'leading' timesteps
     set_alpha_to_one: bool = True         # DDIM: the last step goes to abar = 1 (sigma 0) rather than abar_0
     variance_type: str = "fixed_small"    # DDPM: fixed_small | fixed_large | learned | learned_range ...
-    clip_sample: bool = True              # diffusers clips x0 while sampling; recorded, not applied
+    clip_sample: bool = True              # diffusers clips x0 to [-1, 1] while sampling (`ddim_recipe`)
 
     @classmethod
     def from_json(cls, path: Path) -> SchedulerConfig:
@@ -247,6 +249,21 @@ class DiffusersDenoiser(DiscreteVPDenoiser):
         idx = idx + (idx >= self.null_class).long()          # labels skip the null index
         return torch.where(uncond, torch.full_like(idx, self.null_class), idx)
 
+    @property
+    def ddpm_variance(self) -> str:
+        """The scheduler's variance_type: the noise `samplers.sample_ddpm` draws for this teacher."""
+        return self.scheduler.variance_type
+
+    def ddim_recipe(self, steps: int) -> dict:
+        """diffusers' DDIMPipeline as a sampling recipe: deterministic DDIM (euler) on the scheduler's own
+        `steps` timesteps, clipping x0 when the scheduler does (clip_sample) with the direction from the
+        unclipped eps (DDIMScheduler.step's default use_clipped_model_output=False). `samplers.sample`
+        starts it from the VP prior, so with the same unit noise it reproduces DDIMPipeline(eta=0)."""
+        recipe = dict(sampler="euler", sigmas=self.default_sigmas(steps).tolist())
+        if self.scheduler.clip_sample:
+            recipe.update(clip_denoised=True, clip_keeps_eps=True)
+        return recipe
+
     def default_sigmas(self, steps: int) -> Tensor:
         """The scheduler's own `steps`-step timesteps (its spacing and offset) as an EDM grid ending in 0."""
         s = self.scheduler
@@ -302,9 +319,10 @@ def snapshot_from_diffusers(model_dir, out_dir, steps: int = 50, timestep_rule: 
                             null_class: int | None = None) -> Path:
     """Convert a diffusers model directory to a diffdistill snapshot (weights + JSON); nothing is written on error.
 
-    The sampling recipe is deterministic DDIM (`euler`) on the scheduler's own `steps` timesteps.
+    The sampling recipe is diffusers' DDIMPipeline (`DiffusersDenoiser.ddim_recipe`): deterministic DDIM on the
+    scheduler's own `steps` timesteps, with its x0 clipping.
     """
     den = load_diffusers(model_dir, "cpu", timestep_rule, null_class)
-    sampling = dict(sampler="euler", sigmas=den.default_sigmas(steps).tolist())
+    sampling = den.ddim_recipe(steps)
     meta = dict(source=str(Path(model_dir).resolve()), format="diffusers", scheduler=den.scheduler.class_name)
     return save_snapshot(out_dir, den, sampling, meta)

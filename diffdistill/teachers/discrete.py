@@ -19,6 +19,11 @@ Samplers can run on the teacher's own timesteps: `ddim_timesteps` reproduces dif
 `DDIMScheduler.set_timesteps` (and `DDPMScheduler`'s), and `discrete_sigmas_for` turns such a timestep list into
 an EDM sigma grid ending in 0. Deterministic DDIM is then `samplers.sample_euler` on that grid (algorithms.md §1.5:
 a DDIM step in VP form is one Euler step on `x = z / alpha` followed by multiplication by alpha).
+
+The VP prior: diffusers (and DDPM/DDIM) start from `z_T ~ N(0, I)` at the first timestep, i.e. from
+`x_T = z_T / alpha_T = z_T sqrt(1 + sigma_T^2)` in EDM coordinates, not from EDM's `sigma_T z`. A denoiser
+with `discrete_sigmas` is such a teacher: `samplers.initial_noise_scale` gives it this start, which
+`samplers.sample` / `iter_samples` and the KD pairs (`data.pairs`) use.
 """
 
 from __future__ import annotations
@@ -64,7 +69,12 @@ class DiscreteVPDenoiser(Denoiser):
     `alphas_cumprod` [T] is the training schedule (abar_t, index = timestep). `prediction` is diffusers' name
     ('epsilon' | 'v_prediction' | 'sample'); `timestep_rule` how sigma becomes a timestep ('nearest' | 'interp').
     Subclasses adapt other calling conventions by overriding `run_model`.
+
+    `ddpm_variance` is the per-step noise `samplers.sample_ddpm` draws for this teacher (DDPM's fixed_small =
+    the posterior variance, or fixed_large = beta_t); diffusers teachers take their scheduler's variance_type.
     """
+
+    ddpm_variance = "fixed_small"
 
     def __init__(self, model: nn.Module, shape, alphas_cumprod: Tensor, prediction: str = "epsilon",
                  timestep_rule: str = "nearest", label_dim: int = 0, sigma_data: float = 0.5):
