@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from diffdistill.diffusion.denoiser import Denoiser, Precond, PrecondConfig
+from diffdistill.diffusion.denoiser import BoundaryDenoiser, Denoiser, Precond, PrecondConfig
 from diffdistill.diffusion.schedules import karras_sigmas
 from diffdistill.errors import DiffdistillError, UsageError
 from diffdistill.methods import cd, common
@@ -170,6 +170,14 @@ def test_bad_input():
         method.loss("student", Batch(size=4, device=torch.device("cpu")))
     with pytest.raises(DiffdistillError, match="boundary"):
         cd.ConsistencyDistillation(Gaussian([MU], 0.5), student=edm_teacher_net())
+    with pytest.raises(UsageError, match="positive"):
+        make_method(optim=cd.OptimConfig(lr=0.0, kind="radam"))
+    with pytest.raises(UsageError, match="target EMA"):
+        make_method(target="ema", target_ema=1.0)
+    with pytest.raises(UsageError, match="EMA decay"):
+        make_method(ema_decay=1.0)
+    with pytest.raises(UsageError, match="pooling"):
+        make_method(lpips_pooling="l2")
     with pytest.raises(DiffdistillError, match="sample sigma"):
         make_method(sample_sigmas=[200.0, 1.0])
 
@@ -183,18 +191,8 @@ def test_lpips_from_weights(tmp_path):
     with pytest.raises(DiffdistillError, match="not LPIPS-VGG"):
         cd.LPIPS(tmp_path / "part.safetensors")
     # random weights of the right layout: a distance with d(a, a) = 0 and d(a, b) > 0
-    torch.manual_seed(0)
-    state, ch = {}, 3
-    convs = [v for v in cd._VGG16 if v != "M"]
-    idx = [i for i, layer in enumerate(_vgg_layout()) if layer == "conv"]
-    for i, c in zip(idx, convs):
-        state[f"features.{i}.weight"] = torch.randn(c, ch, 3, 3) * math.sqrt(2 / (9 * ch))
-        state[f"features.{i}.bias"] = torch.zeros(c)
-        ch = c
-    for k, c in enumerate((64, 128, 256, 512, 512)):
-        state[f"lin{k}.model.1.weight"] = torch.rand(1, c, 1, 1)
-    save_file(state, str(tmp_path / "lpips.safetensors"))
-    lp = cd.LPIPS(tmp_path / "lpips.safetensors", resize=32)
+    lp = cd.LPIPS(random_lpips_weights(tmp_path), resize=32)
+    assert lp.resize_below == 256 and lp.pooling == "avg"
     a, b = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
     assert torch.allclose(lp(a, a), torch.zeros(2))
     assert bool((lp(a, b) > 0).all())
@@ -206,6 +204,80 @@ def _vgg_layout():
     for v in cd._VGG16:
         out += ["pool"] if v == "M" else ["conv", "relu"]
     return out
+
+
+def random_lpips_weights(tmp_path, seed=0):
+    """LPIPS-VGG weights of the real layout (torchvision vgg16 `features.*`, lpips `lin*`), random values."""
+    from safetensors.torch import save_file
+    torch.manual_seed(seed)
+    state, ch = {}, 3
+    convs = [v for v in cd._VGG16 if v != "M"]
+    idx = [i for i, layer in enumerate(_vgg_layout()) if layer == "conv"]
+    for i, c in zip(idx, convs):
+        state[f"features.{i}.weight"] = torch.randn(c, ch, 3, 3) * math.sqrt(2 / (9 * ch))
+        state[f"features.{i}.bias"] = torch.randn(c) * 0.1
+        ch = c
+    for k, c in enumerate((64, 128, 256, 512, 512)):
+        state[f"lin{k}.model.1.weight"] = torch.rand(1, c, 1, 1)
+    path = tmp_path / f"lpips{seed}.safetensors"
+    save_file(state, str(path))
+    return path
+
+
+def reference_lpips(state, a, b, size):
+    """piq's LPIPS(replace_pooling=True, reduction='none') as openai/consistency_models calls it, written out:
+    images (x + 1)/2 upsampled to size x size, ImageNet mean/std, VGG16 with 2x2 average pooling, channel-unit
+    features at relu1_2 ... relu5_3, ((fa - fb)^2 * w) averaged over space, summed over channels and taps."""
+    f = torch.nn.functional
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+    def feats(x):
+        x = f.interpolate((x + 1) / 2, size=size, mode="bilinear")
+        x, out, i = (x - mean) / std, [], 0
+        for v in cd._VGG16:
+            if v == "M":
+                x = f.avg_pool2d(x, 2, 2)
+                i += 1
+                continue
+            x = f.relu(f.conv2d(x, state[f"features.{i}.weight"], state[f"features.{i}.bias"], padding=1))
+            i += 2
+            if i - 1 in cd._TAPS:
+                out.append(x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10))
+        return out
+
+    total = 0
+    for k, (fa, fb) in enumerate(zip(feats(a), feats(b))):
+        w = state[f"lin{k}.model.1.weight"].view(1, -1, 1, 1)
+        total = total + ((fa - fb) ** 2 * w).mean((2, 3)).sum(1)
+    return total
+
+
+def test_lpips_pooling_and_resize_follow_the_official_code(tmp_path):
+    """openai/consistency_models: piq LPIPS with average pooling, images under 256 wide upsampled to 224; the
+    CIFAR-10 JAX code's lpips-j keeps VGG's max pooling."""
+    from safetensors.torch import load_file
+    path = random_lpips_weights(tmp_path)
+    lp = cd.LPIPS(path)
+    assert (lp.resize, lp.resize_below, lp.pooling) == (224, 256, "avg")
+    pools = [m for m in lp.features if not isinstance(m, (nn.Conv2d, nn.ReLU))]
+    assert len(pools) == 4 and all(type(m) is nn.AvgPool2d and m.kernel_size == m.stride == 2 for m in pools)
+    lp_max = cd.LPIPS(path, pooling="max")
+    assert sum(type(m) is nn.MaxPool2d for m in lp_max.features) == 4
+    assert not any(isinstance(m, nn.AvgPool2d) for m in lp_max.features)
+    # the whole distance against piq's recipe written out (small sizes instead of 224 / 256: same code path)
+    torch.manual_seed(1)
+    a, b = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
+    small = cd.LPIPS(path, resize=32, resize_below=24)
+    ref = reference_lpips(load_file(str(path)), a, b, 32)
+    torch.testing.assert_close(small(a, b), ref, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(cd.LPIPS(path, resize=32, resize_below=24, pooling="max")(a, b), ref, rtol=1e-2)
+    # resize rule: images narrower than resize_below are upsampled, the others are compared as they are
+    seen = []
+    small.features[0].register_forward_pre_hook(lambda m, inp: seen.append(tuple(inp[0].shape[-2:])))
+    small(a, b)
+    small(torch.zeros(1, 3, 24, 24), torch.zeros(1, 3, 24, 24))
+    assert seen == [(32, 32), (32, 32), (24, 24), (24, 24)]
 
 
 def test_build_from_cli_args():
@@ -259,3 +331,151 @@ def test_ring8_keeps_every_mode(tmp_path):
 
 
 RING8_STEPS = 1500
+
+
+# --------------------------------------------------------------------------------------------------
+# The boundary condition on every student (issue 15), dropout, EMA and the papers' recipes
+
+
+class Constant(Denoiser):
+    """D(x, sigma) = c: no boundary condition of its own."""
+
+    def __init__(self):
+        super().__init__((1,), sigma_min=EPS)
+        self.c = nn.Parameter(torch.full((1,), 0.3))
+
+    def denoise(self, x, sigma, cond):
+        return self.c.expand_as(x)
+
+
+def tiny_ddpm_teacher(dropout=0.0):
+    """A tiny random diffusers UNet2DModel on the default DDPM schedule (the layout of test_diffusers_teacher)."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffdistill.teachers.diffusers import DiffusersDenoiser, SchedulerConfig
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4, attention_head_dim=8, dropout=dropout)
+    return DiffusersDenoiser(unet, SchedulerConfig()).eval().requires_grad_(False)
+
+
+def test_boundary_wrapper_is_the_official_parameterisation_on_an_edm_denoiser():
+    """BoundaryDenoiser(D) with D = c_skip_edm x + c_out_edm F is c_skip_cm x + c_out_cm F (Precond 'boundary')."""
+    edm = edm_teacher_net().double()
+    nn.init.normal_(edm.backbone.net[-1].weight, std=3.0)
+    official = common.copy_denoiser(edm, boundary=True)
+    wrapped = BoundaryDenoiser(edm)
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, dtype=torch.float64) * 5
+    sigma = karras_sigmas(64, dtype=torch.float64)[:-1]
+    torch.testing.assert_close(wrapped(x, sigma), official(x, sigma), rtol=1e-12, atol=1e-12)
+    assert torch.equal(wrapped(x, EPS), x) and torch.equal(official(x, EPS), x)
+    c_skip, c_out = wrapped.scalings(sigma)
+    assert bool((c_skip >= 0).all()) and float(c_out[0]) == pytest.approx(1 - EPS / 80)   # -> D at large sigma
+    assert float(c_skip[0]) < 1e-7
+
+
+def test_cd_student_of_a_diffusers_teacher_keeps_the_boundary_condition(tmp_path):
+    """Issue 15: a copy of a diffusers DDPM teacher used to train with f(x, sigma_min) != x."""
+    from diffdistill.io import load_snapshot, save_snapshot
+    teacher = tiny_ddpm_teacher(dropout=0.2)
+    method = cd.ConsistencyDistillation(teacher)
+    student = method.student
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8) * 2
+    assert torch.equal(student(x, student.sigma_min), x)
+    assert isinstance(student, BoundaryDenoiser) and cd.has_boundary(student)
+    assert student.sigma_min == teacher.sigma_min and student.sigma_max == teacher.sigma_max
+    assert student.denoiser is not teacher and student.denoiser.model is not teacher.model
+    assert torch.equal(student(x, method.grid[-1:].expand(4)), x)     # the last grid level is sigma_min itself
+    assert not torch.allclose(student(x, 1.0), x, atol=1e-2)
+    # dropout 0 by default (official --dropout 0.0); the teacher keeps its own
+    assert common.dropout_of(student) == 0.0 and common.dropout_of(teacher) == pytest.approx(0.2)
+    # one training step of the loss reaches the copied UNet
+    batch = Batch(size=4, device=torch.device("cpu"), x=torch.rand(4, 3, 8, 8) * 2 - 1)
+    out = method.loss("student", batch)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and any(p.grad is not None for p in student.denoiser.model.parameters())
+    # the wrapper saves and loads as a snapshot
+    save_snapshot(tmp_path / "snap", student.eval(), {"sampler": "onestep", "sigmas": [student.sigma_max, 0.0]})
+    loaded, recipe, _ = load_snapshot(tmp_path / "snap")
+    assert isinstance(loaded, BoundaryDenoiser) and loaded.sigma_min == student.sigma_min
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, 3.0), student(x, 3.0))
+
+
+def test_students_without_the_boundary_condition_are_refused():
+    """A student that is neither a boundary Precond nor a BoundaryDenoiser is refused, whatever its type; a
+    constant one used to pass and have CD loss exactly 0."""
+    teacher = Gaussian([MU], S2**0.5)
+    for bad in (Constant(), tiny_ddpm_teacher(), Precond(Tiny(), (1,), 0, PrecondConfig(kind="vp"))):
+        with pytest.raises(DiffdistillError, match="boundary condition"):
+            cd.ConsistencyDistillation(teacher, student=bad)
+    # wrapped, D = -1 is no longer a fixed point of the loss: on the 2-level grid [80, sigma_min] the target is
+    # f(x_next, sigma_min) = x_next, the teacher's Euler step to sigma_min (~ MU), and f(x_t, 80) ~ -1
+    student = cd.with_boundary(Constant())
+    nn.init.constant_(student.denoiser.c, -1.0)
+    method = cd.ConsistencyDistillation(teacher, cd.CDConfig(num_scales=2, solver="euler"), student=student)
+    batch = Batch(size=256, device=torch.device("cpu"), x=teacher.sample(256, torch.Generator().manual_seed(0)))
+    assert float(method.loss("student", batch)["loss"].detach()) == pytest.approx((MU + 1) ** 2, rel=0.01)
+
+
+def test_student_dropout_defaults_to_zero():
+    teacher = edm_teacher_net(dropout=0.3)
+    assert common.dropout_of(cd.ConsistencyDistillation(Gaussian([MU], 0.5)).student) is None  # fresh MLP
+    method = cd.ConsistencyDistillation(teacher)
+    assert common.dropout_of(method.student) == 0.0 and common.dropout_of(teacher) == pytest.approx(0.3)
+    keep = cd.ConsistencyDistillation(teacher, cd.CDConfig(student_dropout=None))
+    assert common.dropout_of(keep.student) == pytest.approx(0.3)
+    parser = argparse.ArgumentParser()
+    cd.add_arguments(parser)
+    args = parser.parse_args([])
+    assert common.dropout_of(cd.build(args, teacher).student) == 0.0
+    args.student_dropout = "teacher"           # what `distill cd --student-dropout teacher` gives
+    assert common.dropout_of(cd.build(args, teacher).student) == pytest.approx(0.3)
+
+
+def test_ema_default_is_the_official_per_step_decay():
+    parser = argparse.ArgumentParser()
+    cd.add_arguments(parser)
+    method = cd.build(parser.parse_args([]), edm_teacher_net())
+    halflife, rampup = method.ema_default(512)
+    assert rampup is None and halflife == pytest.approx(512 * math.log(0.5) / math.log(0.9999) / 1000)
+    assert 0.5 ** (512 / (halflife * 1000)) == pytest.approx(0.9999, abs=1e-12)     # decay per step of 512
+    imagenet = cd.build(parser.parse_args(["--ema-decay", "0.9999432189950708"]), edm_teacher_net())
+    assert imagenet.ema_default(2048) == (pytest.approx(25000.0), None)
+    # analytic teachers (short runs of a fresh MLP): EDM's 500 kimg with ramp-up, as before
+    assert cd.build(parser.parse_args([]), Gaussian([MU], 0.5)).ema_default(256) == (500.0, 0.05)
+
+
+def test_paper_recipes(tmp_path):
+    from diffdistill.cli import distill as cli_distill
+    from diffdistill.cli.main import build_parser
+
+    weights = str(random_lpips_weights(tmp_path))
+    teacher = edm_teacher_net()
+
+    def recipe(name, *extra):
+        argv = ["distill", "cd", "--teacher", "t", "--data", "d", "--out", "o", "--recipe", name, *extra]
+        args = build_parser().parse_args(argv)
+        args.argv = argv
+        args = cli_distill.with_recipe(args, teacher)
+        return args, cd.build(args, teacher)
+
+    args, m = recipe("cifar10", "--lpips-weights", weights)
+    assert (args.batch, args.kimg, args.xflip, args.ema) == (512, 409600, True, None)   # 800k steps of 512
+    c = m.cfg
+    assert (c.num_scales, c.rho, c.solver, c.target, c.distance, c.lpips_pooling) == (
+        18, 7.0, "heun", "stopgrad", "lpips", "max")
+    assert c.optim == cd.OptimConfig(lr=4e-4, kind="radam") and c.optim.warmup_kimg == 0
+    assert c.ema_decay == 0.9999 and c.student_dropout == 0.0 and m._lpips[0].pooling == "max"
+    args, m = recipe("imagenet64", "--lpips-weights", weights, "--lr", "1e-5")       # the user's options win
+    assert (args.batch, args.kimg) == (2048, 1228800)                                   # 600k steps of 2048
+    c = m.cfg
+    assert (c.num_scales, c.target, c.target_ema, c.distance, c.lpips_pooling) == (40, "ema", 0.95, "lpips", "avg")
+    assert c.optim.lr == 1e-5 and c.optim.kind == "radam" and m.ema_default(2048) == (pytest.approx(25000.0), None)
+    with pytest.raises(UsageError, match="--lpips-weights"):
+        recipe("cifar10")
+    with pytest.raises(UsageError, match="positive"):
+        recipe("cifar10", "--lpips-weights", weights, "--lr", "0")

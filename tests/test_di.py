@@ -236,3 +236,123 @@ def test_ring8_keeps_every_mode(tmp_path):
           f"(teacher {within_t:.3f})")
     assert float((share - 1 / 8).abs().max()) < 0.25 / 8
     assert within > 0.8          # measured 0.91 (0.77 before the MLP's input Fourier features)
+
+
+# --------------------------------------------------------------------------------------------------
+# The official setting: augmented fake-score samples, dropout, EMA, recipes (issue 15)
+
+
+def _image_teacher(augment_dim=9, dropout=0.3):
+    from diffdistill.diffusion.denoiser import Precond, PrecondConfig
+    from diffdistill.networks.unet import unet_preset
+
+    torch.manual_seed(0)
+    net = unet_preset("tiny", 8, 3, augment_dim=augment_dim, dropout=dropout)
+    return Precond(net, (3, 8, 8), 0, PrecondConfig(kind="edm")).eval().requires_grad_(False)
+
+
+def _spy(denoiser):
+    """Record the augment labels (or None) the denoiser's backbone is called with."""
+    seen = []
+    forward = denoiser.backbone.forward
+    denoiser.backbone.forward = lambda *a, **kw: seen.append(kw.get("augment_labels")) or forward(*a, **kw)
+    return seen
+
+
+def test_fake_loss_is_edms_loss_on_augmented_samples_with_labels():
+    """EDM's loss with an augment pipe (algorithms.md §1.2): sigma, then the augmentation of the clean sample,
+    then the noise; the network gets the labels and is compared with the augmented sample."""
+    from diffdistill.diffusion import param
+    from diffdistill.methods.augment import AugmentPipe
+    from diffdistill.methods.di import di_fake_loss
+
+    fake = common.copy_denoiser(_image_teacher()).eval()
+    x_g = torch.randn(6, 3, 8, 8)
+    pipe = AugmentPipe(p=0.5)
+    torch.manual_seed(5)
+    loss = di_fake_loss(fake, x_g, None, -1.2, 1.2, pipe)
+    torch.manual_seed(5)
+    sigma = common.sample_sigma(6, fake, -1.2, 1.2)
+    y, labels = pipe(x_g)
+    assert float(labels.abs().sum()) > 0 and not torch.allclose(y, x_g, atol=1e-3)
+    s = sigma[:, None, None, None]
+    d = fake(y + s * torch.randn_like(y), sigma, None, augment_labels=labels)
+    ref = (param.edm_loss_weight(s, 0.5) * (d - y) ** 2).flatten(1).sum(1).mean()
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-6)
+
+
+def test_di_fake_score_gets_augment_labels_by_default():
+    """A teacher whose network takes 9 augment labels (EDM's): the fake score trains on augmented generator
+    samples with their labels (p = 0.12, di_train.py's default); the generator update passes none."""
+    method = DiffInstruct(_image_teacher())
+    assert method.augment_pipe is not None and method.augment_pipe.p == 0.12
+    fake_seen, gen_seen = _spy(method.fake), _spy(method.generator)
+    torch.manual_seed(0)
+    method.loss("fake_score", Batch(size=64, device=torch.device("cpu")))
+    assert len(fake_seen) == 1 and fake_seen[0].shape == (64, 9)
+    labels = fake_seen[0]
+    assert float((labels[:, 0] != 0).double().mean()) == pytest.approx(0.5, abs=0.2)   # x-flips: a fair coin
+    assert float((labels[:, 2:] != 0).any(1).double().mean()) > 0.1                   # some geometric ones
+    fake_seen.clear()
+    method.loss("generator", Batch(size=8, device=torch.device("cpu")))
+    assert gen_seen == [None, None] and fake_seen == [None]      # G (no grad + grad), fake in the G loss
+    # --augment 0: no augmentation, no labels.
+    method = DiffInstruct(_image_teacher(), DIConfig(augment=0.0))
+    seen = _spy(method.fake)
+    method.loss("fake_score", Batch(size=8, device=torch.device("cpu")))
+    assert method.augment_pipe is None and seen == [None]
+
+
+def test_augmentation_without_labels_and_on_flat_data():
+    """A network without augment labels (augment_dim 0): no augmentation by default (its teacher was not
+    trained with it); asked for, the images are augmented and no labels passed. Flat data: none, and asking
+    for it is a usage error."""
+    from diffdistill.errors import UsageError
+
+    assert DiffInstruct(_image_teacher(augment_dim=0)).augment_pipe is None
+    method = DiffInstruct(_image_teacher(augment_dim=0), DIConfig(augment=0.12))
+    seen = _spy(method.fake)
+    method.loss("fake_score", Batch(size=8, device=torch.device("cpu")))
+    assert method.augment_pipe.p == 0.12 and seen == [None]
+    assert DiffInstruct(Precond_with_dropout()).augment_pipe is None
+    with pytest.raises(UsageError, match="image samples"):
+        DiffInstruct(Precond_with_dropout(), DIConfig(augment=0.12))
+
+
+def _parse(*extra):
+    from diffdistill.cli.main import build_parser
+
+    argv = ["distill", "di", "--teacher", "t", "--out", "unused", *extra]
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    return args
+
+
+def test_build_honours_options_and_student_dropout():
+    from diffdistill.methods import di
+
+    teacher = _image_teacher(dropout=0.3)
+    method = di.build(_parse(), teacher)
+    assert method.generator.backbone._config["dropout"] == 0.3      # the teacher's (official)
+    assert method.fake.backbone._config["dropout"] == 0.3
+    method = di.build(_parse("--student-dropout", "0.0"), teacher)
+    assert method.generator.backbone._config["dropout"] == 0.0 and method.fake.backbone._config["dropout"] == 0.0
+    assert teacher.backbone._config["dropout"] == 0.3
+    method = di.build(_parse("--augment", "0.5", "--betas", "0.5", "0.99", "--loss-scale", "2",
+                             "--fake-loss-scale", "3"), teacher)
+    cfg = method.cfg
+    assert (cfg.betas, cfg.loss_scale, cfg.fake_loss_scale, method.augment_pipe.p) == ((0.5, 0.99), 2.0, 3.0, 0.5)
+    assert method.groups()["generator"].optim.betas == (0.5, 0.99)
+
+
+def test_official_ema_and_cifar10_recipe():
+    from diffdistill.cli import distill as cli_distill
+
+    assert DiffInstruct(Precond_with_dropout()).ema_default(128) == (500.0, 0.05)
+    assert set(cli_distill.method_recipes("di")) >= {"cifar10", "short"}
+    args = cli_distill.with_recipe(_parse("--recipe", "cifar10"), _image_teacher())
+    assert (args.batch, args.gen_lr, args.fake_lr, tuple(args.betas), args.init_sigma, args.augment) == \
+        (128, 1e-5, 1e-5, (0.0, 0.999), 1.0, 0.12)
+    assert (args.loss_scale, args.fake_loss_scale, args.kimg, args.ema, args.fake_warmup_steps) == \
+        (1.0, 1.0, 200000.0, 500.0, 0)
+    assert args.teacher_dropout == "shared" and args.student_dropout is None

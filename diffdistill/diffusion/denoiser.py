@@ -54,7 +54,13 @@ class Denoiser(nn.Module):
         self.label_dim = int(label_dim)
         self.discrete_sigmas: Tensor | None = None
 
-    def forward(self, x: Tensor, sigma, cond: Tensor | None = None) -> Tensor:
+    takes_augment_labels = False  # whether `denoise` accepts EDM augmentation labels (Precond does)
+
+    def forward(self, x: Tensor, sigma, cond: Tensor | None = None, augment_labels: Tensor | None = None) -> Tensor:
+        """augment_labels: optional [B, k] conditioning of EDM's augmentation pipeline, for a `Precond` whose
+        backbone takes them (augment_dim k > 0); other denoisers refuse them."""
+        if augment_labels is not None and not self.takes_augment_labels:
+            raise ValueError(f"{type(self).__name__} takes no augment labels")
         if tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"expected samples of shape {self.shape}, got a batch of shape {tuple(x.shape)}")
         if not torch.is_tensor(sigma):  # a Python number: keep its full precision in x's dtype
@@ -64,7 +70,11 @@ class Denoiser(nn.Module):
         if sigma.shape[0] != x.shape[0]:
             raise ValueError(f"sigma has {sigma.shape[0]} entries for a batch of {x.shape[0]}")
         cond = as_onehot(cond, self.label_dim, x.shape[0], x.device)
-        return self.denoise(x, sigma, cond)
+        if augment_labels is None:
+            return self.denoise(x, sigma, cond)
+        if augment_labels.ndim != 2 or augment_labels.shape[0] != x.shape[0]:
+            raise ValueError(f"augment labels must have shape [{x.shape[0]}, k], got {tuple(augment_labels.shape)}")
+        return self.denoise(x, sigma, cond, augment_labels=augment_labels.to(x.device))
 
     def denoise(self, x: Tensor, sigma: Tensor, cond: Tensor | None) -> Tensor:
         raise NotImplementedError
@@ -107,8 +117,15 @@ class Precond(Denoiser):
         self.backbone = backbone
         self.precond = cfg
 
-    def denoise(self, x: Tensor, sigma: Tensor, cond: Tensor | None) -> Tensor:
+    takes_augment_labels = True   # passed on to the backbone (EDM's augment_labels), when given
+
+    def denoise(self, x: Tensor, sigma: Tensor, cond: Tensor | None, augment_labels: Tensor | None = None) -> Tensor:
         cfg = self.precond
+        kw = {}
+        if augment_labels is not None:   # EDM's augment_labels conditioning, for backbones with augment_dim > 0
+            if getattr(self.backbone, "map_augment", None) is None:
+                raise ValueError(f"backbone {type(self.backbone).__name__} takes no augment labels (augment_dim 0)")
+            kw = dict(augment_labels=augment_labels)
         x = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 at least, as EDM's wrappers
         sigma = sigma.to(x.dtype)
         s = param.append_dims(sigma, x)
@@ -116,22 +133,22 @@ class Precond(Denoiser):
             scal = param.edm_scalings if cfg.kind == "edm" else (
                 lambda sg, sd: param.boundary_scalings(sg, sd, cfg.sigma_min))
             c_skip, c_out, c_in, c_noise = scal(s, cfg.sigma_data)
-            F = self.backbone(c_in * x, c_noise.flatten(), cond)
+            F = self.backbone(c_in * x, c_noise.flatten(), cond, **kw)
             return c_skip * x + c_out * F.to(x.dtype)
         if cfg.kind == "ve":
             c_skip, c_out, c_in, c_noise = param.ve_scalings(s)
-            return c_skip * x + c_out * self.backbone(c_in * x, c_noise.flatten(), cond).to(x.dtype)
+            return c_skip * x + c_out * self.backbone(c_in * x, c_noise.flatten(), cond, **kw).to(x.dtype)
         if cfg.kind == "vp":
             # EDM's VPPrecond: eps output, time input 999 * t(sigma).
             from .schedules import vp_sigma_inv
             c_skip, c_out, c_in = param.vp_scalings(s)
             c_noise = 999 * vp_sigma_inv(sigma)
-            return c_skip * x + c_out * self.backbone(c_in * x, c_noise, cond).to(x.dtype)
+            return c_skip * x + c_out * self.backbone(c_in * x, c_noise, cond, **kw).to(x.dtype)
         # cosine: a VP network that sees z_t = alpha x_sigma and t of the cosine schedule, predicting eps/v/x.
         alpha, sigma_t = param.vp_from_edm(s)
         z = alpha * x
         t = param.cosine_time_from_edm(sigma, cfg.logsnr_min, cfg.logsnr_max)
-        out = self.backbone(z, t, cond).to(x.dtype)
+        out = self.backbone(z, t, cond, **kw).to(x.dtype)
         if cfg.prediction == "x":
             return out
         if cfg.prediction == "v":
@@ -147,3 +164,58 @@ class Precond(Denoiser):
             raise TypeError(f"backbone {type(self.backbone).__name__} has no config() to save")
         return dict(type="precond", precond=asdict(self.precond), network=net_cfg(),
                     shape=list(self.shape), label_dim=self.label_dim)
+
+
+class BoundaryDenoiser(Denoiser):
+    """Any denoiser D with the consistency-model boundary condition (Song et al. 2023, §3 and App. C):
+
+        f(x, sigma) = c_skip(sigma) x + c_out(sigma) D(x, sigma),
+        c_out = c_out_cm / c_out_edm = (sigma - sigma_min) / sigma,   c_skip = c_skip_cm - c_out c_skip_edm,
+
+    with the consistency scalings c_skip_cm, c_out_cm (`param.boundary_scalings`, as in openai/consistency_models'
+    get_scalings_for_boundary_condition) and EDM's c_skip_edm, c_out_edm (`param.edm_scalings`). When D is
+    EDM-preconditioned, D = c_skip_edm x + c_out_edm F, this is exactly the official c_skip_cm x + c_out_cm F
+    (`Precond` kind 'boundary'); for any D (a diffusers/DDPM teacher's copy, a VP/VE/cosine `Precond`),
+    f(x, sigma_min) = x exactly, and at large sigma c_out -> 1, c_skip -> 0 (0 <= c_skip <= c_skip_cm), so f is
+    the denoiser itself. sigma_min: the boundary level (default: D's smallest level).
+    """
+
+    def __init__(self, denoiser: Denoiser, sigma_min: float | None = None):
+        smin = denoiser.sigma_min if sigma_min is None else float(sigma_min)
+        if not 0 < smin <= denoiser.sigma_max:
+            raise ValueError(f"boundary level {smin:g} outside (0, sigma_max = {denoiser.sigma_max:g}]")
+        super().__init__(denoiser.shape, smin, denoiser.sigma_max, denoiser.sigma_data, denoiser.label_dim)
+        self.denoiser = denoiser
+        self.discrete_sigmas = denoiser.discrete_sigmas
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        """(c_skip, c_out) at levels `sigma` (any shape)."""
+        c_skip_cm, c_out_cm, _, _ = param.boundary_scalings(sigma, self.sigma_data, self.sigma_min)
+        c_skip_edm, c_out_edm, _, _ = param.edm_scalings(sigma, self.sigma_data)
+        c_out = c_out_cm / c_out_edm
+        return c_skip_cm - c_out * c_skip_edm, c_out
+
+    def denoise(self, x: Tensor, sigma: Tensor, cond: Tensor | None) -> Tensor:
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        c_skip, c_out = self.scalings(param.append_dims(sigma.to(dtype), x))
+        return c_skip * x.to(dtype) + c_out * self.denoiser(x, sigma, cond).to(dtype)
+
+    def config(self) -> dict:
+        return dict(type="boundary", sigma_min=self.sigma_min, denoiser=self.denoiser.config())
+
+
+def _build_boundary(config: dict) -> BoundaryDenoiser:
+    from ..errors import DiffdistillError
+    from ..io import build_denoiser
+
+    if "denoiser" not in config:
+        raise DiffdistillError("a 'boundary' denoiser config needs 'denoiser'")
+    return BoundaryDenoiser(build_denoiser(config["denoiser"]), config.get("sigma_min"))
+
+
+def _register() -> None:
+    from ..io import register_builder
+    register_builder("boundary")(_build_boundary)
+
+
+_register()

@@ -1,10 +1,13 @@
 """Consistency distillation (Song et al. 2023, Algorithm 2; algorithms.md §6.1).
 
-The student is a consistency function f(x, t) = c_skip(t) x + c_out(t) F(c_in x, ln(t)/4) with the boundary
-scalings (`Precond` kind 'boundary', so f(x, sigma_min) = x). One step of the teacher's probability-flow ODE
-(Heun or Euler) from t_{n+1} to t_n on the Karras grid gives the target point; the loss is
-d(f_theta(x_{t_{n+1}}, t_{n+1}), f_target(x_hat_{t_n}, t_n)), with f_target = stop-grad(f_theta) (CIFAR-10
-recipe) or an EMA of f_theta (ImageNet/LSUN recipe, mu = 0.95).
+The student is a consistency function with the boundary condition f(x, sigma_min) = x: a copy of an
+EDM-preconditioned teacher switched to the consistency scalings, f = c_skip(t) x + c_out(t) F(c_in x, ln(t)/4)
+(`Precond` kind 'boundary', as the official code), and any other copy (a diffusers/DDPM teacher, a VP/VE
+`Precond`) wrapped in `BoundaryDenoiser`, which is the same parameterisation written on the denoiser. One step of
+the teacher's probability-flow ODE (Heun or Euler) from t_{n+1} to t_n on the Karras grid gives the target point;
+the loss is d(f_theta(x_{t_{n+1}}, t_{n+1}), f_target(x_hat_{t_n}, t_n)), with f_target = stop-grad(f_theta)
+(CIFAR-10 recipe) or an EMA of f_theta (ImageNet/LSUN recipe, mu = 0.95). The student trains with dropout 0
+(both official codes) and is sampled from a per-step EMA (0.9999 on CIFAR-10, 0.9999432 on ImageNet-64).
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ import torch
 from torch import Tensor, nn
 
 from ..diffusion import param
-from ..diffusion.denoiser import Denoiser
+from ..diffusion.denoiser import BoundaryDenoiser, Denoiser, Precond
 from ..diffusion.schedules import karras_sigmas
 from ..errors import DiffdistillError, UsageError
 from . import common
-from .base import Batch, Group, Method, OptimConfig
+from .base import Batch, Group, Method, OptimConfig, Recipe
+from .kd import halflife_kimg
 
 HELP = "consistency distillation (Song et al. 2023): a one- or few-step consistency model from a teacher ODE"
 NEEDS_DATA = True
@@ -88,18 +92,32 @@ def consistency_residual(student: Denoiser, target: Denoiser, teacher: Denoiser,
 
 _VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
 _TAPS = (3, 8, 15, 22, 29)    # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in torchvision's vgg16.features
+POOLINGS = ("avg", "max")
 
 
 class LPIPS(nn.Module):
-    """LPIPS-VGG distance; weights: torchvision vgg16 `features.*`, lpips `lin{0..4}.model.1.weight` keys."""
+    """LPIPS-VGG distance as the consistency-models codes compute it; weights: torchvision vgg16 `features.*`
+    and lpips `lin{0..4}.model.1.weight` keys.
 
-    def __init__(self, weights: str | Path, resize: int = 224):
+    openai/consistency_models (ImageNet-64, LSUN) uses piq's LPIPS(replace_pooling=True, reduction='none'):
+    VGG16 with its max poolings replaced by 2x2 average poolings (pooling='avg'), and upsamples images narrower
+    than 256 (`resize_below`) to 224x224 (`resize`) bilinearly first; wider ones are compared as they are.
+    openai/consistency_models_cifar10 (JAX) uses lpips-j on flaxmodels' VGG16, which keeps the max poolings
+    (pooling='max'), and upsamples every (32x32) image to 224. Images come in [-1, 1]: (x - shift) / scale is
+    the ImageNet normalisation ((x + 1)/2 - mean) / std that both apply to (x + 1)/2. Features are unit-normalised
+    over channels, weighted by the 1x1 `lin` layers, averaged over space and summed over the five taps.
+    """
+
+    def __init__(self, weights: str | Path, resize: int | None = 224, resize_below: int = 256,
+                 pooling: str = "avg"):
         super().__init__()
         from ..io import load_tensors
+        if pooling not in POOLINGS:
+            raise UsageError(f"unknown LPIPS pooling {pooling!r} ({', '.join(POOLINGS)})")
         layers, ch = [], 3
         for v in _VGG16:
             if v == "M":
-                layers.append(nn.MaxPool2d(2, 2))
+                layers.append(nn.AvgPool2d(2, 2) if pooling == "avg" else nn.MaxPool2d(2, 2))
             else:
                 layers += [nn.Conv2d(ch, v, 3, padding=1), nn.ReLU()]
                 ch = v
@@ -107,7 +125,7 @@ class LPIPS(nn.Module):
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in (64, 128, 256, 512, 512))
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
-        self.resize = resize
+        self.resize, self.resize_below, self.pooling = resize, resize_below, pooling
         state = load_tensors(weights)
         mapped = {}
         for k, v in state.items():
@@ -128,10 +146,11 @@ class LPIPS(nn.Module):
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         if a.ndim != 4 or a.shape[1] not in (1, 3):
             raise DiffdistillError(f"LPIPS needs [B, 1 or 3, H, W] images, got {tuple(a.shape)}")
+        upsample = bool(self.resize) and a.shape[-1] < self.resize_below
 
         def feats(x):
             x = x.expand(-1, 3, -1, -1)
-            if self.resize:  # 224-bilinear upsampling, as in the consistency-models recipe
+            if upsample:
                 x = nn.functional.interpolate(x, size=(self.resize, self.resize), mode="bilinear",
                                               align_corners=False)
             x, out = (x - self.shift) / self.scale, []
@@ -145,6 +164,28 @@ class LPIPS(nn.Module):
         for lin, fa, fb in zip(self.lins, feats(a), feats(b)):
             total = total + lin((fa - fb) ** 2).mean((1, 2, 3))
         return total
+
+
+# --------------------------------------------------------------------------------------------------
+# The student: a consistency function f(x, sigma_min) = x
+
+
+def has_boundary(net: Denoiser) -> bool:
+    """True when `net` satisfies f(x, sigma_min) = x by construction: a `Precond` of kind 'boundary' or a
+    `BoundaryDenoiser`."""
+    return isinstance(net, BoundaryDenoiser) or (isinstance(net, Precond) and net.precond.kind == "boundary")
+
+
+def with_boundary(net: Denoiser) -> Denoiser:
+    """`net` itself when it has the boundary condition, else `net` wrapped in `BoundaryDenoiser`."""
+    return net if has_boundary(net) else BoundaryDenoiser(net)
+
+
+def cd_student(teacher: Denoiser, dropout: float | None = 0.0) -> Denoiser:
+    """The default CD student: a trainable copy of the teacher with dropout `dropout` (None: the teacher's), an
+    EDM `Precond` switched to the consistency scalings and any other denoiser wrapped in `BoundaryDenoiser`; a
+    fresh boundary `Precond(MLP)` for analytic teachers."""
+    return with_boundary(common.student_from_teacher(teacher, boundary=True, dropout=dropout))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,35 +203,53 @@ class CDConfig:
     target_ema: float = 0.95          # EMA rate of the target network when target = 'ema'
     distance: str = "l2"              # l2 | l1 | lpips
     lpips_weights: str | None = None  # LPIPS-VGG weights (.safetensors), needed for distance = 'lpips'
+    lpips_pooling: str = "avg"        # VGG pooling of LPIPS: avg (openai/consistency_models) | max (the JAX code)
     sample_sigmas: list[float] = field(default_factory=list)  # export: [] = one step at sigma_max; else the
     #                                   multistep levels tau_0 > tau_1 > ... (e.g. [80, 0.821])
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=4e-4, kind="radam"))  # student (RAdam)
+    student_dropout: float | None = 0.0  # dropout of the default student (official: --dropout 0.0 / dropout = 0;
+    #                                      None keeps the teacher's)
+    ema_decay: float | None = 0.9999  # per-step decay of the sampling EMA when the loop is given no --ema
+    #                                   (CIFAR-10 0.9999, ImageNet-64 0.9999432); None: EDM's 500 kimg + ramp-up
 
 
 class ConsistencyDistillation(Method):
-    """CD: `student` is a boundary-preconditioned denoiser (usually initialised from the teacher)."""
+    """CD: `student` is a denoiser with the boundary condition (usually initialised from the teacher)."""
 
     name = "cd"
 
     def __init__(self, teacher: Denoiser, cfg: CDConfig | None = None, student: Denoiser | None = None):
-        """student: the network to train instead of the default, a copy of the teacher with boundary scalings
-        (CIFAR-10 recipe; a fresh `Precond(MLP)` for analytic teachers)."""
+        """student: the network to train instead of the default `cd_student(teacher)`; it must have the boundary
+        condition (a `Precond` of kind 'boundary' or a `BoundaryDenoiser`)."""
         super().__init__()
         cfg = cfg or CDConfig()
-        if student is None:
-            student = common.student_from_teacher(teacher, boundary=True)
         if cfg.solver not in ("heun", "euler"):
             raise UsageError(f"unknown teacher solver {cfg.solver!r} (heun, euler)")
         if cfg.target not in ("stopgrad", "ema"):
             raise UsageError(f"unknown target network {cfg.target!r} (stopgrad, ema)")
+        if not 0.0 <= cfg.target_ema < 1.0:
+            raise UsageError(f"the target EMA rate must lie in [0, 1), got {cfg.target_ema}")
         if cfg.distance not in ("l2", "l1", "lpips"):
             raise UsageError(f"unknown distance {cfg.distance!r} (l2, l1, lpips)")
         if cfg.distance == "lpips" and not cfg.lpips_weights:
-            raise UsageError("distance 'lpips' needs --lpips-weights PATH (LPIPS-VGG weights as safetensors)")
+            raise UsageError("distance 'lpips' (used by --recipe cifar10/imagenet64, as the paper) needs "
+                             "--lpips-weights PATH (LPIPS-VGG weights as safetensors), or choose --distance l2")
+        if cfg.lpips_pooling not in POOLINGS:
+            raise UsageError(f"unknown LPIPS pooling {cfg.lpips_pooling!r} ({', '.join(POOLINGS)})")
         if cfg.num_scales < 2:
             raise UsageError(f"num_scales must be at least 2, got {cfg.num_scales}")
-        if getattr(student, "precond", None) is not None and student.precond.kind != "boundary":
-            raise DiffdistillError("the CD student needs boundary preconditioning (Precond kind 'boundary')")
+        if not cfg.rho > 0:
+            raise UsageError(f"the Karras grid exponent rho must be positive, got {cfg.rho}")
+        if not cfg.optim.lr > 0:
+            raise UsageError(f"the student learning rate (--lr) must be positive, got {cfg.optim.lr}")
+        if cfg.ema_decay is not None and not 0.0 < cfg.ema_decay < 1.0:
+            raise UsageError(f"the EMA decay per step must lie in (0, 1), got {cfg.ema_decay}")
+        if student is None:
+            student = cd_student(teacher, cfg.student_dropout)
+        elif not has_boundary(student):
+            raise DiffdistillError(
+                f"the CD student ({type(student).__name__}) needs the boundary condition f(x, sigma_min) = x: "
+                "give a Precond of kind 'boundary' or wrap it, BoundaryDenoiser(student)")
         sig = list(cfg.sample_sigmas)
         if sig and (any(b >= a for a, b in zip(sig, sig[1:])) or sig[-1] <= 0):
             raise UsageError(f"sample sigmas must be positive and strictly descending, got {sig}")
@@ -201,9 +260,11 @@ class ConsistencyDistillation(Method):
         self.student = student
         self.target_net = copy.deepcopy(student).requires_grad_(False) if cfg.target == "ema" else None
         # a list hides the frozen LPIPS network from state_dict (it is not saved in every checkpoint)
-        self._lpips = [LPIPS(cfg.lpips_weights)] if cfg.distance == "lpips" else []
-        # the discretisation sigma_max = t_0 > ... > t_{N-1} = sigma_min (Karras et al. 2022, Eq. 5)
+        self._lpips = [LPIPS(cfg.lpips_weights, pooling=cfg.lpips_pooling)] if cfg.distance == "lpips" else []
+        # the discretisation sigma_max = t_0 > ... > t_{N-1} = sigma_min (Karras et al. 2022, Eq. 5); the last
+        # level is set to sigma_min itself, where the boundary condition makes the target f(x, t_{N-1}) = x exactly
         grid = karras_sigmas(cfg.num_scales, student.sigma_min, student.sigma_max, cfg.rho)[:-1]
+        grid[-1] = student.sigma_min
         self.register_buffer("grid", grid.float(), persistent=False)
 
     def groups(self) -> dict[str, Group]:
@@ -211,6 +272,14 @@ class ConsistencyDistillation(Method):
 
     def ema_targets(self) -> dict[str, nn.Module]:
         return {"student": self.student}
+
+    def ema_default(self, batch: int) -> tuple[float, float | None]:
+        """The official sampling EMA: a per-step decay (CIFAR-10 `model.ema_rate = 0.9999`; ImageNet-64 the
+        0.9999432189950708 of `--ema_rate`, a half-life of exactly 25,000 kimg at batch 2048) from the first
+        step, with no ramp-up. cfg.ema_decay None (analytic teachers): EDM's 500 kimg with ramp-up 0.05."""
+        if self.cfg.ema_decay is None:
+            return super().ema_default(batch)
+        return halflife_kimg(self.cfg.ema_decay, batch), None
 
     def begin_step(self, step: int, nimg: int) -> set[str]:
         # Target EMA theta^- <- mu theta^- + (1 - mu) theta after every update (Song et al. 2023, Alg. 2).
@@ -248,12 +317,38 @@ class ConsistencyDistillation(Method):
 # --------------------------------------------------------------------------------------------------
 # Networks and the CLI
 
+EMA_HELP = ("EMA half-life of the student in kimg, with EDM's ramp-up 0.05 (default: the official per-step decay "
+            "--ema-decay, 0.9999 on CIFAR-10, with no ramp-up: B ln(0.5)/ln(decay)/1000 kimg at batch B, 3549 kimg "
+            "at 512; analytic teachers: 500 kimg with EDM's ramp-up)")
+DROPOUT_HELP = "CD: 0, as both official codes train the student with dropout 0 (--dropout 0.0, model.dropout = 0.0)"
+
+# The paper's LPIPS recipes (FID 3.55 on CIFAR-10, 6.20 on ImageNet-64, one step). Both need --lpips-weights.
+RECIPES = {
+    "cifar10": Recipe(
+        source="Song et al. 2023, CD (LPIPS) on CIFAR-10: openai/consistency_models_cifar10 "
+               "configs/cifar10_ve_cd.py + launch.sh (800k steps of 512, RAdam 4e-4 with no warm-up: its RAdam "
+               "branch ignores optim.warmup, N=18, Heun, stop-grad target, LPIPS of lpips-j (max pooling, 224), "
+               "EMA 0.9999, dropout 0, random flips); needs --lpips-weights",
+        options=("--batch", "512", "--kimg", "409600", "--lr", "4e-4", "--num-scales", "18", "--rho", "7",
+                 "--solver", "heun", "--target", "stopgrad", "--distance", "lpips", "--lpips-pooling", "max",
+                 "--ema-decay", "0.9999", "--xflip")),
+    "imagenet64": Recipe(
+        source="Song et al. 2023, CD (LPIPS) on ImageNet-64: openai/consistency_models scripts/launch.sh "
+               "(cm_train.py: 600k steps of 2048, RAdam 8e-6, N=40, Heun, target EMA 0.95, piq LPIPS with "
+               "average pooling at 224, EMA 0.9999432189950708, dropout 0, random flips; fp16 there, fp32 here); "
+               "needs --lpips-weights",
+        options=("--batch", "2048", "--kimg", "1228800", "--lr", "8e-6", "--num-scales", "40", "--rho", "7",
+                 "--solver", "heun", "--target", "ema", "--target-ema", "0.95", "--distance", "lpips",
+                 "--lpips-pooling", "avg", "--ema-decay", "0.9999432189950708", "--xflip")),
+}
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = CDConfig()
     g = parser.add_argument_group("consistency distillation")
     g.add_argument("--num-scales", type=int, default=d.num_scales,
                    help="Karras grid levels N (default %(default)s)")
+    g.add_argument("--rho", type=float, default=d.rho, help="Karras grid exponent (default %(default)s)")
     g.add_argument("--solver", choices=["heun", "euler"], default=d.solver, help="teacher ODE step")
     g.add_argument("--target", choices=["stopgrad", "ema"], default=None,
                    help=f"target network: stop-grad student (CIFAR-10) or an EMA of it (default {d.target}; "
@@ -264,9 +359,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="consistency distance")
     g.add_argument("--lpips-weights", default=None, metavar="PATH",
                    help="LPIPS-VGG weights (.safetensors), required by --distance lpips")
+    g.add_argument("--lpips-pooling", choices=list(POOLINGS), default=d.lpips_pooling,
+                   help="VGG pooling of LPIPS: avg (openai/consistency_models, piq replace_pooling) or max "
+                        "(the CIFAR-10 JAX code, lpips-j) (default %(default)s)")
     g.add_argument("--sample-sigmas", type=float, nargs="+", default=None, metavar="SIGMA",
                    help="export a multistep sampler at these levels (default: one step at sigma_max)")
     g.add_argument("--lr", type=float, default=d.optim.lr, help="student learning rate (RAdam)")
+    g.add_argument("--ema-decay", type=float, default=None, metavar="RATE",
+                   help=f"per-step decay of the sampling EMA when no --ema is given (default {d.ema_decay}, the "
+                        "CIFAR-10 recipe's; analytic teachers: EDM's 500 kimg with ramp-up)")
 
 
 # Analytic teachers only (a fresh Precond(MLP) student, nothing to copy): the EMA target (mu = 0.95, the
@@ -278,11 +379,14 @@ ANALYTIC_TARGET = "ema"
 
 
 def build(args: argparse.Namespace, teacher: Denoiser, data=None) -> ConsistencyDistillation:
-    target = args.target or (ANALYTIC_TARGET if common.is_weightless(teacher) else CDConfig.target)
-    cfg = CDConfig(num_scales=args.num_scales, solver=args.solver, target=target,
+    analytic = common.is_weightless(teacher)
+    target = args.target or (ANALYTIC_TARGET if analytic else CDConfig.target)
+    ema_decay = args.ema_decay if args.ema_decay is not None else (None if analytic else CDConfig.ema_decay)
+    cfg = CDConfig(num_scales=args.num_scales, rho=args.rho, solver=args.solver, target=target,
                    target_ema=args.target_ema, distance=args.distance, lpips_weights=args.lpips_weights,
-                   sample_sigmas=list(args.sample_sigmas or []),
-                   optim=OptimConfig(lr=args.lr, kind="radam"))
+                   lpips_pooling=args.lpips_pooling, sample_sigmas=list(args.sample_sigmas or []),
+                   optim=OptimConfig(lr=args.lr, kind="radam"),
+                   student_dropout=common.resolve_dropout(args, 0.0), ema_decay=ema_decay)
     if cfg.lpips_weights and not Path(cfg.lpips_weights).is_file():
         raise DiffdistillError(f"{cfg.lpips_weights}: LPIPS weights file not found")
     return ConsistencyDistillation(teacher, cfg)
