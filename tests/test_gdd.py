@@ -1,13 +1,18 @@
-"""GDD / GDD-I: groups, freezing, discriminators, R1, bad input, and ring8 end to end (algorithms.md §5)."""
+"""GDD / GDD-I: groups, freezing, discriminators, the official loss reduction and lazy R1, recipes, bad input,
+and ring8 end to end (algorithms.md §5)."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import pickle
+import sys
+import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from diffdistill.diffusion.denoiser import Precond
@@ -30,9 +35,9 @@ from diffdistill.teachers.analytic import ring8
 CPU = torch.device("cpu")
 
 
-def tiny_teacher(label_dim=0):
+def tiny_teacher(label_dim=0, **overrides):
     torch.manual_seed(0)
-    return Precond(unet_preset("tiny", 8, 1, label_dim=label_dim), (1, 8, 8), label_dim).eval() \
+    return Precond(unet_preset("tiny", 8, 1, label_dim=label_dim, **overrides), (1, 8, 8), label_dim).eval() \
         .requires_grad_(False)
 
 
@@ -82,7 +87,10 @@ def test_projected_discriminator_trains_only_its_heads():
     assert trainable and all(n.startswith("heads.") for n in trainable)
     cond = torch.nn.functional.one_hot(torch.tensor([0, 2]), 3).float()
     logits = disc(torch.randn(2, 1, 8, 8), cond)
-    assert logits.shape == (2,) and torch.isfinite(logits).all()
+    # per-patch logits of both scales: an 8x8 map of the 8x8 features and a 4x4 one of the 4x4 features
+    assert logits.shape == (2, 64 + 16) and torch.isfinite(logits).all()
+    assert MLPDiscriminator(2, 3)(torch.randn(5, 2), F.one_hot(torch.arange(5) % 3, 3).float()).shape == (5, 1)
+    assert ConvDiscriminator((1, 8, 8))(torch.randn(5, 1, 8, 8)).shape == (5, 1)
     disc.train()
     assert not teacher.training                         # the frozen teacher never drops out
     assert isinstance(build_discriminator("auto", (2,), 0, ring8()), MLPDiscriminator)
@@ -120,10 +128,13 @@ def test_gdd_groups_generator_and_lazy_r1():
     assert groups["discriminator"].needs_data and not groups["generator"].needs_data
     assert sum(p.numel() for p in groups["generator"].params) == method.trainable < method.total
     assert groups["generator"].optim.betas == (0.0, 0.99)
+    # official: an R1 step of its own on batches with batch_idx != 0 and batch_idx % r1_interval == 0
+    assert groups["discriminator"].extra_every == 4
     x = torch.randn(4, 1, 8, 8).clamp(-1, 1)
-    out0 = method.loss("discriminator", Batch(size=4, device=CPU, x=x, step=0))
-    out1 = method.loss("discriminator", Batch(size=4, device=CPU, x=x, step=1))
-    assert "r1" in out0 and "r1" not in out1
+    out4 = method.loss("discriminator", Batch(size=4, device=CPU, x=x, step=4))
+    r1 = method.loss("discriminator", Batch(size=4, device=CPU, x=x, step=4, extra=True))
+    assert "r1" not in out4 and set(r1) == {"loss", "r1"}
+    assert gdd.GDD(teacher, gdd.GDDConfig(r1_gamma=0.0)).groups()["discriminator"].extra_every == 0
     method.zero_grad(set_to_none=True)
     method.loss("generator", Batch(size=4, device=CPU, step=0))["loss"].backward()
     assert all(p.grad is not None for p in groups["generator"].params)
@@ -133,11 +144,197 @@ def test_gdd_groups_generator_and_lazy_r1():
     assert net is method.generator and recipe == {"sampler": "onestep", "sigmas": [80.0, 0.0]}
 
 
-def test_gan_losses():
-    logits = torch.tensor([-2.0, 0.0, 3.0])
-    assert torch.allclose(gdd.generator_gan_loss(logits), -torch.sigmoid(logits).log().mean())
-    assert torch.allclose(gdd.discriminator_gan_loss(logits, -logits),
-                          2 * -torch.sigmoid(-logits).log().mean())
+def official_gan_losses(per_backbone: list[torch.Tensor], per_backbone_real: list[torch.Tensor]):
+    """Zyriix/GDD training/loss.py on the output of its ProjectedDiscriminatorOnly, written out: each backbone's
+    [B, K_b] patch logits are added to a Python list (`logits += t`), which extends it by B rows; every loss
+    is the sum over the rows of the mean softplus over the row."""
+    def rows(ts):
+        out = []
+        for t in ts:
+            out += t
+        return out
+
+    g_loss = sum(F.softplus(-r).mean() for r in rows(per_backbone))
+    d_loss = sum(F.softplus(r).mean() for r in rows(per_backbone)) + \
+        sum(F.softplus(-r).mean() for r in rows(per_backbone_real))
+    return g_loss, d_loss
+
+
+class FixedLogits(nn.Module):
+    """A discriminator returning fixed per-patch logits [B, 6] from two 'backbones' of 4 and 2 patches."""
+
+    splits = (4, 2)
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+        self.shift = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, cond=None):
+        return self.logits + self.shift + 0 * x.flatten(1).sum(1, keepdim=True)
+
+
+def test_gan_losses_reduce_patch_logits_as_the_official_code():
+    gen = torch.Generator().manual_seed(0)
+    fake = [3 * torch.randn(3, 4, generator=gen), 3 * torch.randn(3, 2, generator=gen)]
+    real = [3 * torch.randn(3, 4, generator=gen), 3 * torch.randn(3, 2, generator=gen)]
+    g_ref, d_ref = official_gan_losses(fake, real)
+    fake_k, real_k = torch.cat(fake, 1), torch.cat(real, 1)
+    # sums over the per-GPU batch (3 here) = samples x the batch mean; groups = the backbones' patch counts
+    assert torch.allclose(gdd.generator_gan_loss(fake_k, samples=3, groups=(4, 2)), g_ref)
+    assert torch.allclose(gdd.discriminator_gan_loss(fake_k, real_k, samples=3, groups=(4, 2)), d_ref)
+    # one group: the mean over all patches; a [B] logit vector is refused, groups must add up
+    assert torch.allclose(gdd.patch_softplus(fake_k, -1.0), F.softplus(-fake_k).mean(1))
+    with pytest.raises(DiffdistillError, match="patches"):
+        gdd.patch_softplus(fake_k[:, 0], 1.0)
+    with pytest.raises(DiffdistillError, match="add up"):
+        gdd.patch_softplus(fake_k, 1.0, (4, 3))
+
+    # The method's losses, with the discriminator's own `splits`, at loss_samples = the batch: the official
+    # per-GPU losses (the same fixed logits stand for real and fake images here).
+    teacher = ring8()
+    for samples in (3, 64):
+        method = gdd.GDD(teacher, gdd.GDDConfig(loss_samples=samples), discriminator=FixedLogits(fake_k))
+        scale = samples / 3
+        g = method.loss("generator", Batch(size=3, device=CPU, step=1))["loss"]
+        assert torch.allclose(g, scale * g_ref)
+        d = method.loss("discriminator", Batch(size=3, device=CPU, x=torch.zeros(3, 2), step=1))["loss"]
+        assert torch.allclose(d, scale * official_gan_losses(fake, fake)[1])
+
+
+def test_r1_loss_is_the_official_lazy_r1():
+    """R1 step = r1_interval * gamma/2 * mean_i ||grad_x sum_k D_k(x_i)||^2: with linear patch logits x W^T,
+    the gradient of their sum is the sum of W's rows for every sample."""
+    w = torch.randn(5, 2)
+
+    class Linear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(w.clone())
+
+        def forward(self, x, cond=None):
+            return x @ self.w.T
+
+    method = gdd.GDD(ring8(), gdd.GDDConfig(r1_every=16, r1_gamma=0.3), discriminator=Linear())
+    batch = Batch(size=4, device=CPU, x=torch.randn(4, 2), step=16)
+    batch.extra = True                                  # the loop's extra pass (Group.extra_every)
+    out = method.loss("discriminator", batch)
+    expected = 16 * 0.3 / 2 * w.sum(0).pow(2).sum()
+    assert set(out) == {"loss", "r1"} and torch.allclose(out["loss"], expected)
+    out["loss"].backward()                              # pushes the weights (create_graph)
+    assert torch.allclose(method.discriminator.w.grad, 16 * 0.3 * w.sum(0).expand(5, 2))
+
+
+def test_lazy_r1_runs_as_its_own_discriminator_step(tmp_path):
+    """Through the loop: R1 on steps 4 and 8 of 9 (never 0), on an extra discriminator pass when the loop has
+    them (`Group.extra_every`), else added into that step's discriminator loss."""
+    from diffdistill.train.loop import TrainConfig, train
+
+    teacher = ring8()
+    method = gdd.GDD(teacher, gdd.GDDConfig(r1_every=4, r1_gamma=0.5))
+    calls = []
+    loss = method.loss
+
+    def spy(group, batch):
+        out = loss(group, batch)
+        if group == "discriminator":
+            extra = batch.extra
+            calls.append((batch.step, extra, "r1" in out))
+            if extra:
+                assert torch.allclose(out["loss"], 4 * 0.5 / 2 * out["r1"])   # R1 alone
+        return out
+
+    method.loss = spy
+    data = Points(teacher.sample(64, torch.Generator().manual_seed(0)))
+    train(method, TrainConfig(out=str(tmp_path / "run"), batch=16, max_steps=9, progress=False, tensorboard=False,
+                              checkpoint_kimg=0, device="cpu"), data)
+    expected = [c for s in range(9) for c in [(s, False, False)] + [(s, True, True)] * (s in (4, 8))]
+    assert calls == expected
+
+
+def test_generator_dropout_is_gdds_zero():
+    """train.sh trains with --dropout=0, whatever the teacher's."""
+    teacher = tiny_teacher(dropout=0.3)
+    assert common.dropout_of(teacher) == pytest.approx(0.3)
+    data = Points(torch.zeros(4, 1, 8, 8))
+    assert common.dropout_of(gdd.GDD(teacher).generator) == 0.0
+    assert common.dropout_of(gdd.build(parse(), teacher, data).generator) == 0.0
+    args = parse()
+    args.student_dropout = "teacher"                    # the common --student-dropout option
+    assert common.dropout_of(gdd.build(args, teacher, data).generator) == pytest.approx(0.3)
+    assert common.dropout_of(teacher) == pytest.approx(0.3)
+
+
+def test_r1_gamma_and_lrs_default_to_the_official_cifar10_ones():
+    assert parse().r1_gamma == gdd.GDDConfig().r1_gamma == 1e-4
+    for teacher, data in ((ring8(), Points(torch.zeros(4, 2))), (tiny_teacher(), Points(torch.zeros(4, 1, 8, 8)))):
+        cfg = gdd.build(parse(), teacher, data).cfg
+        assert (cfg.r1_gamma, cfg.r1_every, cfg.loss_samples, cfg.gen_lr) == (1e-4, 16, 64, 1e-4)
+        assert cfg.disc_lr == pytest.approx(gdd.GDDConfig().disc_lr) == pytest.approx(1e-4 * 16 / 17)
+        assert cfg.disc_betas[1] == pytest.approx(gdd.GDDConfig().disc_betas[1]) == pytest.approx(0.99 ** (16 / 17))
+    assert gdd.GDD(ring8()).ema_default(256) == (500.0, 0.05)   # --ema=0.5 Mimg, --ema-warmup 0.05
+
+
+def test_recipes_carry_the_official_settings():
+    from diffdistill.cli import distill as cli_distill
+    from diffdistill.cli.main import build_parser
+
+    def cli(*extra):
+        argv = ["distill", "gdd", "--teacher", "unused", "--out", "unused", *extra]
+        args = build_parser().parse_args(argv)
+        args.argv = argv
+        return args
+
+    teacher, data = tiny_teacher(dropout=0.3), Points(torch.zeros(4, 1, 8, 8))
+    keys = ("batch", "kimg", "ema", "gen_lr", "disc_lr", "r1_gamma", "r1_every", "loss_samples", "freeze")
+    official = {"cifar10": (256, 5000, 500, 1e-4, 1e-4, 1e-4, 16, 64, 0),
+                "cifar10-gddi": (256, 5000, 500, 1e-4, 1e-4, 1e-4, 16, 64, 1),
+                "imagenet64": (512, 10000, 50000, 8e-6, 4e-5, 1e-4, 16, 128, 0),
+                "imagenet64-gddi": (512, 10000, 50000, 8e-6, 4e-5, 1e-4, 16, 128, 1)}
+    for name, values in official.items():
+        args = cli_distill.with_recipe(cli("--recipe", name), teacher)
+        assert tuple(getattr(args, k) for k in keys) == values, name
+        method = gdd.build(args, teacher, data)
+        assert common.dropout_of(method.generator) == 0.0
+        assert math.isclose(method.cfg.disc_lr, values[4] * 16 / 17)
+        assert (method.trainable < method.total) == name.endswith("gddi")
+    assert cli_distill.with_recipe(cli("--recipe", "cifar10", "--r1-gamma", "0.5"), teacher).r1_gamma == 0.5
+
+
+def test_projected_discriminator_is_imported_only_when_asked(monkeypatch):
+    seen = {}
+
+    class Stub(nn.Module):
+        splits = (3, 1)
+
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(4))
+
+        def forward(self, x, cond=None):
+            return x.flatten(1)[:, :1] + self.w
+
+    def build_projected_discriminator(shape, label_dim, vgg_weights=None, effnet_weights=None, **kwargs):
+        seen.update(shape=shape, label_dim=label_dim, vgg=vgg_weights, effnet=effnet_weights)
+        return Stub()
+
+    teacher, data = tiny_teacher(), Points(torch.zeros(4, 1, 8, 8))
+    with pytest.raises(DiffdistillError, match="--disc-vgg-weights"):
+        gdd.build(parse(["--disc", "projected"]), teacher, data)
+    weights = ["--disc-vgg-weights", "vgg.pt", "--disc-effnet-weights", "effnet.pt"]
+    monkeypatch.setitem(sys.modules, "diffdistill.methods.projected", None)      # not installed
+    with pytest.raises(DiffdistillError, match="not part of this installation"):
+        gdd.build(parse(["--disc", "projected", *weights]), teacher, data)
+    monkeypatch.setitem(sys.modules, "diffdistill.methods.projected",
+                        types.SimpleNamespace(build_projected_discriminator=build_projected_discriminator))
+    for options in (weights, ["--disc", "projected", *weights]):     # 'auto' picks it when both files are given
+        method = gdd.build(parse(options), teacher, data)
+        assert isinstance(method.discriminator, Stub)
+        assert seen == dict(shape=(1, 8, 8), label_dim=0, vgg="vgg.pt", effnet="effnet.pt")
+    out = method.loss("generator", Batch(size=2, device=CPU))
+    logits = method.discriminator(method._generate(2, CPU, None).detach())
+    assert torch.isfinite(out["loss"]) and logits.shape == (2, 4)
+    assert isinstance(gdd.build(parse(), teacher, data).discriminator, ProjectedDiscriminator)  # no weights
 
 
 def test_bad_input():
@@ -245,7 +442,8 @@ def test_ring8_keeps_every_mode(tmp_path):
     torch.manual_seed(0)
     teacher = ring8()
     data = Points(teacher.sample(20_000, torch.Generator().manual_seed(0)))
-    method = gdd.GDD(teacher, gdd.GDDConfig(gen_lr=1e-3, disc_lr=1e-3, r1_gamma=0.1))
+    # gamma 6.4 with losses summed over 64 samples: the balance of the former gamma 0.1 at batch-mean losses
+    method = gdd.GDD(teacher, gdd.GDDConfig(gen_lr=1e-3, disc_lr=1e-3, r1_gamma=6.4))
     steps, batch = 1000, 256
     result = train(method, TrainConfig(out=str(tmp_path / "run"), total_kimg=steps * batch / 1000, batch=batch,
                                        ema_halflife_kimg=20, tick_kimg=1e9, checkpoint_kimg=0, progress=False,
@@ -261,4 +459,4 @@ def test_ring8_keeps_every_mode(tmp_path):
     print(f"gdd ring8: shares {[round(s, 3) for s in share.tolist()]}, within 3 std {within:.3f} "
           f"(teacher {within_teacher:.3f})")
     assert float((share - 1 / 8).abs().max()) < 0.25 / 8
-    assert within > 0.8          # measured 0.94 (0.90 before the MLP's input Fourier features)
+    assert within > 0.8          # measured 0.95 (R1 in the main step), 0.94 (R1 on its own step); 0.93 before

@@ -8,6 +8,7 @@ knows nothing about any specific method.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +42,10 @@ class Group:
     start: int = 0                # first step of the group's updates: before it the loop neither computes its
     #                               loss nor steps its optimiser (a warm-up of the other groups), and its LR
     #                               schedule (warm-up, decay) counts from there
+    extra_every: int = 0          # an extra pass on steps where step > start and step % extra_every == 0: after
+    #                               the group's step the loop computes its loss again on the same micro-batches
+    #                               with `batch.extra = True` and steps the same optimiser (same LR) once more
+    #                               (lazy regularisation on its own step: StyleGAN2's and GDD's R1); 0 = none
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,8 @@ class Recipe:
     placed before the user's own, so that anything given on the command line wins."""
 
     source: str                   # where the values come from (paper section, official script)
-    options: tuple[str, ...]      # command-line options, e.g. ("--lr", "2e-4", "--batch", "512")
+    options: tuple[str, ...] | Callable  # command-line options, e.g. ("--lr", "2e-4", "--batch", "512"), or a
+    #                                      function (args, teacher) -> options for recipes that depend on the run
 
 
 @dataclass
@@ -62,6 +68,7 @@ class Batch:
     cond: Tensor | None = None    # int class labels [B], or None
     step: int = 0                 # optimiser step counter (global, counted across accumulation)
     nimg: int = 0                 # images seen so far
+    extra: bool = False           # True on a group's extra pass (`Group.extra_every`)
 
 
 class Method(nn.Module):

@@ -1,12 +1,21 @@
-"""Discriminators for GDD (algorithms.md §5.4) and other GAN terms: D(x, cond one-hot or None) -> logits [B].
+"""Discriminators for GDD (algorithms.md §5.4) and other GAN terms: D(x, cond one-hot or None) -> logits [B, K].
 
-- `MLPDiscriminator`: flat toy data (shape (D,)).
-- `ConvDiscriminator`: a plain convolutional discriminator for images.
-- `ProjectedDiscriminator`: trainable multi-scale heads on the feature maps of a *frozen* feature network
+Every discriminator returns K per-patch logits per sample, as the official projected discriminator does (its
+multi-scale heads end in a 4x4 convolution over a small map: one logit per patch, all scales concatenated);
+K = 1 for the discriminators that end in one logit. A discriminator whose patches come from several feature
+networks gives their counts per network in a `splits` attribute (summing to K; `projected.py` does); the GAN
+losses average softplus over each network's patches and sum over the networks (`gdd.patch_softplus`, as the
+official loss does per backbone). Without the attribute all K patches are one group.
+
+- `MLPDiscriminator`: flat toy data (shape (D,)), K = 1.
+- `ConvDiscriminator`: a plain convolutional discriminator for images, K = 1.
+- `ProjectedDiscriminator`: trainable multi-scale patch heads on the feature maps of a *frozen* feature network
   (Projected GAN, Sauer et al. 2021), with two feature sources:
   `TeacherFeatures` (default: the teacher UNet's own encoder, read by forward hooks at a fixed sigma;
   no outside weights) and `BackboneFeatures` (a timm/torchvision ImageNet network from a local weights file).
-Class conditioning is by projection (Miyato & Koyama 2018): logit += <embed(y), phi(x)>.
+- `projected` (`build_discriminator('projected', ...)`): the official GDD discriminator on frozen VGG16-BN and
+  EfficientNet-lite0 features, from `diffdistill.methods.projected` (imported only when asked for).
+Class conditioning is by projection (Miyato & Koyama 2018): each patch logit += <embed(y), phi_patch(x)>.
 """
 
 from __future__ import annotations
@@ -41,9 +50,9 @@ class MLPDiscriminator(nn.Module):
         h = x.flatten(1)
         for layer in self.layers:
             h = _lrelu(layer(h))
-        logits = self.out(h)[:, 0]
+        logits = self.out(h)
         if self.embed is not None and cond is not None:
-            logits = logits + (self.embed(cond.to(h.dtype)) * h).sum(1)
+            logits = logits + (self.embed(cond.to(h.dtype)) * h).sum(1, keepdim=True)
         return logits
 
 
@@ -72,9 +81,9 @@ class ConvDiscriminator(nn.Module):
         for conv in self.convs:
             h = _lrelu(conv(h))
         h = _lrelu(self.fc(h.flatten(1)))
-        logits = self.out(h)[:, 0]
+        logits = self.out(h)
         if self.embed is not None and cond is not None:
-            logits = logits + (self.embed(cond.to(h.dtype)) * h).sum(1)
+            logits = logits + (self.embed(cond.to(h.dtype)) * h).sum(1, keepdim=True)
         return logits
 
 
@@ -234,7 +243,8 @@ class BackboneFeatures(nn.Module):
 
 
 class _Head(nn.Module):
-    """A patch discriminator on one feature map: 1x1 in, strided 3x3 convs down to <= 8x8, 1x1 logits."""
+    """A patch discriminator on one feature map: 1x1 in, strided 3x3 convs down to <= 8x8, a 1x1 logit per
+    patch [B, h*w]."""
 
     def __init__(self, channels_in: int, size: int, channels: int, label_dim: int):
         super().__init__()
@@ -251,14 +261,15 @@ class _Head(nn.Module):
         h = f.float()
         for conv in self.convs:
             h = _lrelu(conv(h))
-        logits = self.out(h).mean((1, 2, 3))
+        logits = self.out(h)[:, 0]
         if self.embed is not None and cond is not None:
-            logits = logits + (self.embed(cond.to(h.dtype)) * h.mean((2, 3))).sum(1)
-        return logits
+            logits = logits + torch.einsum("bc,bchw->bhw", self.embed(cond.to(h.dtype)), h)
+        return logits.flatten(1)
 
 
 class ProjectedDiscriminator(nn.Module):
-    """Trainable heads on the feature maps of a frozen feature network; the logit is the sum over scales."""
+    """Trainable heads on the feature maps of a frozen feature network; the patch logits of all scales
+    concatenated, [B, K] (one feature network: one logit group)."""
 
     def __init__(self, features: nn.Module, shape, label_dim: int = 0, channels: int = 64):
         super().__init__()
@@ -270,22 +281,31 @@ class ProjectedDiscriminator(nn.Module):
 
     def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
         feats = self.features(x, cond)
-        return sum(head(f, cond) for head, f in zip(self.heads, feats))
+        return torch.cat([head(f, cond) for head, f in zip(self.heads, feats)], dim=1)
+
+
+KINDS = ("auto", "projected", "teacher", "conv", "mlp", "backbone")
 
 
 def build_discriminator(kind: str, shape, label_dim: int = 0, teacher: Denoiser | None = None,
                         channels: int = 64, teacher_sigma: float = 0.5, teacher_noise: bool = False,
-                        backbone: str | None = None, backbone_weights: str | None = None) -> nn.Module:
-    """kind: 'auto' (mlp for flat data, teacher features for UNet teachers, else conv), 'mlp', 'conv',
-    'teacher' or 'backbone'."""
+                        backbone: str | None = None, backbone_weights: str | None = None,
+                        vgg_weights: str | None = None, effnet_weights: str | None = None) -> nn.Module:
+    """kind: 'auto' (the official projected discriminator when both its weight files are given; else mlp for
+    flat data, teacher features for UNet teachers, else conv), 'projected', 'teacher', 'conv', 'mlp' or
+    'backbone'."""
     shape = tuple(shape)
     if kind == "auto":
-        if len(shape) == 1:
+        if vgg_weights and effnet_weights:
+            kind = "projected"
+        elif len(shape) == 1:
             kind = "mlp"
         elif teacher is not None and any(True for _ in teacher.parameters()) and _has_encoder(teacher):
             kind = "teacher"
         else:
             kind = "conv"
+    if kind == "projected":
+        return _official_projected(shape, label_dim, vgg_weights, effnet_weights)
     if kind == "mlp":
         if len(shape) != 1:
             raise DiffdistillError(f"the MLP discriminator is for flat data (shape (D,)), got {shape}")
@@ -304,7 +324,25 @@ def build_discriminator(kind: str, shape, label_dim: int = 0, teacher: Denoiser 
                                    "timm:NAME|torchvision:NAME and --disc-backbone-weights PATH")
         features = BackboneFeatures(backbone, backbone_weights)
         return ProjectedDiscriminator(features, shape, label_dim, channels)
-    raise DiffdistillError(f"unknown discriminator {kind!r} (auto, mlp, conv, teacher, backbone)")
+    raise DiffdistillError(f"unknown discriminator {kind!r} ({', '.join(KINDS)})")
+
+
+def _official_projected(shape, label_dim: int, vgg_weights: str | None, effnet_weights: str | None) -> nn.Module:
+    """The official GDD discriminator (§5.4), from `diffdistill.methods.projected`, imported only here."""
+    if len(shape) != 3:
+        raise DiffdistillError(f"the projected discriminator needs images [C, H, W], got shape {shape}")
+    if not (vgg_weights and effnet_weights):
+        raise DiffdistillError("the projected discriminator needs the weights of its frozen feature networks: "
+                               "--disc-vgg-weights PATH (VGG16-BN) and --disc-effnet-weights PATH "
+                               "(EfficientNet-lite0)")
+    try:
+        from .projected import build_projected_discriminator
+    except ModuleNotFoundError as e:
+        if e.name != f"{__package__}.projected":
+            raise
+        raise DiffdistillError("the projected discriminator (diffdistill.methods.projected) is not part of "
+                               "this installation") from None
+    return build_projected_discriminator(shape, label_dim, vgg_weights=vgg_weights, effnet_weights=effnet_weights)
 
 
 def _has_encoder(teacher: nn.Module) -> bool:
@@ -323,12 +361,13 @@ def onehot(cond: Tensor | None, label_dim: int, n: int, device) -> Tensor | None
 
 
 def r1_penalty(disc: nn.Module, x_real: Tensor, cond: Tensor | None = None) -> Tensor:
-    """R1 (Mescheder et al. 2018): ||grad_x D(x_real)||^2 summed over pixels, per sample [B]."""
+    """R1 (Mescheder et al. 2018): ||grad_x sum_k D_k(x_real)||^2 summed over pixels, per sample [B]; the sum
+    runs over all K patch logits of a sample, as in the official GDD R1."""
     x = x_real.detach().requires_grad_(True)
     logits = disc(x, cond)
     (grad,) = torch.autograd.grad(logits.sum(), x, create_graph=True)
     return grad.flatten(1).pow(2).sum(1)
 
 
-__all__ = ["MLPDiscriminator", "ConvDiscriminator", "TeacherFeatures", "BackboneFeatures",
+__all__ = ["KINDS", "MLPDiscriminator", "ConvDiscriminator", "TeacherFeatures", "BackboneFeatures",
            "ProjectedDiscriminator", "build_discriminator", "r1_penalty", "onehot", "load_state_dict_file"]

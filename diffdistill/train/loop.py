@@ -227,6 +227,8 @@ def _check_groups(method: Method, groups: dict[str, Group]) -> None:
             raise DiffdistillError(f"group {name!r}: every must be >= 1, got {g.every}")
         if g.start < 0:
             raise DiffdistillError(f"group {name!r}: start must be >= 0, got {g.start}")
+        if g.extra_every < 0:
+            raise DiffdistillError(f"group {name!r}: extra_every must be >= 0, got {g.extra_every}")
         for p in g.params:
             if id(p) in seen:
                 raise DiffdistillError(f"a parameter is in both groups {seen[id(p)]!r} and {name!r}")
@@ -388,6 +390,46 @@ class _Run:
         elif len(denoiser.shape) == 1 and denoiser.shape[0] >= 2:
             save_scatter(x, path)
 
+    def _group_pass(self, name: str, group: Group, seed_index: int, lr: float, micro: list, sums: dict,
+                    extra: bool) -> None:
+        """One optimiser step of a group: accumulate its loss over the micro-batches, nan_to_num, clip, step."""
+        cfg, opt = self.cfg, self.optims[name]
+        for pg in opt.param_groups:
+            pg["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        finite = torch.ones((), dtype=torch.bool, device=self.device)
+        prefix = f"{name}.extra" if extra else name
+        for a in range(self.accum):
+            torch.manual_seed(step_seed(cfg.seed, self.step, a * self.world + self.rank, seed_index))
+            batch = Batch(size=self.batch_gpu, device=self.device, step=self.step, nimg=self.nimg, extra=extra)
+            if micro[a] is not None and group.needs_data:
+                x, labels = micro[a]
+                batch.x = x.to(self.device, torch.float32, non_blocking=True)
+                labels = torch.as_tensor(labels)
+                if getattr(self.data, "label_dim", 0) > 0 and bool((labels >= 0).all()):
+                    batch.cond = labels.to(self.device, torch.long)
+            sync = contextlib.nullcontext()
+            if a < self.accum - 1 and isinstance(self.loss_call, nn.parallel.DistributedDataParallel):
+                sync = self.loss_call.no_sync()
+            with sync:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    out = self.loss_call(name, batch)
+                loss = out["loss"]
+                finite &= torch.isfinite(loss.detach())
+                (loss / self.accum).backward()
+            for key, value in out.items():
+                if torch.is_tensor(value) and value.numel() == 1:
+                    s, n = sums.get(f"{prefix}/{key}", (0.0, 0))
+                    sums[f"{prefix}/{key}"] = (s + value.detach().double().reshape(()), n + 1)
+        if dist.any_true(not bool(finite), self.device):
+            raise _NonFinite(name)
+        params = [p for p in group.params if p.grad is not None]
+        for p in params:  # EDM: nan_to_num of gradients before every step
+            torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
+        if group.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, group.optim.grad_clip)
+        opt.step()
+
     # -- one step ---------------------------------------------------------------------------------
     def train_step(self, sums: dict) -> None:
         method, cfg = self.method, self.cfg
@@ -410,46 +452,14 @@ class _Run:
         for gi, (name, group) in enumerate(self.groups.items()):
             if self.step < group.start or self.step % group.every:
                 continue
-            opt = self.optims[name]
             end = self.total_steps * cfg.batch
             if callable(schedule_kimg) and schedule_kimg(name) is not None:
                 end = self.origins[name] + int(round(schedule_kimg(name) * 1000))
             lr = lr_at(group.optim, nimg_after, self.origins[name], end)
-            for pg in opt.param_groups:
-                pg["lr"] = lr
             sums[f"lr/{name}"] = (torch.tensor(lr, dtype=torch.float64), 1)
-            opt.zero_grad(set_to_none=True)
-            finite = torch.ones((), dtype=torch.bool, device=self.device)
-            for a in range(self.accum):
-                torch.manual_seed(step_seed(cfg.seed, self.step, a * self.world + self.rank, gi))
-                batch = Batch(size=self.batch_gpu, device=self.device, step=self.step, nimg=self.nimg)
-                if micro[a] is not None and group.needs_data:
-                    x, labels = micro[a]
-                    batch.x = x.to(self.device, torch.float32, non_blocking=True)
-                    labels = torch.as_tensor(labels)
-                    if getattr(self.data, "label_dim", 0) > 0 and bool((labels >= 0).all()):
-                        batch.cond = labels.to(self.device, torch.long)
-                sync = contextlib.nullcontext()
-                if a < self.accum - 1 and isinstance(self.loss_call, nn.parallel.DistributedDataParallel):
-                    sync = self.loss_call.no_sync()
-                with sync:
-                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                        out = self.loss_call(name, batch)
-                    loss = out["loss"]
-                    finite &= torch.isfinite(loss.detach())
-                    (loss / self.accum).backward()
-                for key, value in out.items():
-                    if torch.is_tensor(value) and value.numel() == 1:
-                        s, n = sums.get(f"{name}/{key}", (0.0, 0))
-                        sums[f"{name}/{key}"] = (s + value.detach().double().reshape(()), n + 1)
-            if dist.any_true(not bool(finite), self.device):
-                raise _NonFinite(name)
-            params = [p for p in group.params if p.grad is not None]
-            for p in params:  # EDM: nan_to_num of gradients before every step
-                torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
-            if group.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, group.optim.grad_clip)
-            opt.step()
+            self._group_pass(name, group, gi, lr, micro, sums, extra=False)
+            if group.extra_every and self.step > group.start and self.step % group.extra_every == 0:
+                self._group_pass(name, group, gi + len(self.groups), lr, micro, sums, extra=True)
         self.step += 1
         self.nimg = nimg_after
         if self.ema is not None:
