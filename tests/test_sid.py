@@ -209,6 +209,75 @@ def test_bad_options_and_cli():
     assert isinstance(method.generator, Precond) and not sid.NEEDS_DATA and sid.HELP
 
 
+def cli_args(*extra, teacher="toy:ring8"):
+    """`distill sid` options as the command line parses them."""
+    from diffdistill.cli.main import build_parser
+
+    argv = ["distill", "sid", "--teacher", teacher, "--out", "unused", *extra]
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    return args
+
+
+def dropout_unet_teacher(p=0.1, label_dim=0):
+    from diffdistill.diffusion.denoiser import PrecondConfig
+    from diffdistill.networks.unet import UNet
+
+    torch.manual_seed(0)
+    net = UNet(img_resolution=8, in_channels=1, out_channels=1, label_dim=label_dim, model_channels=8,
+               channel_mult=[1, 2], channel_mult_emb=2, num_blocks=1, attn_resolutions=[], dropout=p)
+    return Precond(net, (1, 8, 8), label_dim, PrecondConfig()).eval().requires_grad_(False)
+
+
+def test_generator_and_fake_score_keep_the_teachers_dropout():
+    """sid_train.py builds every network with the EDM teacher's --dropout; --student-dropout overrides it."""
+    from diffdistill.methods import common
+
+    teacher = dropout_unet_teacher(0.1)
+    method = sid.build(cli_args(), teacher, None)
+    assert common.dropout_of(method.generator) == pytest.approx(0.1)
+    assert common.dropout_of(method.fake) == pytest.approx(0.1)
+    method = sid.build(cli_args("--student-dropout", "0"), teacher, None)
+    assert common.dropout_of(method.generator) == 0.0 and common.dropout_of(method.fake) == 0.0
+    assert common.dropout_of(teacher) == pytest.approx(0.1)
+
+
+def test_adam_betas_and_ema():
+    """Fake score Adam(0, 0.999) always; the generator's beta1 is --g_beta1 (default 0; FFHQ 0.9). The EMA is
+    sid_train.py's --ema 0.5 Mimg with the loop's ramp-up 0.05."""
+    method = sid.build(cli_args("--gen-beta1", "0.9"), ring8(), None)
+    groups = method.groups()
+    assert groups["generator"].optim.betas == (0.9, 0.999) and groups["fake_score"].optim.betas == (0.0, 0.999)
+    assert groups["generator"].optim.kind == "adam" and groups["fake_score"].optim.kind == "adam"
+    assert sid.build(cli_args(), ring8(), None).groups()["generator"].optim.betas == (0.0, 0.999)
+    assert method.ema_default(256) == (500.0, 0.05)
+
+
+@pytest.mark.parametrize("label_dim,kimg", [(0, 500_000.0), (10, 800_000.0)])
+def test_cifar10_recipe(label_dim, kimg):
+    """run_sid.sh cifar10-uncond / cifar10-cond (the conditional one trains 800 Mimg)."""
+    from diffdistill.cli import distill as cli_distill
+
+    teacher = dropout_unet_teacher(0.13, label_dim)
+    args = cli_distill.with_recipe(cli_args("--recipe", "cifar10"), teacher)
+    assert (args.batch, args.kimg, args.ema, args.student_dropout) == (256, kimg, 500.0, None)
+    cfg = sid.build(args, teacher, None).cfg
+    assert (cfg.gen_lr, cfg.fake_lr, cfg.alpha, cfg.t_max, cfg.init_sigma) == (1e-5, 1e-5, 1.2, 800.0, 2.5)
+    assert cfg.loss_scale == 100.0 and cfg.gen_beta1 == 0.0 and cfg.gen_every == 1 and cfg.dropout == "eval"
+
+
+def test_imagenet64_recipe():
+    """run_sid.sh imagenet64-cond: batch 8192, lr 4e-6, EMA 2 Mimg, 1000 Mimg."""
+    from diffdistill.cli import distill as cli_distill
+
+    teacher = dropout_unet_teacher(0.1, 10)
+    args = cli_distill.with_recipe(cli_args("--recipe", "imagenet64"), teacher)
+    assert (args.batch, args.kimg, args.ema) == (8192, 1_000_000.0, 2000.0)
+    cfg = sid.build(args, teacher, None).cfg
+    assert (cfg.gen_lr, cfg.fake_lr, cfg.alpha, cfg.t_max, cfg.init_sigma) == (4e-6, 4e-6, 1.2, 800.0, 2.5)
+    assert cfg.loss_scale == 100.0 and cfg.gen_beta1 == 0.0
+
+
 def test_ring8_keeps_every_mode(tmp_path):
     """O21 end to end on the real loop: fresh Precond(MLP) generator and fake score, data-free, against the
     exact ring8 denoiser; the (EMA) one-step generator keeps all eight modes (every share within 0.25/8 of

@@ -8,6 +8,12 @@ distribution-matching gradient (DMD Eq. 7 with DMD2's normalisation)
   grad = (D_f(x_s) - D_r(x_s)) / mean|x_g - D_r(x_s)|,   x_s = x_g + sigma n,
 through the surrogate 0.5 * mean((x_g - sg(x_g - grad))^2). The two-time-scale update rule updates the fake
 score every step and the generator every 5th (DMD2 §4.2).
+
+As in the official `EDMUniModel`, each step generates one batch: on generator steps the fake score (and the GAN
+classifier) trains on the generator turn's own samples, detached (made before the generator's update); on the
+other steps the generator makes them without gradients. Training otherwise follows `train_edm.py`: AdamW for
+both networks, the same learning rate with a constant-with-warm-up schedule, gradient clipping at 10, dropout 0
+in every network, and no EMA (the trained generator is what the official evaluates).
 """
 
 from __future__ import annotations
@@ -25,11 +31,34 @@ from ..diffusion.schedules import karras_index_sigma
 from ..errors import DiffdistillError, UsageError
 from ..train import dist
 from . import common
-from .base import Batch, Group, Method, OptimConfig
+from .base import Batch, Group, Method, OptimConfig, Recipe
 from .sid import params_frozen
 
 HELP = "DMD2: one- or few-step generator by normalised distribution matching (+ optional GAN on real data)"
 NEEDS_DATA = False   # real data only for the GAN term (--gan-weight > 0)
+EMA_HELP = ("EMA half-life of the generator in kimg (default 0: no EMA, the exported generator is the trained "
+            "one, as in DMD2's train_edm.py, which keeps none)")
+DROPOUT_HELP = "DMD2: 0, as train_edm.py builds every network with dropout 0"
+
+WARMUP_STEPS = 500   # train_edm.py --warmup_step: the default LR warm-up (steps of the run's batch)
+
+RECIPES = {
+    "imagenet64": Recipe(
+        source="DMD2 ImageNet-64 (tianweiy/DMD2 experiments/imagenet/imagenet_gan_classifier_genloss3e-3_"
+               "diffusion1000_lr2e-6_scratch.sh, FID 1.51 at 200k iterations, and train_edm.py's defaults; "
+               "needs --data for the GAN term; the official ran the networks in bf16: add --bf16)",
+        options=("--batch", "280",            # 40 per GPU x 7 GPUs
+                 "--kimg", "56000",           # 200k iterations x 280
+                 "--lr", "2e-6", "--betas", "0.9", "0.999", "--weight-decay", "0.01", "--grad-clip", "10",
+                 # warm-up: 500 scheduler steps, which accelerate advances once per process (7 per iteration):
+                 # 500 x 40 images = 20 kimg (~71 iterations)
+                 "--warmup-kimg", "20",
+                 "--gen-every", "5",           # dfake_gen_update_ratio
+                 "--dm-range", "0.02", "0.98",  # min/max_step_percent of the 1000 Karras levels
+                 "--gan-weight", "3e-3", "--cls-weight", "1e-2",
+                 "--teacher-dropout", "eval",  # dropout 0 everywhere: eval mode is the same network
+                 "--ema", "0")),
+}
 
 # --------------------------------------------------------------------------------------------------
 # Noise levels: the Karras grid of 1000 levels, indexed as DMD2 does (ascending: index 0 = sigma_min)
@@ -157,7 +186,8 @@ class DMD2Config:
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.01
     grad_clip: float = 10.0
-    warmup_kimg: float = 0.0           # LR warm-up (official: 500 steps)
+    warmup_kimg: float = 0.0           # linear LR warm-up of both networks, each from its first step
+    #                                    (official: 500 steps, in kimg only at run time; the CLI sets it)
     min_frac: float = 0.02             # distribution-matching levels: Karras indices in
     max_frac: float = 0.98             # [min_frac, max_frac] * 1000 of a 1000-level grid
     dropout: str = "eval"              # teacher and fake score in the DM term: 'eval' | 'shared' masks
@@ -188,6 +218,9 @@ class DMD2(common.ScoreDistillation, Method):
             common.check_sigma(teacher, s, "generator sigma")
         self.gen_sigmas = sig
         self._init_networks(teacher, cfg, generator, fake)
+        # The generator turn's samples (detached, with their labels), one per micro-batch, for the fake score
+        # of the same step: (step, x_g, cond).
+        self._handoff: list[tuple[int, Tensor, Tensor | None]] = []
         self.head = None
         if cfg.gan_weight > 0:
             if not isinstance(self.fake, Precond):
@@ -225,6 +258,25 @@ class DMD2(common.ScoreDistillation, Method):
         with torch.set_grad_enabled(grad):
             return self.generator(x, sig[steps], cond), cond
 
+    def ema_default(self, batch: int) -> tuple[float, float | None]:
+        """No EMA (half-life 0: the EMA copy is the trained generator): train_edm.py keeps none and
+        test_folder_edm.py evaluates the trained generator's weights."""
+        return 0.0, None
+
+    def begin_step(self, step: int, nimg: int) -> set[str]:
+        self._handoff.clear()
+        return super().begin_step(step, nimg)
+
+    def fake_samples(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
+        """The fake score's samples of this step: the generator turn's own (in order of its micro-batches),
+        else fresh ones made without gradients (steps without a generator update), as `EDMUniModel` does."""
+        while self._handoff and self._handoff[0][0] != batch.step:
+            self._handoff.pop(0)        # left over from a step whose fake-score turn never came
+        if self._handoff:
+            _, x_g, cond = self._handoff.pop(0)
+            return x_g, cond
+        return self.generate(batch.size, batch.device, grad=False)
+
     def _logits(self, x: Tensor, cond: Tensor | None) -> Tensor:
         sigma = all_levels_sigma(x.shape[0], self.teacher, device=x.device)
         x_s = x + param.append_dims(sigma, x) * torch.randn_like(x)
@@ -235,6 +287,7 @@ class DMD2(common.ScoreDistillation, Method):
         if group == "generator":
             self.generator.train()
             x_g, cond = self.generate(batch.size, batch.device, grad=True)
+            self._handoff.append((batch.step, x_g.detach(), cond))
             sigma = dm_sigma(batch.size, self.teacher, cfg.min_frac, cfg.max_frac, device=batch.device)
             loss, grad = dm_loss(self.teacher, self.fake, x_g, sigma, cond, dropout=cfg.dropout)
             out = {"dm_loss": loss.detach(), "grad_norm": grad.flatten(1).norm(dim=1).mean()}
@@ -246,7 +299,7 @@ class DMD2(common.ScoreDistillation, Method):
             out["loss"] = loss
             return out
         if group == "fake_score":
-            x_g, cond = self.generate(batch.size, batch.device, grad=False)
+            x_g, cond = self.fake_samples(batch)
             self.fake.train()
             sigma = all_levels_sigma(batch.size, self.teacher, device=batch.device)
             # EDM loss with weight sigma^-2 + sigma_data^-2, averaged over elements as in DMD2.
@@ -285,6 +338,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default %(default)s)")
     g.add_argument("--lr", type=float, default=d.lr,
                    help="learning rate of both networks (default %(default)s)")
+    g.add_argument("--betas", type=float, nargs=2, default=list(d.betas), metavar=("B1", "B2"),
+                   help="AdamW betas of both networks (default %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help="AdamW weight decay of both networks (default %(default)s)")
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip,
+                   help="clip each network's gradient norm at this value (default %(default)s; 0 = off)")
+    g.add_argument("--warmup-kimg", type=float, default=None, metavar="KIMG",
+                   help=f"linear LR warm-up of both networks (default: {WARMUP_STEPS} steps of --batch, "
+                        "train_edm.py's --warmup_step)")
+    g.add_argument("--dm-range", type=float, nargs=2, default=[d.min_frac, d.max_frac], metavar=("MIN", "MAX"),
+                   help="distribution-matching levels: Karras indices in [MIN, MAX] x 1000 of a 1000-level grid "
+                        "(default %(default)s)")
     g.add_argument("--gan-weight", type=float, default=d.gan_weight,
                    help="weight of the generator's GAN term (official: 3e-3; needs --data); 0 = off")
     g.add_argument("--cls-weight", type=float, default=d.cls_weight,
@@ -294,15 +359,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_fake_warmup_argument(g)
 
 
+def warmup_kimg(args: argparse.Namespace) -> float:
+    """--warmup-kimg, or train_edm.py's default of WARMUP_STEPS steps of the run's batch."""
+    if args.warmup_kimg is not None:
+        if args.warmup_kimg < 0:
+            raise UsageError(f"--warmup-kimg must be 0 (off) or positive, got {args.warmup_kimg:g}")
+        return float(args.warmup_kimg)
+    batch = getattr(args, "batch", None)
+    if batch is None:
+        raise UsageError("dmd2: give --warmup-kimg (its default, 500 steps, needs the batch size --batch)")
+    return WARMUP_STEPS * batch / 1000
+
+
 def build(args: argparse.Namespace, teacher: Denoiser, data=None) -> DMD2:
     warm = common.fake_warmup_steps(args.fake_warmup_steps, teacher)
     if args.gan_weight > 0 and data is None:
         raise UsageError("dmd2 --gan-weight > 0 trains a GAN on real data: give a data set (--data)")
     cfg = DMD2Config(gen_sigmas=list(args.gen_sigmas or []), gen_every=args.gen_every, lr=args.lr,
+                     betas=tuple(args.betas), weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                     warmup_kimg=warmup_kimg(args), min_frac=args.dm_range[0], max_frac=args.dm_range[1],
                      gan_weight=args.gan_weight, cls_weight=args.cls_weight, dropout=args.teacher_dropout,
-                     fake_warmup_steps=warm)
+                     fake_warmup_steps=warm, student_dropout=common.resolve_dropout(args, 0.0))
     method = DMD2(teacher, cfg)
     dist.print0(f"dmd2: generator {common.count_params(method.generator):,} parameters, fake score "
                 f"{common.count_params(method.fake):,}, levels {method.gen_sigmas}, generator every "
-                f"{cfg.gen_every} steps, GAN weight {cfg.gan_weight:g}")
+                f"{cfg.gen_every} steps, GAN weight {cfg.gan_weight:g}, LR warm-up {cfg.warmup_kimg:g} kimg, "
+                f"dropout {common.dropout_of(method.generator)}")
     return method

@@ -7,6 +7,11 @@ The generator minimises the SiD loss (Zhou et al. 2024, Eq. 23 as implemented in
   L = (y_r - y_f) . [(y_r - x_g) - alpha (y_r - y_f)] / w,   y_* = D_*(x_g + sigma n; sigma),
 with w = stop-grad(mean |x_g - y_r|), gradients flowing through x_g and, via their inputs, through both
 denoisers (whose parameters stay fixed).
+
+Training follows `sid_training_loop.py`: Adam with beta1 = 0 for both networks (the generator's is --g_beta1),
+the fake score first and then the generator each step, each on fresh generator samples; the networks keep the
+teacher's dropout (`sid_train.py --dropout`, the EDM teachers' 0.13 / 0.1); an EMA of the generator with EDM's
+rule (half-life `--ema` Mimg, ramp-up 0.05).
 """
 
 from __future__ import annotations
@@ -24,10 +29,38 @@ from ..diffusion.schedules import karras_index_sigma
 from ..errors import DiffdistillError
 from ..train import dist
 from . import common
-from .base import Batch, Group, Method, OptimConfig
+from .base import Batch, Group, Method, OptimConfig, Recipe
 
 HELP = "SiD: score identity distillation into a one-step generator (data-free)"
 NEEDS_DATA = False
+EMA_HELP = ("EMA half-life of the generator in kimg (default: SiD's, 500 kimg with EDM's ramp-up 0.05: "
+            "run_sid.sh's --ema 0.5 Mimg; 2000 on ImageNet-64)")
+DROPOUT_HELP = "SiD: the teacher's, as sid_train.py builds every network with the EDM teacher's --dropout"
+
+_SID_COMMON = ("--alpha", "1.2", "--t-max", "800", "--init-sigma", "2.5", "--loss-scale", "100",
+               "--gen-beta1", "0")
+
+
+def _cifar10_options(args, teacher) -> tuple[str, ...]:
+    """run_sid.sh 'cifar10-uncond' / 'cifar10-cond': 500 Mimg, or 800 Mimg for the class-conditional teacher."""
+    kimg = "800000" if teacher.label_dim > 0 else "500000"
+    return ("--batch", "256", "--kimg", kimg, "--gen-lr", "1e-5", "--fake-lr", "1e-5", *_SID_COMMON,
+            "--ema", "500")
+
+
+RECIPES = {
+    "cifar10": Recipe(
+        source="SiD CIFAR-10 (mingyuanzhou/SiD run_sid.sh cifar10-uncond / cifar10-cond and sid_train.py's "
+               "defaults: fp32, dropout = the teacher's 0.13; the fake score's augmentation 0.12 is not "
+               "supported)",
+        options=_cifar10_options),
+    "imagenet64": Recipe(
+        source="SiD ImageNet-64 (mingyuanzhou/SiD run_sid.sh imagenet64-cond: dropout = the teacher's 0.1, "
+               "no augmentation; the official ran fp16 with Adam eps 1e-6, diffdistill fp32 (or --bf16) with "
+               "eps 1e-8)",
+        options=("--batch", "8192", "--kimg", "1000000", "--gen-lr", "4e-6", "--fake-lr", "4e-6", *_SID_COMMON,
+                 "--ema", "2000")),
+}
 
 
 @contextlib.contextmanager
@@ -90,7 +123,8 @@ class SiDConfig:
     loss_scale: float = 100.0          # generator loss scaling (lsg)
     gen_lr: float = 1e-5               # generator learning rate (glr)
     fake_lr: float = 1e-5              # fake-score learning rate (lr)
-    betas: tuple[float, float] = (0.0, 0.999)  # Adam betas of both networks (g_beta1 = 0)
+    betas: tuple[float, float] = (0.0, 0.999)  # Adam betas of the fake score (fixed in sid_train.py)
+    gen_beta1: float = 0.0             # the generator's Adam beta1 (--g_beta1; its beta2 is betas[1])
     gen_every: int = 1                 # generator every k-th step, the fake score every step (1 = 1:1)
     dropout: str = "eval"              # teacher + fake in the generator loss: 'eval' (official) | 'shared'
     p_mean: float = -1.2               # lognormal levels of the fake-score loss (EDM)
@@ -121,10 +155,15 @@ class SiD(common.ScoreDistillation, Method):
         # Generator first, then the fake score: over a run the same alternation as SiD's fake-then-generator
         # order, but a generator that diverged is the first loss to turn non-finite, so the loop names it.
         return {
-            "generator": Group(list(self.generator.parameters()), OptimConfig(lr=cfg.gen_lr, betas=cfg.betas),
+            "generator": Group(list(self.generator.parameters()),
+                               OptimConfig(lr=cfg.gen_lr, betas=(cfg.gen_beta1, cfg.betas[1])),
                                every=cfg.gen_every, start=cfg.fake_warmup_steps),
             "fake_score": Group(list(self.fake.parameters()), OptimConfig(lr=cfg.fake_lr, betas=cfg.betas)),
         }
+
+    def ema_default(self, batch: int) -> tuple[float, float | None]:
+        """sid_train.py's default --ema 0.5 (Mimg) with the training loop's ramp-up ratio 0.05 (EDM's rule)."""
+        return 500.0, 0.05
 
     def loss(self, group: str, batch: Batch) -> dict[str, Tensor]:
         cfg = self.cfg
@@ -160,6 +199,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="generator learning rate (default %(default)s)")
     g.add_argument("--fake-lr", type=float, default=d.fake_lr,
                    help="fake-score learning rate (default %(default)s)")
+    g.add_argument("--gen-beta1", type=float, default=d.gen_beta1,
+                   help="the generator's Adam beta1 (default %(default)s; the fake score's betas are "
+                        f"{d.betas[0]:g}, {d.betas[1]:g})")
     g.add_argument("--gen-every", type=int, default=d.gen_every,
                    help="update the generator every k-th step, the fake score every step (default 1 = 1:1)")
     g.add_argument("--teacher-dropout", choices=["eval", "shared"], default=d.dropout,
@@ -171,10 +213,10 @@ def build(args: argparse.Namespace, teacher: Denoiser, data=None) -> SiD:
     warm = common.fake_warmup_steps(args.fake_warmup_steps, teacher)
     cfg = SiDConfig(init_sigma=args.init_sigma, alpha=args.alpha, t_max=args.t_max,
                     loss_scale=args.loss_scale, gen_lr=args.gen_lr, fake_lr=args.fake_lr,
-                    gen_every=args.gen_every, dropout=args.teacher_dropout,
-                    fake_warmup_steps=warm)
+                    gen_beta1=args.gen_beta1, gen_every=args.gen_every, dropout=args.teacher_dropout,
+                    fake_warmup_steps=warm, student_dropout=common.resolve_dropout(args, None))
     method = SiD(teacher, cfg)
     dist.print0(f"sid: generator {common.count_params(method.generator):,} parameters, fake score "
                 f"{common.count_params(method.fake):,}, init sigma {method.init_sigma:g}, "
-                f"alpha {cfg.alpha:g}")
+                f"alpha {cfg.alpha:g}, dropout {common.dropout_of(method.generator)}")
     return method
