@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from ..errors import UsageError
+from ..methods.base import Recipe
 from .common import add_loop_arguments, check_loop_arguments, loop_settings
 
 METHODS = ["kd", "pd", "di", "gdd", "cd", "dmd2", "sid"]
@@ -50,8 +51,7 @@ def dropout_value(text: str) -> float | str:
 
 def with_recipe(args, teacher):
     """`args` re-parsed with the recipe's options placed before the user's own (so the user's win)."""
-    module = _method_module(args.method_module)
-    recipe = getattr(module, "RECIPES", {})[args.recipe]
+    recipe = method_recipes(args.method_module)[args.recipe]
     options = recipe.options(args, teacher) if callable(recipe.options) else recipe.options
     argv = list(getattr(args, "argv", None) or [])
     if "distill" not in argv:
@@ -62,6 +62,23 @@ def with_recipe(args, teacher):
     new = build_parser().parse_args(argv[:i] + [str(o) for o in options] + argv[i:])
     new.argv = argv
     return new
+
+
+def _short_options(args, teacher) -> list[str]:
+    from ..demo.settings import short_run_options
+    from ..methods.common import is_weightless
+
+    kind = "ring" if is_weightless(teacher) else "image"
+    return short_run_options(args.method_module, kind, args.kimg, args.batch)
+
+
+SHORT = Recipe(source="diffdistill's short-run settings for runs of 10^2-10^3 steps on small teachers "
+                      "(diffdistill.demo.settings; the demo and benchmarks use them)", options=_short_options)
+
+
+def method_recipes(name: str) -> dict[str, Recipe]:
+    """The recipes of a method: its papers' (`RECIPES` of its module) and `short`."""
+    return {**getattr(_method_module(name), "RECIPES", {}), "short": SHORT}
 
 
 def _method_module(name: str):
@@ -86,7 +103,7 @@ def register(subparsers) -> None:
         add_loop_arguments(mp, kimg=100.0, batch=128, default_note="",
                            ema_help=getattr(module, "EMA_HELP", "EMA half-life of the student in kimg (default: "
                                             "the paper's, 500 kimg with EDM's ramp-up)"))
-        recipes = getattr(module, "RECIPES", {})
+        recipes = method_recipes(name)
         g = mp.add_argument_group("recipes and students")
         g.add_argument("--recipe", choices=sorted(recipes) or None, default=None,
                        help="a named set of options, placed before yours (yours win): "
@@ -122,17 +139,20 @@ def _device(args) -> str:
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def run(args) -> int:
+def prepare(args, teacher=None):
+    """Everything `distill METHOD` does before training: (args after the recipe, method, loop config, data,
+    evaluate hook). `teacher`: an already loaded teacher instead of loading `args.teacher`."""
     from ..data import open_dataset
     from ..teachers import is_analytic_spec, load_teacher
-    from ..train.loop import TrainConfig, train
+    from ..train.loop import TrainConfig
 
     check_loop_arguments(args)
     module = _method_module(args.method_module)
     if module.NEEDS_DATA and args.data is None:
         raise UsageError(f"{args.method_module} needs real data: pass --data SPEC (a folder, .zip, .npz, digits, "
                          "toy:ring8, ...)")
-    teacher = load_teacher(args.teacher, device=_device(args))
+    if teacher is None:
+        teacher = load_teacher(args.teacher, device=_device(args))
     if args.recipe is not None:
         args = with_recipe(args, teacher)
         check_loop_arguments(args)
@@ -149,11 +169,18 @@ def run(args) -> int:
     settings.setdefault("tick_kimg", max(args.kimg / 20, 1e-3))
     settings.setdefault("checkpoint_kimg", max(args.kimg / 4, 1e-3))
     cfg = TrainConfig(**settings, meta=dict(method=args.method_module, teacher=args.teacher, data=data_spec,
-                                                 recipe=args.recipe))
+                                            recipe=args.recipe))
     evaluate = getattr(module, "evaluate", None)  # a method's own model selection (KD: held-out loss)
     if evaluate is not None:
         cfg.eval_kimg = max(args.kimg / 10, 1e-3)
         cfg.best_metric = getattr(module, "BEST_METRIC", None)
+    return args, method, cfg, data, evaluate
+
+
+def run(args) -> int:
+    from ..train.loop import train
+
+    args, method, cfg, data, evaluate = prepare(args)
     result = train(method, cfg, data, evaluate=evaluate)
     if result.get("interrupted"):
         print(f"stopped at step {result['step']} ({result['nimg'] / 1000:g} kimg); rerun the same command "

@@ -27,26 +27,31 @@ def short_run_options(method: str, teacher: str, kimg: float, batch: int) -> lis
 
     if teacher == "ring":
         options = {
-            "kd": ["--student-preset", "mlp-toy", "--loss", "l2", "--warmup-kimg", f"{kimg / 10:g}", "--lr", "2e-3"],
+            "kd": ["--student-preset", "mlp-toy", "--loss", "l2", "--warmup-kimg", f"{kimg / 10:g}", "--lr", "2e-3",
+                   "--ema", f"{kimg / 20:g}"],
             "pd": ["--student-preset", "mlp-toy", "--lr", "2e-3"],
             "di": ["--gen-lr", "2e-3", "--fake-lr", "2e-3", "--fake-warmup-steps", warmup(4, 200),
                    "--ema", f"{kimg / 10:g}"],
-            "gdd": ["--gen-lr", "1e-3", "--disc-lr", "1e-3", "--r1-gamma", "0.1", "--ema", f"{kimg / 10:g}"],
+            "gdd": ["--gen-lr", "1e-3", "--disc-lr", "1e-3", "--r1-gamma", "6.4", "--ema", f"{kimg / 10:g}"],
             "cd": ["--lr", "1e-3", "--ema", f"{kimg / 40:g}"],
-            "dmd2": ["--lr", "1e-3", "--fake-warmup-steps", warmup(8, 100), "--ema", f"{kimg / 40:g}"],
+            "dmd2": ["--lr", "1e-3", "--fake-warmup-steps", warmup(8, 100), "--ema", f"{kimg / 40:g}",
+                     "--warmup-kimg", "0"],
             "sid": ["--gen-lr", "3e-4", "--fake-lr", "1e-3", "--loss-scale", "1.0",
                     "--fake-warmup-steps", warmup(8, 100), "--ema", f"{kimg / 40:g}"],
         }
     else:
         options = {
-            "kd": ["--loss", "l2", "--warmup-kimg", f"{kimg / 10:g}", "--lr", "5e-4"],
+            "kd": ["--loss", "l2", "--warmup-kimg", f"{kimg / 10:g}", "--lr", "5e-4", "--ema", f"{kimg / 20:g}"],
             "pd": ["--lr", "5e-4"],
             "di": ["--gen-lr", "1e-4", "--fake-lr", "1e-4", "--init-sigma", "2.5"],
             "gdd": ["--gen-lr", "1e-4", "--disc-lr", "2e-4"],
             "cd": ["--lr", "2e-4"],
-            "dmd2": ["--lr", "1e-4", "--gen-every", "2"],
+            "dmd2": ["--lr", "1e-4", "--gen-every", "2", "--warmup-kimg", "0"],
             "sid": ["--gen-lr", "5e-5", "--fake-lr", "1e-4", "--loss-scale", "1.0"],
         }
     if method not in options:
         raise ValueError(f"unknown method {method!r} (known: {', '.join(options)})")
-    return options[method]
+    # The papers' EMAs (half-lives of 10^2-10^4 steps, or 500 kimg with EDM's ramp-up) are made for long runs:
+    # short runs keep a half-life of 5% of the run unless a method's settings say otherwise.
+    ema = [] if "--ema" in options[method] else ["--ema", f"{0.05 * kimg:g}"]
+    return options[method] + ema

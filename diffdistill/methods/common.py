@@ -44,15 +44,18 @@ def set_dropout(module: nn.Module, p: float | None) -> int:
         raise UsageError(f"dropout must lie in [0, 1), got {p}")
     n = 0
     for m in module.modules():
+        own = vars(m)        # the module's own attributes (no diffusers config look-up through __getattr__)
         if isinstance(m, nn.modules.dropout._DropoutNd):
             m.p = float(p)
             n += 1
-        elif isinstance(getattr(m, "dropout", None), float):
+        elif isinstance(own.get("dropout"), float):
             m.dropout = float(p)
             n += 1
-        cfg = getattr(m, "_config", None)
+        cfg = own.get("_config")
         if isinstance(cfg, dict) and isinstance(cfg.get("dropout"), float):
             cfg["dropout"] = float(p)
+        if callable(getattr(type(m), "register_to_config", None)) and "dropout" in getattr(m, "config", {}):
+            m.register_to_config(dropout=float(p))     # a diffusers model: its saved config says it too
     return n
 
 
@@ -68,7 +71,7 @@ def resolve_dropout(args, default: float | None) -> float | None:
 def dropout_of(module: nn.Module) -> float | None:
     """The largest dropout probability of `module`'s dropout layers (None when it has none)."""
     ps = [m.p for m in module.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
-    ps += [m.dropout for m in module.modules() if isinstance(getattr(m, "dropout", None), float)]
+    ps += [vars(m)["dropout"] for m in module.modules() if isinstance(vars(m).get("dropout"), float)]
     return max(ps) if ps else None
 
 

@@ -1,0 +1,133 @@
+"""The papers' recipes (`distill METHOD --recipe NAME`) built on a converted EDM CIFAR-10 teacher.
+
+The teacher has the real layout of NVIDIA's EDM CIFAR-10 networks (DDPM++, 55.7M parameters, dropout 0.13,
+augment_dim 9; random weights): what `diffdistill convert edm` makes of edm-cifar10-32x32-uncond-vp.pkl. Each
+method's official recipe is built from the command line, and the settings the official code trains with are
+checked on the built method: the dropout of every trained copy, the EMA, the user's options winning over the
+recipe's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from diffdistill.cli import distill as cli_distill
+from diffdistill.cli.main import build_parser
+from diffdistill.diffusion.denoiser import Precond, PrecondConfig
+from diffdistill.methods import common
+from diffdistill.networks.unet import unet_preset
+
+torch.set_num_threads(1)
+
+# method -> (paper recipe, dropout of the trained networks: 0 or the teacher's 0.13)
+OFFICIAL = {
+    "kd": ("cifar10", 0.0),
+    "pd": ("cifar10", 0.0),
+    "di": ("cifar10", 0.13),
+    "gdd": ("cifar10", 0.0),
+    "cd": ("cifar10", 0.0),
+    "dmd2": ("imagenet64", 0.0),
+    "sid": ("cifar10", 0.13),
+}
+
+
+@pytest.fixture(scope="module")
+def edm_teacher():
+    torch.manual_seed(0)
+    net = unet_preset("cifar10", 32, 3, augment_dim=9)
+    assert net._config["dropout"] == 0.13
+    return Precond(net, (3, 32, 32), 0, PrecondConfig(kind="edm")).eval().requires_grad_(False)
+
+
+class Images:
+    """A stand-in for a CIFAR-10 data set (only its shape and labels are read when a method is built)."""
+
+    shape, label_dim, name = (3, 32, 32), 0, "cifar10"
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        return torch.zeros(3, 32, 32), -1
+
+
+def parse(method: str, *extra: str):
+    argv = ["distill", method, "--teacher", "edm-teacher", "--out", "unused", *extra]
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    return args
+
+
+def trained_networks(method) -> dict:
+    names = ("student", "generator", "fake")
+    return {n: getattr(method, n) for n in names if isinstance(getattr(method, n, None), torch.nn.Module)}
+
+
+def required(name: str, tmp_path) -> list[str]:
+    """Options a recipe cannot carry: local weights files (CD's LPIPS)."""
+    if name == "cd":
+        from tests.test_cd import random_lpips_weights
+
+        return ["--lpips-weights", str(random_lpips_weights(tmp_path))]
+    return []
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_official_recipe_on_an_edm_cifar10_teacher(name, edm_teacher, tmp_path):
+    recipe, dropout = OFFICIAL[name]
+    assert recipe in cli_distill.method_recipes(name), f"{name} has no --recipe {recipe}"
+    args = cli_distill.with_recipe(parse(name, "--recipe", recipe, *required(name, tmp_path)), edm_teacher)
+    module = cli_distill._method_module(name)
+    if name == "kd":      # building KD generates its pairs: check the student it trains
+        student = module.make_student(edm_teacher, "auto", dropout=common.resolve_dropout(args, 0.0))
+        nets = {"student": student}
+    else:
+        nets = trained_networks(module.build(args, edm_teacher, Images()))
+    assert nets
+    for key, net in nets.items():
+        assert common.dropout_of(net) == pytest.approx(dropout), (name, key)
+        assert net._modules is not edm_teacher._modules
+    assert common.dropout_of(edm_teacher) == pytest.approx(0.13)   # the teacher keeps its own
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_the_users_options_win_over_the_recipe(name, edm_teacher):
+    recipe, _ = OFFICIAL[name]
+    args = cli_distill.with_recipe(parse(name, "--recipe", recipe, "--batch", "8", "--kimg", "0.5",
+                                         "--student-dropout", "0.25"), edm_teacher)
+    assert args.batch == 8 and args.kimg == 0.5 and args.student_dropout == 0.25 and args.recipe == recipe
+    base = cli_distill.with_recipe(parse(name, "--recipe", recipe), edm_teacher)
+    assert base.batch != 8 and base.kimg != 0.5      # the recipe does set them
+    assert base.student_dropout is None              # the method's official dropout unless the user says
+
+
+def test_short_recipe_depends_on_the_teacher(edm_teacher):
+    from diffdistill.teachers import load_teacher
+
+    image = cli_distill.with_recipe(parse("di", "--recipe", "short", "--kimg", "12.8", "--batch", "64"),
+                                    edm_teacher)
+    ring = cli_distill.with_recipe(parse("di", "--recipe", "short", "--kimg", "12.8", "--batch", "64"),
+                                   load_teacher("toy:ring8"))
+    assert image.gen_lr == 1e-4 and ring.gen_lr == 2e-3
+
+
+def test_student_dropout_option():
+    with pytest.raises(SystemExit):
+        parse("kd", "--student-dropout", "1.5")
+    assert parse("kd", "--student-dropout", "teacher").student_dropout == "teacher"
+    assert common.resolve_dropout(parse("kd", "--student-dropout", "teacher"), 0.0) is None
+    assert common.resolve_dropout(parse("kd"), 0.0) == 0.0
+    assert common.resolve_dropout(parse("kd", "--student-dropout", "0.2"), 0.0) == 0.2
+
+
+def test_set_dropout_reaches_functional_and_module_dropout():
+    net = unet_preset("tiny", 8, 3, dropout=0.3)
+    layers = common.set_dropout(net, 0.0)
+    assert layers > 0 and common.dropout_of(net) == 0.0 and net._config["dropout"] == 0.0
+    seq = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5))
+    assert common.set_dropout(seq, 0.1) == 1 and seq[1].p == 0.1
+    assert common.set_dropout(seq, None) == 0 and seq[1].p == 0.1
+    assert math.isclose(common.dropout_of(seq), 0.1)
