@@ -479,6 +479,14 @@ def test_diffdistill_sample_cli_and_converted_snapshot_reproduce_ddim_pipeline(t
     torch.testing.assert_close(as_pipeline_output(x), ref, atol=1e-5, rtol=0)
     unclipped = pipeline_images(unet, ddim(**kw), seeds, n)
     assert (ref - unclipped).abs().max() > 1e-2                          # the clipping matters here
+    # The raw folder with no --sampler samples as its DDIMPipeline does (clipping included); --sampler ddim keeps
+    # the recipe's clipping too (DDIM is the recipe's Euler).
+    for i, extra in enumerate(([], ["--sampler", "ddim"])):
+        out = tmp_path / f"c{i}.npz"
+        assert main(["sample", "npz", str(out), str(clipping), "--seeds", "0-2", "--steps", str(n), "--device",
+                     "cpu", "--no-progress", *extra]) == 0
+        x = torch.from_numpy(np.load(out)["x"])
+        torch.testing.assert_close(as_pipeline_output(x), ref, atol=1e-5, rtol=0)
 
 
 def test_clip_denoised_is_ddim_with_the_clipped_model_output(tmp_path, unet):

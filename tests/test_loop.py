@@ -119,6 +119,17 @@ def test_ema_beta_is_edms_half_life_rule():
     assert ema_beta(32, 0, 2.0, 0.05) == 0.0  # first step copies the weights
 
 
+def test_halflife_from_a_per_step_decay():
+    from diffdistill.train.ema import halflife_from_decay
+
+    for decay, batch in [(0.995, 512), (0.9999, 2048), (0.5, 1)]:
+        assert ema_beta(batch, 10**9, halflife_from_decay(decay, batch), None) == pytest.approx(decay, rel=1e-12)
+    assert halflife_from_decay(0.995, 512) == pytest.approx(70.80, abs=0.01)
+    assert halflife_from_decay(0.0, 64) == 0.0
+    with pytest.raises(ValueError):
+        halflife_from_decay(1.0, 64)
+
+
 def test_ema_update_is_lerp():
     net = nn.Linear(3, 2)
     ema = EMA({"n": net}, halflife_kimg=0.1, rampup=None)

@@ -138,8 +138,9 @@ def sampling_plan(denoiser, recipe: dict | None, steps: int | None = None,
         if sampler == "onestep":
             raise UsageError(f"the onestep sampler takes one step, not --steps {n}; use --sampler multistep")
         name = "multistep"
-    same_family = name == r_sampler or {name, r_sampler} <= few
-    options = recipe if name == r_sampler else {}
+    same = name == r_sampler or {name, r_sampler} == {"euler", "ddim"}    # DDIM is Euler in sigma (§1.5)
+    same_family = same or {name, r_sampler} <= few
+    options = recipe if same else {}
     if r_sigmas is not None and n == r_steps and same_family:
         sigmas = r_sigmas
     elif name in few:
@@ -150,9 +151,12 @@ def sampling_plan(denoiser, recipe: dict | None, steps: int | None = None,
     return dict(sampler=name, sigmas=sigmas, options=options, nfe=nfe(name, sigmas))
 
 
+DIFFUSERS_STEPS = 50   # DDIMPipeline's default num_inference_steps
+
+
 def load_model(spec: str, device="cpu"):
-    """(denoiser, recipe, meta) of a run dir, a snapshot, or any teacher spec `load_teacher` accepts (then
-    the recipe and meta are {})."""
+    """(denoiser, recipe, meta) of a run dir, a snapshot, or any teacher spec `load_teacher` accepts (then the
+    meta is {} and the recipe is {}, or for a diffusers folder its DDIMPipeline: `ddim_recipe`, 50 steps)."""
     from ..io import SNAPSHOT_JSON, load_snapshot
     from ..teachers import is_analytic_spec, load_teacher
 
@@ -163,7 +167,9 @@ def load_model(spec: str, device="cpu"):
         for snap in (path, path / "model"):
             if (snap / SNAPSHOT_JSON).is_file():
                 return load_snapshot(snap, device)
-    return load_teacher(spec, device), {}, {}
+    teacher = load_teacher(spec, device)
+    recipe = teacher.ddim_recipe(DIFFUSERS_STEPS) if callable(getattr(teacher, "ddim_recipe", None)) else {}
+    return teacher, recipe, {}
 
 
 def labels_for(denoiser, seeds: list[int], label: int | None, spec: str) -> torch.Tensor | None:

@@ -25,9 +25,9 @@ from ..diffusion import param
 from ..diffusion.denoiser import BoundaryDenoiser, Denoiser, Precond
 from ..diffusion.schedules import karras_sigmas
 from ..errors import DiffdistillError, UsageError
+from ..train.ema import halflife_from_decay
 from . import common
 from .base import Batch, Group, Method, OptimConfig, Recipe
-from .kd import halflife_kimg
 
 HELP = "consistency distillation (Song et al. 2023): a one- or few-step consistency model from a teacher ODE"
 NEEDS_DATA = True
@@ -279,7 +279,7 @@ class ConsistencyDistillation(Method):
         step, with no ramp-up. cfg.ema_decay None (analytic teachers): EDM's 500 kimg with ramp-up 0.05."""
         if self.cfg.ema_decay is None:
             return super().ema_default(batch)
-        return halflife_kimg(self.cfg.ema_decay, batch), None
+        return halflife_from_decay(self.cfg.ema_decay, batch), None
 
     def begin_step(self, step: int, nimg: int) -> set[str]:
         # Target EMA theta^- <- mu theta^- + (1 - mu) theta after every update (Song et al. 2023, Alg. 2).

@@ -32,6 +32,7 @@ from ..diffusion.denoiser import Denoiser, Precond, PrecondConfig
 from ..errors import DiffdistillError
 from ..io import build_denoiser, register_builder
 from ..train import dist
+from ..train.ema import halflife_from_decay
 from . import common
 from .base import Batch, Group, Method, OptimConfig, Recipe
 
@@ -60,13 +61,6 @@ class KDConfig:
     #                                     no ramp-up; LSUN 0.9995)
     seed: int = 0                       # order in which the training pairs are visited
     eval_batch: int = 512               # batch size of the held-out evaluation
-
-
-def halflife_kimg(decay: float, batch: int) -> float:
-    """The EMA half-life (kimg) of a per-step decay `decay` at `batch` images per step: B ln 0.5 / ln b / 1000."""
-    if decay <= 0:
-        return 0.0
-    return batch * math.log(0.5) / math.log(decay) / 1000
 
 
 def is_vp_eps(net: Denoiser) -> bool:
@@ -175,7 +169,7 @@ class KnowledgeDistillation(Method):
 
     def ema_default(self, batch: int) -> tuple[float, float | None]:
         """The paper's EMA: a per-step decay of cfg.ema_decay (0.995) from the first step, no ramp-up."""
-        return halflife_kimg(self.cfg.ema_decay, batch), None
+        return halflife_from_decay(self.cfg.ema_decay, batch), None
 
     def loss(self, group: str, batch: Batch) -> dict[str, Tensor]:
         if group != "student":
