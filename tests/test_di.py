@@ -264,13 +264,13 @@ def test_fake_loss_is_edms_loss_on_augmented_samples_with_labels():
     then the noise; the network gets the labels and is compared with the augmented sample."""
     from diffdistill.diffusion import param
     from diffdistill.methods.augment import AugmentPipe
-    from diffdistill.methods.di import di_fake_loss
+    from diffdistill.methods.common import fake_score_loss
 
     fake = common.copy_denoiser(_image_teacher()).eval()
     x_g = torch.randn(6, 3, 8, 8)
     pipe = AugmentPipe(p=0.5)
     torch.manual_seed(5)
-    loss = di_fake_loss(fake, x_g, None, -1.2, 1.2, pipe)
+    loss = fake_score_loss(fake, x_g, None, -1.2, 1.2, pipe)
     torch.manual_seed(5)
     sigma = common.sample_sigma(6, fake, -1.2, 1.2)
     y, labels = pipe(x_g)

@@ -307,3 +307,23 @@ def test_ring8_keeps_every_mode(tmp_path):
     print(f"sid ring8: shares {shares.round(4).tolist()}, within 3 std {within:.4f}")
     assert abs(shares - 1 / 8).max() < 0.25 / 8, shares
     assert within > 0.7          # measured 0.84 (0.71 before the MLP's input Fourier features)
+
+
+def test_fake_score_trains_on_augmented_samples_like_sid_cifar10():
+    """sid_train.py's --augment 0.12 (kept by run_sid.sh for CIFAR-10): for a teacher whose network takes EDM's 9
+    augment labels the fake score trains on augmented generator samples with their labels; the generator loss
+    passes none. DMD2 trains its fake score unaugmented; --augment 0 turns it off."""
+    from tests.test_di import _image_teacher, _spy
+
+    method = sid.SiD(_image_teacher())
+    assert method.augment_pipe is not None and method.augment_pipe.p == 0.12
+    seen = _spy(method.fake)
+    method.loss("fake_score", Batch(size=16, device=torch.device("cpu")))
+    assert len(seen) == 1 and seen[0].shape == (16, 9)
+    seen.clear()
+    method.loss("generator", Batch(size=4, device=torch.device("cpu")))
+    assert seen == [None]
+    assert sid.SiD(_image_teacher(), sid.SiDConfig(augment=0.0)).augment_pipe is None
+    assert sid.SiD(_image_teacher(augment_dim=0)).augment_pipe is None      # a teacher trained without it
+    from diffdistill.methods import dmd2
+    assert dmd2.DMD2(_image_teacher()).augment_pipe is None

@@ -12,6 +12,7 @@ Each piece exists once here:
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from ..diffusion import param, schedules
 from ..diffusion.denoiser import Denoiser, Precond, PrecondConfig
 from ..errors import DiffdistillError, UsageError
+from .augment import AugmentPipe, augment_dim
 
 # --------------------------------------------------------------------------------------------------
 # Networks
@@ -179,10 +181,50 @@ def edm_loss(denoiser: Denoiser, x: Tensor, sigma: Tensor, cond: Tensor | None =
 
 
 def fake_score_loss(fake: Denoiser, x_g: Tensor, cond: Tensor | None = None, p_mean: float = -1.2,
-                    p_std: float = 1.2) -> Tensor:
-    """Train the fake score on (detached) generator samples with the teacher's own EDM loss (DI §4.2)."""
-    sigma = sample_sigma(x_g.shape[0], fake, p_mean, p_std, device=x_g.device)
-    return edm_loss(fake, x_g.detach(), sigma, cond)
+                    p_std: float = 1.2, pipe: AugmentPipe | None = None) -> Tensor:
+    """Train the fake score on (detached) generator samples with the teacher's own EDM loss (DI §4.2).
+
+    With an augment pipe, EDM's loss with augmentation (§1.2; official DI and SiD on CIFAR-10): draw sigma,
+    augment the clean sample, noise it, denoise with the augment labels (only when the network takes them:
+    augment_dim > 0) and compare with the augmented clean sample."""
+    x = x_g.detach()
+    sigma = sample_sigma(x.shape[0], fake, p_mean, p_std, device=x.device)
+    if pipe is None:
+        return edm_loss(fake, x, sigma, cond)
+    y, labels = pipe(x)
+    net = functools.partial(fake, augment_labels=labels) if augment_dim(fake) else fake
+    return edm_loss(net, y, sigma, cond, sigma_data=fake.sigma_data)
+
+
+OFFICIAL_AUGMENT = 0.12   # EDM's --augment default, kept by the official DI command and SiD's CIFAR-10 runs
+
+
+def make_augment_pipe(teacher: Denoiser, fake: Denoiser, p: float | None) -> AugmentPipe | None:
+    """The fake score's augmentation: p None = the official 0.12 when the fake network takes augment labels
+    (an EDM teacher's copy, trained with that pipeline), else none; p = 0: none. Needs image teachers [C, H, W]
+    and 9 augment labels."""
+    if p is None:
+        p = OFFICIAL_AUGMENT if augment_dim(fake) else 0.0
+    if not 0.0 <= p <= 1.0:
+        raise UsageError(f"--augment must lie in [0, 1], got {p}")
+    if p == 0:
+        return None
+    if len(teacher.shape) != 3:
+        raise UsageError(f"--augment {p:g}: EDM's augmentation needs image samples [C, H, W], the teacher makes "
+                         f"{tuple(teacher.shape)} (use --augment 0)")
+    pipe = AugmentPipe(p=p)
+    k = augment_dim(fake)
+    if k and k != pipe.label_dim:
+        raise DiffdistillError(f"the fake score's network takes {k} augment labels, EDM's pipeline gives "
+                               f"{pipe.label_dim}")
+    return pipe
+
+
+def add_augment_argument(group) -> None:
+    group.add_argument("--augment", type=float, default=None, metavar="P",
+                       help=f"EDM augmentation probability of the fake score's samples (0: none; default: the "
+                            f"official {OFFICIAL_AUGMENT:g} when the teacher's network takes augment labels, i.e. EDM "
+                            "teachers trained with it, else 0; needs image teachers)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,8 +281,9 @@ FREEZE_ROLES: dict[int, tuple[str, ...]] = {
 class ScoreDistillation:
     """The frame shared by Diff-Instruct, SiD and DMD2 (mixed into their `Method`): a frozen teacher, a one-step
     generator and an online fake score, each a copy of the teacher (fresh MLPs for analytic teachers) with
-    dropout `cfg.student_dropout` (None: the teacher's); an EMA of the generator. `cfg` needs dropout,
-    student_dropout, gen_every, fake_warmup_steps, mlp_hidden and mlp_depth. The fake-score warm-up is the
+    dropout `cfg.student_dropout` (None: the teacher's); the fake score's augmentation (`cfg.augment`, DI and
+    SiD; DMD2 has none); an EMA of the generator. `cfg` needs dropout, student_dropout, gen_every,
+    fake_warmup_steps, mlp_hidden and mlp_depth. The fake-score warm-up is the
     generator group's `start` (the loop neither evaluates nor steps the generator before it)."""
 
     def _init_networks(self, teacher: Denoiser, cfg, generator: Denoiser | None, fake: Denoiser | None) -> None:
@@ -253,6 +296,14 @@ class ScoreDistillation:
         mlp = dict(hidden=cfg.mlp_hidden, depth=cfg.mlp_depth, dropout=cfg.student_dropout)
         self.generator = generator if generator is not None else student_from_teacher(teacher, **mlp)
         self.fake = fake if fake is not None else student_from_teacher(teacher, **mlp)
+        self.augment_pipe = make_augment_pipe(teacher, self.fake, getattr(cfg, "augment", 0.0))
+
+    def augment_summary(self) -> str:
+        pipe = self.augment_pipe
+        if pipe is None:
+            return "no augmentation"
+        return f"augmentation p={pipe.p:g} " + ("with augment labels" if augment_dim(self.fake) else
+                                               "WITHOUT augment labels (the network takes none)")
 
     def train(self, mode: bool = True):
         super().train(mode)

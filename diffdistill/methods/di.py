@@ -17,7 +17,6 @@ optimiser is reset when its updates begin), standing in for "initialised from th
 from __future__ import annotations
 
 import argparse
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -25,15 +24,12 @@ from torch import Tensor
 
 from ..diffusion import param
 from ..diffusion.denoiser import Denoiser
-from ..errors import DiffdistillError, UsageError
 from ..train import dist
 from . import common
-from .augment import AugmentPipe, augment_dim
 from .base import Batch, Group, Method, OptimConfig, Recipe
 
 HELP = "Diff-Instruct: one-step generator by integral-KL distribution matching (data-free)"
 NEEDS_DATA = False
-OFFICIAL_AUGMENT = 0.12   # di_train.py --augment default (the README command keeps it)
 EMA_HELP = ("EMA half-life of the generator in kimg (default: the official 500 kimg, i.e. --ema 0.5 Mimg, with "
             "EDM's ramp-up 0.05)")
 DROPOUT_HELP = "Diff-Instruct keeps the teacher's (generator and fake score are copies of the EDM net, dropout 0.13)"
@@ -96,40 +92,6 @@ def di_generator_loss(teacher: Denoiser, fake: Denoiser, x_g: Tensor, cond: Tens
     return loss, diff.flatten(1).pow(2).sum(1)
 
 
-def di_fake_loss(fake: Denoiser, x_g: Tensor, cond: Tensor | None = None, p_mean: float = -1.2, p_std: float = 1.2,
-                 pipe: AugmentPipe | None = None) -> Tensor:
-    """The fake score's EDM loss on (detached) generator samples (§4.2), as EDM's loss with an augment pipe
-    (§1.2): draw sigma, augment the clean sample, noise it, denoise with the augment labels (only when the
-    network takes them: augment_dim > 0) and compare with the augmented clean sample. pipe None: no augmentation."""
-    if pipe is None:
-        return common.fake_score_loss(fake, x_g, cond, p_mean, p_std)
-    x = x_g.detach()
-    sigma = common.sample_sigma(x.shape[0], fake, p_mean, p_std, device=x.device)
-    y, labels = pipe(x)
-    net = functools.partial(fake, augment_labels=labels) if augment_dim(fake) else fake
-    return common.edm_loss(net, y, sigma, cond, sigma_data=fake.sigma_data)
-
-
-def make_augment_pipe(teacher: Denoiser, fake: Denoiser, p: float | None) -> AugmentPipe | None:
-    """The fake score's augmentation: p None = the official 0.12 when the fake network takes augment labels
-    (an EDM teacher's copy), else none; p = 0: none. Needs image teachers [C, H, W] and 9 augment labels."""
-    if p is None:
-        p = OFFICIAL_AUGMENT if augment_dim(fake) else 0.0
-    if not 0.0 <= p <= 1.0:
-        raise UsageError(f"--augment must lie in [0, 1], got {p}")
-    if p == 0:
-        return None
-    if len(teacher.shape) != 3:
-        raise UsageError(f"--augment {p:g}: EDM's augmentation needs image samples [C, H, W], the teacher makes "
-                         f"{tuple(teacher.shape)} (use --augment 0)")
-    pipe = AugmentPipe(p=p)
-    k = augment_dim(fake)
-    if k and k != pipe.label_dim:
-        raise DiffdistillError(f"the fake score's network takes {k} augment labels, EDM's pipeline gives "
-                               f"{pipe.label_dim}")
-    return pipe
-
-
 class DiffInstruct(common.ScoreDistillation, Method):
     """Diff-Instruct on the shared loop: groups 'fake_score' then 'generator' (§4.4's order)."""
 
@@ -143,7 +105,6 @@ class DiffInstruct(common.ScoreDistillation, Method):
         self.init_sigma = common.check_sigma(teacher, cfg.init_sigma)
         # §4.1: generator and fake score start from the teacher (fresh MLPs for analytic teachers).
         self._init_networks(teacher, cfg, generator, fake)
-        self.augment_pipe = make_augment_pipe(teacher, self.fake, cfg.augment)
 
     def groups(self) -> dict[str, Group]:
         cfg = self.cfg
@@ -163,7 +124,7 @@ class DiffInstruct(common.ScoreDistillation, Method):
                 # The generator diverged, not the fake score: skip this update so that the generator's own
                 # (non-finite) loss, next in this step, names it.
                 return {"loss": common.zero_loss(self.fake)}
-            loss = di_fake_loss(self.fake, x_g, cond, cfg.p_mean, cfg.p_std, self.augment_pipe)
+            loss = common.fake_score_loss(self.fake, x_g, cond, cfg.p_mean, cfg.p_std, self.augment_pipe)
             return {"loss": cfg.fake_loss_scale * loss}
         if group == "generator":
             self.generator.train()
@@ -201,10 +162,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="generator loss scaling (official ls; default %(default)s)")
     g.add_argument("--fake-loss-scale", type=float, default=d.fake_loss_scale,
                    help="fake-score loss scaling (official sgls; default %(default)s)")
-    g.add_argument("--augment", type=float, default=None, metavar="P",
-                   help=f"EDM augmentation probability of the fake score's samples (0: none; default: the official "
-                        f"{OFFICIAL_AUGMENT:g} when the teacher's network takes augment labels, i.e. EDM teachers "
-                        "trained with it, else 0; needs image teachers)")
+    common.add_augment_argument(g)
     common.add_fake_warmup_argument(g)
 
 
@@ -215,10 +173,7 @@ def build(args: argparse.Namespace, teacher: Denoiser, data=None) -> DiffInstruc
                    loss_scale=args.loss_scale, fake_loss_scale=args.fake_loss_scale, fake_warmup_steps=warm,
                    augment=args.augment, student_dropout=common.resolve_dropout(args, None))
     method = DiffInstruct(teacher, cfg)
-    pipe = method.augment_pipe
-    aug = "no augmentation" if pipe is None else (
-        f"augmentation p={pipe.p:g} " + ("with augment labels" if augment_dim(method.fake) else
-                                         "WITHOUT augment labels (the network takes none)"))
     dist.print0(f"di: generator {common.count_params(method.generator):,} parameters, fake score "
-                f"{common.count_params(method.fake):,}, init sigma {method.init_sigma:g}, fake-score {aug}")
+                f"{common.count_params(method.fake):,}, init sigma {method.init_sigma:g}, "
+                f"fake-score {method.augment_summary()}")
     return method

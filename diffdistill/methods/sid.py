@@ -1,7 +1,8 @@
 """Score identity distillation, SiD (Zhou et al. 2024; algorithms.md §6.3): a data-free one-step generator.
 
 Three denoisers, as in Diff-Instruct: the frozen teacher D_r, a fake score D_f trained with the teacher's
-EDM loss on generator samples (§4.2, `common.fake_score_loss`), and the generator
+EDM loss on generator samples (§4.2, `common.fake_score_loss`; EDM-augmented with p = 0.12 and augment labels
+for EDM teachers, sid_train.py's default, as in DI), and the generator
 x_g = G(init_sigma z; init_sigma).
 The generator minimises the SiD loss (Zhou et al. 2024, Eq. 23 as implemented in `training/sid_loss.py`):
   L = (y_r - y_f) . [(y_r - x_g) - alpha (y_r - y_f)] / w,   y_* = D_*(x_g + sigma n; sigma),
@@ -45,21 +46,20 @@ def _cifar10_options(args, teacher) -> tuple[str, ...]:
     """run_sid.sh 'cifar10-uncond' / 'cifar10-cond': 500 Mimg, or 800 Mimg for the class-conditional teacher."""
     kimg = "800000" if teacher.label_dim > 0 else "500000"
     return ("--batch", "256", "--kimg", kimg, "--gen-lr", "1e-5", "--fake-lr", "1e-5", *_SID_COMMON,
-            "--ema", "500")
+            "--ema", "500", "--augment", "0.12")
 
 
 RECIPES = {
     "cifar10": Recipe(
         source="SiD CIFAR-10 (mingyuanzhou/SiD run_sid.sh cifar10-uncond / cifar10-cond and sid_train.py's "
-               "defaults: fp32, dropout = the teacher's 0.13; the fake score's augmentation 0.12 is not "
-               "supported)",
+               "defaults: fp32, dropout = the teacher's 0.13, the fake score's EDM augmentation p = 0.12)",
         options=_cifar10_options),
     "imagenet64": Recipe(
         source="SiD ImageNet-64 (mingyuanzhou/SiD run_sid.sh imagenet64-cond: dropout = the teacher's 0.1, "
                "no augmentation; the official ran fp16 with Adam eps 1e-6, diffdistill fp32 (or --bf16) with "
                "eps 1e-8)",
         options=("--batch", "8192", "--kimg", "1000000", "--gen-lr", "4e-6", "--fake-lr", "4e-6", *_SID_COMMON,
-                 "--ema", "2000")),
+                 "--ema", "2000", "--augment", "0")),
 }
 
 
@@ -131,6 +131,8 @@ class SiDConfig:
     p_std: float = 1.2
     fake_warmup_steps: int = 0         # steps training only the fake score first (analytic teachers: 300)
     student_dropout: float | None = None  # dropout of generator and fake score (None: the teacher's, official)
+    augment: float | None = None       # EDM augmentation of the fake score's samples (None: the official 0.12 when
+    #                                    the teacher's network takes augment labels, else none)
     mlp_hidden: int = 128              # fresh MLP width/depth (analytic teachers only)
     mlp_depth: int = 3
 
@@ -170,7 +172,7 @@ class SiD(common.ScoreDistillation, Method):
         if group == "fake_score":
             x_g, cond = self.generate_onestep(batch.size, batch.device, grad=False)
             self.fake.train()
-            return {"loss": common.fake_score_loss(self.fake, x_g, cond, cfg.p_mean, cfg.p_std)}
+            return {"loss": common.fake_score_loss(self.fake, x_g, cond, cfg.p_mean, cfg.p_std, self.augment_pipe)}
         if group == "generator":
             x_g, cond = self.generate_onestep(batch.size, batch.device, grad=True)
             sigma = sid_sigma(batch.size, self.teacher, cfg.t_max, device=batch.device)
@@ -206,6 +208,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="update the generator every k-th step, the fake score every step (default 1 = 1:1)")
     g.add_argument("--teacher-dropout", choices=["eval", "shared"], default=d.dropout,
                    help="teacher and fake score in the generator loss: eval mode (official) or shared masks")
+    common.add_augment_argument(g)
     common.add_fake_warmup_argument(g)
 
 
@@ -214,9 +217,11 @@ def build(args: argparse.Namespace, teacher: Denoiser, data=None) -> SiD:
     cfg = SiDConfig(init_sigma=args.init_sigma, alpha=args.alpha, t_max=args.t_max,
                     loss_scale=args.loss_scale, gen_lr=args.gen_lr, fake_lr=args.fake_lr,
                     gen_beta1=args.gen_beta1, gen_every=args.gen_every, dropout=args.teacher_dropout,
-                    fake_warmup_steps=warm, student_dropout=common.resolve_dropout(args, None))
+                    fake_warmup_steps=warm, student_dropout=common.resolve_dropout(args, None),
+                    augment=args.augment)
     method = SiD(teacher, cfg)
     dist.print0(f"sid: generator {common.count_params(method.generator):,} parameters, fake score "
                 f"{common.count_params(method.fake):,}, init sigma {method.init_sigma:g}, "
-                f"alpha {cfg.alpha:g}, dropout {common.dropout_of(method.generator)}")
+                f"alpha {cfg.alpha:g}, dropout {common.dropout_of(method.generator)}, fake-score "
+                f"{method.augment_summary()}")
     return method
