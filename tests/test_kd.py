@@ -184,15 +184,9 @@ def test_end_to_end_ring8_one_step_student(tmp_path, one_thread):
 
 def ddpm_eps_teacher(dropout: float = 0.0):
     """A tiny random diffusers UNet2DModel on DDPM's linear schedule, predicting eps (T = 1000)."""
-    diffusers = pytest.importorskip("diffusers")
-    from diffdistill.teachers.diffusers import DiffusersDenoiser, SchedulerConfig
+    from tests.test_cd import tiny_ddpm_teacher
 
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4, attention_head_dim=8, dropout=dropout)
-    return DiffusersDenoiser(unet, SchedulerConfig()).eval().requires_grad_(False)
+    return tiny_ddpm_teacher(dropout)
 
 
 SMALL_PAIRS = dict(n_pairs=8, heldout=4, shard_size=8, steps=2, batch=8)

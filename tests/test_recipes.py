@@ -22,15 +22,16 @@ from diffdistill.networks.unet import unet_preset
 
 torch.set_num_threads(1)
 
-# method -> (paper recipe, dropout of the trained networks: 0 or the teacher's 0.13)
+# method -> (paper recipe, dropout of the trained networks: 0 or the teacher's 0.13, the run's EMA: (half-life kimg,
+# ramp-up), None for no EMA at all)
 OFFICIAL = {
-    "kd": ("cifar10", 0.0),
-    "pd": ("cifar10", 0.0),
-    "di": ("cifar10", 0.13),
-    "gdd": ("cifar10", 0.0),
-    "cd": ("cifar10", 0.0),
-    "dmd2": ("imagenet64", 0.0),
-    "sid": ("cifar10", 0.13),
+    "kd": ("cifar10", 0.0, (512 * math.log(0.5) / math.log(0.995) / 1000, None)),    # 0.995 per step, batch 512
+    "pd": ("cifar10", 0.0, None),                                                    # the paper keeps no EMA
+    "di": ("cifar10", 0.13, (500.0, 0.05)),                                          # EDM's --ema 0.5 Mimg
+    "gdd": ("cifar10", 0.0, (500.0, 0.05)),
+    "cd": ("cifar10", 0.0, (512 * math.log(0.5) / math.log(0.9999) / 1000, None)),   # 0.9999 per step, batch 512
+    "dmd2": ("imagenet64", 0.0, (0.0, 0.05)),                                        # none: the trained generator
+    "sid": ("cifar10", 0.13, (500.0, 0.05)),
 }
 
 
@@ -77,15 +78,25 @@ def required(name: str, tmp_path) -> list[str]:
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL))
 def test_official_recipe_on_an_edm_cifar10_teacher(name, edm_teacher, tmp_path):
-    recipe, dropout = OFFICIAL[name]
+    from diffdistill.cli.common import loop_settings
+    from diffdistill.train.loop import TrainConfig, ema_settings
+
+    recipe, dropout, ema = OFFICIAL[name]
     assert recipe in cli_distill.method_recipes(name), f"{name} has no --recipe {recipe}"
     args = cli_distill.with_recipe(parse(name, "--recipe", recipe, *required(name, tmp_path)), edm_teacher)
     module = cli_distill._method_module(name)
-    if name == "kd":      # building KD generates its pairs: check the student it trains
+    if name == "kd":      # building KD generates its pairs: check the student it trains and the paper's EMA
         student = module.make_student(edm_teacher, "auto", dropout=common.resolve_dropout(args, 0.0))
         nets = {"student": student}
+        method = module.KnowledgeDistillation.__new__(module.KnowledgeDistillation)
+        method.cfg = module.KDConfig(ema_decay=float(args.ema_decay))
     else:
-        nets = trained_networks(module.build(args, edm_teacher, Images()))
+        method = module.build(args, edm_teacher, Images())
+        nets = trained_networks(method)
+        assert bool(method.ema_targets()) == (ema is not None)
+    if ema is not None:
+        half, ramp = ema_settings(method, TrainConfig(**loop_settings(args)))
+        assert half == pytest.approx(ema[0], rel=1e-9) and ramp == ema[1]
     assert nets
     for key, net in nets.items():
         assert common.dropout_of(net) == pytest.approx(dropout), (name, key)
@@ -95,7 +106,7 @@ def test_official_recipe_on_an_edm_cifar10_teacher(name, edm_teacher, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL))
 def test_the_users_options_win_over_the_recipe(name, edm_teacher):
-    recipe, _ = OFFICIAL[name]
+    recipe = OFFICIAL[name][0]
     args = cli_distill.with_recipe(parse(name, "--recipe", recipe, "--batch", "8", "--kimg", "0.5",
                                          "--student-dropout", "0.25"), edm_teacher)
     assert args.batch == 8 and args.kimg == 0.5 and args.student_dropout == 0.25 and args.recipe == recipe
