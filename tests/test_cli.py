@@ -310,3 +310,48 @@ def test_data_and_feature_commands(capsys, tmp_path):
 
     code, out, err = run_cli(capsys, "features", "info", str(DIGITS_CLASSIFIER))
     assert code == 0, err
+
+
+def test_eval_reads_sample_npz_output_and_labels_its_numbers(capsys, tmp_path, digits_snapshot):
+    """What `sample npz` writes (raw float samples, some outside [-1, 1]) evaluates as it is: clamped and quantised
+    as `eval RUN` does, so it gives the numbers of the same images saved as uint8, and of the run itself."""
+    from diffdistill.metrics.features import to_uint8
+
+    path, _ = digits_snapshot
+    npz = tmp_path / "s.npz"
+    code, out, err = run_cli(capsys, "sample", "npz", str(npz), str(path), "--n", "24", "--no-progress")
+    assert code == 0, err
+    with np.load(npz) as f:
+        x = f["x"]
+    assert np.abs(x).max() > 1                              # raw samples: refused by the data reader before
+    np.savez(tmp_path / "u8.npz", x=to_uint8(torch.from_numpy(x).clamp(-1, 1)).permute(0, 2, 3, 1).numpy())
+    common = ("--ref-data", "digits", "--ref-n", "200", "--metrics", "fid,is", "--is-splits", "3")
+    values = []
+    for target in (npz, tmp_path / "u8.npz", path):
+        result = tmp_path / f"{len(values)}.json"
+        code, out, err = run_cli(capsys, "eval", str(target), "--n", "24", "--out", str(result), *common)
+        assert code == 0, err
+        assert "fid-24 [digits classifier, not Inception]" in out and "is-24 [digits classifier, not " \
+               "Inception; 3 splits]" in out
+        assert "features (digits_classifier)" in err          # progress bars by default
+        values.append({r["metric"]: r for r in json.loads(result.read_text())["records"]})
+    from_npz, from_u8, from_run = values
+    assert from_npz["fid"]["value"] == from_u8["fid"]["value"] and from_npz["is"]["value"] == from_u8["is"]["value"]
+    assert from_npz["fid"]["value"] == pytest.approx(from_run["fid"]["value"], rel=1e-6)
+    rec = from_npz["fid"]
+    assert rec["seeds"] == "0-23" and rec["layout"] == "sample-npz" and "clamped to [-1, 1]" in rec["conversion"]
+    assert rec["label"] == "fid-24 [digits classifier, not Inception]"
+    assert from_npz["is"]["split_convention"] == "3 splits" and from_npz["is"]["splits"] == 3
+
+    # ADM's split convention, recorded; --no-progress hides the bars
+    code, out, err = run_cli(capsys, "eval", str(npz), "--n", "24", "--ref-data", "digits", "--metrics", "is",
+                             "--is-split-size", "10", "--out", str(tmp_path / "adm.json"), "--no-progress")
+    assert code == 0 and "features (" not in err, err
+    rec = json.loads((tmp_path / "adm.json").read_text())["records"][0]
+    assert rec["splits"] == 3 and rec["split_size"] == 10 and rec["label"].endswith("; 10 per split]")
+
+
+def test_eval_help_shows_the_default_sample_count(capsys):
+    code, out, _ = run_cli(capsys, "eval", "--help")
+    assert code == 0 and "50000 with Inception" in out and "10000 with a classifier" in out
+    assert "--no-progress" in out and "--is-split-size" in out

@@ -134,3 +134,29 @@ def test_tf1_resize_matches_the_pixel_formula():
     assert torch.equal(resize_bilinear_tf1(x, 4), x[:, :, ::2, ::2])  # factor 2 down: every other pixel
     # It differs from PyTorch's half-pixel convention (which pytorch-fid uses) when upsampling.
     assert not torch.allclose(resize_bilinear_tf1(x, 13), F.interpolate(x, 13, mode="bilinear"))
+
+
+def test_resize_modes_differ_even_at_299_by_their_normalisation():
+    """At 299x299 both resizes are the identity, but tf1 scales by (x - 128) / 128 and pytorch-fid by
+    2 x / 255 - 1: the inputs differ by up to 1/128 (at x = 255), so the two modes never give the same features."""
+    x = torch.arange(256, dtype=torch.uint8).repeat(3 * 299 * 299 // 256 + 1)[:3 * 299 * 299].reshape(1, 3, 299, 299)
+    tf1, ptfid = InceptionV3(resize="tf1"), InceptionV3(resize="pytorch-fid")
+    a, b = tf1.preprocess(x), ptfid.preprocess(x)
+    xf = x.float()
+    assert torch.allclose(a, (xf - 128) / 128, atol=1e-6) and torch.allclose(b, 2 * xf / 255 - 1, atol=1e-6)
+    assert (a - b).abs().max() == pytest.approx(1 / 128, abs=1e-6)
+    assert tf1.identity()["normalisation"] != ptfid.identity()["normalisation"]
+    assert tf1.identity()["resize"] == "tf1" and ptfid.identity()["resize"] == "pytorch-fid"
+
+
+def test_non_standard_weights_are_said_loudly(weights, monkeypatch, capsys):
+    path, _ = weights
+    net = load_inception(path)
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "NOT the standard FID file" in err and inc.WEIGHTS_SHA256[:16] in err
+    assert not net.describe()["standard_weights"] and "NON-STANDARD weights" in net.label()
+    monkeypatch.setattr(inc, "WEIGHTS_SHA256", net.weights_sha256)   # as if it were the standard file
+    net = load_inception(path)
+    assert "WARNING" not in capsys.readouterr().err
+    assert net.describe()["standard_weights"] and net.label() == "Inception-v3 FID weights, tf1 resize"
+    assert inc.adm_identity() == net.identity()  # guided-diffusion's evaluator: this network, TF1 resize

@@ -33,6 +33,7 @@ from diffdistill.metrics import (
     save_ref_stats,
 )
 from diffdistill.metrics.features import DIGITS_CLASSIFIER, ClassifierTraining, to_uint8, train_classifier
+from diffdistill.metrics.fid import trace_sqrt_product
 from diffdistill.metrics.protocol import make_train_evaluator, reference_from_features
 from diffdistill.metrics.toy import projections, sliced_wasserstein, toy_metrics
 from diffdistill.teachers.analytic import GaussianMixture, ring8
@@ -89,7 +90,32 @@ def test_frechet_distance_matches_independent_computations():
     assert np.allclose(mu, mu1) and np.allclose(sigma, ((f1 - mu1).T @ (f1 - mu1)) / (len(f1) - 1))
 
 
-def test_frechet_distance_singular_covariances_fall_back_to_eps():
+def test_frechet_distance_equals_sqrtm_on_2048_d_features():
+    """The eigenvalue route (`trace_sqrt_product`) against scipy's sqrtm (pytorch-fid's route) on full-rank
+    2048-d statistics of non-negative, correlated features (as Inception's pool features are)."""
+    mix = np.random.default_rng(1234).standard_normal((2048, 2048)) / math.sqrt(2048)
+    f1 = np.abs(np.random.default_rng(1).standard_normal((2100, 2048)) @ mix)
+    f2 = np.abs(np.random.default_rng(2).standard_normal((2100, 2048)) @ mix) + 0.01
+    (mu1, s1), (mu2, s2) = feature_stats(f1), feature_stats(f2)
+    root = linalg.sqrtm(s1 @ s2)
+    root = (root[0] if isinstance(root, tuple) else root).real
+    by_sqrtm = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(root))
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(by_sqrtm, rel=1e-10)
+
+
+def test_trace_sqrt_product_of_rank_deficient_covariances():
+    """Fewer samples than dimensions: tr((S1 S2)^1/2) is the nuclear norm of A B^T (S1 = A^T A, S2 = B^T B),
+    computed here by an SVD of a small matrix; no NaN, no fallback."""
+    f1, f2 = random_features(20, 64, 1), random_features(30, 64, 2, shift=0.5)
+    a = (f1 - f1.mean(0)) / math.sqrt(len(f1) - 1)
+    b = (f2 - f2.mean(0)) / math.sqrt(len(f2) - 1)
+    nuclear = np.linalg.svd(a @ b.T, compute_uv=False).sum()
+    assert trace_sqrt_product(a.T @ a, b.T @ b) == pytest.approx(nuclear, rel=1e-7)
+    with pytest.raises(DiffdistillError, match="NaN or inf"):
+        frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([1.0, np.nan]))
+
+
+def test_frechet_distance_singular_covariances_are_finite():
     f = random_features(5, 10, 3)  # 5 samples in 10-D: rank-4 covariance
     value = fid_from_features(f, f)
     assert math.isfinite(value) and abs(value) < 1e-3
@@ -134,6 +160,23 @@ def test_inception_score_closed_forms():
     p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     expected = math.exp(np.mean([np.sum(pi * np.log(pi / p.mean(0))) for pi in p]))
     assert inception_score(logits, splits=1)[0] == pytest.approx(expected, rel=1e-10)
+
+
+def test_inception_score_split_conventions_hand_computed():
+    """Confident predictions (p(y|x) one-hot): a chunk's IS is exp(entropy of its class histogram)."""
+    classes = [0, 1, 2, 3, 4, 0, 0, 1, 1, 1, 0, 1]
+    logits = np.eye(5)[classes] * 60.0
+    # guided-diffusion: chunks of 5 images, the last one shorter: {0..4}, {0,0,1,1,1}, {0,1}
+    adm = [5.0, 1 / (0.4**0.4 * 0.6**0.6), 2.0]
+    mean, std = inception_score(logits, split_size=5)
+    assert mean == pytest.approx(np.mean(adm), rel=1e-12) and std == pytest.approx(np.std(adm), rel=1e-10)
+    # 3 equal splits of 4: {0,1,2,3}, {4,0,0,1}, {1,1,0,1}
+    equal = [4.0, 2**1.5, 4 / 3**0.75]
+    mean, std = inception_score(logits, splits=3)
+    assert mean == pytest.approx(np.mean(equal), rel=1e-12) and std == pytest.approx(np.std(equal), rel=1e-10)
+    assert inception_score(logits, split_size=12)[0] == pytest.approx(inception_score(logits, splits=1)[0])
+    with pytest.raises(DiffdistillError, match="split size"):
+        inception_score(logits, split_size=0)
 
 
 # ------------------------------------------------------------------------------------------------ PR
@@ -386,7 +429,7 @@ def test_cli_eval_snapshot_images_and_toy(tmp_path, capsys):
     assert main(["eval", "digits", "--n", "50", "--ref", str(ref), "--metrics", "fid,pr"]) == 0
     np.savez(tmp_path / "other.npz", mu=np.zeros(5), sigma=np.eye(5))
     assert main(["eval", "digits", "--n", "20", "--ref", str(tmp_path / "other.npz")]) == 1
-    assert "64 dims but the reference" in capsys.readouterr().err
+    assert "5-d features but feature network 'digits_classifier' gives 64" in capsys.readouterr().err
     np.savez(tmp_path / "bare.npz", mu=np.zeros(64), sigma=np.eye(64))
     assert main(["eval", "digits", "--n", "20", "--ref", str(tmp_path / "bare.npz"), "--metrics", "kid"]) == 1
     assert "needs the reference features" in capsys.readouterr().err

@@ -1,7 +1,8 @@
 """Options of the one training loop, shared by every command that trains (`train-teacher`, `distill METHOD`).
 
 One definition of the options and their checks; each command gives its own defaults for the run's length and
-batch (a preset's, or fixed) and fills in the periodic actions it does not get from the user.
+batch (a preset's, or fixed) and fills in the periodic actions it does not get from the user. Evaluation during
+training (`--metrics fid --ref REF.npz --eval-kimg K`) is set up here too (`training_evaluation`).
 """
 
 from __future__ import annotations
@@ -9,11 +10,15 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import DiffdistillError, UsageError
 
 # Options whose value is a length in kimg: positive, or (periodic actions) 0 to turn them off.
-POSITIVE = ("kimg", "ema")
+POSITIVE = ("kimg", "ema", "eval_kimg")
+# Options of evaluation during training that mean nothing without --metrics.
+EVAL_OPTIONS = ("ref", "features", "inception", "resize", "eval_n")
+EVAL_N = 10_000                # samples per evaluation during training (--eval-n)
 PERIODIC = ("tick_kimg", "checkpoint_kimg", "snapshot_kimg", "grid_kimg")
 
 
@@ -46,13 +51,34 @@ def add_loop_arguments(p: argparse.ArgumentParser, *, kimg: float | None, batch:
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    e = p.add_argument_group("evaluation during training")
+    e.add_argument("--metrics", default=None, metavar="fid[,kid,is,pr]",
+                   help="measure these on the exported (EMA) model every --eval-kimg and at the end; they go to "
+                        "stats.jsonl and TensorBoard as eval/<metric>-<n>/<feature network> (e.g. "
+                        "eval/fid-10k/inception), and RUN/best holds the snapshot with the best value of the "
+                        "first of fid, kid, is")
+    e.add_argument("--ref", default=None, metavar="REF.npz",
+                   help="reference: a `diffdistill ref-stats` file made with the same --features (with "
+                        "--save-features for kid and pr), or a guided-diffusion reference batch (Inception)")
+    e.add_argument("--features", default=None, metavar="NET",
+                   help="feature network: digits, inception, or a classifier/Inception weight file (default: "
+                        "digits for 8x8 grey images, else inception)")
+    e.add_argument("--inception", default=None, metavar="PATH",
+                   help="pt_inception-2015-12-05-6726825d.pth (or set $DIFFDISTILL_INCEPTION)")
+    e.add_argument("--resize", default=None, choices=["tf1", "pytorch-fid"],
+                   help="Inception's resize to 299 (default tf1; must be the reference's)")
+    e.add_argument("--eval-kimg", type=float, default=None, metavar="KIMG",
+                   help="evaluate every this many kimg (default: 10 times per run)")
+    e.add_argument("--eval-n", type=int, default=None, metavar="N",
+                   help=f"samples per evaluation, from seeds 0..N-1 every time (default {EVAL_N})")
+
 
 def check_loop_arguments(args) -> None:
     """Usage errors for impossible values of the loop options."""
     for name in POSITIVE:
         value = getattr(args, name, None)
         if value is not None and not value > 0:
-            raise UsageError(f"--{name} must be positive, got {value}")
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {value}")
     for name in PERIODIC:
         value = getattr(args, name, None)
         if value is not None and not value >= 0:
@@ -61,6 +87,78 @@ def check_loop_arguments(args) -> None:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    check_eval_arguments(args)
+
+
+def check_eval_arguments(args) -> None:
+    """Usage errors of the evaluation options (a missing or misnamed --ref, --metrics that do not exist, ...);
+    whether the reference fits the feature network is checked when the evaluator is built."""
+    from ..metrics.protocol import parse_metrics
+
+    if getattr(args, "metrics", None) is None:
+        for name in EVAL_OPTIONS:
+            if getattr(args, name, None) is not None:
+                raise UsageError(f"--{name.replace('_', '-')} needs --metrics (what to evaluate during training)")
+        return
+    try:
+        names = parse_metrics(args.metrics)
+    except DiffdistillError as e:
+        raise UsageError(f"--metrics: {e}") from None
+    if "toy" in names:
+        raise UsageError("--metrics: the exact toy metrics are not measured during training (use `diffdistill "
+                         "eval` on the snapshots)")
+    if args.ref is None:
+        raise UsageError("--metrics needs --ref REF.npz (`diffdistill ref-stats DATA --features NET --out "
+                         "REF.npz`)")
+    if Path(args.ref).suffix != ".npz":
+        raise UsageError(f"--ref {args.ref}: expected a .npz file written by `diffdistill ref-stats`")
+    if not Path(args.ref).is_file():
+        raise UsageError(f"--ref {args.ref}: file not found")
+    if args.eval_n is not None and args.eval_n < 2:
+        raise UsageError(f"--eval-n must be at least 2, got {args.eval_n}")
+
+
+def training_evaluator(args, shape, has_own: bool = False):
+    """The `TrainEvaluator` of `--metrics` for samples of `shape` (None without --metrics). Loads the reference and
+    the feature network, so that a mismatch fails before anything is built or trained. has_own: the method
+    evaluates itself (KD), so --eval-kimg alone has a meaning."""
+    from ..metrics.protocol import make_train_evaluator
+    from .eval import _default_features
+
+    if args.metrics is None:
+        if args.eval_kimg is not None and not has_own:
+            raise UsageError("--eval-kimg needs --metrics (what to evaluate during training)")
+        return None
+    return make_train_evaluator(args.metrics, args.features or _default_features(shape), args.ref,
+                                n=args.eval_n or EVAL_N, inception=args.inception, resize=args.resize or "tf1",
+                                shape=shape, labelled=True)
+
+
+def training_evaluation(args, cfg, evaluator=None, own=None, own_best: str | None = None):
+    """The loop's evaluate hook (None when there is nothing to evaluate), with `cfg` (a TrainConfig) set to
+    match: eval_kimg (default: 10 evaluations per run), best_metric/best_mode and the protocol in meta['eval']
+    (config.json, every snapshot's meta).
+
+    evaluator: `training_evaluator`'s. own: a method's own evaluation (KD: held-out loss, which also picks the
+    model its export returns), `own_best` its metric that picks RUN/best without --metrics. With both, one hook
+    returns both results (the method's first, so that the metrics measure the model its export returns then) and
+    the user's metric picks RUN/best.
+    """
+    if evaluator is None and own is None:
+        return None
+    cfg.eval_kimg = args.eval_kimg or max(cfg.total_kimg / 10, 1e-3)
+    best = evaluator.best() if evaluator is not None else None
+    cfg.best_metric, cfg.best_mode = best if best is not None else (own_best, "min")   # only pr: the method's
+    if evaluator is None:
+        return own
+    cfg.meta = dict(cfg.meta, eval=evaluator.describe())
+    if own is None:
+        return evaluator
+
+    def evaluate(method, ema, nimg):
+        return {**(own(method, ema, nimg) or {}), **evaluator(method, ema, nimg)}
+
+    return evaluate
 
 
 def command_line(args) -> str:

@@ -12,7 +12,7 @@ import sys
 
 from ..errors import UsageError
 from ..methods.base import Recipe
-from .common import add_loop_arguments, check_loop_arguments, loop_settings
+from .common import add_loop_arguments, check_loop_arguments, loop_settings, training_evaluation, training_evaluator
 
 METHODS = ["kd", "pd", "di", "gdd", "cd", "dmd2", "sid"]
 
@@ -25,6 +25,10 @@ examples:
 
   # a digits teacher trained with `diffdistill train-teacher --data digits --out runs/digits`
   diffdistill distill pd --teacher runs/digits --data digits --out runs/pd-digits --start-steps 16 --end-steps 1
+  # ... with FID during training (stats.jsonl's eval/fid-2k/digits_classifier; RUN/best = the lowest)
+  diffdistill ref-stats digits --features digits --out digits-ref.npz
+  diffdistill distill gdd --teacher runs/digits --data digits --out runs/gdd-digits --recipe short \
+      --metrics fid --ref digits-ref.npz --features digits --eval-kimg 5 --eval-n 2000
 
   # an EDM teacher converted with `diffdistill convert edm edm-cifar10-32x32-uncond-vp.pkl teachers/cifar`,
   # on 8 GPUs (rerunning the same command resumes from the newest checkpoint)
@@ -162,6 +166,8 @@ def prepare(args, teacher=None):
         if tuple(data.shape) != tuple(teacher.shape):
             raise UsageError(f"--data {args.data} has samples of shape {tuple(data.shape)}, the teacher "
                              f"{args.teacher} makes {tuple(teacher.shape)}")
+    own = getattr(module, "evaluate", None)
+    evaluator = training_evaluator(args, tuple(teacher.shape), has_own=own is not None)  # before any building
     method = module.build(args, teacher, data)
     data_spec = args.data or (args.teacher if is_analytic_spec(args.teacher) else None)
     settings = loop_settings(args)
@@ -170,10 +176,8 @@ def prepare(args, teacher=None):
     settings.setdefault("checkpoint_kimg", max(args.kimg / 4, 1e-3))
     cfg = TrainConfig(**settings, meta=dict(method=args.method_module, teacher=args.teacher, data=data_spec,
                                             recipe=args.recipe))
-    evaluate = getattr(module, "evaluate", None)  # a method's own model selection (KD: held-out loss)
-    if evaluate is not None:
-        cfg.eval_kimg = max(args.kimg / 10, 1e-3)
-        cfg.best_metric = getattr(module, "BEST_METRIC", None)
+    # --metrics, and a method's own model selection (KD: held-out loss), through the loop's evaluate hook
+    evaluate = training_evaluation(args, cfg, evaluator, own=own, own_best=getattr(module, "BEST_METRIC", None))
     return args, method, cfg, data, evaluate
 
 

@@ -14,15 +14,28 @@ from ..errors import DiffdistillError, UsageError
 EVAL_HELP = """\
 Evaluate a run, a snapshot or a set of images (folder, .zip, .npz).
 
-A run directory (RUN/model) or snapshot is sampled by its own recipe from seeds SEED..SEED+N-1; images are
-streamed through the feature network and compared with the reference. Analytic data (toy:ring8, gmm:PATH.json)
-gets the exact metrics instead (mode shares, fraction within 3 std, NLL, sliced Wasserstein).
+A run directory (RUN/model) or snapshot is sampled by its own recipe from seeds SEED..SEED+N-1; image data
+(a data set, a guided-diffusion sample batch `arr_0`, or what `diffdistill sample npz` writes: its raw samples
+are clamped to [-1, 1] and quantised as `eval RUN` does) gives a random subset of N images, drawn with SEED as
+EDM's fid.py does (all of them when it holds at most N). Images are streamed through the feature network and
+compared with the reference: --ref (diffdistill's ref-stats, pytorch-fid/EDM statistics, a guided-diffusion
+reference batch) or --ref-data (images; features computed now). A reference that records another feature
+network (weights, resize, normalisation) is refused. Each number is printed with its protocol, e.g.
+`fid-50k [Inception-v3 FID weights, tf1 resize]` or `fid-10k [digits classifier, not Inception]`.
+Analytic data (toy:ring8, gmm:PATH.json) gets the exact metrics instead (mode shares, fraction within 3 std, NLL,
+sliced Wasserstein).
 
 examples:
   diffdistill eval runs/kd --ref-data digits --features digits --metrics fid,kid,is,pr --n 2000
   diffdistill eval runs/cd/model --ref cifar10-32x32.npz --features inception --inception pt_inception.pth
   diffdistill eval runs/toy --ref-data toy:ring8 --n 10000
+  # guided-diffusion's evaluator protocol: its sample and reference batches, 5000 images per IS split
+  diffdistill eval samples_50000x64x64x3.npz --ref VIRTUAL_imagenet64_labeled.npz --metrics fid,is,pr \\
+      --inception pt_inception.pth --is-split-size 5000
 """
+
+N_INCEPTION, N_CLASSIFIER = 50_000, 10_000  # default sample counts: EDM's fid.py / the papers; small classifiers
+
 
 
 def _add_feature_args(p: argparse.ArgumentParser) -> None:
@@ -35,7 +48,8 @@ def _add_feature_args(p: argparse.ArgumentParser) -> None:
                    help="Inception's resize to 299: TF1 bilinear (torch-fidelity, TF FID) or pytorch-fid's")
     p.add_argument("--batch", type=int, default=256, help="images per batch (never changes the result)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--progress", action="store_true", help="show progress bars")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="show progress bars (default: on; --no-progress hides them)")
 
 
 def register(subparsers) -> None:
@@ -48,13 +62,23 @@ def register(subparsers) -> None:
     ref.add_argument("--ref", default=None, metavar="REF.npz", help="reference statistics (mu, sigma)")
     ref.add_argument("--ref-data", default=None, metavar="SPEC",
                      help="reference data set (features computed now), or toy:/gmm: analytic data")
-    p.add_argument("--n", type=int, default=10_000, help="number of samples to generate / images to read")
-    p.add_argument("--ref-n", type=int, default=None, help="images of --ref-data to use (default: all)")
-    p.add_argument("--seed", type=int, default=0, help="first seed (samples use seeds SEED..SEED+N-1)")
+    p.add_argument("--n", type=int, default=None,
+                   help=f"number of samples to generate / images to read (default: {N_INCEPTION} with Inception, "
+                        f"as EDM's fid.py and the papers; {N_CLASSIFIER} with a classifier)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="samples use seeds SEED..SEED+N-1; for image data, the seed of the random subset of N")
+    p.add_argument("--ref-n", type=int, default=None,
+                   help="images of --ref-data to use: a random subset drawn with --ref-seed (default: all)")
+    p.add_argument("--ref-seed", type=int, default=0, help="seed of the --ref-n subset (default 0)")
     p.add_argument("--kid-subsets", type=int, default=100, help="KID: number of subsets")
     p.add_argument("--kid-subset-size", type=int, default=1000,
                    help="KID: samples per subset (lowered to the number of samples when fewer)")
-    p.add_argument("--is-splits", type=int, default=10, help="Inception Score splits")
+    p.add_argument("--kid-seed", type=int, default=0, help="KID: seed of the random subsets (default 0)")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--is-splits", type=int, default=10,
+                       help="Inception Score: this many equal splits (default 10: the original code, EDM, StyleGAN)")
+    split.add_argument("--is-split-size", type=int, default=None, metavar="N",
+                       help="Inception Score: splits of N images instead (guided-diffusion/ADM: 5000)")
     p.add_argument("--pr-k", type=int, default=3, help="precision/recall: k of the k-NN radii")
     p.add_argument("--out", default=None, metavar="result.json", help="write the JSON records here")
     _add_feature_args(p)
@@ -62,14 +86,18 @@ def register(subparsers) -> None:
 
     r = subparsers.add_parser("ref-stats", help="write reference FID statistics (mu, sigma) of a data set",
                               description="Compute the feature mean and covariance of a data set and write "
-                                          "them as .npz (mu, sigma; the pytorch-fid/EDM layout).",
+                                          "them as .npz (mu, sigma; the pytorch-fid/EDM layout), with a record "
+                                          "of the feature network (name, weights sha256, resize, "
+                                          "normalisation) that `eval` checks, and of the images used.",
                               epilog="examples:\n  diffdistill ref-stats digits --features digits --out digits-ref.npz "
                                      "--save-features\n  diffdistill ref-stats cifar10-32x32.zip --features inception "
                                      "--inception pt_inception-2015-12-05-6726825d.pth --out cifar10-ref.npz",
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("data", metavar="DATA", help="data set spec (folder, .zip, .npz, CIFAR tarball, digits)")
     r.add_argument("--out", required=True, metavar="FILE.npz", help="output file")
-    r.add_argument("--n", type=int, default=None, help="use the first N images (default: all)")
+    r.add_argument("--n", type=int, default=None,
+                   help="use a random subset of N images, drawn with --seed as EDM does (default: all)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the --n subset (default 0)")
     r.add_argument("--save-features", action="store_true",
                    help="also store the features (needed for KID and precision/recall against this file)")
     _add_feature_args(r)
@@ -115,32 +143,37 @@ def _command(args, name: str, positional: str) -> str:
 
 
 def _print_table(records: list[dict]) -> None:
-    print(f"{'metric':<28} {'value':>14} {'std':>10} {'true':>12} {'n':>7}")
+    width = max([28] + [len(r.get("label") or r["metric"]) for r in records])
+    print(f"{'metric':<{width}} {'value':>14} {'std':>10} {'true':>12} {'n':>7}")
     for r in records:
         value = r["value"]
         std = r.get("std")
         true = r.get("true_value")
-        print(f"{r['metric']:<28} {value:>14.6g} {'' if std is None else f'{std:.3g}':>10} "
+        print(f"{r.get('label') or r['metric']:<{width}} {value:>14.6g} {'' if std is None else f'{std:.3g}':>10} "
               f"{'' if true is None else f'{true:.6g}':>12} {r['n']:>7}")
+
+
+def _positive(name: str, value) -> None:
+    if value is not None and value < 1:
+        raise UsageError(f"{name} must be positive, got {value}")
 
 
 def run_eval(args) -> int:
     from ..io import atomic_write_json, load_snapshot
     from ..metrics import protocol
-    from ..metrics.features import compute_features, dataset_batches, load_feature_net
+    from ..metrics.features import compute_features, dataset_batches, load_feature_net, subset_indices
     from ..metrics.toy import toy_metrics
     from ..teachers.analytic import GaussianMixture, is_analytic_spec, load_analytic
     from ..train import dist
 
-    if args.n < 1:
-        raise UsageError(f"--n must be positive, got {args.n}")
+    for name in ("n", "ref_n", "kid_subsets", "kid_subset_size", "is_splits", "is_split_size", "pr_k", "batch"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
     dist.init_from_env(args.device)
     device = _device(args.device)
     if dist.is_dist() and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
-    command = _command(args, "eval", "target")
-    seeds = list(range(args.seed, args.seed + args.n))
     snap_path = _snapshot_dir(args.target)
+    progress = args.progress and dist.is_main()
 
     if snap_path is not None:
         denoiser, sampling, meta = load_snapshot(snap_path, device=device)
@@ -160,45 +193,66 @@ def run_eval(args) -> int:
             # Exact toy metrics: no feature network, the true density is the reference.
             if args.metrics not in (None, "toy"):
                 raise UsageError("analytic data gets the exact toy metrics: leave out --metrics")
+            args.n = args.n or N_CLASSIFIER
+            seeds = list(range(args.seed, args.seed + args.n))
             gmm = analytic if isinstance(analytic, GaussianMixture) else load_analytic(analytic)
             samples = torch.cat([b.cpu() for b in protocol.generate(
                 denoiser, sampling, protocol.rank_shard(seeds), device, args.batch, clamp=False)])
             samples = dist.all_gather_cat(samples.to(device)).cpu()
             values = toy_metrics(gmm, samples, seed=args.seed)
             ref_name = analytic if isinstance(analytic, str) else (gmm.name or "the snapshot's own mixture")
-            records = protocol.toy_records(values, seeds=seeds, ref_name=ref_name, command=command,
-                                           target=args.target, sampling=sampling)
+            records = protocol.toy_records(values, seeds=seeds, ref_name=ref_name,
+                                           command=_command(args, "eval", "target"), target=args.target,
+                                           sampling=sampling)
             return _finish(records, args, atomic_write_json, dist)
-        images = protocol.generate(denoiser, sampling, protocol.rank_shard(seeds), device, args.batch)
-        source = str(snap_path)
-        extra_info = dict(sampling=sampling)
     else:
         if args.ref_data and is_analytic_spec(args.ref_data):
             raise UsageError("exact toy metrics need a run or snapshot to sample, not a data set")
         ds = protocol.open_images(args.target)
         shape = tuple(ds.shape)
-        n = min(args.n, len(ds))
-        if n < args.n:
-            print(f"note: {args.target} holds {len(ds)} images; using all of them", file=sys.stderr)
-        seeds = None  # images of a data set: the record names their index range instead
-        extra_info = dict(items=f"0-{n - 1}")
-        lo, hi = dist.rank() * n // dist.world_size(), (dist.rank() + 1) * n // dist.world_size()
-        images = dataset_batches(ds, args.batch, hi - lo, start=lo)
-        source = args.target
 
     names = protocol.parse_metrics(args.metrics or "fid")
     if "toy" in names:
         raise UsageError("the exact toy metrics need analytic data: --ref-data toy:NAME or gmm:PATH.json")
     net = load_feature_net(args.features or _default_features(shape), inception=args.inception, device=device,
                            resize=args.resize)
+    net.check_images(torch.zeros((1, *shape), dtype=torch.uint8))
+    args.n = args.n or (N_INCEPTION if net.name == "inception" else N_CLASSIFIER)
     ref = None
     if args.ref:
         ref = protocol.reference_from_file(args.ref)
+        protocol.check_reference(ref, net)
+        if {"kid", "pr"} & set(names):
+            protocol.reference_features(ref, net, args.batch, progress)
     elif args.ref_data:
-        ref = protocol.reference_from_data(args.ref_data, net, args.ref_n, args.batch, args.progress)
-    feats, logits = compute_features(net, images, source=source, progress=args.progress and dist.is_main())
+        ref = protocol.reference_from_data(args.ref_data, net, args.ref_n, args.batch, progress, args.ref_seed)
+
+    if snap_path is not None:
+        seeds = list(range(args.seed, args.seed + args.n))
+        images = protocol.generate(denoiser, sampling, protocol.rank_shard(seeds), device, args.batch)
+        source, count = str(snap_path), len(protocol.rank_shard(seeds))
+        extra_info = dict(sampling=sampling)
+    else:
+        idx = subset_indices(len(ds), args.n, args.seed)
+        if len(idx) < args.n:
+            print(f"note: {args.target} holds {len(ds)} images; using all of them", file=sys.stderr)
+        extra_info = protocol.describe_subset(len(ds), idx, args.seed)
+        seeds = None  # images of a data set: the record names their items (and the subset seed) instead
+        if getattr(ds, "seeds", None) is not None:  # `sample npz` output: the samples' own seeds
+            seeds = [int(s) for s in ds.seeds[idx]]
+        if getattr(ds, "layout", None):
+            extra_info.update(layout=ds.layout, conversion=ds.note)
+            if dist.is_main():
+                print(f"note: {args.target}: {ds.note}", file=sys.stderr)
+        w, r = dist.world_size(), dist.rank()
+        shard = idx[r * len(idx) // w:(r + 1) * len(idx) // w]
+        images = dataset_batches(ds, args.batch, indices=shard)
+        source, count = args.target, len(shard)
+
+    command = _command(args, "eval", "target")
+    feats, logits = compute_features(net, images, source=source, limit=count, progress=progress)
     options = protocol.MetricOptions(args.kid_subsets, args.kid_subset_size, args.is_splits, args.pr_k,
-                                     args.seed)
+                                     args.kid_seed, args.is_split_size)
     results = protocol.image_metrics(names, feats, logits, ref, options, source)
     ref_info = ref.describe() if ref is not None else None
     records = [protocol.result_record(name, r.pop("value"), n=len(feats), seeds=seeds, ref=ref_info,
@@ -221,7 +275,7 @@ def run_ref_stats(args) -> int:
     import datetime
 
     from ..metrics import protocol
-    from ..metrics.features import compute_features, dataset_batches, load_feature_net
+    from ..metrics.features import compute_features, dataset_batches, load_feature_net, subset_indices
     from ..metrics.fid import feature_stats, save_ref_stats
 
     device = _device(args.device)
@@ -232,12 +286,16 @@ def run_ref_stats(args) -> int:
     ds = protocol.open_images(args.data)
     net = load_feature_net(args.features or _default_features(ds.shape), inception=args.inception,
                            device=device, resize=args.resize)
-    feats, _ = compute_features(net, dataset_batches(ds, args.batch, args.n), source=args.data, gather=False,
-                                progress=args.progress)
+    idx = subset_indices(len(ds), args.n, args.seed)
+    feats, _ = compute_features(net, dataset_batches(ds, args.batch, indices=idx), source=args.data, gather=False,
+                                limit=len(idx), progress=args.progress)
     mu, sigma = feature_stats(feats)
-    meta = dict(data=args.data, n=len(feats), feature_net=net.describe(),
-                command=_command(args, "ref-stats", "data"),
+    meta = dict(data=args.data, n=len(feats), **protocol.describe_subset(len(ds), idx, args.seed),
+                feature_net=net.describe(), command=_command(args, "ref-stats", "data"),
                 time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    if getattr(ds, "layout", None):
+        meta.update(layout=ds.layout, conversion=ds.note)
     save_ref_stats(args.out, mu, sigma, feats if args.save_features else None, meta)
-    print(json.dumps(dict(out=args.out, n=len(feats), feature_dim=int(mu.shape[0]), feature_net=net.name)))
+    print(json.dumps(dict(out=args.out, n=len(feats), feature_dim=int(mu.shape[0]), feature_net=net.label(),
+                          items=meta["items"])))
     return 0

@@ -14,6 +14,8 @@ from ..errors import DiffdistillError, UsageError
 HELP = """\
 Feature networks for FID/KID/IS/precision-recall on data sets Inception-v3 does not suit (8x8 digits, MNIST):
 a small CNN trained on the data's labels; its penultimate layer gives the features, its head the IS logits.
+`train` warns when the held-out accuracy is below 0.9 (such features separate the classes badly, so metrics
+computed with them miss class structure; see metrics.features.POOR_ACCURACY).
 
 examples:
   diffdistill features train --data ../shared/data/mnist.npz --out mnist_classifier.safetensors
@@ -73,7 +75,14 @@ def _load_labelled(spec: str, max_n: int | None) -> tuple[torch.Tensor, torch.Te
 
 
 def run_train(args) -> int:
-    from ..metrics.features import ClassifierTraining, preset_for, save_classifier, train_classifier
+    from ..metrics.features import (
+        ClassifierTraining,
+        accuracy_warning,
+        preset_for,
+        save_classifier,
+        train_classifier,
+        warn,
+    )
 
     if args.epochs < 1 or args.batch_size < 1 or not 0 <= args.holdout < 1:
         raise UsageError("--epochs and --batch-size must be positive and --holdout in [0, 1)")
@@ -87,9 +96,15 @@ def run_train(args) -> int:
     start = time.time()
     net, result = train_classifier(images, labels, config, training)
     meta = dict(data=args.data, training=asdict(training), seconds=round(time.time() - start, 1), **result)
+    warning = accuracy_warning(result)
+    if warning:
+        meta["warning"] = warning
     path = save_classifier(net, args.out, meta)
+    if warning:
+        warn(f"{path}: {warning}")
     print(json.dumps(dict(out=str(path), holdout_accuracy=result["holdout_accuracy"],
-                          n_holdout=result["n_holdout"], feature_dim=config.feature_dim)))
+                          n_holdout=result["n_holdout"], feature_dim=config.feature_dim,
+                          **({"warning": warning} if warning else {}))))
     return 0
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import UsageError
-from .common import add_loop_arguments, check_loop_arguments, loop_settings
+from .common import add_loop_arguments, check_loop_arguments, loop_settings, training_evaluation, training_evaluator
 
 EXAMPLES = """\
 examples:
@@ -15,6 +15,11 @@ examples:
 
   # sklearn's 8x8 digits (class-conditional), a few minutes on a CPU
   diffdistill train-teacher --data digits --out runs/digits --preset digits
+
+  # FID against the digits reference every 2 kimg (2000 samples) in stats.jsonl; RUN/best: the lowest FID
+  diffdistill ref-stats digits --features digits --out digits-ref.npz
+  diffdistill train-teacher --data digits --out runs/digits --preset digits \\
+      --metrics fid --ref digits-ref.npz --features digits --eval-kimg 2 --eval-n 2000
 
   # a v-prediction teacher on the cosine schedule, for progressive distillation
   diffdistill train-teacher --data digits --out runs/digits-v --preset digits --loss vp --pred v
@@ -92,6 +97,7 @@ def run(args) -> int:
     if args.preset is None:
         args.preset = default_preset(tuple(data.shape))
     preset = get_preset(args.preset)
+    evaluator = training_evaluator(args, tuple(data.shape))
     method = teacher.build(args, None, data)
     overrides = loop_settings(args)
     overrides.pop("out")
@@ -102,7 +108,8 @@ def run(args) -> int:
                 label_dim=method.denoiser.label_dim, sample_steps=args.sample_steps,
                 network=network_options(args))
     cfg = train_config(preset, args.out, meta=meta, **overrides)
-    result = train(method, cfg, data)
+    evaluate = training_evaluation(args, cfg, evaluator)
+    result = train(method, cfg, data, evaluate=evaluate)
     if result["interrupted"]:
         print(f"stopped at step {result['step']} ({result['nimg'] / 1000:g} kimg); rerun the same command "
               "to continue", file=sys.stderr)

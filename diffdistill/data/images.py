@@ -58,6 +58,18 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.rint((image + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+def subset_indices(total: int, n: int | None, seed: int = 0) -> np.ndarray:
+    """The indices of a seeded random subset of `n` of `total` items, in increasing order; all of them when
+    `n` is None or >= total. EDM's rule (`ImageFolderDataset(max_size=n, random_seed=seed)`, which its fid.py
+    uses): shuffle 0..total-1 with `np.random.RandomState(seed % 2**31)`, keep the first n, sort."""
+    idx = np.arange(total, dtype=np.int64)
+    if n is not None and total > n:
+        np.random.RandomState(seed % (1 << 31)).shuffle(idx)
+        idx = np.sort(idx[:n])
+    return idx
+
+
+
 class ImageDataset(Dataset):
     """Map-style dataset over a `formats.Source`: `ds[i] -> (x float32 in [-1, 1] of ds.shape, label int)`."""
 
@@ -79,10 +91,7 @@ class ImageDataset(Dataset):
         self._resolution = None if resolution is None else int(resolution)
 
         # Index space (EDM): a seeded random subset for max_size, then tiled twice for xflip.
-        raw = np.arange(len(source), dtype=np.int64)
-        if max_size is not None and len(raw) > max_size:
-            np.random.RandomState(0).shuffle(raw)
-            raw = np.sort(raw[:max_size])
+        raw = subset_indices(len(source), max_size, seed=0)
         self._flip = np.zeros(len(raw), dtype=bool)
         if self.xflip:
             raw, self._flip = np.tile(raw, 2), np.concatenate([self._flip, ~self._flip])

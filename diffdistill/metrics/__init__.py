@@ -18,6 +18,7 @@ from .fid import (  # noqa: F401
     frechet_distance,
     load_ref_stats,
     save_ref_stats,
+    trace_sqrt_product,
 )
 from .inception import InceptionV3, load_inception  # noqa: F401
 from .inception_score import inception_score  # noqa: F401

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.images import subset_indices  # noqa: F401  (EDM's seeded subset rule, used with these features)
 from ..errors import DiffdistillError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -41,6 +42,15 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def warn(message: str) -> None:
+    """A loud warning on stderr (once, from the main rank): 'WARNING: message'."""
+    import sys
+
+    from ..train.dist import print0
+
+    print0(f"WARNING: {message}", file=sys.stderr)
 
 
 def to_uint8(images: Tensor) -> Tensor:
@@ -71,10 +81,24 @@ class FeatureNet(nn.Module):
         self.weights_sha256 = weights_sha256
         self.weights_path = weights_path
 
+    # How uint8 pixels reach the network (part of its identity: the same weights fed differently give other
+    # features). Subclasses that resize or normalise otherwise override both.
+    resize: str | None = None
+    normalisation = "x/127.5-1"   # a stable token, compared between records: uint8 x -> [-1, 1], native size
+
+    def identity(self) -> dict:
+        """What makes two networks' features comparable: name, weights sha256, resize mode, normalisation,
+        feature dimension. Recorded with every reference and result, compared by `check_same_feature_net`."""
+        return dict(name=self.name, weights_sha256=self.weights_sha256, resize=self.resize,
+                    normalisation=self.normalisation, feature_dim=self.feature_dim)
+
     def describe(self) -> dict:
-        """What a result record says about the feature network."""
-        return dict(name=self.name, feature_dim=self.feature_dim, weights=self.weights_path,
-                    weights_sha256=self.weights_sha256)
+        """What a result record says about the feature network: its identity and the weight file."""
+        return dict(self.identity(), weights=self.weights_path)
+
+    def label(self) -> str:
+        """A short name for printed tables: 'digits_classifier classifier, not Inception', 'Inception tf1'."""
+        return net_label(self.describe())
 
     def check_images(self, images: Tensor) -> None:
         """Raise a one-line error when `images` cannot be fed to this network."""
@@ -99,6 +123,57 @@ class FeatureNet(nn.Module):
         device = next(self.parameters()).device
         features, logits = self.embed(to_uint8(images).to(device))
         return features.float(), None if logits is None else logits.float()
+
+
+def net_label(desc: dict | None) -> str:
+    """How tables name a feature network (from `FeatureNet.describe()` or a recorded identity):
+    'Inception-v3 FID weights, tf1 resize', 'Inception-v3, NON-STANDARD weights, tf1 resize',
+    'digits classifier, not Inception'."""
+    from .inception import WEIGHTS_SHA256
+
+    if not desc:
+        return "unknown feature network"
+    name = str(desc.get("name") or "unnamed")
+    if name == "inception":
+        weights = "FID weights" if desc.get("weights_sha256") == WEIGHTS_SHA256 else "NON-STANDARD weights"
+        return f"Inception-v3 {weights}, {desc.get('resize') or 'unknown'} resize"
+    name = name.replace("_", " ")
+    return f"{name if name.endswith('classifier') else name + ' classifier'}, not Inception"
+
+
+def _identity_text(ident: dict, keys) -> str:
+    return ", ".join(f"{k} {str(ident.get(k))[:16] if k == 'weights_sha256' else ident.get(k)}" for k in keys)
+
+
+def check_same_feature_net(made: dict | None, used: dict, where: str) -> list[str]:
+    """Compare the feature network a reference was made with (`made`, its recorded identity) with the one in
+    use (`used`); raise a one-line error when they differ, return warnings for what cannot be checked.
+
+    Compared: the weights sha256, the resize mode, the normalisation and the feature dimension, i.e. what
+    decides the features. The name is compared only when a side has no sha256 (a renamed copy of the same
+    weight file gives the same features). A reference without a record (pytorch-fid/EDM statistics, files of
+    older diffdistill versions) is accepted with a warning: it cannot be checked.
+    """
+    if not made:
+        return [f"{where}: the reference does not record its feature network (pytorch-fid/EDM statistics or an "
+                f"older file), so it cannot be checked against {net_label(used)}: make sure it was computed "
+                "with the same network, weights and resize"]
+    keys = ["weights_sha256", "resize", "normalisation", "feature_dim"]
+    if not (made.get("weights_sha256") and used.get("weights_sha256")):
+        keys.insert(0, "name")
+    # Older records lack resize/normalisation: for a classifier the sha256 fixes both (there is one input
+    # convention); for Inception the resize decides the features and its absence is reported.
+    unchecked = [k for k in keys if k not in made]
+    differ = [k for k in keys if k in made and made.get(k) != used.get(k)]
+    if differ:
+        raise DiffdistillError(f"{where}: the reference was made with another feature network "
+                               f"({net_label(made)}: {_identity_text(made, differ)}) than this evaluation uses "
+                               f"({net_label(used)}: {_identity_text(used, differ)}); recompute it with "
+                               "`diffdistill ref-stats` and the same --features/--inception/--resize")
+    if used.get("name") == "inception" and "resize" in unchecked:
+        return [f"{where}: the reference does not record its Inception resize mode, so it cannot be checked "
+                f"against '{used.get('resize')}'"]
+    return []
 
 
 # --------------------------------------------------------------------------------------------------
@@ -233,6 +308,26 @@ def load_feature_net(spec: str, inception: str | None = None, device="cpu",
     raise DiffdistillError(f"unknown feature network {spec!r} (one of: {', '.join(FEATURE_NETS)})")
 
 
+# A classifier whose held-out accuracy is below this is a poor feature network: `features train` warns. The
+# classifiers here exist for data Inception does not suit (8x8 digits, MNIST), where small CNNs reach 98-99.5%;
+# below 90% the features do not separate the classes well, so FID/KID/IS from them miss what makes a sample
+# look like one class or another (train longer, or use more data; natural images want Inception).
+POOR_ACCURACY = 0.9
+
+
+def accuracy_warning(result: dict) -> str | None:
+    """The warning for a `train_classifier` result whose held-out accuracy is poor or unmeasured (None: fine)."""
+    acc = result.get("holdout_accuracy")
+    if acc is None or acc != acc:  # NaN: no held-out split
+        return ("no held-out images (--holdout 0): the classifier's accuracy is unmeasured, so nothing says its "
+                "features are good enough for FID/KID/IS")
+    if acc < POOR_ACCURACY:
+        return (f"held-out accuracy {acc:.3f} is below {POOR_ACCURACY:.2f}: a poor feature network (its features "
+                "separate the classes badly, so FID/KID/IS computed with it miss class structure); train longer "
+                "or on more data")
+    return None
+
+
 @dataclass
 class ClassifierTraining:
     """How `train_classifier` fits a classifier (Adam, cosine-decayed learning rate, light augmentation)."""
@@ -314,12 +409,15 @@ def train_classifier(images: Tensor, labels: Tensor, config: ClassifierConfig | 
 # Streaming extraction
 
 
-def dataset_batches(dataset, batch_size: int = 256, n: int | None = None, start: int = 0):
-    """Image batches [B, C, H, W] (float in [-1, 1]) of `dataset[start : start + n]` (`ds[i] -> (x,
-    label)`)."""
-    stop = len(dataset) if n is None else min(len(dataset), start + n)
-    for lo in range(start, stop, batch_size):
-        yield torch.stack([torch.as_tensor(dataset[i][0]) for i in range(lo, min(lo + batch_size, stop))])
+def dataset_batches(dataset, batch_size: int = 256, n: int | None = None, start: int = 0, indices=None):
+    """Image batches [B, C, H, W] (float in [-1, 1]) of `dataset[start : start + n]`, or of the items
+    `indices` in that order when given (`ds[i] -> (x, label)`)."""
+    if indices is None:
+        stop = len(dataset) if n is None else min(len(dataset), start + n)
+        indices = range(start, stop)
+    indices = [int(i) for i in indices]
+    for lo in range(0, len(indices), batch_size):
+        yield torch.stack([torch.as_tensor(dataset[i][0]) for i in indices[lo:lo + batch_size]])
 
 
 def compute_features(feature_net: FeatureNet, images: Iterable, *, limit: int | None = None,

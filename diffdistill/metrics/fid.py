@@ -1,29 +1,29 @@
 """Fréchet Inception Distance (Heusel et al. 2017, eq. 6) and reference statistics files.
 
 FID = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2)), with (mu, S) the mean and the unbiased covariance
-of the features. The matrix square root follows pytorch-fid: scipy's `sqrtm` on S1 S2; when the result is not
-finite, retry with eps * I added to both covariances; drop a negligible imaginary part.
+of the features. Only the trace of the square root is needed, and it is the sum of the square roots of the
+eigenvalues of S1 S2 (`trace_sqrt_product`), so no matrix square root is formed (pytorch-fid, clean-fid and
+EDM call scipy's `sqrtm`, which gives the same value to ~1e-14 relative on full-rank 2048-d statistics, in about
+4x the time: 15.1 s against 3.5 s on one CPU thread).
 
 Reference files are `.npz` with `mu` [F] and `sigma` [F, F] (the pytorch-fid / EDM layout; EDM's refs hold
 exactly these two). diffdistill may add `features` [N, F] (for KID and precision/recall) and `meta` (a JSON
-string); all are plain arrays, read with `allow_pickle=False`.
+string: the feature network's identity, the data, n, the subset seed, the command); all are plain arrays, read
+with `allow_pickle=False`. guided-diffusion's reference batches (`arr_0` images beside `mu`, `sigma`, `mu_s`,
+`sigma_s`) are read too: see `metrics/npz_layouts.py`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import warnings
 import zipfile
 from pathlib import Path
 
 import numpy as np
-from scipy import linalg
 
 from ..errors import DiffdistillError
 from .features import check_count
-
-EPS = 1e-6
 
 
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -35,13 +35,29 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(axis=0), np.cov(features, rowvar=False).reshape(features.shape[1], features.shape[1])
 
 
-def _sqrtm(a: np.ndarray) -> np.ndarray:
-    out = linalg.sqrtm(a)
-    return out[0] if isinstance(out, tuple) else out
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """tr((S1 S2)^(1/2)) for symmetric positive semi-definite S1, S2, by symmetric eigendecompositions.
+
+    S1 S2 is similar to M = S1^(1/2) S2 S1^(1/2) (S1 S2 = R (R S2 R) R^-1 with R = S1^(1/2)), and M is symmetric
+    positive semi-definite, so tr((S1 S2)^(1/2)) = sum_i sqrt(lambda_i(M)). With S1 = V diag(w) V^T (`eigh`),
+    M is orthogonally similar to W^T S2 W, W = V diag(sqrt(w)) (two matrix products), whose eigenvalues come from
+    `eigvalsh`. Symmetric eigensolvers are backward stable and return real eigenvalues, while
+    the eigenvalues of the non-symmetric product S1 S2 (what `sqrtm` or `eigvals(S1 @ S2)` work on) can turn
+    complex or ill-conditioned where S1 S2 is singular. Eigenvalues below zero are rounding errors (|lambda| ~
+    1e-16 ||M||) and count as zero. Measured on 2048-d statistics (FID ~150-500): full rank (N = 5000), the FID
+    of this and of sqrtm agree to 2e-14 relative, both within 2e-12 of the exact value (the nuclear norm of the
+    centred cross-feature product); rank-deficient (N = 1500 < 2048), this is 2.4e-6 off the exact value,
+    sqrtm 1.4e-5.
+    """
+    w, v = np.linalg.eigh(sigma1)
+    root = v * np.sqrt(np.clip(w, 0, None))
+    m = root.T @ (sigma2 @ root)
+    lam = np.linalg.eigvalsh((m + m.T) / 2)
+    return float(np.sqrt(np.clip(lam, 0, None)).sum())
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = EPS) -> float:
-    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2) (pytorch-fid's numerics)."""
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2) (the trace term by `trace_sqrt_product`)."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
     sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
@@ -51,20 +67,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = EPS) -> float:
     d = mu1.shape[0]
     if sigma1.shape != (d, d) or sigma2.shape != (d, d):
         raise DiffdistillError(f"covariances must be [{d}, {d}], got {sigma1.shape} and {sigma2.shape}")
+    if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
+        raise DiffdistillError("FID: the feature statistics contain NaN or inf")
     diff = mu1 - mu2
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # sqrtm warns on singular products; the fallback below handles them
-        covmean = _sqrtm(sigma1 @ sigma2)
-        if not np.isfinite(covmean).all():
-            # Singular product: regularise both covariances (pytorch-fid's fallback).
-            offset = np.eye(d) * eps
-            covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise DiffdistillError(f"FID: the covariance square root has an imaginary component "
-                                   f"{np.abs(covmean.imag).max():.3g} (degenerate statistics?)")
-        covmean = covmean.real
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2))
 
 
 def fid_from_stats(stats1: tuple[np.ndarray, np.ndarray], stats2: tuple[np.ndarray, np.ndarray]) -> float:

@@ -9,11 +9,16 @@ shapes equal those of pytorch-fid's weight file `pt_inception-2015-12-05-6726825
 loads
 with `torch.load(weights_only=True)` and `strict=True`. Nothing is downloaded: the user passes the file.
 
-Input convention (torch-fidelity, = the TF graph): uint8 images are resized to 299x299 by TF1 bilinear
-resampling (`align_corners=False`, source coordinate = dst * in/out, no half-pixel offset), then scaled by
-(x - 128) / 128. `resize='pytorch-fid'` selects pytorch-fid's convention instead: x/255, then
-`F.interpolate(..., 299, 'bilinear', align_corners=False)` (half-pixel centres), then 2x - 1. The two agree
-exactly for 299x299 inputs and differ slightly for upsampled ones (e.g. CIFAR-10's 32x32).
+Input convention (torch-fidelity, = the TF graph, = guided-diffusion's evaluator): uint8 images are resized to
+299x299 by TF1 bilinear resampling (`align_corners=False`, source coordinate = dst * in/out, no half-pixel
+offset), then scaled by (x - 128) / 128. `resize='pytorch-fid'` selects pytorch-fid's convention instead: x/255,
+then `F.interpolate(..., 299, 'bilinear', align_corners=False)` (half-pixel centres), then 2x - 1 =
+(x - 127.5) / 127.5. The two never give the same features: even at 299x299, where both resizes are the
+identity, the normalisations differ (by up to 1/128, at x = 255), and upsampled images (CIFAR-10's 32x32)
+differ by the resampling too. So the resize mode is part of a reference's identity (`FeatureNet.identity`).
+
+Only the file with sha256 `WEIGHTS_SHA256` gives the FID of the literature; `load_inception` warns loudly for
+any other file of the same layout, and tables label it 'NON-STANDARD weights'.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DiffdistillError
-from .features import FeatureNet, sha256_file
+from .features import FeatureNet, sha256_file, warn
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_NAME}"
@@ -34,6 +39,8 @@ WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129
 ENV_VAR = "DIFFDISTILL_INCEPTION"
 INPUT_SIZE = 299
 RESIZE_MODES = ("tf1", "pytorch-fid")
+# The pixel normalisation of each resize mode (stable tokens: references record and compare them).
+NORMALISATION = {"tf1": "(x-128)/128", "pytorch-fid": "2*(x/255)-1"}
 MIXED_BLOCKS = ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d",
                 "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c")
 
@@ -189,6 +196,7 @@ class InceptionV3(FeatureNet):
         super().__init__(name="inception", feature_dim=2048, num_classes=1008, in_channels=3, resolution=None,
                          weights_sha256=None, weights_path=weights_path)
         self.resize = resize
+        self.normalisation = NORMALISATION[resize]
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, 3, stride=2)
         self.Conv2d_2a_3x3 = BasicConv2d(32, 32, 3)
         self.Conv2d_2b_3x3 = BasicConv2d(32, 64, 3, padding=1)
@@ -208,19 +216,22 @@ class InceptionV3(FeatureNet):
         self.fc = nn.Linear(2048, 1008)
 
     def describe(self) -> dict:
-        return {**super().describe(), "resize": self.resize}
+        return {**super().describe(), "standard_weights": self.weights_sha256 == WEIGHTS_SHA256}
 
-    def embed(self, images: Tensor) -> tuple[Tensor, Tensor]:
+    def preprocess(self, images: Tensor) -> Tensor:
+        """uint8 images [B, C, H, W] -> the network's input [B, 3, 299, 299] (resize, then normalise)."""
         x = images.float()
         if x.shape[1] == 1:  # grey images (MNIST): replicate to RGB, the usual practice
             x = x.expand(-1, 3, -1, -1)
         if self.resize == "tf1":
             if x.shape[2:] != (INPUT_SIZE, INPUT_SIZE):
                 x = resize_bilinear_tf1(x, INPUT_SIZE)
-            x = (x - 128) / 128
-        else:
-            x = F.interpolate(x / 255, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
-            x = 2 * x - 1
+            return (x - 128) / 128
+        x = F.interpolate(x / 255, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+        return 2 * x - 1
+
+    def embed(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.preprocess(images)
         # Stem: 299 -> 149 -> 147 -> 147 -> maxpool 73 -> 73 -> 71 -> maxpool 35.
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, 3, stride=2)
@@ -275,4 +286,17 @@ def load_inception(path: str | os.PathLike | None = None, device="cpu", resize: 
                                    f"Inception-v3 needs {tuple(expected[key].shape)}")
     net.load_state_dict(state, strict=True)
     net.weights_sha256 = sha256_file(path)
+    if net.weights_sha256 != WEIGHTS_SHA256:
+        warn(f"{path}: Inception-v3 weights of the right layout but NOT the standard FID file {WEIGHTS_NAME} "
+             f"(sha256 {net.weights_sha256[:16]}..., expected {WEIGHTS_SHA256[:16]}...): FID/KID/IS measured with "
+             "them are not comparable with published numbers")
     return net.to(device).eval().requires_grad_(False)
+
+
+def adm_identity() -> dict:
+    """The feature network of guided-diffusion's (ADM's) evaluator, which made the `mu`/`sigma` of its reference
+    batches: TF's inception-2015-12-05 graph, pool_3 (2048-d), fed uint8 images that the graph resizes with TF1
+    bilinear and scales by (x - 128) / 128. pytorch-fid's weight file is that graph's weights, so this is the
+    identity of `load_inception(standard file, resize='tf1')`."""
+    return dict(name="inception", weights_sha256=WEIGHTS_SHA256, resize="tf1", normalisation=NORMALISATION["tf1"],
+                feature_dim=2048)

@@ -4,7 +4,10 @@ Samples are generated from per-sample seeds (image k depends on seed k only), st
 network
 and compared with a reference; every number becomes a JSON record saying what was measured, on how many
 samples, from which seeds, against which reference file (sha256), with which feature network (weights sha256),
-by which command and when.
+by which command and when, and a label that says the protocol where numbers are read
+(`fid-10k [digits classifier, not Inception]`). A reference records the identity of the feature network that
+made it (`FeatureNet.identity`: name, weights sha256, resize, normalisation); `check_reference` refuses one made
+with another network. Subsets of data sets are seeded random draws (`features.subset_indices`, EDM's rule).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,8 +24,18 @@ import torch
 
 from ..errors import DiffdistillError
 from . import fid as fid_lib
-from .features import FeatureNet, compute_features, dataset_batches, load_feature_net, sha256_file
-from .inception_score import inception_score
+from .features import (
+    FeatureNet,
+    check_same_feature_net,
+    compute_features,
+    dataset_batches,
+    load_feature_net,
+    net_label,
+    sha256_file,
+    subset_indices,
+    warn,
+)
+from .inception_score import inception_score, is_chunks
 from .kid import kid
 from .precision_recall import precision_recall
 from .toy import toy_metrics
@@ -48,14 +61,26 @@ class MetricOptions:
 
     kid_subsets: int = 100           # number of random subsets KID averages over
     kid_subset_size: int = 1000      # rows per subset (torch-fidelity's default); lowered to the sample count
-    is_splits: int = 10              # Inception Score splits
+    is_splits: int = 10              # Inception Score: equal splits (Salimans et al., EDM, StyleGAN) ...
     pr_k: int = 3                    # k of the k-NN manifolds of precision/recall
-    seed: int = 0                    # seed of the KID subsets
+    seed: int = 0                    # seed of the KID subsets (the KID record's `kid_seed`)
+    is_split_size: int | None = None  # ... or this many images per split (guided-diffusion/ADM: 5000)
+
+    def is_convention(self) -> str:
+        """The Inception Score split convention, as tables say it."""
+        if self.is_split_size:
+            return f"{self.is_split_size} per split"
+        return f"{self.is_splits} splits"
 
 
 @dataclass
 class Reference:
-    """What image metrics compare against: FID statistics and, for KID/PR, the reference features."""
+    """What image metrics compare against: FID statistics and, for KID/PR, the reference features.
+
+    meta['feature_net'] is the identity of the network the statistics were made with (`FeatureNet.identity`;
+    absent in pytorch-fid/EDM files); `images`, when set, is a data set whose features (computed with the
+    network in use, by `reference_features`) serve KID and precision/recall: a guided-diffusion reference
+    batch's `arr_0`."""
 
     mu: np.ndarray
     sigma: np.ndarray
@@ -63,18 +88,60 @@ class Reference:
     source: str | None = None         # the .npz file or the data spec
     sha256: str | None = None         # of the .npz file (None for a data spec)
     meta: dict = field(default_factory=dict)
+    images: object | None = None
 
     def describe(self) -> dict:
-        return dict(ref=self.source, ref_sha256=self.sha256, ref_n=self.meta.get("n"))
+        return dict(ref=self.source, ref_sha256=self.sha256, ref_n=self.meta.get("n"),
+                    ref_feature_net=self.meta.get("feature_net"),
+                    **{f"ref_{k}": self.meta[k] for k in ("layout", "subset_seed", "items") if k in self.meta})
 
 
 def reference_from_file(path: str | os.PathLike) -> Reference:
-    """A reference `.npz` (mu, sigma; optionally features and meta)."""
+    """A reference `.npz`: mu, sigma (optionally features and meta), or a guided-diffusion reference batch."""
+    from .npz_layouts import ADM_REFERENCE, ADM_SAMPLES, NpzImages, npz_layout
+
+    layout = npz_layout(path)
+    if layout == ADM_SAMPLES:
+        raise DiffdistillError(f"{path}: a guided-diffusion sample batch (arr_0 only, no mu/sigma): pass it with "
+                               "--ref-data to compute the reference from its images")
     mu, sigma = fid_lib.load_ref_stats(path)
+    if layout == ADM_REFERENCE:
+        from .inception import adm_identity
+
+        images = NpzImages(path, layout)
+        meta = dict(layout=layout, feature_net=adm_identity(), images=len(images))
+        return Reference(mu, sigma, None, str(path), sha256_file(path), meta, images)
     features, meta = fid_lib.load_ref_extras(path)
     if features is not None and features.shape[1] != mu.shape[0]:
         raise DiffdistillError(f"{path}: 'features' have {features.shape[1]} dims but mu has {mu.shape[0]}")
     return Reference(mu, sigma, features, str(path), sha256_file(path), meta)
+
+
+def check_reference(ref: Reference, feature_net: FeatureNet) -> list[str]:
+    """Refuse (one-line error) a reference made with another feature network than `feature_net`: another
+    dimension, or another recorded identity (weights sha256, resize, normalisation); warn (and return the
+    warnings) when the reference records no identity, so it cannot be checked."""
+    if ref.mu.shape[0] != feature_net.feature_dim:
+        raise DiffdistillError(f"{ref.source}: the reference has {ref.mu.shape[0]}-d features but feature network "
+                               f"{feature_net.name!r} gives {feature_net.feature_dim} (made with another feature "
+                               "network?)")
+    made = ref.meta.get("feature_net")
+    warnings = check_same_feature_net(made if isinstance(made, dict) else None, feature_net.identity(),
+                                      str(ref.source))
+    for w in warnings:
+        warn(w)
+    return warnings
+
+
+def reference_features(ref: Reference, feature_net: FeatureNet, batch: int = 256,
+                       progress: bool = False) -> Reference:
+    """Fill `ref.features` from `ref.images` (a guided-diffusion reference batch's `arr_0`) with `feature_net`,
+    for KID and precision/recall; the identity must match (`check_reference`) since mu/sigma stay the file's."""
+    if ref.features is None and ref.images is not None:
+        check_reference(ref, feature_net)
+        ref.features, _ = compute_features(feature_net, dataset_batches(ref.images, batch), source=ref.source,
+                                           limit=len(ref.images), gather=False, progress=progress)
+    return ref
 
 
 def reference_from_features(features: np.ndarray, source: str | None = None,
@@ -84,23 +151,44 @@ def reference_from_features(features: np.ndarray, source: str | None = None,
 
 
 def open_images(spec: str):
-    """A data set of images through `diffdistill.data.open_dataset` (a clear error for point data)."""
+    """A data set of images: a guided-diffusion batch or `sample npz` file (`npz_layouts.NpzImages`), else
+    `diffdistill.data.open_dataset` (a clear error for point data)."""
     from ..data import open_dataset
+    from .npz_layouts import NpzImages, npz_layout
 
-    ds = open_dataset(spec)
+    layout = npz_layout(spec)
+    ds = NpzImages(spec, layout) if layout else open_dataset(spec)
     if len(ds.shape) != 3:
         raise DiffdistillError(f"{spec}: image metrics need images [C, H, W], this data set holds shape "
                                f"{tuple(ds.shape)} (use the exact toy metrics for points)")
     return ds
 
 
+def describe_subset(total: int, idx, seed: int) -> dict:
+    """What a record says about the items of a data set it used: their range when all, else the subset seed."""
+    if len(idx) == total:
+        return dict(items=f"0-{total - 1}")
+    return dict(items=f"random {len(idx)} of {total} (seed {seed})", subset_seed=int(seed))
+
+
 def reference_from_data(spec: str, feature_net: FeatureNet, n: int | None = None, batch: int = 256,
-                        progress: bool = False) -> Reference:
-    """Features of (the first `n` items of) a data set; every rank computes them all."""
+                        progress: bool = False, seed: int = 0) -> Reference:
+    """Features of a data set, or of a seeded random subset of `n` of its items (`subset_indices`, EDM's rule);
+    every rank computes them all."""
     ds = open_images(spec)
-    feats, _ = compute_features(feature_net, dataset_batches(ds, batch, n), source=spec, gather=False,
-                                progress=progress)
-    return reference_from_features(feats, spec, dict(feature_net=feature_net.describe()))
+    idx = subset_indices(len(ds), n, seed)
+    feats, _ = compute_features(feature_net, dataset_batches(ds, batch, indices=idx), source=spec, gather=False,
+                                limit=len(idx), progress=progress)
+    meta = dict(feature_net=feature_net.describe(), data=spec, **describe_subset(len(ds), idx, seed))
+    if getattr(ds, "layout", None):
+        meta["layout"] = ds.layout
+    return reference_from_features(feats, spec, meta)
+
+
+def metric_label(metric: str, n: int, feature_net: dict | None, detail: str | None = None) -> str:
+    """How a table names a number: metric, sample count, feature network (and e.g. the IS split convention):
+    'fid-10k [digits classifier, not Inception]', 'is-50k [Inception-v3 FID weights, tf1 resize; 10 splits]'."""
+    return f"{metric}-{count_label(n)} [{net_label(feature_net)}{'; ' + detail if detail else ''}]"
 
 
 def image_metrics(names: Sequence[str], features: np.ndarray, logits: np.ndarray | None,
@@ -127,7 +215,8 @@ def image_metrics(names: Sequence[str], features: np.ndarray, logits: np.ndarray
             if name == "kid":
                 size = min(options.kid_subset_size, len(features), len(ref.features))
                 mean, std = kid(features, ref.features, options.kid_subsets, size, options.seed)
-                out["kid"] = dict(value=mean, std=std, subsets=options.kid_subsets, subset_size=size)
+                out["kid"] = dict(value=mean, std=std, subsets=options.kid_subsets, subset_size=size,
+                                  kid_seed=options.seed)
             else:
                 pr = precision_recall(ref.features, features, options.pr_k)
                 out["precision"] = dict(value=pr["precision"], k=options.pr_k)
@@ -135,8 +224,10 @@ def image_metrics(names: Sequence[str], features: np.ndarray, logits: np.ndarray
         elif name == "is":
             if logits is None:
                 raise DiffdistillError("the Inception Score needs a feature network with class logits")
-            mean, std = inception_score(logits, options.is_splits)
-            out["is"] = dict(value=mean, std=std, splits=options.is_splits)
+            mean, std = inception_score(logits, options.is_splits, options.is_split_size)
+            splits = len(is_chunks(len(logits), options.is_splits, options.is_split_size))
+            out["is"] = dict(value=mean, std=std, splits=splits, split_size=options.is_split_size,
+                             split_convention=options.is_convention())
     return out
 
 
@@ -192,9 +283,11 @@ def describe_seeds(seeds: Sequence[int]) -> str | list[int]:
 
 def result_record(metric: str, value, *, n: int, seeds, ref: dict | None = None,
                   feature_net: dict | None = None, command: str | None = None, **extra) -> dict:
-    """One result: metric, value, sample count, seeds, reference and feature network (with sha256), command,
-    time (UTC, ISO 8601), plus any extras (e.g. std, subset size, the true value of an exact metric)."""
-    return dict(metric=metric, value=value, n=int(n),
+    """One result: metric, its label (`metric_label`: metric, n, feature network, for image metrics), value,
+    sample count, seeds, reference and feature network (with sha256), command, time (UTC, ISO 8601), plus any
+    extras (e.g. std, subset size, the true value of an exact metric)."""
+    label = metric if feature_net is None else metric_label(metric, n, feature_net, extra.get("split_convention"))
+    return dict(metric=metric, label=label, value=value, n=int(n),
                 seeds=describe_seeds(seeds) if seeds is not None else None,
                 **(ref or dict(ref=None, ref_sha256=None)), feature_net=feature_net,
                 command=command if command is not None else " ".join(sys.argv),
@@ -219,19 +312,91 @@ def toy_records(values: dict, *, seeds, ref_name: str, command: str | None = Non
 # --------------------------------------------------------------------------------------------------
 # Evaluation during training
 
+LOWER_IS_BETTER = {"fid": True, "kid": True, "is": False, "precision": False, "recall": False}
+
+
+def count_label(n: int) -> str:
+    """A sample count as metric names write it: 10000 -> '10k', 256 -> '256'."""
+    return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
+
+
+class TrainEvaluator:
+    """The training loop's evaluation hook, `evaluator(method, ema, nimg) -> {key: float}`, made by
+    `make_train_evaluator`.
+
+    The student is `method.export(ema)` (what RUN/best and RUN/model would hold), sampled by its own recipe from
+    the same seeds at every evaluation, split across ranks; every rank returns the same dict. Keys are the metric
+    names ('fid', 'precision', ...), or with `labelled` the protocol too: 'fid-10k/inception' (metric, number
+    of samples, feature network), so that a training log says what its numbers are.
+    """
+
+    def __init__(self, names: list[str], feature_net: FeatureNet | None, ref, seeds: list[int], batch: int,
+                 options: MetricOptions, labelled: bool):
+        self.names, self.feature_net, self.ref, self.seeds = names, feature_net, ref, seeds
+        self.batch, self.options, self.labelled = batch, options, labelled
+
+    def key(self, name: str) -> str:
+        """The key of metric `name` ('fid', 'kid', 'is', 'precision', 'recall' or a toy scalar)."""
+        if not self.labelled or "toy" in self.names:
+            return name
+        return f"{name}-{count_label(len(self.seeds))}/{self.feature_net.name}"
+
+    def best(self) -> tuple[str, str] | None:
+        """(key, 'min' | 'max') of the first single-number image metric asked for (None: only 'pr' or 'toy')."""
+        for name in self.names:
+            if name in LOWER_IS_BETTER:
+                return self.key(name), "min" if LOWER_IS_BETTER[name] else "max"
+        return None
+
+    def describe(self) -> dict:
+        """The protocol, for config.json: metrics, their keys, n, seeds, feature network, reference."""
+        keys = [k for name in self.names for k in (("precision", "recall") if name == "pr" else (name,))]
+        if "toy" in self.names:
+            return dict(metrics=["toy"], n=len(self.seeds), seeds=describe_seeds(self.seeds),
+                        ref=getattr(self.ref, "name", None))
+        net = self.feature_net.describe()
+        return dict(metrics=self.names, keys={k: self.key(k) for k in keys},
+                    labels={self.key(k): metric_label(k, len(self.seeds), net, self.options.is_convention()
+                                                      if k == "is" else None) for k in keys}, n=len(self.seeds),
+                    seeds=describe_seeds(self.seeds), feature_net=net,
+                    **(self.ref.describe() if self.ref is not None else {}),
+                    kid_subsets=self.options.kid_subsets, kid_subset_size=self.options.kid_subset_size,
+                    kid_seed=self.options.seed, is_splits=self.options.is_convention(), pr_k=self.options.pr_k)
+
+    @torch.no_grad()
+    def __call__(self, method, ema=None, nimg: int | None = None) -> dict:
+        denoiser, sampling = method.export(ema)
+        was_training = denoiser.training
+        denoiser.eval()
+        try:
+            device = module_device(denoiser)
+            toy = "toy" in self.names
+            batches = generate(denoiser, sampling, rank_shard(self.seeds), device, self.batch, clamp=not toy)
+            if toy:
+                from ..train.dist import all_gather_cat
+                samples = all_gather_cat(torch.cat([b for b in batches]).to(device)).cpu()
+                values = toy_metrics(self.ref, samples)
+                return {name: float(values[name]) for name in TOY_SCALARS}
+            self.feature_net.to(device)
+            feats, logits = compute_features(self.feature_net, batches)
+            results = image_metrics(self.names, feats, logits, self.ref, self.options)
+            return {self.key(name): float(r["value"]) for name, r in results.items()}
+        finally:
+            denoiser.train(was_training)
+
 
 def make_train_evaluator(metric: str | Sequence[str], feature_net: FeatureNet | str | None = None, ref=None,
                          n: int = 10_000, seeds: Sequence[int] | None = None, *, batch: int = 256,
-                         inception: str | None = None, options: MetricOptions | None = None
-                         ) -> Callable[..., dict]:
-    """`evaluate(method, ema, nimg) -> {name: float}` for the training loop's evaluation hook.
+                         inception: str | None = None, resize: str = "tf1", options: MetricOptions | None = None,
+                         shape: Sequence[int] | None = None, labelled: bool = False) -> TrainEvaluator:
+    """The evaluation hook `evaluate(method, ema, nimg) -> {name: float}` of the training loop (`TrainEvaluator`).
 
-    metric: 'fid', 'kid', 'is', 'pr' (comma-separated or a list) or 'toy'. ref: a reference `.npz`, a data
-    spec,
-    a `Reference`, or, for 'toy', a `GaussianMixture` or an analytic spec. The student is
-    `method.export(ema)`,
-    sampled by its own recipe from `seeds` (default 0..n-1), split across ranks; every rank returns the same
-    dict.
+    metric: 'fid', 'kid', 'is', 'pr' (comma-separated or a list) or 'toy'. feature_net: a `FeatureNet` or a
+    `load_feature_net` spec (with `inception`, `resize`). ref: a reference `.npz`, a data spec, a `Reference`,
+    or, for 'toy', a `GaussianMixture` or an analytic spec. Samples come from `seeds` (default 0..n-1).
+    shape: the samples' shape, checked against the feature network now. Everything that would fail at the first
+    evaluation fails here instead: a reference made with another feature network (its recorded network, or its
+    dimension), KID/PR without reference features, IS without class logits.
     """
     from ..teachers.analytic import GaussianMixture, is_analytic_spec, load_analytic
 
@@ -240,6 +405,7 @@ def make_train_evaluator(metric: str | Sequence[str], feature_net: FeatureNet | 
     if len(seeds) < n:
         raise DiffdistillError(f"evaluation needs {n} seeds, got {len(seeds)}")
     seeds = seeds[:n]
+    options = options or MetricOptions()
     if "toy" in names:
         if names != ["toy"]:
             raise DiffdistillError("the exact 'toy' metrics cannot be combined with image metrics")
@@ -248,32 +414,26 @@ def make_train_evaluator(metric: str | Sequence[str], feature_net: FeatureNet | 
         if not isinstance(ref, GaussianMixture):
             raise DiffdistillError("the 'toy' metrics need the analytic data (a GaussianMixture or a "
                                    "toy:/gmm: spec)")
-    else:
-        if isinstance(feature_net, str) or feature_net is None:
-            feature_net = load_feature_net(feature_net or "inception", inception=inception)
-        if isinstance(ref, (str, os.PathLike)):
-            ref = reference_from_file(ref) if Path(ref).suffix == ".npz" and Path(ref).is_file() \
-                else reference_from_data(str(ref), feature_net)
-    options = options or MetricOptions()
-
-    @torch.no_grad()
-    def evaluate(method, ema=None, nimg: int | None = None) -> dict:
-        denoiser, sampling = method.export(ema)
-        was_training = denoiser.training
-        denoiser.eval()
-        try:
-            device = module_device(denoiser)
-            batches = generate(denoiser, sampling, rank_shard(seeds), device, batch, clamp="toy" not in names)
-            if "toy" in names:
-                from ..train.dist import all_gather_cat
-                samples = all_gather_cat(torch.cat([b for b in batches]).to(device)).cpu()
-                values = toy_metrics(ref, samples)
-                return {name: float(values[name]) for name in TOY_SCALARS}
-            feature_net.to(device)
-            feats, logits = compute_features(feature_net, batches)
-            results = image_metrics(names, feats, logits, ref, options)
-            return {name: float(r["value"]) for name, r in results.items()}
-        finally:
-            denoiser.train(was_training)
-
-    return evaluate
+        return TrainEvaluator(names, None, ref, seeds, batch, options, labelled)
+    if n < 2:
+        raise DiffdistillError(f"image metrics need at least 2 samples, got n={n}")
+    if isinstance(feature_net, str) or feature_net is None:
+        feature_net = load_feature_net(feature_net or "inception", inception=inception, resize=resize)
+    if shape is not None:
+        feature_net.check_images(torch.zeros((1, *shape), dtype=torch.uint8))
+    if isinstance(ref, (str, os.PathLike)):
+        ref = reference_from_file(ref) if Path(ref).suffix == ".npz" and Path(ref).is_file() \
+            else reference_from_data(str(ref), feature_net)
+    if "is" in names and feature_net.num_classes == 0:
+        raise DiffdistillError(f"the Inception Score needs class logits; feature network {feature_net.name!r} "
+                               "has none")
+    if {"fid", "kid", "pr"} & set(names):
+        if ref is None:
+            raise DiffdistillError(f"{', '.join(m for m in names if m != 'is')} need a reference")
+        check_reference(ref, feature_net)
+        if {"kid", "pr"} & set(names):
+            ref = reference_features(ref, feature_net, batch)      # a guided-diffusion reference batch's images
+            if ref.features is None:
+                raise DiffdistillError(f"{ref.source}: KID and precision/recall need the reference features "
+                                       "(write the reference with `diffdistill ref-stats --save-features`)")
+    return TrainEvaluator(names, feature_net, ref, seeds, batch, options, labelled)
