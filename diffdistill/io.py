@@ -117,7 +117,8 @@ def save_snapshot(path: str | Path, denoiser, sampling: dict | None = None, meta
 
 
 def load_snapshot(path: str | Path, device="cpu"):
-    """(denoiser in eval mode, sampling recipe, meta) from a snapshot directory."""
+    """(denoiser in eval mode, sampling recipe, meta) from a snapshot directory. The denoiser also carries the
+    recipe as its `sampling` attribute, which `samplers.sample` follows when given no sampler, steps or sigmas."""
     path = Path(path)
     cfg_path = path / SNAPSHOT_JSON
     if not cfg_path.is_file():
@@ -130,4 +131,6 @@ def load_snapshot(path: str | Path, device="cpu"):
     denoiser = build_denoiser(den_cfg)
     if denoiser.state_dict():
         load_state_strict(denoiser, load_tensors(path / SNAPSHOT_WEIGHTS), path / SNAPSHOT_WEIGHTS)
-    return denoiser.to(device).eval().requires_grad_(False), cfg.get("sampling", {}), cfg.get("meta", {})
+    sampling = cfg.get("sampling") or {}
+    denoiser.sampling = dict(sampling) if isinstance(sampling, dict) else {}
+    return denoiser.to(device).eval().requires_grad_(False), sampling, cfg.get("meta", {})

@@ -355,3 +355,145 @@ def test_eval_help_shows_the_default_sample_count(capsys):
     code, out, _ = run_cli(capsys, "eval", "--help")
     assert code == 0 and "50000 with Inception" in out and "10000 with a classifier" in out
     assert "--no-progress" in out and "--is-split-size" in out
+
+
+# --------------------------------------------------------------------------------------------------
+# Runs a user can always sample; --version, --debug after the command, the subcommand's usage
+
+
+def _stop_after_first_step(monkeypatch):
+    """Ctrl-C during the first step of the next training run (the loop finishes that step, then stops)."""
+    import os
+    import signal
+
+    from diffdistill.train import loop
+
+    real = loop._Run.train_step
+
+    def train_step(self, sums):
+        real(self, sums)
+        if self.step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(loop._Run, "train_step", train_step)
+
+
+def _scatter_of(snapshot, n, path):
+    from diffdistill.io import load_snapshot
+    from diffdistill.train.stats import save_scatter
+
+    den, recipe, _ = load_snapshot(snapshot)
+    x = sample(den, n, steps=recipe.get("steps"), sampler=recipe["sampler"], sigmas=recipe.get("sigmas"))
+    return np.asarray(Image.open(save_scatter(x, path)))
+
+
+def test_distill_grids_and_sampling_an_interrupted_run(capsys, tmp_path, monkeypatch):
+    run = tmp_path / "di"
+    cmd = ["distill", "di", "--teacher", "toy:ring8", "--out", str(run), "--max-steps", "3", "--batch", "16",
+           "--kimg", "0.048", "--no-progress"]
+    _stop_after_first_step(monkeypatch)
+    code, out, err = run_cli(capsys, *cmd)
+    assert code == 130 and "done" not in out
+    assert f"stopped at step 1 (0.016 kimg); {run / 'latest'} holds its sampler-ready EMA model" in err, err
+    assert not list(run.glob("samples-*.png"))           # no grid when stopped: Ctrl-C stops quickly
+    monkeypatch.undo()
+
+    # `sample RUN` reads RUN/latest (said on stderr), the same samples as the snapshot itself
+    code, out, err = run_cli(capsys, "sample", "npz", str(tmp_path / "a.npz"), str(run), "--n", "8", "--no-progress")
+    assert code == 0 and f"sampling {run / 'latest'} (step 1, 0.016 kimg)" in err, err
+    code, _, _ = run_cli(capsys, "sample", "npz", str(tmp_path / "b.npz"), str(run / "latest"), "--n", "8",
+                         "--no-progress")
+    assert code == 0
+    assert np.array_equal(np.load(tmp_path / "a.npz")["x"], np.load(tmp_path / "b.npz")["x"])
+
+    # a checkpoint is refused in one line that names the snapshot to sample
+    (ckpt_json,) = (run / "checkpoints").glob("ckpt-*.json")
+    for target in (run / "checkpoints", ckpt_json):
+        code, _, err = run_cli(capsys, "sample", "figures", str(tmp_path / "c.png"), str(target))
+        assert code == 1
+        assert_one_line_error(err, str(target), "training checkpoint", f"sample {run / 'latest'}")
+    import shutil
+    shutil.rmtree(run / "latest")                            # a run killed hard: checkpoints only
+    code, _, err = run_cli(capsys, "sample", "figures", str(tmp_path / "c.png"), str(run))
+    assert code == 1
+    assert_one_line_error(err, str(run), "no sampler-ready snapshot", "rerun the run's command")
+    code, _, err = run_cli(capsys, "sample", "figures", str(tmp_path / "c.png"), str(ckpt_json))
+    assert_one_line_error(err, "training checkpoint", f"{run} has none yet: rerun")
+
+    # rerunning the command finishes the run: RUN/model, RUN/latest gone, and a grid of RUN/model's samples by
+    # default (64 points from seeds 0..63, drawn by its recipe)
+    code, out, err = run_cli(capsys, *cmd)
+    assert code == 0 and out.splitlines()[-1] == f"done: {run / 'model'}", err
+    assert not (run / "latest").exists()
+    assert sorted(p.name for p in run.glob("samples-*.png")) == ["samples-final.png"]
+    expected = _scatter_of(run / "model", 64, tmp_path / "expected.png")
+    assert np.array_equal(np.asarray(Image.open(run / "samples-final.png")), expected)
+    code, out, err = run_cli(capsys, "sample", "npz", str(tmp_path / "m.npz"), str(run), "--n", "8",
+                             "--no-progress")
+    assert code == 0 and "did not finish" not in err
+
+    # --grid-kimg K: a readable name every K kimg as well; --grid-kimg 0: no grids at all
+    code, _, err = run_cli(capsys, *cmd[:5], str(tmp_path / "k"), *cmd[6:], "--grid-kimg", "0.032")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "k").glob("samples-*.png")) == ["samples-final.png",
+                                                                             "samples-kimg000000.032.png"]
+    code, _, err = run_cli(capsys, *cmd[:5], str(tmp_path / "none"), *cmd[6:], "--grid-kimg", "0")
+    assert code == 0, err
+    assert not list((tmp_path / "none").glob("samples-*.png"))
+
+
+def test_version_debug_after_the_command_and_the_subcommands_usage(capsys, tmp_path):
+    from diffdistill import __version__
+
+    code, out, _ = run_cli(capsys, "--version")
+    assert code == 0 and out == f"diffdistill {__version__}\n"
+    with pytest.raises(DiffdistillError, match="toy:ring9"):      # --debug after the command name
+        main(["sample", "figures", str(tmp_path / "b.png"), "toy:ring9", "--debug"])
+    with pytest.raises(DiffdistillError, match="toy:ring9"):
+        main(["distill", "di", "--debug", "--teacher", "toy:ring9", "--out", str(tmp_path / "d")])
+    code, _, err = run_cli(capsys, "sample", "figures", str(tmp_path / "b.png"), "toy:ring9")
+    assert code == 1 and "Traceback" not in err                  # without it: one line
+    # an unknown option: the usage of the (sub)command it was given to, one error line naming it
+    code, _, err = run_cli(capsys, "distill", "kd", "--teacher", "toy:ring8", "--out", str(tmp_path / "k"),
+                           "--bogus", "3")
+    assert code == 2 and err.startswith("usage: diffdistill distill kd "), err
+    assert_one_line_error(err, "diffdistill distill kd: error: unrecognized arguments: --bogus 3")
+    code, _, err = run_cli(capsys, "sample", "npz", "x.npz", "toy:ring8", "--nn", "3")
+    assert code == 2 and err.startswith("usage: diffdistill sample npz "), err
+    assert_one_line_error(err, "unrecognized arguments: --nn 3")
+    code, _, err = run_cli(capsys, "--bogus", "sample", "npz", "x.npz", "toy:ring8")
+    assert code == 2 and err.startswith("usage: diffdistill [-h]"), err
+    args = build_parser().parse_args(["sample", "npz", "x.npz", "toy:ring8"])
+    assert not any(k.startswith("_") for k in vars(args))        # nothing of the parser leaks into args
+
+
+def _distill_rank(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    import torch.distributed as tdist
+    try:
+        code = main(["distill", "di", "--teacher", "toy:ring8", "--out", out, "--max-steps", "2", "--batch", "16",
+                     "--kimg", "0.032", "--no-progress", "--device", "cpu"])
+        assert code == 0
+    finally:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
+def test_two_ranks_print_one_done_line(capfd, tmp_path):
+    """As under `torchrun --nproc_per_node=2`: two gloo processes, one "done: RUN/model" line (rank 1 printed
+    "done: None")."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_distill_rank, args=(2, port, str(tmp_path / "run")), nprocs=2, join=True,
+                       start_method="fork")
+    out = capfd.readouterr().out
+    assert [line for line in out.splitlines() if "done" in line] == [f"done: {tmp_path / 'run' / 'model'}"]

@@ -487,6 +487,16 @@ def test_diffdistill_sample_cli_and_converted_snapshot_reproduce_ddim_pipeline(t
                      "cpu", "--no-progress", *extra]) == 0
         x = torch.from_numpy(np.load(out)["x"])
         torch.testing.assert_close(as_pipeline_output(x), ref, atol=1e-5, rtol=0)
+    # The library's `sample` follows the loaded folder's own recipe too: DDIMPipeline's 50 steps with its clipping;
+    # a trainable copy of the teacher does not inherit it.
+    from diffdistill.methods.common import copy_denoiser
+    from diffdistill.samplers import sample
+
+    teacher = load_teacher(clipping)
+    ref50 = pipeline_images(unet, diffusers.DDIMScheduler(clip_sample=True, **kw), seeds, 50)
+    # (50 float32 steps in diffusers against our float64 state: 1e-4, the speed benchmark's agreement goal)
+    torch.testing.assert_close(as_pipeline_output(sample(teacher, seeds)), ref50, atol=1e-4, rtol=0)
+    assert teacher.sampling["sampler"] == "euler" and not hasattr(copy_denoiser(teacher), "sampling")
 
 
 def test_clip_denoised_is_ddim_with_the_clipped_model_output(tmp_path, unet):

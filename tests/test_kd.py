@@ -321,3 +321,34 @@ def test_recipes_are_the_official_settings(tmp_path, one_thread, name, want):
     assert (oc.lr, tuple(oc.betas), oc.eps, oc.warmup_kimg) == (want["lr"], want["betas"], 1e-8, want["warmup_kimg"])
     assert method.cfg.loss == want["loss"] and common.dropout_of(method.student) == 0
     assert ema_beta(args.batch, 0, *method.ema_default(args.batch)) == pytest.approx(want["decay"], abs=1e-12)
+
+
+def test_two_stage_workflow_through_the_cli(tmp_path, capsys, one_thread):
+    """`kd-pairs --n-pairs N` then `distill kd --pairs P` with no pair options (the kd-pairs --help example) trains on
+    those pairs without regenerating them, whatever the generation batch; a smaller --n-pairs uses the first pairs."""
+    from diffdistill.cli.main import build_parser, main
+
+    pairs, run = tmp_path / "pairs", tmp_path / "run"
+    assert main(["kd-pairs", "--teacher", "toy:ring8", "--pairs", str(pairs), "--n-pairs", "64", "--heldout", "16",
+                 "--shard-size", "32", "--pairs-steps", "2", "--gen-batch", "16", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert "64 training + 16 held-out pairs" in out and "pair" not in err    # --no-progress: no bar
+    before = {p.name: p.stat().st_mtime_ns for p in pairs.iterdir()}
+    loop = ["--max-steps", "2", "--batch", "16", "--kimg", "0.032", "--no-progress"]
+    assert main(["distill", "kd", "--teacher", "toy:ring8", "--pairs", str(pairs), "--out", str(run), *loop]) == 0
+    assert "kd: 64 pairs" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in pairs.iterdir()} == before   # reused, not remade
+    assert main(["distill", "kd", "--teacher", "toy:ring8", "--pairs", str(pairs), "--out", str(tmp_path / "r2"),
+                 "--n-pairs", "40", *loop]) == 0
+    assert "kd: 40 pairs" in capsys.readouterr().out
+    assert main(["kd-pairs", "--teacher", "toy:ring8", "--pairs", str(pairs), "--seed", "1", "--pairs-seed", "5",
+                 "--no-progress"]) == 1
+    assert "other settings (seed 0, asked 5)" in capsys.readouterr().err
+    # The examples of `kd-pairs --help` are commands of this CLI.
+    parser = build_parser()
+    epilog = parser._subparsers._group_actions[0].choices["kd-pairs"].epilog
+    commands = [c.split("diffdistill", 1)[1].split() for c in epilog.replace("\\\n", "").splitlines()
+                if "diffdistill " in c and not c.strip().startswith("#")]
+    assert len(commands) == 3
+    for argv in commands:
+        assert parser.parse_args(argv).func is not None

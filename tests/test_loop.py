@@ -210,10 +210,10 @@ def test_train_writes_stats_checkpoints_and_model(tmp_path):
     assert recipe == {"sampler": "euler", "steps": 4} and meta["step"] == 10
     assert set(den.state_dict()) == set(method.a.state_dict())
     # every 80 images: two grids and two snapshots, named by kimg to the image under 1 kimg
-    assert (run / "samples-000000.080.png").is_file() and (run / "samples-000000.160.png").is_file()
+    assert (run / "samples-kimg000000.080.png").is_file() and (run / "samples-kimg000000.160.png").is_file()
     assert (run / "samples-final.png").is_file()
-    assert sorted(p.name for p in run.glob("snapshot-*")) == ["snapshot-000000.080", "snapshot-000000.160"]
-    assert (run / "snapshot-000000.160" / "model.json").is_file()
+    assert sorted(p.name for p in run.glob("snapshot-*")) == ["snapshot-kimg000000.080", "snapshot-kimg000000.160"]
+    assert (run / "snapshot-kimg000000.160" / "model.json").is_file()
 
 
 def test_model_is_the_ema_not_the_raw_weights(tmp_path):
@@ -369,11 +369,12 @@ def test_needs_data(tmp_path):
 
 
 def test_sigint_finishes_the_step_and_saves(tmp_path):
+    before = signal.getsignal(signal.SIGINT)    # default_int_handler, or SIG_IGN in a backgrounded job
     method = Toy(kill_at=3)
     result = train(method, config(tmp_path, checkpoint_kimg=10.0), Points())
     assert result["interrupted"] and result["step"] == 4 and result["model"] is None
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path / "run")] == [4]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # handler restored
     resumed = train(Toy(), config(tmp_path, checkpoint_kimg=10.0), Points())
     assert resumed["step"] == 10 and resumed["model"]
 
@@ -419,3 +420,60 @@ def test_workers_tensorboard_and_bf16(tmp_path):
     result = train(Toy(), config(tmp_path, name="bf", max_steps=3, bf16=True), Points())
     last = json.loads((tmp_path / "bf" / "stats.jsonl").read_text().splitlines()[-1])
     assert result["step"] == 3 and np.isfinite(last["a/loss"])
+
+
+# --------------------------------------------------------------------------------------------------
+# What a user can sample: grids with readable names, RUN/latest after an interruption
+
+
+def test_output_names_say_kimg_and_sort_in_training_order():
+    from diffdistill.train.loop import kimg_label
+
+    assert kimg_label(200_000, 10) == "kimg000200" and kimg_label(1_999_999, 1) == "kimg001999"
+    assert kimg_label(640, 0.064) == "kimg000000.640" and kimg_label(12_345_678, 0.5) == "kimg012345.678"
+    names = [kimg_label(n, 0.064) for n in (64, 640, 6400, 64_000)]
+    assert sorted(names) == names
+
+
+def test_final_grid_without_periodic_grids_is_the_exported_models_samples(tmp_path):
+    from PIL import Image
+
+    from diffdistill import samplers
+    from diffdistill.train.stats import save_scatter
+
+    result = train(Toy(), config(tmp_path, final_grid=True, grid_n=32), Points())
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.glob("samples-*.png")) == ["samples-final.png"]
+    den, recipe, _ = io.load_snapshot(result["model"])
+    x = samplers.sample(den, 32, steps=recipe["steps"], sampler=recipe["sampler"])   # seeds 0..31, as the loop
+    expected = save_scatter(x, tmp_path / "expected.png")
+    assert np.array_equal(np.asarray(Image.open(run / "samples-final.png")), np.asarray(Image.open(expected)))
+    # final_grid only changes outputs, not training: rerunning with it off is the same run (resumes, no refusal)
+    assert "final_grid" not in json.loads((run / "config.json").read_text())["train"]
+    train(Toy(), config(tmp_path, "off"), Points())
+    assert not list((tmp_path / "off").glob("samples-*.png"))
+
+
+def test_an_interrupted_run_leaves_a_sampler_ready_latest_until_it_finishes(tmp_path):
+    from diffdistill.train.loop import run_snapshot
+
+    run = tmp_path / "run"
+    method = Toy(kill_at=3)
+    result = train(method, config(tmp_path, checkpoint_kimg=10.0), Points())
+    assert result["interrupted"] and result["model"] is None and result["rank"] == 0
+    assert result["latest"] == str(run / "latest") and run_snapshot(run) == run / "latest"
+    den, recipe, meta = io.load_snapshot(run / "latest")
+    assert recipe == {"sampler": "euler", "steps": 4}        # the method's export, as RUN/model would be
+    assert meta["step"] == 4 and meta["nimg"] == 64 and meta["interrupted"] is True
+    tensors, _ = ckpt.load_latest(run)                       # = the EMA of the checkpoint it stopped at
+    for k, v in den.state_dict().items():
+        assert torch.equal(v, tensors[f"ema.a.{k}"]), k
+    resumed = train(Toy(), config(tmp_path, checkpoint_kimg=10.0), Points())
+    assert resumed["model"] == str(run / "model") and resumed["latest"] is None
+    assert not (run / "latest").exists() and run_snapshot(run) == run / "model"
+    # a run started over (--force) drops the old run's RUN/latest at once (here it then fails at its first step)
+    train(Toy(kill_at=1), config(tmp_path, "again", checkpoint_kimg=10.0), Points())
+    assert (tmp_path / "again" / "latest").is_dir()
+    with pytest.raises(DiffdistillError, match="non-finite"):
+        train(Toy(nan_at=0), config(tmp_path, "again", checkpoint_kimg=10.0, force=True), Points())
+    assert not (tmp_path / "again" / "latest").exists()

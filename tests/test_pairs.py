@@ -16,6 +16,7 @@ from diffdistill.samplers import get_sampler
 from diffdistill.teachers.analytic import Gaussian, GaussianMixture, ring8
 
 SMALL = dict(n_pairs=500, heldout=100, shard_size=200, sampler="euler", steps=4, batch=64, seed=3)
+AS_BEFORE = dict(n_pairs=None, heldout=None, shard_size=None, sampler=None, steps=None, target_dtype=None, seed=None)
 
 
 def ddpm_gaussian(mu=0.0, std=1.0) -> GaussianMixture:
@@ -101,16 +102,16 @@ def test_ranks_write_disjoint_shards(tmp_path):
     calls = []
     orig = P.generate_shard
 
-    def spy(t, m, index, count, device="cpu"):
+    def spy(t, m, index, count, device="cpu", **kw):
         calls.append(index)
-        return orig(t, m, index, count, device)
+        return orig(t, m, index, count, device, **kw)
 
     P.generate_shard, saved = spy, P.generate_shard
     try:
         P.generate_pairs(teacher, tmp_path / "r", P.PairsConfig(**SMALL), rank=1, world=2, progress=False)
-        assert calls == [1, 3]
+        assert calls == [1, P.HELDOUT_INDEX]           # shards at positions 1 and 3 (the held-out one)
         P.generate_pairs(teacher, tmp_path / "r", P.PairsConfig(**SMALL), rank=0, world=2, progress=False)
-        assert calls == [1, 3, 0, 2]
+        assert calls == [1, P.HELDOUT_INDEX, 0, 2]
     finally:
         P.generate_shard = saved
     single = P.generate_pairs(teacher, tmp_path / "s", P.PairsConfig(**SMALL), progress=False)
@@ -122,11 +123,11 @@ def test_resume_after_a_kill_and_a_damaged_shard(tmp_path, monkeypatch):
     teacher, root, cfg = ring8(), tmp_path / "p", P.PairsConfig(**SMALL)
     orig, done = P.generate_shard, []
 
-    def dies_on_third(t, m, index, count, device="cpu"):
+    def dies_on_third(t, m, index, count, device="cpu", **kw):
         if len(done) == 2:
             raise KeyboardInterrupt  # the run is killed while making the third shard
         done.append(index)
-        return orig(t, m, index, count, device)
+        return orig(t, m, index, count, device, **kw)
 
     monkeypatch.setattr(P, "generate_shard", dies_on_third)
     with pytest.raises(KeyboardInterrupt):
@@ -136,9 +137,9 @@ def test_resume_after_a_kill_and_a_damaged_shard(tmp_path, monkeypatch):
     done.clear()
     remade = []
     monkeypatch.setattr(P, "generate_shard",
-                        lambda t, m, i, c, device="cpu": remade.append(i) or orig(t, m, i, c))
+                        lambda t, m, i, c, device="cpu", **kw: remade.append(i) or orig(t, m, i, c, **kw))
     m = P.generate_pairs(teacher, root, cfg, progress=False)
-    assert remade == [2, 3]                            # continues at the first missing shard
+    assert remade == [2, P.HELDOUT_INDEX]              # continues at the first missing shard
     # Damage a shard: reading it names the file; a rerun regenerates exactly it, with the same content.
     path = P.shard_path(root, "train-00001")
     good = path.read_bytes()
@@ -168,8 +169,12 @@ def test_refusals(tmp_path):
         P.generate_pairs(other, root, P.PairsConfig(**SMALL), progress=False)
     with pytest.raises(DiffdistillError, match="different teacher"):
         P.verify_pairs(root, other)
-    with pytest.raises(DiffdistillError, match="n_pairs"):
-        P.generate_pairs(ring8(), root, P.PairsConfig(**dict(SMALL, n_pairs=600)), progress=False)
+    # What changes the pairs is refused, named with the directory's value and the one asked for.
+    for change, words in ((dict(steps=5), "sampler euler with 4 steps, asked euler with 5 steps"),
+                          (dict(sampler="heun"), "asked heun with 4 steps"),
+                          (dict(seed=4), "seed 3, asked 4"), (dict(target_dtype="uint8"), "float16, asked uint8")):
+        with pytest.raises(DiffdistillError, match="other settings.*" + words):
+            P.generate_pairs(ring8(), root, P.PairsConfig(**dict(SMALL, **change)), progress=False)
     # A disk too small is refused before anything is written.
     huge = tmp_path / "huge"
     with pytest.raises(DiffdistillError, match="GiB are free"):
@@ -235,3 +240,116 @@ def test_stream_visits_every_pair_once_per_epoch(tmp_path):
     held = stream.heldout()
     assert held[0].shape == (100, 2)
     assert json.loads((root / "pairs.json").read_text())["teacher"] == P.teacher_fingerprint(ring8())
+
+
+def _generated_rows(monkeypatch) -> list[tuple[int, int]]:
+    """(seed index, rows the teacher runs on) of each shard generate_pairs makes from now on."""
+    calls, orig = [], P.generate_shard
+
+    def spy(t, m, index, count, device="cpu", keep=None, **kw):
+        calls.append((index, count - (0 if keep is None else len(keep["noise"]))))
+        return orig(t, m, index, count, device, keep=keep, **kw)
+
+    monkeypatch.setattr(P, "generate_shard", spy)
+    return calls
+
+
+def test_a_directory_serves_smaller_requests_and_extends_for_larger_ones(tmp_path, monkeypatch):
+    """Only the pairs' identity is compared: a smaller request reads the first pairs, a larger one adds exactly the
+    missing rows, and either way the pairs equal those of a fresh directory made at that size (any batch)."""
+    teacher, full = ring8(), P.PairsConfig(**SMALL)                     # 500 + 100 pairs, shards of 200
+    big = P.generate_pairs(teacher, tmp_path / "big", full, progress=False)
+    calls = _generated_rows(monkeypatch)
+    # Smaller, with another generation batch and shard size: nothing is generated, the first pairs are used.
+    small = P.PairsConfig(**dict(SMALL, n_pairs=300, heldout=50, batch=17, shard_size=50))
+    logged = []
+    view = P.generate_pairs(teacher, tmp_path / "big", small, progress=False, log=logged.append)
+    assert calls == [] and "keeps its shard size 200" in logged[0]
+    assert (view["n_pairs"], view["heldout"]) == (300, 50)
+    assert [(s["count"], s.get("stored")) for s in view["shards"]] == [(200, None), (100, 200), (50, 100)]
+    assert json.loads((tmp_path / "big" / "pairs.json").read_text())["n_pairs"] == 500   # the directory is kept
+    fresh = P.generate_pairs(teacher, tmp_path / "fresh", P.PairsConfig(**dict(SMALL, n_pairs=300, heldout=50,
+                                                                                batch=7)), progress=False)
+    a, b = P.PairStream(tmp_path / "big", view, seed=2), P.PairStream(tmp_path / "fresh", fresh, seed=2)
+    for x, y in zip(a.rows(0, 450), b.rows(0, 450)):                 # across an epoch boundary
+        assert (x is None and y is None) or torch.equal(x, y)
+    for x, y in zip(a.heldout(), b.heldout()):
+        assert (x is None and y is None) or torch.equal(x, y)
+    # Larger: the 300 + 50 directory grows to 500 + 100, computing only the 250 missing pairs.
+    calls.clear()
+    grown = P.generate_pairs(teacher, tmp_path / "fresh", P.PairsConfig(n_pairs=500, heldout=100, sampler=None,
+                                                                       steps=None, seed=None), progress=False)
+    assert sorted(calls) == [(P.HELDOUT_INDEX, 50), (1, 100), (2, 100)]
+    assert grown["shards"] == big["shards"]
+    for s in big["shards"]:                                          # the same pairs as made in one go
+        assert same_shard(P.shard_path(tmp_path / "big", s["name"]), P.shard_path(tmp_path / "fresh", s["name"]))
+    # Options left out (None) take the directory's: nothing to do.
+    calls.clear()
+    again = P.generate_pairs(teacher, tmp_path / "fresh", P.PairsConfig(**dict(AS_BEFORE, batch=3)), progress=False)
+    assert calls == [] and again == grown
+
+
+def test_directories_made_before_noise_blocks_keep_their_rule(tmp_path, monkeypatch):
+    """A manifest with `batch` (no `block`): blocks drawn at their actual length, shards seeded by position; an
+    extension keeps its pairs and gives new shards seed indices no shard has (not the held-out shard's)."""
+    teacher, root = ring8(), tmp_path / "old"
+    m = P.make_manifest(teacher, P.PairsConfig(**SMALL))
+    del m["block"]
+    m["batch"] = 64
+    for s in m["shards"]:
+        del s["index"]
+    root.mkdir()
+    (root / P.MANIFEST).write_text(json.dumps(m))                    # as the earlier code wrote it ...
+    P.generate_pairs(teacher, root, P.PairsConfig(**AS_BEFORE), progress=False)     # ... and its shards
+    last = P.load_shard(root, m, "train-00002")                       # 100 rows: blocks of 64 and 36
+    g = torch.Generator().manual_seed(P._seed(3, 2, 1))
+    assert torch.equal(last["noise"][64:], torch.randn(36, 2, generator=g).half())
+    held = P.shard_path(root, P.HELDOUT).read_bytes()
+    calls = _generated_rows(monkeypatch)
+    P.generate_pairs(teacher, root, P.PairsConfig(**dict(AS_BEFORE, n_pairs=700)), progress=False)
+    assert sorted(calls) == [(2, 200), (4, 100)]                      # index 3 is the held-out shard's
+    assert P.shard_path(root, P.HELDOUT).read_bytes() == held
+    full = P.verify_pairs(root)
+    noise = [P.load_shard(root, full, s["name"])["noise"][:36] for s in full["shards"]]
+    assert all(not torch.equal(noise[i], noise[j]) for i in range(5) for j in range(i))
+
+
+class _Bar:
+    """tqdm stand-in that records its updates."""
+    made: list = []
+
+    def __init__(self, total=None, disable=False, **kw):
+        self.total, self.disable, self.updates = total, disable, []
+        _Bar.made.append(self)
+
+    def update(self, n=1):
+        self.updates.append(n)
+
+    def close(self):
+        pass
+
+
+def test_progress_moves_per_batch_and_ctrl_c_says_rerun(tmp_path, monkeypatch, capsys):
+    import tqdm
+
+    monkeypatch.setattr(tqdm, "tqdm", _Bar)
+    _Bar.made.clear()
+    P.generate_pairs(ring8(), tmp_path / "p", P.PairsConfig(**SMALL), progress=True)
+    bar = _Bar.made[-1]
+    assert not bar.disable and bar.total == 600 and sum(bar.updates) == 600
+    assert bar.updates == [64, 64, 64, 8] * 2 + [64, 36] * 2          # one move per generation batch
+    P.generate_pairs(ring8(), tmp_path / "q", P.PairsConfig(**SMALL), progress=False)
+    assert _Bar.made[-1].disable
+    orig, made = P.generate_shard, []
+
+    def interrupted(*a, **kw):
+        if made:
+            raise KeyboardInterrupt
+        made.append(1)
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(P, "generate_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        P.generate_pairs(ring8(), tmp_path / "r", P.PairsConfig(**SMALL), progress=False)
+    err = capsys.readouterr().err
+    assert "1 of the 4 shards" in err and "rerun to continue" in err

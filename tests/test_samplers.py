@@ -269,3 +269,28 @@ def test_sample_starts_vp_discrete_teachers_from_their_prior():
     torch.testing.assert_close(one, vp(2.0 * noise.float(), 2.0))
     with pytest.raises(DiffdistillError, match="clip_denoised"):
         sample_euler(edm, noise, grid, clip_denoised=-1.0)
+
+
+def test_sample_follows_a_loaded_snapshots_recipe_unless_told_otherwise(tmp_path):
+    """`sample(student, n)` on a loaded one-step snapshot takes one step at its recipe's sigma, D(sigma z; sigma),
+    not Heun with 18 steps; explicit arguments win; a denoiser without a recipe keeps Heun-18."""
+    import diffdistill as dd
+    from diffdistill.io import save_snapshot
+
+    save_snapshot(tmp_path / "one", ring8(), {"sampler": "onestep", "sigmas": [2.5, 0.0]})
+    student = dd.load_teacher(tmp_path / "one")
+    z = make_noise(range(6), (2,))
+    want = ring8()(2.5 * z.double(), 2.5).float()                 # the closed form of one step at sigma 2.5
+    torch.testing.assert_close(sample(student, 6), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.cat(list(dd.iter_samples(student, 6, batch=4))), want, rtol=0, atol=1e-6)
+    heun18 = sample(ring8(), 6)                                    # no recipe: Heun, 18 steps, as before
+    assert torch.equal(heun18, sample(ring8(), 6, sampler="heun", steps=18))
+    assert torch.equal(sample(student, 6, steps=18), heun18)        # any explicit argument wins
+    assert torch.equal(sample(student, 6, sampler="heun"), heun18)
+    assert dd.load_snapshot(tmp_path / "one")[0].sampling == {"sampler": "onestep", "sigmas": [2.5, 0.0]}
+    # A recipe's options reach the sampler, and the caller's options win over them.
+    save_snapshot(tmp_path / "churn", ring8(), {"sampler": "heun", "steps": 4, "s_churn": 5.0})
+    churned = dd.load_teacher(tmp_path / "churn")
+    assert torch.equal(sample(churned, 6), sample(ring8(), 6, sampler="heun", steps=4, s_churn=5.0))
+    assert torch.equal(sample(churned, 6, s_churn=0.0), sample(ring8(), 6, sampler="heun", steps=4))
+    assert not torch.equal(sample(churned, 6), sample(ring8(), 6, sampler="heun", steps=4))

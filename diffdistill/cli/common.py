@@ -41,7 +41,8 @@ def add_loop_arguments(p: argparse.ArgumentParser, *, kimg: float | None, batch:
     g.add_argument("--snapshot-kimg", type=float, default=None, metavar="KIMG",
                    help="a sampler-ready snapshot RUN/snapshot-<kimg>/ every this many kimg (0: only RUN/model)")
     g.add_argument("--grid-kimg", type=float, default=None, metavar="KIMG",
-                   help="save a sample grid every this many kimg (0: none)")
+                   help="save a sample grid RUN/samples-kimg<kimg>.png every this many kimg (distill's default: "
+                        "one at the end, RUN/samples-final.png; 0: none)")
     g.add_argument("--resume", action="store_true", help="continue RUN even if its settings differ")
     g.add_argument("--force", action="store_true", help="start RUN over (deletes its checkpoints and stats)")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")

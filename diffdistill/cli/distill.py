@@ -27,16 +27,30 @@ examples:
   diffdistill distill pd --teacher runs/digits --data digits --out runs/pd-digits --start-steps 16 --end-steps 1
   # ... with FID during training (stats.jsonl's eval/fid-2k/digits_classifier; RUN/best = the lowest)
   diffdistill ref-stats digits --features digits --out digits-ref.npz
-  diffdistill distill gdd --teacher runs/digits --data digits --out runs/gdd-digits --recipe short \
+  diffdistill distill gdd --teacher runs/digits --data digits --out runs/gdd-digits --recipe short \\
       --metrics fid --ref digits-ref.npz --features digits --eval-kimg 5 --eval-n 2000
 
   # an EDM teacher converted with `diffdistill convert edm edm-cifar10-32x32-uncond-vp.pkl teachers/cifar`,
   # on 8 GPUs (rerunning the same command resumes from the newest checkpoint)
   torchrun --nproc_per_node=8 -m diffdistill distill di --teacher teachers/cifar --out runs/di-cifar \\
-      --batch 128 --kimg 200000 --init-sigma 1.0
+      --recipe cifar10
 
-The run directory gets config.json, command.txt, stats.jsonl, checkpoints/, sample grids and, at the end,
-model/ (the EMA student with its sampling recipe: `diffdistill sample figures OUT.png RUN`).
+The run directory gets config.json, command.txt, stats.jsonl, checkpoints/, samples-final.png (with --grid-kimg K
+also samples-kimg<kimg>.png) and, at the end, model/ (the EMA student with its sampling recipe: `diffdistill sample
+figures OUT.png RUN`); Ctrl-C leaves latest/, the same export of the unfinished run, which `sample RUN` reads.
+"""
+
+
+KD_PAIRS_EXAMPLES = """\
+examples:
+  # the pairs of a digits teacher, then a student trained on them (`distill kd` uses the directory as it is:
+  # no pair options needed; a smaller --n-pairs uses its first pairs, a larger one extends it)
+  diffdistill kd-pairs --teacher runs/digits --pairs runs/digits-pairs --n-pairs 100000 --heldout 10000
+  diffdistill distill kd --teacher runs/digits --pairs runs/digits-pairs --out runs/kd-digits
+
+  # the paper's 1.024M CIFAR-10 pairs on 8 GPUs (rerunning the same command continues where it stopped)
+  torchrun --nproc_per_node=8 -m diffdistill kd-pairs --teacher ./ddpm-cifar10-32 --pairs pairs-cifar \\
+      --n-pairs 1024000
 """
 
 
@@ -123,16 +137,12 @@ def register(subparsers) -> None:
     pp = subparsers.add_parser("kd-pairs", help="generate (noise, teacher sample) pairs for knowledge distillation",
                                description="Generate the (x_T, teacher(x_T)) pairs of the Denoising Student as "
                                            "resumable shards.",
-                               epilog="examples:\n"
-                                      "  diffdistill kd-pairs --teacher runs/digits --pairs runs/digits-pairs "
-                                      "--n-pairs 100000\n  torchrun --nproc_per_node=8 -m diffdistill kd-pairs "
-                                      "--teacher ./ddpm-cifar10-32 --pairs pairs-cifar --n-pairs 1024000\n"
-                                      "  diffdistill distill kd --teacher runs/digits --pairs runs/digits-pairs "
-                                      "--out runs/kd-digits",
+                               epilog=KD_PAIRS_EXAMPLES,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
     pp.add_argument("--teacher", required=True, metavar="SPEC", help="the teacher (see `distill --help`)")
     pp.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
     pp.add_argument("--seed", type=int, default=0, help="random seed")
+    pp.add_argument("--no-progress", action="store_true", help="no progress bar")
     kd.add_pairs_arguments(pp)
     pp.set_defaults(func=run_pairs)
 
@@ -163,6 +173,8 @@ def prepare(args, teacher=None):
     data = None
     if args.data is not None:
         data = open_dataset(args.data, xflip=args.xflip)
+        from ..data.labels import check_labels
+        check_labels(data, teacher, args.data, args.teacher)
         if tuple(data.shape) != tuple(teacher.shape):
             raise UsageError(f"--data {args.data} has samples of shape {tuple(data.shape)}, the teacher "
                              f"{args.teacher} makes {tuple(teacher.shape)}")
@@ -171,9 +183,11 @@ def prepare(args, teacher=None):
     method = module.build(args, teacher, data)
     data_spec = args.data or (args.teacher if is_analytic_spec(args.teacher) else None)
     settings = loop_settings(args)
-    # Defaults that scale with the run: 20 stats lines, 4 checkpoints, no grids (the EMA is the method's own).
+    # Defaults that scale with the run: 20 stats lines, 4 checkpoints; a grid of the student's samples at the end,
+    # RUN/samples-final.png (cheap: a 1-4 step student; --grid-kimg K adds one every K kimg, 0 turns grids off).
     settings.setdefault("tick_kimg", max(args.kimg / 20, 1e-3))
     settings.setdefault("checkpoint_kimg", max(args.kimg / 4, 1e-3))
+    settings["final_grid"] = args.grid_kimg != 0
     cfg = TrainConfig(**settings, meta=dict(method=args.method_module, teacher=args.teacher, data=data_spec,
                                             recipe=args.recipe))
     # --metrics, and a method's own model selection (KD: held-out loss), through the loop's evaluate hook
@@ -186,11 +200,21 @@ def run(args) -> int:
 
     args, method, cfg, data, evaluate = prepare(args)
     result = train(method, cfg, data, evaluate=evaluate)
+    return report_result(result)
+
+
+def report_result(result: dict) -> int:
+    """The last line of a training command (rank 0 only: under torchrun the other ranks say nothing) and its exit
+    status: 0 when the run finished, 130 when it was interrupted."""
+    main = result.get("rank", 0) == 0
     if result.get("interrupted"):
-        print(f"stopped at step {result['step']} ({result['nimg'] / 1000:g} kimg); rerun the same command "
-              "to continue", file=sys.stderr)
+        if main:
+            latest = f"; {result['latest']} holds its sampler-ready EMA model" if result.get("latest") else ""
+            print(f"stopped at step {result['step']} ({result['nimg'] / 1000:g} kimg){latest}; rerun the same "
+                  "command to continue", file=sys.stderr)
         return 130
-    print(f"done: {result['model']}")
+    if main:
+        print(f"done: {result['model']}")
     return 0
 
 

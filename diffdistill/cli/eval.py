@@ -118,14 +118,16 @@ def _default_features(shape) -> str:
 
 
 def _snapshot_dir(target: str) -> Path | None:
-    """The snapshot directory of a run (RUN/model) or snapshot, or None when `target` is image data."""
+    """The snapshot directory of a run (RUN/latest when interrupted, else RUN/model) or snapshot, or None when
+    `target` is image data."""
     from ..io import SNAPSHOT_JSON
+    from ..train.loop import run_snapshot
 
     path = Path(target)
     if path.is_dir() and (path / SNAPSHOT_JSON).is_file():
         return path
-    if path.is_dir() and (path / "model" / SNAPSHOT_JSON).is_file():
-        return path / "model"
+    if path.is_dir() and run_snapshot(path) is not None:
+        return run_snapshot(path)      # RUN/latest of an interrupted run, else RUN/model
     if path.is_dir() and not any(path.iterdir()):
         raise DiffdistillError(f"{path}: empty directory (not a run, a snapshot or an image folder)")
     return None

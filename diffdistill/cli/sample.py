@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -151,25 +152,55 @@ def sampling_plan(denoiser, recipe: dict | None, steps: int | None = None,
     return dict(sampler=name, sigmas=sigmas, options=options, nfe=nfe(name, sigmas))
 
 
-DIFFUSERS_STEPS = 50   # DDIMPipeline's default num_inference_steps
-
-
-def load_model(spec: str, device="cpu"):
+def load_model(spec: str, device="cpu", note=None):
     """(denoiser, recipe, meta) of a run dir, a snapshot, or any teacher spec `load_teacher` accepts (then the
-    meta is {} and the recipe is {}, or for a diffusers folder its DDIMPipeline: `ddim_recipe`, 50 steps)."""
+    meta is {} and the recipe the teacher's own `sampling`: a diffusers folder's DDIMPipeline, 50 steps).
+
+    A run dir gives `train.loop.run_snapshot`'s: RUN/latest when the run was interrupted (`note(text)` is told
+    so), else RUN/model. A training checkpoint (RUN/checkpoints/...) is refused in one line naming the snapshot to
+    use: it holds the method's whole state, and only the method knows how to export its student."""
     from ..io import SNAPSHOT_JSON, load_snapshot
     from ..teachers import is_analytic_spec, load_teacher
+    from ..train.loop import LATEST_DIR, run_snapshot
 
     path = Path(spec)
     if not is_analytic_spec(spec):
         if path.is_file() and path.name == SNAPSHOT_JSON:
             path = path.parent
-        for snap in (path, path / "model"):
-            if (snap / SNAPSHOT_JSON).is_file():
-                return load_snapshot(snap, device)
+        if (path / SNAPSHOT_JSON).is_file():
+            return load_snapshot(path, device)
+        snap = run_snapshot(path) if path.is_dir() else None
+        if snap is not None:
+            loaded = load_snapshot(snap, device)
+            if snap.name == LATEST_DIR and note is not None:
+                meta = loaded[2]
+                note(f"{spec}: the run did not finish; sampling {snap} (step {meta.get('step', '?')}, "
+                     f"{meta.get('kimg', '?')} kimg)")
+            return loaded
+        _refuse_checkpoint(path)
     teacher = load_teacher(spec, device)
-    recipe = teacher.ddim_recipe(DIFFUSERS_STEPS) if callable(getattr(teacher, "ddim_recipe", None)) else {}
-    return teacher, recipe, {}
+    return teacher, dict(getattr(teacher, "sampling", None) or {}), {}
+
+
+def _refuse_checkpoint(path: Path) -> None:
+    """A one-line error for a training checkpoint, or for a run that has checkpoints but no snapshot yet."""
+    from ..train.checkpoint import CHECKPOINT_DIR, list_checkpoints
+    from ..train.loop import run_snapshot
+
+    rerun = "rerun the run's command to continue it (Ctrl-C then writes RUN/latest)"
+    if path.name == CHECKPOINT_DIR and path.is_dir():
+        run = path.parent
+    elif path.parent.name == CHECKPOINT_DIR and path.name.startswith("ckpt-") and path.exists():
+        run = path.parent.parent
+    elif path.is_dir() and (path / "config.json").is_file() and list_checkpoints(path):
+        raise DiffdistillError(f"{path}: an unfinished run with checkpoints but no sampler-ready snapshot "
+                               f"(RUN/model or RUN/latest); {rerun}")
+    else:
+        return
+    snap = run_snapshot(run)
+    use = f"sample {snap} (or the run, {run})" if snap is not None else f"{run} has none yet: {rerun}"
+    raise DiffdistillError(f"{path}: a training checkpoint (the method's training state), not a sampler-ready "
+                           f"snapshot; {use}")
 
 
 def labels_for(denoiser, seeds: list[int], label: int | None, spec: str) -> torch.Tensor | None:
@@ -280,7 +311,7 @@ def run(args) -> int:
     elif out.exists() and not out.is_dir():
         raise DiffdistillError(f"{out}: exists and is not a directory")
     device = _device(args.device)
-    denoiser, recipe, _ = load_model(args.model, device)
+    denoiser, recipe, _ = load_model(args.model, device, note=lambda text: print(text, file=sys.stderr))
     shape = tuple(denoiser.shape)
     if args.n is None and args.seeds is None:
         args.n = (49 if is_image_shape(shape) else 2000) if args.kind == "figures" else 100

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..errors import UsageError
 from .common import add_loop_arguments, check_loop_arguments, loop_settings, training_evaluation, training_evaluator
@@ -110,9 +109,6 @@ def run(args) -> int:
     cfg = train_config(preset, args.out, meta=meta, **overrides)
     evaluate = training_evaluation(args, cfg, evaluator)
     result = train(method, cfg, data, evaluate=evaluate)
-    if result["interrupted"]:
-        print(f"stopped at step {result['step']} ({result['nimg'] / 1000:g} kimg); rerun the same command "
-              "to continue", file=sys.stderr)
-        return 130
-    print(f"done: {result['model']}")
-    return 0
+    from .distill import report_result
+
+    return report_result(result)   # rank 0 only: "done: RUN/model" or "stopped at step ..."

@@ -7,6 +7,14 @@ for class-conditional teachers, `cond` (int64 labels). Each shard is written ato
 fingerprint and a checksum in its metadata, so generation resumes at the first missing shard and a damaged
 shard is found (and regenerated). Under torchrun rank r writes shards r, r+W, ... Memory is bounded by one
 shard (two while reading across a shard boundary).
+
+Pair k of a shard depends on (seed, the shard's index, k) only, not on the generation batch: its noise comes
+from fixed blocks of `block` rows, each drawn whole from its own generator. So a directory serves any smaller
+request with its first pairs (`n_pairs`, `heldout`), and a larger request extends it: new shards are added and a
+short last shard is completed, its finished rows kept. Only what changes the pairs is compared with an existing
+directory: teacher, sampler recipe (sampler, steps, grid, prior scale), seed and target dtype. Directories made
+before blocks existed (manifest key `batch`, blocks drawn at their actual length) are read and extended with
+their own rule.
 """
 
 from __future__ import annotations
@@ -15,7 +23,8 @@ import hashlib
 import json
 import math
 import shutil
-from dataclasses import asdict, dataclass
+import sys
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -29,23 +38,30 @@ FORMAT = "diffdistill-pairs/1"
 MANIFEST = "pairs.json"
 HELDOUT = "heldout"
 SHARD_OVERHEAD = 4096          # bytes per shard for the safetensors header and metadata (an upper bound)
+BLOCK = 512                    # rows per noise block of new directories (each block has its own generator)
+HELDOUT_INDEX = -1             # the seed index of the held-out shard of new directories (train shards: 0, 1, ...)
 
 
 @dataclass
 class PairsConfig:
-    """What pairs to generate; recorded in pairs.json, and a resumed run must ask for the same."""
+    """What pairs to generate. None: as in an existing pairs directory, else the default in brackets."""
 
-    n_pairs: int = 1_024_000     # training pairs (paper: 1.024M for CIFAR-10)
-    heldout: int = 51_200        # held-out pairs for model selection, one extra shard (0 = none)
-    shard_size: int = 102_400    # pairs per shard (paper: 102,400)
-    sampler: str = "auto"        # auto | ddim-quad | ddim-uniform | euler | heun (auto: ddim-quad for a
-                                 # discrete DDPM teacher, heun for continuous ones)
-    steps: int = 0               # sampler steps; 0 = default (ddim-quad 100, ddim-uniform 50, heun 18,
-                                 # euler 50)
-    target_dtype: str = "auto"   # float16 | uint8 (paper: clip, *127.5+127.5, truncate) | auto (uint8 for
-                                 # images, float16 otherwise)
-    batch: int = 512             # generation batch size (no effect on the pairs)
-    seed: int = 0                # pair k of shard s depends on (seed, s, k // batch) only
+    n_pairs: int | None = 1_024_000  # training pairs [1,024,000, the paper's for CIFAR-10]; fewer than a
+                                     # directory holds: its first n_pairs; more: it is extended
+    heldout: int | None = 51_200     # held-out pairs for model selection, one extra shard (0 = none) [51,200]
+    shard_size: int | None = 102_400  # pairs per shard of a new directory [102,400, the paper's]; an existing
+                                      # directory keeps its own
+    sampler: str | None = "auto"     # auto | ddim-quad | ddim-uniform | euler | heun (auto: ddim-quad for a
+                                     # discrete DDPM teacher, heun for continuous ones)
+    steps: int | None = 0            # sampler steps; 0 = default (ddim-quad 100, ddim-uniform 50, heun 18,
+                                     # euler 50)
+    target_dtype: str | None = "auto"  # float16 | uint8 (paper: clip, *127.5+127.5, truncate) | auto (uint8
+                                       # for images, float16 otherwise)
+    batch: int = 512                 # generation batch size (no effect on the pairs)
+    seed: int | None = 0             # pair k of shard s depends on (seed, s, k) only
+
+
+_DEFAULTS = PairsConfig()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,6 +133,13 @@ def ddpm_uniform_sigmas(discrete_sigmas: Tensor, steps: int = 50) -> Tensor:
     return torch.cat([table[idx.flip(0)], table.new_zeros(1)])
 
 
+def sampler_name(teacher: Denoiser, name: str | None) -> str:
+    """'auto' (or None): ddim-quad for a discrete DDPM teacher, heun for continuous ones; else `name`."""
+    if name in (None, "auto"):
+        return "ddim-quad" if getattr(teacher, "discrete_sigmas", None) is not None else "heun"
+    return name
+
+
 def teacher_recipe(teacher: Denoiser, cfg: PairsConfig) -> dict:
     """The deterministic sampler that makes the targets: {'name', 'sampler', 'sigmas', 'prior_scale'}.
 
@@ -129,9 +152,7 @@ def teacher_recipe(teacher: Denoiser, cfg: PairsConfig) -> dict:
     from ..samplers import prior_scale
 
     discrete = getattr(teacher, "discrete_sigmas", None)
-    name = cfg.sampler
-    if name == "auto":
-        name = "ddim-quad" if discrete is not None else "heun"
+    name = sampler_name(teacher, cfg.sampler)
     if name in ("ddim-quad", "ddim-uniform"):
         if discrete is None:
             raise DiffdistillError(f"pair sampler {name!r} needs a discrete-time (DDPM) teacher; "
@@ -154,7 +175,7 @@ def teacher_recipe(teacher: Denoiser, cfg: PairsConfig) -> dict:
 
 
 def resolve_target_dtype(cfg: PairsConfig, shape) -> str:
-    if cfg.target_dtype == "auto":
+    if cfg.target_dtype in (None, "auto"):
         return "uint8" if len(shape) == 3 else "float16"
     if cfg.target_dtype not in ("uint8", "float16"):
         raise DiffdistillError(f"unknown target dtype {cfg.target_dtype!r} (auto, float16, uint8)")
@@ -186,20 +207,41 @@ def shard_path(root: Path, name: str) -> Path:
     return Path(root) / f"{name}.safetensors"
 
 
+def _filled(cfg: PairsConfig) -> PairsConfig:
+    """`cfg` with every None replaced by its default (for a new directory)."""
+    return replace(cfg, **{f.name: getattr(_DEFAULTS, f.name) for f in fields(cfg) if getattr(cfg, f.name) is None})
+
+
 def make_manifest(teacher: Denoiser, cfg: PairsConfig) -> dict:
-    """The description of a pairs directory (pairs.json): everything a resumed run must agree on."""
+    """The description of a new pairs directory (pairs.json). Every shard records the `index` its noise is
+    seeded by: training shards 0, 1, ..., the held-out shard HELDOUT_INDEX."""
+    cfg = _filled(cfg)
     if cfg.n_pairs < 1 or cfg.shard_size < 1 or cfg.heldout < 0 or cfg.batch < 1:
         raise DiffdistillError(f"need n_pairs, shard_size, batch >= 1 and heldout >= 0, got {asdict(cfg)}")
     n_train = math.ceil(cfg.n_pairs / cfg.shard_size)
-    shards = [dict(name=f"train-{i:05d}", count=min(cfg.shard_size, cfg.n_pairs - i * cfg.shard_size))
+    shards = [dict(name=f"train-{i:05d}", count=min(cfg.shard_size, cfg.n_pairs - i * cfg.shard_size), index=i)
               for i in range(n_train)]
     if cfg.heldout:
-        shards.append(dict(name=HELDOUT, count=cfg.heldout))
+        shards.append(dict(name=HELDOUT, count=cfg.heldout, index=HELDOUT_INDEX))
     return dict(format=FORMAT, teacher=teacher_fingerprint(teacher), shape=list(teacher.shape),
                 label_dim=teacher.label_dim, n_pairs=cfg.n_pairs, heldout=cfg.heldout,
-                shard_size=cfg.shard_size,
-                seed=cfg.seed, batch=cfg.batch, target_dtype=resolve_target_dtype(cfg, teacher.shape),
+                shard_size=cfg.shard_size, seed=cfg.seed, block=BLOCK,
+                target_dtype=resolve_target_dtype(cfg, teacher.shape),
                 recipe=teacher_recipe(teacher, cfg), shards=shards)
+
+
+def _block(m: dict) -> tuple[int, bool]:
+    """(rows per noise block, whether blocks are drawn whole) of a manifest. Directories made before blocks
+    existed record their generation `batch`, and drew each block at its actual length."""
+    return (int(m["block"]), True) if "block" in m else (int(m["batch"]), False)
+
+
+def _with_indices(m: dict) -> dict:
+    """A manifest whose shards all name their seed index (older ones: their position)."""
+    m = dict(m, shards=[dict(s) for s in m["shards"]])
+    for i, s in enumerate(m["shards"]):
+        s.setdefault("index", i)
+    return m
 
 
 def bytes_per_pair(m: dict) -> int:
@@ -234,7 +276,8 @@ def _digest(tensors: dict[str, Tensor]) -> str:
 
 
 def read_shard(root: Path, m: dict, name: str, count: int) -> tuple[dict[str, Tensor] | None, str | None]:
-    """(tensors, None) when shard `name` is complete and matches the manifest, else (None, why it is not)."""
+    """(tensors, None) when shard `name` is complete with `count` rows and matches the manifest, else
+    (None, why it is not)."""
     from safetensors import SafetensorError, safe_open
 
     path = shard_path(root, name)
@@ -248,6 +291,9 @@ def read_shard(root: Path, m: dict, name: str, count: int) -> tuple[dict[str, Te
         return None, f"unreadable ({e})"
     if meta.get("teacher") != m["teacher"]:
         return None, f"made by another teacher ({meta.get('teacher')})"
+    index = next((s.get("index", i) for i, s in enumerate(m["shards"]) if s["name"] == name), None)
+    if index is not None and meta.get("index") != str(index):
+        return None, f"made for another shard (index {meta.get('index')}, expected {index})"
     dim = tuple(m["shape"])
     want = {"noise": (torch.float16, (count, *dim)),
             "target": (torch.uint8 if m["target_dtype"] == "uint8" else torch.float16, (count, *dim))}
@@ -265,12 +311,15 @@ def read_shard(root: Path, m: dict, name: str, count: int) -> tuple[dict[str, Te
 
 
 def load_shard(root: str | Path, m: dict, name: str) -> dict[str, Tensor]:
-    """A verified shard as {'noise', 'target', 'cond'?}; a damaged one is named in the error."""
-    count = next(s["count"] for s in m["shards"] if s["name"] == name)
-    tensors, problem = read_shard(Path(root), m, name, count)
+    """A verified shard as {'noise', 'target', 'cond'?}; a damaged one is named in the error. A manifest that
+    uses only the first rows of a shard (`count` below its `stored` rows) gets those."""
+    spec = next(s for s in m["shards"] if s["name"] == name)
+    tensors, problem = read_shard(Path(root), m, name, spec.get("stored", spec["count"]))
     if problem:
         raise DiffdistillError(f"{shard_path(root, name)}: {problem}; rerun `diffdistill kd-pairs` "
                                "(or `distill kd`) with the same options to regenerate it")
+    if "stored" in spec:
+        tensors = {k: v[:spec["count"]] for k, v in tensors.items()}
     return tensors
 
 
@@ -290,32 +339,57 @@ def _same_but_prior_scale(old, new: dict) -> bool:
     return drop(old) == drop(new)
 
 
+def _noise_block(m: dict, index: int, b: int, count: int) -> tuple[Tensor, Tensor | None]:
+    """Rows b*block ... of shard `index` (at most `count` - b*block of them): unit noise (float16) and labels."""
+    block, whole = _block(m)
+    n = min(block, count - b * block)
+    g = torch.Generator().manual_seed(_seed(m["seed"], index, b))
+    draw = block if whole else n
+    z = torch.randn(draw, *m["shape"], generator=g).half()          # x_T is stored as float16 (§2.2)
+    c = torch.randint(m["label_dim"], (draw,), generator=g) if m["label_dim"] else None
+    return z[:n], None if c is None else c[:n]
+
+
 @torch.no_grad()
-def generate_shard(teacher: Denoiser, m: dict, index: int, count: int, device="cpu") -> dict[str, Tensor]:
-    """Pairs of shard `index`: batch b draws noise (and labels) from a generator seeded by (seed, index, b)"""
+def generate_shard(teacher: Denoiser, m: dict, index: int, count: int, device="cpu", batch: int | None = None,
+                   keep: dict[str, Tensor] | None = None, step=None) -> dict[str, Tensor]:
+    """Pairs of shard `index`: row k's noise (and label) is row k % block of block k // block, drawn from a
+    generator seeded by (seed, index, k // block). The teacher runs on `batch` rows at a time (default: one
+    block), calling `step(rows)` after each; `keep`: the shard's first rows, already made (not recomputed)."""
     from ..samplers import get_sampler
 
     recipe = m["recipe"]
     fn = get_sampler(recipe["sampler"])
     sigmas = torch.tensor(recipe["sigmas"], dtype=torch.float64)
     shape = tuple(m["shape"])
+    block = _block(m)[0]
+    batch = batch or block
     noise = torch.empty(count, *shape, dtype=torch.float16)
     target = torch.empty(count, *shape, dtype=torch.uint8 if m["target_dtype"] == "uint8" else torch.float16)
     cond = torch.empty(count, dtype=torch.int64) if m["label_dim"] else None
-    for b, start in enumerate(range(0, count, m["batch"])):
-        n = min(m["batch"], count - start)
-        g = torch.Generator().manual_seed(_seed(m["seed"], index, b))
-        z = torch.randn(n, *shape, generator=g).half()           # x_T is stored as float16 (§2.2) ...
-        c = torch.randint(m["label_dim"], (n,), generator=g) if cond is not None else None
-        # ... and the teacher starts from exactly the stored value, so every pair is self-consistent.
-        y = fn(teacher, z.float().to(device) * recipe["prior_scale"], sigmas.to(device),
-               cond=None if c is None else c.to(device))
+    first = 0
+    if keep is not None:
+        first = len(keep["noise"])
+        noise[:first], target[:first] = keep["noise"], keep["target"]
+        if cond is not None:
+            cond[:first] = keep["cond"]
+    for b in range(first // block, math.ceil(count / block)):
+        z, c = _noise_block(m, index, b, count)
+        lo = max(b * block, first)
+        noise[lo:b * block + len(z)] = z[lo - b * block:]
+        if cond is not None:
+            cond[lo:b * block + len(z)] = c[lo - b * block:]
+    for start in range(first, count, batch):
+        n = min(batch, count - start)
+        c = None if cond is None else cond[start:start + n].to(device)
+        # The teacher starts from exactly the stored value, so every pair is self-consistent.
+        y = fn(teacher, noise[start:start + n].float().to(device) * recipe["prior_scale"], sigmas.to(device),
+               cond=c)
         if not bool(torch.isfinite(y).all()):
             raise DiffdistillError(f"the teacher produced non-finite samples in shard {index}")
-        noise[start:start + n] = z
         target[start:start + n] = encode_target(y.cpu(), m["target_dtype"])
-        if cond is not None:
-            cond[start:start + n] = c
+        if step is not None:
+            step(n)
     out = {"noise": noise, "target": target}
     if cond is not None:
         out["cond"] = cond
@@ -334,13 +408,101 @@ def check_free_space(root: Path, needed: int) -> None:
                                "--pairs directory")
 
 
+def _describe_recipe(r: dict) -> str:
+    return f"{r.get('name')} with {len(r.get('sigmas', [])) - 1} steps"
+
+
+def _merge(teacher: Denoiser, root: Path, cfg: PairsConfig, old: dict) -> tuple[dict, dict[str, int]]:
+    """The manifest of an existing directory grown to serve `cfg`, and {shard name: rows it had} for the shards
+    that grow. Refuses what would change the pairs (teacher, recipe, seed, target dtype)."""
+    fingerprint = teacher_fingerprint(teacher)
+    if old.get("teacher") != fingerprint:
+        raise DiffdistillError(f"{root}: these pairs were made by a different teacher (fingerprint "
+                               f"{old.get('teacher')}, this teacher is {fingerprint}); "
+                               "use a new --pairs directory")
+    old = _with_indices(old)
+    name = sampler_name(teacher, cfg.sampler if cfg.sampler is not None else old["recipe"].get("name"))
+    if cfg.steps is None and name == old["recipe"].get("name"):
+        recipe = old["recipe"]
+    else:
+        recipe = teacher_recipe(teacher, replace(cfg, sampler=name, steps=cfg.steps or 0))
+        if _same_but_prior_scale(old["recipe"], recipe):
+            # Made before the Karras-grid samplers started a discrete teacher from its VP prior: finish the
+            # directory with the start it was made with, so that all its pairs agree.
+            recipe = old["recipe"]
+    seed = old["seed"] if cfg.seed is None else cfg.seed
+    dtype = old["target_dtype"] if cfg.target_dtype is None else resolve_target_dtype(cfg, teacher.shape)
+    diff = []
+    if recipe != old["recipe"]:
+        same = _describe_recipe(recipe) == _describe_recipe(old["recipe"])
+        diff.append(f"sampler {_describe_recipe(old['recipe'])}"
+                    + (" (another grid or prior scale)" if same else f", asked {_describe_recipe(recipe)}"))
+    if seed != old["seed"]:
+        diff.append(f"seed {old['seed']}, asked {seed}")
+    if dtype != old["target_dtype"]:
+        diff.append(f"target dtype {old['target_dtype']}, asked {dtype}")
+    if list(teacher.shape) != old["shape"] or teacher.label_dim != old["label_dim"]:
+        diff.append(f"shape {old['shape']} with {old['label_dim']} classes")
+    if diff:
+        raise DiffdistillError(f"{root}: these pairs were made with other settings ({'; '.join(diff)}); leave "
+                               "those options out (or repeat the directory's) to use these pairs, or choose a "
+                               "new --pairs directory")
+    n = old["n_pairs"] if cfg.n_pairs is None else cfg.n_pairs
+    held = old["heldout"] if cfg.heldout is None else cfg.heldout
+    if n < 1 or held < 0:
+        raise DiffdistillError(f"need n_pairs >= 1 and heldout >= 0, got {n} and {held}")
+    m = dict(old, shards=[])
+    train = [s for s in old["shards"] if s["name"] != HELDOUT]
+    held_spec = next((s for s in old["shards"] if s["name"] == HELDOUT), None)
+    grown: dict[str, int] = {}
+    used = [s["index"] for s in old["shards"]]
+    size = old["shard_size"]
+    if n > old["n_pairs"]:
+        m["n_pairs"] = n
+        for i in range(math.ceil(n / size)):
+            count = min(size, n - i * size)
+            if i < len(train):
+                if count != train[i]["count"]:
+                    grown[train[i]["name"]] = train[i]["count"]
+                    train[i] = dict(train[i], count=count)
+            else:
+                used.append(max(used, default=-1) + 1)   # a new seed index (an old held-out shard keeps its own)
+                train.append(dict(name=f"train-{i:05d}", count=count, index=used[-1]))
+    if held > old["heldout"]:
+        m["heldout"] = held
+        if held_spec is None:
+            held_spec = dict(name=HELDOUT, count=held,
+                             index=HELDOUT_INDEX if _block(old)[1] else max(used, default=-1) + 1)
+        else:
+            grown[HELDOUT] = held_spec["count"]
+            held_spec = dict(held_spec, count=held)
+    m["shards"] = train + ([held_spec] if held_spec else [])
+    return m, grown
+
+
+def _view(m: dict, n: int, held: int) -> dict:
+    """The manifest of the first `n` training and `held` held-out pairs of `m` (shards trimmed to the rows used
+    name their `stored` rows)."""
+    shards = []
+    for s in m["shards"]:
+        want = held if s["name"] == HELDOUT else min(s["count"], n - sum(
+            t["count"] for t in shards if t["name"] != HELDOUT))
+        if want > 0:
+            shards.append(dict(s, count=want, stored=s["count"]) if want < s["count"] else dict(s))
+    return dict(m, n_pairs=n, heldout=held, shards=shards)
+
+
 def generate_pairs(teacher: Denoiser, root: str | Path, cfg: PairsConfig, device="cpu",
                    rank: int | None = None, world: int | None = None, progress: bool = True,
                    log=print) -> dict:
-    """Make (or complete) the pairs directory `root`; returns its manifest.
+    """Make, complete or extend the pairs directory `root`; returns the manifest of the pairs asked for.
 
-    Refuses a directory made by another teacher or with other settings, and a disk too small for what is
-    missing, before generating anything. Complete shards are kept; missing and damaged ones are (re)made.
+    Fields of `cfg` that are None take an existing directory's values (else the defaults). An existing
+    directory made by another teacher or with another recipe, seed or target dtype is refused before anything
+    is generated; it keeps its shard size. A request for fewer pairs than it holds gets its first pairs (the
+    returned manifest lists only those); a request for more extends it (rerunnable: the manifest is written
+    first, then shard by shard). Complete shards are kept; missing and damaged ones are (re)made; the disk is
+    checked for what is missing first.
     """
     from ..train import dist
 
@@ -348,56 +510,70 @@ def generate_pairs(teacher: Denoiser, root: str | Path, cfg: PairsConfig, device
     world = dist.world_size() if world is None else world
     root = Path(root)
     check_deterministic_teacher(teacher)
-    m = make_manifest(teacher, cfg)
+    if cfg.batch < 1:
+        raise DiffdistillError(f"need a generation batch >= 1, got {cfg.batch}")
+    grown: dict[str, int] = {}
     if (root / MANIFEST).is_file():
         old = read_manifest(root)
-        if old.get("teacher") != m["teacher"]:
-            raise DiffdistillError(f"{root}: these pairs were made by a different teacher (fingerprint "
-                                   f"{old.get('teacher')}, this teacher is {m['teacher']}); "
-                                   "use a new --pairs directory")
-        if _same_but_prior_scale(old.get("recipe"), m["recipe"]):
-            # Made before the Karras-grid samplers started a discrete teacher from its VP prior: finish the
-            # directory with the start it was made with, so that all its pairs agree.
-            m["recipe"] = old["recipe"]
-        keys = ("n_pairs", "heldout", "shard_size", "seed", "batch", "target_dtype", "recipe", "shape")
-        diff = [k for k in keys if old.get(k) != m[k]]
-        if diff:
-            was = ", ".join(f"{k}={old.get(k)!r}" for k in diff if k != "recipe")
-            raise DiffdistillError(f"{root}: these pairs were made with other settings ({', '.join(diff)} "
-                                   f"differ{': ' + was if was else ''}); use the same options or a new "
-                                   "--pairs directory")
-    # Which shards this rank must (re)make.
+        m, grown = _merge(teacher, root, cfg, old)
+        write = m != _with_indices(old)
+        n = old["n_pairs"] if cfg.n_pairs is None else cfg.n_pairs
+        held = old["heldout"] if cfg.heldout is None else cfg.heldout
+        if cfg.shard_size is not None and cfg.shard_size != m["shard_size"] and rank == 0:
+            log(f"{root}: keeps its shard size {m['shard_size']} (asked {cfg.shard_size})")
+    else:
+        m = make_manifest(teacher, cfg)
+        write, n, held = True, m["n_pairs"], m["heldout"]
+    view = _view(m, n, held)
+    wanted = {s["name"] for s in view["shards"]}
+    # Which shards this rank must (re)make, and the finished rows of a short shard that grows.
     todo = []
     for i, s in enumerate(m["shards"]):
-        if i % world != rank:
+        if i % world != rank or s["name"] not in wanted:
             continue
         problem = read_shard(root, m, s["name"], s["count"])[1]
-        if problem is not None:
-            if problem != "missing":
-                log(f"{shard_path(root, s['name'])}: {problem}; regenerating it")
-            todo.append((i, s))
+        if problem is None:
+            continue
+        keep = None
+        if s["name"] in grown:
+            if _block(m)[1]:     # whole blocks: the short shard's rows are the first rows of the longer one
+                keep = read_shard(root, m, s["name"], grown[s["name"]])[0]
+        elif problem != "missing":
+            log(f"{shard_path(root, s['name'])}: {problem}; regenerating it")
+        todo.append((s, keep))
     # Disk, before anything is written: every rank's missing shards plus this rank's damaged ones.
-    todo_names = {s["name"] for _, s in todo}
+    todo_names = {s["name"] for s, _ in todo}
     needed = sum(shard_bytes(m, s["count"]) for s in m["shards"]
-                 if s["name"] in todo_names or not shard_path(root, s["name"]).is_file())
+                 if s["name"] in wanted and (s["name"] in todo_names or not shard_path(root, s["name"]).is_file()))
     check_free_space(root, needed)
     root.mkdir(parents=True, exist_ok=True)
-    if rank == 0 and not (root / MANIFEST).is_file():
+    if rank == 0 and write:
         atomic_write_json(root / MANIFEST, m)
     from tqdm import tqdm
 
-    bar = tqdm(total=sum(s["count"] for _, s in todo), unit="pair", disable=not progress or not todo,
+    total = sum(s["count"] - (0 if keep is None else len(keep["noise"])) for s, keep in todo)
+    bar = tqdm(total=total, unit="pair", disable=not progress or not todo, dynamic_ncols=True,
                desc=f"pairs (rank {rank})" if world > 1 else "pairs")
-    for i, s in todo:
-        tensors = generate_shard(teacher, m, i, s["count"], device)
-        meta = dict(format=FORMAT, teacher=m["teacher"], shard=s["name"], index=str(i), count=str(s["count"]),
-                    seed=str(m["seed"]), target_dtype=m["target_dtype"], sha256=_digest(tensors))
-        atomic_save_tensors(shard_path(root, s["name"]), tensors, metadata=meta)
-        del tensors  # else the finished shard stays alive while the next one is generated
-        bar.update(s["count"])
+    made = 0
+    try:
+        for s, keep in todo:
+            tensors = generate_shard(teacher, m, s["index"], s["count"], device, batch=cfg.batch, keep=keep,
+                                     step=bar.update)
+            meta = dict(format=FORMAT, teacher=m["teacher"], shard=s["name"], index=str(s["index"]),
+                        count=str(s["count"]), seed=str(m["seed"]), target_dtype=m["target_dtype"],
+                        sha256=_digest(tensors))
+            atomic_save_tensors(shard_path(root, s["name"]), tensors, metadata=meta)
+            del tensors, keep  # else the finished shard stays alive while the next one is generated
+            made += 1
+    except KeyboardInterrupt:
+        bar.close()
+        if rank == 0:
+            print(f"{root}: stopped; {made} of the {len(todo)} shards to make are written and kept (a shard is "
+                  "written whole); rerun to continue", file=sys.stderr)
+        raise
     bar.close()
     dist.barrier()
-    return m
+    return view
 
 
 def verify_pairs(root: str | Path, teacher: Denoiser | None = None) -> dict:

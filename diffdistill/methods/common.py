@@ -88,6 +88,7 @@ def copy_denoiser(denoiser: Denoiser, boundary: bool = False, dropout: float | N
         raise DiffdistillError("the teacher has no weights to copy (an analytic teacher): "
                                "use student_from_teacher")
     net = copy.deepcopy(denoiser)
+    vars(net).pop("sampling", None)        # the teacher's sampling recipe is not the student's
     if boundary and isinstance(net, Precond) and net.precond.kind == "edm":
         net.precond = replace(net.precond, kind="boundary")
     set_dropout(net, dropout)

@@ -283,27 +283,33 @@ def make_student(teacher: Denoiser, preset: str = "auto", dropout: float | None 
 
 def _add_pair_options(g, required: bool) -> None:
     d = P.PairsConfig()
+    existing = "as the existing --pairs directory, else"
     g.add_argument("--pairs", required=required, metavar="DIR",
                    help="pairs directory" + ("" if required else " (default: RUN-pairs, beside the run)"))
-    g.add_argument("--n-pairs", type=int, default=d.n_pairs, help="training pairs (default %(default)s)")
-    g.add_argument("--heldout", type=int, default=d.heldout, help="held-out pairs (default %(default)s)")
-    g.add_argument("--shard-size", type=int, default=d.shard_size,
-                   help="pairs per shard (default %(default)s)")
-    g.add_argument("--pairs-sampler", default=d.sampler,
+    g.add_argument("--n-pairs", type=int, default=None,
+                   help=f"training pairs (default: all those of an existing --pairs directory, else {d.n_pairs}); "
+                        "fewer than the directory holds uses its first N, more extends it")
+    g.add_argument("--heldout", type=int, default=None,
+                   help=f"held-out pairs (default: {existing} {d.heldout}); fewer uses the first, more extends")
+    g.add_argument("--shard-size", type=int, default=None,
+                   help=f"pairs per shard of a new directory (default {d.shard_size}; an existing one keeps its own)")
+    g.add_argument("--pairs-sampler", default=None,
                    choices=["auto", "ddim-quad", "ddim-uniform", "heun", "euler"],
                    help="teacher sampler: ddim-quad (DDPM teachers: 100 quadratic steps from index 800), "
                         "ddim-uniform (50 uniform), heun (EDM, 18 steps = 35 NFE), euler; auto: ddim-quad "
-                        "for discrete teachers, else heun")
-    g.add_argument("--pairs-steps", type=int, default=d.steps,
-                   help="sampler steps (0: the sampler's default)")
-    g.add_argument("--target-dtype", default=d.target_dtype, choices=["auto", "float16", "uint8"],
+                        f"for discrete teachers, else heun (default: {existing} auto)")
+    g.add_argument("--pairs-steps", type=int, default=None,
+                   help=f"sampler steps (0: the sampler's default; default: {existing} 0)")
+    g.add_argument("--target-dtype", default=None, choices=["auto", "float16", "uint8"],
                    help="target storage: uint8 is the paper's (clipped to [-1,1], truncated); auto: uint8 "
-                        "for images, float16 otherwise")
-    g.add_argument("--gen-batch", type=int, default=d.batch, help="generation batch (default %(default)s)")
-    g.add_argument("--pairs-seed", type=int, default=d.seed, help="seed of the noise (default %(default)s)")
+                        f"for images, float16 otherwise (default: {existing} auto)")
+    g.add_argument("--gen-batch", type=int, default=d.batch,
+                   help="generation batch; does not change the pairs (default %(default)s)")
+    g.add_argument("--pairs-seed", type=int, default=None, help=f"seed of the noise (default: {existing} {d.seed})")
 
 
 def _pairs_config(args) -> P.PairsConfig:
+    """The pair options given (None: as an existing directory, else the default)."""
     return P.PairsConfig(n_pairs=args.n_pairs, heldout=args.heldout, shard_size=args.shard_size,
                          sampler=args.pairs_sampler, steps=args.pairs_steps, target_dtype=args.target_dtype,
                          batch=args.gen_batch, seed=args.pairs_seed)
@@ -314,15 +320,19 @@ def add_pairs_arguments(parser: argparse.ArgumentParser) -> None:
     _add_pair_options(parser.add_argument_group("pairs"), required=True)
 
 
-def run_pairs(args: argparse.Namespace, teacher: Denoiser) -> int:
-    """`diffdistill kd-pairs`: make or complete a pairs directory."""
-    device = getattr(args, "device", None) or "cpu"
-    m = P.generate_pairs(teacher, args.pairs, _pairs_config(args), device=device)
+def _describe_pairs(root, m: dict) -> str:
     r = m["recipe"]
-    gib = sum(P.shard_bytes(m, s["count"]) for s in m["shards"]) / 2**30
-    dist.print0(f"{args.pairs}: {m['n_pairs']} training + {m['heldout']} held-out pairs in "
-                f"{len(m['shards'])} shards ({gib:.3f} GiB), teacher {m['teacher']}, sampler {r['name']} "
-                f"({len(r['sigmas']) - 1} steps)")
+    gib = sum(P.shard_bytes(m, s.get("stored", s["count"])) for s in m["shards"]) / 2**30
+    return (f"{root}: {m['n_pairs']} training + {m['heldout']} held-out pairs in {len(m['shards'])} shards "
+            f"({gib:.3f} GiB), teacher {m['teacher']}, sampler {r['name']} ({len(r['sigmas']) - 1} steps)")
+
+
+def run_pairs(args: argparse.Namespace, teacher: Denoiser) -> int:
+    """`diffdistill kd-pairs`: make, complete or extend a pairs directory."""
+    device = getattr(args, "device", None) or "cpu"
+    m = P.generate_pairs(teacher, args.pairs, _pairs_config(args), device=device,
+                         progress=not getattr(args, "no_progress", False))
+    dist.print0(_describe_pairs(args.pairs, m))
     return 0
 
 
@@ -371,7 +381,8 @@ def build(args: argparse.Namespace, teacher: Denoiser, data=None) -> KnowledgeDi
                    ema_decay=getattr(args, "ema_decay", d.ema_decay), seed=getattr(args, "seed", 0) or 0)
     if not 0 <= cfg.ema_decay < 1:
         raise DiffdistillError(f"--ema-decay must lie in [0, 1), got {cfg.ema_decay}")
-    m = P.generate_pairs(teacher, root, _pairs_config(args), device=device)
+    m = P.generate_pairs(teacher, root, _pairs_config(args), device=device,
+                         progress=not getattr(args, "no_progress", False))
     method = KnowledgeDistillation(student, root, cfg, manifest=m)
     n_params = sum(p.numel() for p in student.parameters())
     form = ("G(z) = z - F(z, t_max), the paper's" if isinstance(method.student, PaperStudent)

@@ -4,6 +4,8 @@ Noise comes from per-sample seeds, so image k depends on seed k only: the batch 
 `sample` / `iter_samples` start the ODE and ancestral samplers from the denoiser's prior at the grid's first
 level (`prior_scale`: sigma_0 z for EDM-style denoisers, z sqrt(1 + sigma_0^2) for VP-discrete teachers, as
 diffusers' pipelines do); the few-step samplers start from sigma_0 z, the input their students trained on.
+Given no sampler, steps or sigmas, they follow the denoiser's own recipe (`recipe_of`: the `sampling` attribute
+that `load_snapshot` / `load_teacher` attach from a snapshot), else Heun with 18 steps.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ STOCHASTIC = {"ddpm", "multistep"}
 PRIOR_SAMPLERS = {"euler", "ddim", "heun", "ddpm", "dpmpp_2m"}   # integrate the teacher's process from its prior
 
 __all__ = ["SAMPLERS", "call_denoiser", "default_sigmas", "get_sampler", "initial_noise_scale", "iter_samples",
-           "make_noise", "nfe", "prior_scale", "sample", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m",
+           "make_noise", "nfe", "prior_scale", "recipe_of", "sample", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m",
            "sample_euler", "sample_heun", "sample_multistep", "sample_onestep"]
 
 
@@ -105,14 +107,26 @@ def nfe(sampler: str, sigmas) -> int:
     return n
 
 
+def recipe_of(denoiser) -> dict:
+    """A copy of the sampling recipe a denoiser carries ({'sampler', 'steps' or 'sigmas', options...}; the
+    `sampling` attribute a loaded snapshot gets), or {} when it has none."""
+    recipe = getattr(denoiser, "sampling", None)
+    return dict(recipe) if isinstance(recipe, dict) else {}
+
+
 def iter_samples(denoiser, seeds: int | Sequence[int], steps: int | None = None, sampler: str | None = None,
                  sigmas=None, cond: Tensor | int | None = None, device="cpu", batch: int = 64,
                  **options) -> Iterator[Tensor]:
     """Yield float32 sample batches (on `device`) for the given seeds (an int n means seeds 0..n-1).
 
     `options` are the sampler's (e.g. a recipe's clip_denoised); ODE/ancestral samplers start from the
-    denoiser's prior (`prior_scale`)."""
+    denoiser's prior (`prior_scale`). With no `steps`, `sampler` or `sigmas`, the denoiser's own recipe
+    (`recipe_of`) is followed, its other keys as options (yours win); else Heun, 18 steps."""
     seeds = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    if steps is None and sampler is None and sigmas is None:
+        recipe = recipe_of(denoiser)
+        sampler, steps, sigmas = recipe.pop("sampler", None), recipe.pop("steps", None), recipe.pop("sigmas", None)
+        options = {**recipe, **options}
     sampler = sampler or "heun"
     fn = get_sampler(sampler)
     if sigmas is None:

@@ -17,6 +17,9 @@ LOOKED_FOR = (
 )
 
 
+DIFFUSERS_STEPS = 50   # DDIMPipeline's default num_inference_steps
+
+
 def load_teacher(spec, device="cpu"):
     """The teacher named by `spec` as a Denoiser on `device`, in eval mode with requires_grad False.
 
@@ -40,7 +43,9 @@ def _load_path(path: Path, device):
             return load_snapshot(path / "model", device)[0]
         from .diffusers import find_diffusers_model, load_diffusers
         if find_diffusers_model(path) is not None:
-            return load_diffusers(path, device)
+            teacher = load_diffusers(path, device)
+            teacher.sampling = teacher.ddim_recipe(DIFFUSERS_STEPS)   # sampled as its DDIMPipeline by default
+            return teacher
     if not path.exists():
         raise DiffdistillError(f"{path}: teacher not found (expected {'; '.join(LOOKED_FOR)})")
     hint = ""

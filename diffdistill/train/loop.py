@@ -6,6 +6,11 @@ accumulate the gradients of `batch / (batch_gpu * world)` micro-batches (average
 them through nan_to_num (EDM), clip, and step that group's optimiser -> EMA (EDM half-life rule) -> ticks
 (stats.jsonl, TensorBoard), sample grids, snapshots, evaluation, checkpoints. Progress is counted in images.
 
+What a run directory holds for sampling: RUN/model/ (the EMA export, written when the run finishes), RUN/latest/
+(the same export, written when the run is interrupted, deleted when it finishes or starts over; so when it exists it
+is newer than RUN/model) and grids RUN/samples-kimg<kimg>.png every `grid_kimg`, RUN/samples-final.png at the end.
+`run_snapshot(RUN)` picks the snapshot a sampler should read.
+
 Randomness: before every micro-batch the global torch RNG is seeded from (seed, step, global micro-batch
 index, group index), and the data order is a seeded permutation per epoch read at the position given by the
 number of images seen. So a run resumed from a checkpoint is bit-identical to an uninterrupted one, and G
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import signal
 import threading
 import time
@@ -53,8 +59,9 @@ class TrainConfig:
     snapshot_kimg: float = 0.0             # sampler-ready snapshots RUN/snapshot-<kimg>/
     checkpoint_kimg: float = 50.0          # full training state for resumption
     keep_checkpoints: int = 2              # keep this many newest checkpoints
-    grid_kimg: float = 0.0                 # sample grids RUN/samples-<kimg>.png
+    grid_kimg: float = 0.0                 # sample grids RUN/samples-kimg<kimg>.png (and RUN/samples-final.png)
     grid_n: int = 64                       # samples per grid
+    final_grid: bool = False               # RUN/samples-final.png at the end also when grid_kimg is 0
     eval_kimg: float = 0.0                 # call `evaluate(method, ema, nimg)` this often (and at the end)
     best_metric: str | None = None         # metric of `evaluate` that picks RUN/best/
     best_mode: str = "min"                 # min: lower is better | max
@@ -71,7 +78,8 @@ class TrainConfig:
 
 
 # Settings that may change when a run is resumed without counting as "a different run".
-_RUNTIME_KEYS = ("resume", "force", "command", "device", "workers", "progress", "tensorboard")
+_RUNTIME_KEYS = ("resume", "force", "command", "device", "workers", "progress", "tensorboard", "final_grid")
+MODEL_DIR, LATEST_DIR = "model", "latest"  # RUN/model: a finished run's export; RUN/latest: an interrupted one's
 
 
 def run_config(method: Method, cfg: TrainConfig) -> dict:
@@ -85,9 +93,19 @@ def run_config(method: Method, cfg: TrainConfig) -> dict:
 
 
 def kimg_label(nimg: int, interval_kimg: float) -> str:
-    """The kimg in names of periodic outputs: 000200 (EDM's style), or 000000.064 when the interval is under
-    1 kimg (so that short runs do not give two outputs one name)."""
-    return f"{nimg // 1000:06d}" if interval_kimg >= 1 else f"{nimg / 1000:010.3f}"
+    """The kimg in names of periodic outputs (samples-kimg000200.png, snapshot-kimg000200): 'kimg' and six
+    digits (EDM's style), with the images too (kimg000000.064) when the interval is under 1 kimg, so that short
+    runs do not give two outputs one name. Zero-padded: the names sort in training order."""
+    return f"kimg{nimg // 1000:06d}" if interval_kimg >= 1 else f"kimg{nimg / 1000:010.3f}"
+
+
+def run_snapshot(run_dir: str | Path) -> Path | None:
+    """The snapshot a sampler should read in a run directory: RUN/latest/ when the run was interrupted (it is
+    then the newest export), else RUN/model/; None when the run has neither."""
+    for name in (LATEST_DIR, MODEL_DIR):
+        if (Path(run_dir) / name / io.SNAPSHOT_JSON).is_file():
+            return Path(run_dir) / name
+    return None
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -186,7 +204,7 @@ class _LossCall(nn.Module):
 
 
 class _StopFlag:
-    """SIGINT/SIGTERM set a flag: the loop finishes its step, saves a checkpoint and returns."""
+    """SIGINT/SIGTERM set a flag: the loop finishes its step, saves a checkpoint and RUN/latest, and returns."""
 
     def __init__(self):
         self.set = False
@@ -202,7 +220,8 @@ class _StopFlag:
         if self.set and signum == signal.SIGINT:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self.set = True
-        dist.print0(f"\n{signal.Signals(signum).name}: finishing this step, saving a checkpoint, then stopping")
+        dist.print0(f"\n{signal.Signals(signum).name}: finishing this step, saving a checkpoint and a sampler-ready "
+                    "snapshot RUN/latest, then stopping (Ctrl-C again stops at once)")
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -273,6 +292,8 @@ class _Run:
             resume = ckpt.prepare_run_dir(self.run_dir, run_config(method, cfg), cfg.command, cfg.resume,
                                           cfg.force)
         resume = bool(dist.broadcast_int(int(resume), self.device))
+        if self.main and not resume:   # a new run (or one started over): an older run's RUN/latest is stale
+            _remove_snapshot(self.run_dir / LATEST_DIR)
         dist.barrier()
         method.to(self.device)
         self.optims = {name: make_optimizer(g.params, g.optim) for name, g in self.groups.items()}
@@ -520,15 +541,20 @@ class _Run:
             if self.step != last_ckpt_step or interrupted:
                 self.save_checkpoint()
         result = dict(run_dir=str(self.run_dir), step=self.step, nimg=self.nimg, interrupted=interrupted,
-                      best=self.best, model=None)
-        if not interrupted:
+                      best=self.best, model=None, latest=None, rank=self.rank)
+        if interrupted:
+            if self.main:   # what `diffdistill sample RUN` reads until the run is continued and finishes
+                result["latest"] = str(self.save_snapshot(LATEST_DIR, meta=dict(interrupted=True)))
+            dist.barrier()
+        else:
             tag = self.method.milestone(self.step, self.nimg)  # the last round's milestone (PD's 1-step student)
             if self.main:
                 if tag:
                     self.save_snapshot(tag)
-                if cfg.grid_kimg:
+                if cfg.grid_kimg or cfg.final_grid:
                     self.save_grid(self.run_dir / "samples-final.png")
-                result["model"] = str(self.save_snapshot("model"))
+                result["model"] = str(self.save_snapshot(MODEL_DIR))
+                _remove_snapshot(self.run_dir / LATEST_DIR)   # RUN/model supersedes it
             dist.barrier()
         if self.stats is not None:
             self.stats.close()
@@ -578,6 +604,13 @@ def ema_settings(method: Method, cfg: TrainConfig) -> tuple[float, float | None]
     return cfg.ema_halflife_kimg, cfg.ema_rampup
 
 
+def _remove_snapshot(path: Path) -> None:
+    """Delete a snapshot directory the loop wrote (its JSON first, so that it never reads as whole)."""
+    if path.is_dir():
+        (path / io.SNAPSHOT_JSON).unlink(missing_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
+
+
 class _NonFinite(Exception):
     def __init__(self, group: str):
         super().__init__(group)
@@ -585,10 +618,12 @@ class _NonFinite(Exception):
 
 
 def train(method: Method, cfg: TrainConfig, data=None, evaluate=None) -> dict:
-    """Train `method` with the loop settings `cfg`; returns {run_dir, step, nimg, interrupted, best, model}.
+    """Train `method` with the loop settings `cfg`; returns {run_dir, step, nimg, interrupted, best, model, latest,
+    rank}: `model` (RUN/model) on rank 0 of a finished run, `latest` (RUN/latest) on rank 0 of an interrupted one,
+    else None; `rank` is this process's (only rank 0 writes files).
 
     data: a map-style data set (`ds[i] -> (x, label)`, `ds.label_dim`) when a group needs real data.
     evaluate: optional `evaluate(method, ema_modules, nimg) -> {metric: value}`, called every `eval_kimg`.
-    RUN/model/ receives the sampler-ready export of the EMA at the end (not when interrupted).
+    RUN/model/ receives the sampler-ready export of the EMA at the end, RUN/latest/ when the run is interrupted.
     """
     return _Run(method, cfg, data, evaluate).run()
