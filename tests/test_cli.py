@@ -148,7 +148,7 @@ def test_sample_tofolder_and_npz_match_the_sampler(capsys, tmp_path, digits_snap
     code, _, err = run_cli(capsys, "sample", "tofolder", str(folder), str(path), "--seeds", "3,5,12",
                            "--steps", "3", "--sampler", "euler", "--class", "7", "--no-progress")
     assert code == 0, err
-    assert sorted(p.name for p in folder.iterdir()) == ["000003.png", "000005.png", "000012.png"]
+    assert sorted(p.name for p in folder.iterdir()) == ["000003.png", "000005.png", "000012.png", "dataset.json"]
     sig = default_sigmas(den, 3, "euler")
     x = sample(den, [3, 5, 12], sampler="euler", sigmas=sig, cond=7)
     expected = (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)          # EDM's conversion
@@ -497,3 +497,154 @@ def test_two_ranks_print_one_done_line(capfd, tmp_path):
                        start_method="fork")
     out = capfd.readouterr().out
     assert [line for line in out.splitlines() if "done" in line] == [f"done: {tmp_path / 'run' / 'model'}"]
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 19: several classes at once, labelled sample folders, --clip
+
+
+def test_sample_class_lists_and_labelled_folders(capsys, tmp_path, digits_snapshot):
+    """`--class 3,5` cycles through the classes (npz, tofolder) or gives one grid row per class (figures);
+    `tofolder` writes a conditional model's labels as EDM's dataset.json, so the folder reads back as a labelled
+    data set (and a second call adds to it); bad class lists are usage errors."""
+    from diffdistill.data import open_dataset
+
+    path, den = digits_snapshot
+    opts = ("--steps", "2", "--sampler", "euler", "--no-progress")
+    npz = tmp_path / "x.npz"
+    code, _, err = run_cli(capsys, "sample", "npz", str(npz), str(path), "--seeds", "0-4", "--class", "3,5", *opts)
+    assert code == 0, err
+    with np.load(npz) as f:
+        assert f["labels"].tolist() == [3, 5, 3, 5, 3]
+        x = sample(den, 5, steps=2, sampler="euler", cond=torch.tensor([3, 5, 3, 5, 3]))
+        torch.testing.assert_close(torch.from_numpy(f["x"]), x, rtol=0, atol=1e-6)
+
+    png = tmp_path / "rows.png"                                    # 2 rows of 3: classes 3 then 5
+    code, _, err = run_cli(capsys, "sample", "figures", str(png), str(path), "--n", "6", "--class", "3,5", *opts)
+    assert code == 0, err
+    tiles = np.asarray(Image.open(png))[::8, ::8]
+    assert tiles.shape == (2 * 8, 3 * 8)
+    x = sample(den, 6, steps=2, sampler="euler", cond=torch.tensor([3, 3, 3, 5, 5, 5]))
+    ref = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    for k in range(6):
+        r, c = divmod(k, 3)
+        assert np.array_equal(tiles[r * 8:(r + 1) * 8, c * 8:(c + 1) * 8], ref[k, 0].numpy()), k
+
+    folder = tmp_path / "pngs"
+    code, _, err = run_cli(capsys, "sample", "tofolder", str(folder), str(path), "--seeds", "0-3", "--class", "3,5",
+                           *opts)
+    assert code == 0, err
+    meta = json.loads((folder / "dataset.json").read_text())
+    assert meta == {"labels": [["000000.png", 3], ["000001.png", 5], ["000002.png", 3], ["000003.png", 5]]}
+    code, _, err = run_cli(capsys, "sample", "tofolder", str(folder), str(path), "--seeds", "10-11", *opts)
+    assert code == 0, err                                          # default labels: seed % 10
+    ds = open_dataset(folder)
+    assert len(ds) == 6 and ds.labels.tolist() == [3, 5, 3, 5, 0, 1]
+    x = sample(den, [0, 1], steps=2, sampler="euler", cond=torch.tensor([3, 5]))
+    expected = (x * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+    assert np.array_equal(np.asarray(Image.open(folder / "000001.png")), expected[1, 0].numpy())
+
+    for bad, fragment in (("3,x", "--class"), ("3,3", "twice"), ("-1", "non-negative"), ("3,10", "0..9"),
+                          ("", "--class")):
+        code, _, err = run_cli(capsys, "sample", "npz", str(tmp_path / "bad.npz"), str(path), "--n", "2",
+                               "--class", bad, *opts)
+        assert code == 2, (bad, err)
+        assert_one_line_error(err, fragment)
+    assert not (tmp_path / "bad.npz").exists()
+    (folder / "dataset.json").write_text('{"labels": 3}')
+    code, _, err = run_cli(capsys, "sample", "tofolder", str(folder), str(path), "--seeds", "20", *opts)
+    assert code == 1 and not (folder / "000020.png").exists()
+    assert_one_line_error(err, "dataset.json", "malformed")
+
+
+def test_sample_clip_flag(capsys, tmp_path, digits_snapshot):
+    """`--clip V` clips x-hat to [-V, V] at each step (PD's clipped DDIM sampling): the samples equal the sampler
+    with clip_denoised=V (eps recomputed from the clipped x-hat, the official PD sampler's); `--clip 0` turns a
+    recipe's clipping off; the flag wins over the recipe; samplers that do not clip refuse it in one line."""
+    path, den = digits_snapshot
+    sig = default_sigmas(den, 3, "euler")
+    cond = torch.arange(4) % 10
+
+    def cli(model, *extra):
+        out = tmp_path / "c.npz"
+        code, _, err = run_cli(capsys, "sample", "npz", str(out), str(model), "--n", "4", "--force", "--no-progress",
+                               *extra)
+        assert code == 0, err
+        with np.load(out) as f:
+            return torch.from_numpy(f["x"])
+
+    clipped = sample(den, 4, sampler="euler", sigmas=sig, cond=cond, clip_denoised=0.05)
+    plain = sample(den, 4, sampler="euler", sigmas=sig, cond=cond)
+    assert (clipped - plain).abs().max() > 1e-2 and clipped.abs().max() <= 0.05 + 1e-6
+    torch.testing.assert_close(cli(path, "--steps", "3", "--sampler", "ddim", "--clip", "0.05"), clipped,
+                               rtol=0, atol=1e-6)
+    snap = tmp_path / "clipping"                                   # a recipe that clips to 1 (PD's export)
+    save_snapshot(snap, den, {"sampler": "euler", "sigmas": sig.tolist(), "clip_denoised": True})
+    torch.testing.assert_close(cli(snap, "--clip", "0.05"), clipped, rtol=0, atol=1e-6)
+    torch.testing.assert_close(cli(snap, "--clip", "0"), plain, rtol=0, atol=1e-6)
+    assert sampling_plan(den, {"sampler": "euler", "steps": 2, "clip_denoised": True, "clip_keeps_eps": True},
+                         clip=0.5)["options"] == {"clip_denoised": 0.5, "clip_keeps_eps": True}
+    for extra, fragment in ((["--clip", "0.5"], "heun sampler does not clip"), (["--clip", "-1"], "--clip"),
+                            (["--clip", "nan"], "--clip"), (["--clip", "x"], "--clip")):
+        code, _, err = run_cli(capsys, "sample", "npz", str(tmp_path / "bad.npz"), str(path), "--n", "2", *extra)
+        assert code == 2, (extra, err)
+        assert_one_line_error(err, fragment)
+
+
+@pytest.fixture
+def keep_threads(monkeypatch):
+    """Restore torch's thread count and OMP_NUM_THREADS after a test that runs commands with `--threads`."""
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_threads_reach_torch_before_the_command_runs(capsys, monkeypatch, keep_threads):
+    import os
+
+    import diffdistill.cli.eval as eval_cli
+    import diffdistill.cli.train as train_cli
+
+    seen = []
+
+    def record(args):
+        seen.append((args.command, torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")))
+        return 0
+
+    monkeypatch.setattr(train_cli, "run", record)      # registered by build_parser, inside main
+    monkeypatch.setattr(eval_cli, "run_eval", record)
+    assert run_cli(capsys, "train-teacher", "--data", "digits", "--out", "x", "--threads", "2")[0] == 0
+    monkeypatch.delenv("OMP_NUM_THREADS")          # set by the run above, for the processes a command starts
+    assert run_cli(capsys, "train-teacher", "--data", "digits", "--out", "x")[0] == 0             # the default: 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")                                                     # or the user's
+    assert run_cli(capsys, "eval", "some-run")[0] == 0
+    assert seen == [("train-teacher", 2, "2"), ("train-teacher", 1, "1"), ("eval", 2, "2")]
+    code, out, _ = run_cli(capsys, "train-teacher", "--help")
+    assert code == 0 and "--threads N" in out and "else 1" in " ".join(out.split())
+    for bad in ("0", "-1", "two"):
+        code, _, err = run_cli(capsys, "train-teacher", "--data", "digits", "--out", "x", "--threads", bad)
+        assert code == 2, err
+        assert_one_line_error(err, "--threads")
+    code, _, err = run_cli(capsys, "dataset", "info", "digits", "--threads", "1")   # only commands that compute
+    assert code == 2 and "unrecognized arguments: --threads 1" in err
+
+
+def test_train_teacher_names_its_network_before_training(capsys, monkeypatch):
+    from diffdistill.cli.train import describe_network
+    from diffdistill.presets import build_network
+    from diffdistill.train import loop
+
+    printed = []
+    monkeypatch.setattr(loop, "train", lambda *a, **k: printed.append(capsys.readouterr().out) or {"model": "M"})
+    code, out, _ = run_cli(capsys, "train-teacher", "--data", "digits", "--preset", "digits", "--out", "x",
+                           "--device", "cpu")
+    net = build_network("digits", (1, 8, 8), label_dim=10)
+    count = sum(p.numel() for p in net.parameters())
+    assert code == 0 and out == "done: M\n" and round(count / 1e6, 1) == 0.3
+    assert printed == ["preset digits: UNet, 16 channels x 1,2 (2 levels), 2 blocks per level; 0.3M parameters\n"]
+    describe_network("cifar10", net, (3, 32, 32), "cpu")       # the warning depends on the preset and the device
+    out, err = capsys.readouterr()
+    assert out.startswith("preset cifar10: UNet") and "--preset cifar10-small" in err and "3x32x32" in err
+    describe_network("cifar10", net, (3, 32, 32), "cuda")
+    assert capsys.readouterr().err == ""

@@ -571,3 +571,41 @@ def test_kd_pairs_start_from_the_samplers_prior(tmp_path, unet):
     (root / "pairs.json").write_text(json.dumps(m))
     with pytest.raises(DiffdistillError, match="other settings"):
         P.generate_pairs(den, root, cfg, progress=False, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("sched_kw", [dict(clip_sample=True, clip_sample_range=0.5),
+                                      dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.0)])
+def test_clip_sample_range_and_thresholding_reproduce_ddim_pipeline(tmp_path, unet, sched_kw):
+    """A scheduler's clip_sample_range and dynamic thresholding (DDIMScheduler._threshold_sample) reach the
+    teacher's recipe (before: not read), so `diffdistill sample` on the folder gives DDIMPipeline's images from
+    the same seeds; `--clip V` wins over the recipe's treatment: diffusers' clip_sample with range V."""
+    import numpy as np
+
+    from diffdistill.cli.main import main
+
+    kw = dict(beta_schedule="squaredcos_cap_v2", steps_offset=1)
+    src = model_dir(tmp_path / "model", unet, diffusers.DDIMScheduler(**kw, **sched_kw))
+    seeds, n = [0, 1, 2], 4
+
+    def cli(*extra):
+        out = tmp_path / "x.npz"
+        assert main(["sample", "npz", str(out), str(src), "--seeds", "0-2", "--steps", str(n), "--device", "cpu",
+                     "--no-progress", "--force", *extra]) == 0
+        return as_pipeline_output(torch.from_numpy(np.load(out)["x"]))
+
+    ref = pipeline_images(unet, diffusers.DDIMScheduler(**kw, **sched_kw), seeds, n)
+    torch.testing.assert_close(cli(), ref, atol=1e-5, rtol=0)
+    for other in (ddim(**kw), diffusers.DDIMScheduler(clip_sample=True, **kw)):   # the treatment matters here
+        assert (pipeline_images(unet, other, seeds, n) - ref).abs().max() > 1e-2
+    recipe = load_teacher(src).ddim_recipe(n)
+    assert recipe["clip_keeps_eps"] is True and ("dynamic_threshold" in recipe) == ("thresholding" in sched_kw)
+    ref = pipeline_images(unet, diffusers.DDIMScheduler(clip_sample=True, clip_sample_range=0.3, **kw), seeds, n)
+    torch.testing.assert_close(cli("--clip", "0.3"), ref, atol=1e-5, rtol=0)
+
+
+def test_bad_clip_and_threshold_settings_are_refused(tmp_path, unet):
+    for bad, fragment in ((dict(clip_sample_range=-1.0), "clip_sample_range"),
+                          (dict(thresholding=True, dynamic_thresholding_ratio=1.5), "dynamic_thresholding_ratio")):
+        src = model_dir(tmp_path / str(len(fragment)), unet, diffusers.DDIMScheduler(**bad))
+        with pytest.raises(DiffdistillError, match=fragment):
+            load_teacher(src)

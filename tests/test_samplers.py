@@ -294,3 +294,42 @@ def test_sample_follows_a_loaded_snapshots_recipe_unless_told_otherwise(tmp_path
     assert torch.equal(sample(churned, 6), sample(ring8(), 6, sampler="heun", steps=4, s_churn=5.0))
     assert torch.equal(sample(churned, 6, s_churn=0.0), sample(ring8(), 6, sampler="heun", steps=4))
     assert not torch.equal(sample(churned, 6), sample(ring8(), 6, sampler="heun", steps=4))
+
+
+def test_dynamic_thresholding_is_diffusers_threshold_sample():
+    """x0_clipper(dynamic_threshold=p, threshold_max=m) is diffusers' `_threshold_sample` (Imagen): per sample
+    s = clamp(quantile_p |x0|, 1, m), x0 -> clamp(x0, -s, s) / s; in the Euler/DDPM steps it replaces the clamp."""
+    from diffdistill.samplers.ode import x0_clipper
+
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(4, 3, 5, 5, generator=g, dtype=f64) * torch.tensor([0.3, 1.5, 3.0, 10.0], dtype=f64)[:, None,
+                                                                                                        None, None]
+    for p, top in ((0.995, 1.0), (0.9, 2.0), (0.5, 4.0), (1.0, 1.5)):
+        flat = d.reshape(4, -1)
+        s = torch.quantile(flat.abs(), p, dim=1).clamp(1, top)[:, None]    # diffusers' formula, written out
+        want = (torch.clamp(flat, -s, s) / s).reshape(d.shape)
+        torch.testing.assert_close(x0_clipper(dynamic_threshold=p, threshold_max=top)(d), want, rtol=0, atol=1e-15)
+    assert torch.equal(x0_clipper(0.5)(d), d.clamp(-0.5, 0.5)) and x0_clipper(False) is None
+    for bad in (dict(dynamic_threshold=0.0), dict(dynamic_threshold=1.1), dict(dynamic_threshold=0.9,
+                                                                               threshold_max=0.5)):
+        with pytest.raises(DiffdistillError, match="dynamic thresholding"):
+            x0_clipper(**bad)
+    with pytest.raises(DiffdistillError, match="clip_denoised"):
+        x0_clipper(math.inf)
+    # One Euler step from sigma 2 to 0 returns the thresholded D of the analytic Gaussian; Euler to 0.5 keeps
+    # eps from the thresholded x-hat unless clip_keeps_eps.
+    gauss = Gaussian([0.3] * 8, 0.5)
+    noise = torch.randn(3, 8, generator=g, dtype=f64) * 4
+    clip = x0_clipper(dynamic_threshold=0.75, threshold_max=3.0)
+    x0 = 2.0 * noise
+    den = gauss(x0, 2.0)
+    assert (den.abs() > 1).any()
+    torch.testing.assert_close(sample_euler(gauss, noise, [2.0, 0.0], dynamic_threshold=0.75, threshold_max=3.0),
+                               clip(den))
+    for keeps, base in ((False, clip(den)), (True, den)):
+        first = []
+        sample_euler(gauss, noise, [2.0, 0.5, 0.0], dynamic_threshold=0.75, threshold_max=3.0, clip_keeps_eps=keeps,
+                     callback=lambda i, x, d, first=first: first.append(x) if i == 0 else None)
+        torch.testing.assert_close(first[0], clip(den) + 0.25 * (x0 - base))
+    torch.testing.assert_close(sample_ddpm(gauss, noise, [2.0, 0.0], dynamic_threshold=0.75, threshold_max=3.0),
+                               clip(den))

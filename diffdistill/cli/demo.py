@@ -68,7 +68,7 @@ def run(args) -> int:
     cfg = DemoConfig(out=args.out, profile="tiny" if args.tiny else "quick" if args.quick else "default",
                      methods=_list(args.methods, METHODS, "methods") or METHODS,
                      tracks=_list(args.tracks, TRACKS, "tracks"), device=args.device,
-                     progress=not args.no_progress, force=args.force)
+                     progress=not args.no_progress, force=args.force, threads=args.threads)
     results = run_demo(cfg)
     failed = [s["key"] for s in results["stages"] if not s.get("ok")]
     bad_rows = sum(r.get("status") != "ok" for r in results["rows"])

@@ -45,7 +45,6 @@ def register(subparsers) -> None:
     t.add_argument("--xflip", action="store_true", help="random horizontal flips (natural images only)")
     t.add_argument("--max-n", type=int, default=None, help="use at most this many images")
     t.add_argument("--seed", type=int, default=0, help="seed of the split, init and batches")
-    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     t.set_defaults(func=run_train)
     i = sub.add_parser("info", help="print a classifier's config and training record",
                        epilog="examples:\n  diffdistill features info digits\n"
@@ -86,8 +85,6 @@ def run_train(args) -> int:
 
     if args.epochs < 1 or args.batch_size < 1 or not 0 <= args.holdout < 1:
         raise UsageError("--epochs and --batch-size must be positive and --holdout in [0, 1)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     images, labels = _load_labelled(args.data, args.max_n)
     shift = args.shift if args.shift is not None else (1 if images.shape[-1] <= 16 else 2)
     training = ClassifierTraining(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,

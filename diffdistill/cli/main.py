@@ -1,7 +1,8 @@
 """`diffdistill` command line. Each command lives in its own module with `register(subparsers)`.
 
 Expected errors (DiffdistillError, bad files, bad options) print one line and exit 1 (2 for usage errors);
-`--debug` (before or after the command name) shows the traceback. An unknown option shows the usage of the
+`--debug` (before or after the command name) shows the traceback; `--threads N` sets the CPU threads of each
+command that computes (default 1, see THREADS_HELP). An unknown option shows the usage of the
 (sub)command it was given to; `--version` prints the version.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .. import __version__
@@ -56,6 +58,84 @@ class _Parser(argparse.ArgumentParser):
 
 _UNKNOWN = "_diffdistill_unknown_options"
 
+# The commands that compute (with all their subcommands): each takes `--threads`, applied before it runs.
+COMPUTING = ("train-teacher", "distill", "kd-pairs", "sample", "eval", "ref-stats", "features train", "demo", "bench")
+
+# Measured on a 2-core machine (digits teacher, `train-teacher --preset digits`): 1 thread 5.8-6.9 steps/s and
+# 2 threads 0.7-0.9 steps/s while other work ran on the machine; two runs at once 1.7-1.8 (1 thread each) against
+# 0.31-0.32 (2 threads each). OpenMP threads that share a core with other work wait on each other, and the small
+# networks a CPU trains gain little from a second thread, so one thread is the default.
+THREADS_HELP = ("torch CPU threads (default: $OMP_NUM_THREADS if set, else 1: several threads gain little on the "
+                "small networks a CPU trains and are many times slower when other work shares the cores)")
+
+
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of threads, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _computes(path: str) -> bool:
+    return any(path == c or path.startswith(c + " ") for c in COMPUTING)
+
+
+def _subparsers(parser: argparse.ArgumentParser):
+    return [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+
+
+def _add_threads(parser: argparse.ArgumentParser, path: str = "") -> None:
+    """Give `--threads` to each parser of a computing command (one that has its own keeps it)."""
+    for action in _subparsers(parser):
+        for name, child in action.choices.items():
+            child_path = f"{path} {name}".strip()
+            if _computes(child_path) and "--threads" not in child._option_string_actions:
+                child.add_argument("--threads", type=_threads, default=argparse.SUPPRESS, metavar="N",
+                                   help=THREADS_HELP)
+            _add_threads(child, child_path)
+
+
+def command_path(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The (sub)command names `args` was parsed for, e.g. 'distill di'."""
+    names = []
+    while True:
+        chosen = [(a, getattr(args, a.dest, None)) for a in _subparsers(parser)]
+        chosen = [(a, name) for a, name in chosen if name in a.choices]
+        if not chosen:
+            return " ".join(names)
+        action, name = chosen[0]
+        names.append(name)
+        parser = action.choices[name]
+
+
+def default_threads() -> int:
+    """$OMP_NUM_THREADS when it is a positive whole number, else 1 (see THREADS_HELP)."""
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
+    except ValueError:
+        return 1
+
+
+def apply_threads(count: int) -> None:
+    """Use `count` CPU threads: torch's intra-op pool, its inter-op pool where torch still allows it (it can be set
+    once, before any inter-op work), and OMP_NUM_THREADS for the processes this one starts later (benchmark
+    subprocesses, data workers); the environment variable alone would not change this process, whose OpenMP
+    runtime read it when torch was imported."""
+    import torch
+
+    if count < 1:
+        raise UsageError(f"--threads must be at least 1, got {count}")
+    torch.set_num_threads(count)
+    if torch.get_num_interop_threads() != count:
+        try:
+            torch.set_num_interop_threads(count)
+        except RuntimeError:   # already set, or inter-op work already started: leave it
+            pass
+    os.environ["OMP_NUM_THREADS"] = str(count)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
@@ -74,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    _add_threads(parser)
     return parser
 
 
@@ -92,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if _computes(command_path(parser, args)):
+            if getattr(args, "threads", None) is None:   # not given (a command's own option may default to None)
+                args.threads = default_threads()
+            apply_threads(args.threads)
         result = args.func(args)
         return int(result or 0)
     except UsageError as e:

@@ -24,10 +24,17 @@ examples:
   # the teacher with 4 Euler steps, class 3 only
   diffdistill sample figures t4.png runs/digits --steps 4 --sampler euler --class 3
 
+  # one grid row per class: classes 3 and 5, 8 samples each
+  diffdistill sample figures t35.png runs/digits --class 3,5 --n 16
+
+  # progressive distillation's clipped sampling: x-hat clipped to [-1, 1] at each DDIM step
+  diffdistill sample figures pd.png runs/pd-digits --sampler ddim --steps 8 --clip 1
+
   # the exact 8-Gaussian ring (a scatter plot for 2-D data)
   diffdistill sample figures ring.png toy:ring8 --n-images 2000
 
-  # one PNG per seed (000000.png ... 000099.png), e.g. for `diffdistill eval DIR`
+  # one PNG per seed (000000.png ... 000099.png), e.g. for `diffdistill eval DIR`; a conditional model's
+  # labels go to DIR/dataset.json (EDM's format), so DIR reads back as a labelled data set
   diffdistill sample tofolder samples/ runs/cd-digits --seeds 0-99 --steps 2
 
   # raw samples: x [N, *shape] float32, seeds, labels (-1 when unconditional)
@@ -36,7 +43,8 @@ examples:
 
 KINDS = {
     "figures": "save one picture: an image grid, or a scatter plot for 2-D data",
-    "tofolder": "save one PNG per image, named by its seed (000123.png)",
+    "tofolder": "save one PNG per image, named by its seed (000123.png), and a conditional model's labels "
+                "as dataset.json",
     "npz": "save the raw samples (x, seeds, labels) as .npz",
 }
 
@@ -67,8 +75,14 @@ def register(subparsers) -> None:
                         help="sampling steps (default: the model's recipe; teachers: 18)")
         sp.add_argument("--sampler", default=None,
                         help="euler, ddim, heun, ddpm, dpmpp_2m, onestep, multistep (default: the recipe's)")
-        sp.add_argument("--class", dest="label", type=int, default=None, metavar="K",
-                        help="class label for conditional models (default: seed %% number of classes)")
+        sp.add_argument("--class", dest="label", default=None, metavar="K[,K...]",
+                        help="class label(s) for conditional models: K, or a list such as 3,5 that the samples "
+                             "cycle through (sample i gets the (i mod length)-th class; `figures` instead "
+                             "gives one grid row per class) (default: seed %% number of classes)")
+        sp.add_argument("--clip", type=float, default=None, metavar="V",
+                        help="clip the denoised x-hat to [-V, V] at every step (progressive distillation's "
+                             "clipped sampling, diffusers' clip_sample; samplers euler, ddim, ddpm); 0 turns "
+                             "a recipe's clipping off (default: the recipe's)")
         sp.add_argument("--batch", type=int, default=256, help="samples per batch (never changes a sample)")
         sp.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
         sp.add_argument("--force", action="store_true", help="overwrite existing output files")
@@ -103,6 +117,19 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def parse_classes(text: str) -> list[int]:
+    """'3' or '3,5' -> a list of distinct non-negative class labels (`--class`)."""
+    try:
+        classes = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--class {text!r}: expected a class label or a list such as 3,5") from None
+    if any(c < 0 for c in classes):
+        raise UsageError(f"--class {text!r}: class labels are non-negative")
+    if len(set(classes)) != len(classes):
+        raise UsageError(f"--class {text!r}: a class appears twice")
+    return classes
+
+
 def few_step_sigmas(denoiser, steps: int, rho: float = 7.0) -> list[float]:
     """`steps` noise levels from sigma_max for multistep consistency-style sampling, plus the final 0
     (`samplers.default_sigmas(..., 'multistep')`)."""
@@ -112,13 +139,17 @@ def few_step_sigmas(denoiser, steps: int, rho: float = 7.0) -> list[float]:
 
 
 def sampling_plan(denoiser, recipe: dict | None, steps: int | None = None,
-                  sampler: str | None = None) -> dict:
-    """The sampler, noise levels and options to use: the model's recipe, changed by `steps`/`sampler`.
+                  sampler: str | None = None, clip: float | None = None) -> dict:
+    """The sampler, noise levels and options to use: the model's recipe, changed by `steps`/`sampler`/`clip`.
 
     Returns {"sampler": name, "sigmas": [...descending, 0.0], "options": {...}, "nfe": int}. Rules: the recipe
     as is when nothing changes; a one-step student asked for N > 1 steps samples by multistep consistency
     sampling over the first N levels of its recipe when it has that many (DMD2's trained levels), else over
-    `few_step_sigmas`; ODE samplers take `samplers.default_sigmas` for a new step count."""
+    `few_step_sigmas`; ODE samplers take `samplers.default_sigmas` for a new step count. `clip` (--clip V)
+    replaces the recipe's x-hat treatment (clamp or thresholding) by a clamp to [-V, V], none for 0; the
+    recipe's clip_keeps_eps stays (a diffusers teacher keeps its DDIM eps rule)."""
+    import inspect
+
     from ..samplers import SAMPLERS, default_sigmas, nfe
 
     recipe = dict(recipe or {})
@@ -149,6 +180,18 @@ def sampling_plan(denoiser, recipe: dict | None, steps: int | None = None,
         sigmas = levels[:n] + [0.0] if len(levels) >= n else few_step_sigmas(denoiser, n)
     else:
         sigmas = [float(s) for s in default_sigmas(denoiser, n, name)]
+    if clip is not None:
+        if not 0 <= clip < math.inf:
+            raise UsageError(f"--clip must be a positive number (or 0: no clipping), got {clip}")
+        if "clip_denoised" not in inspect.signature(SAMPLERS[name]).parameters:
+            takes = [k for k, fn in SAMPLERS.items() if "clip_denoised" in inspect.signature(fn).parameters]
+            raise UsageError(f"--clip: the {name} sampler does not clip x-hat (use --sampler {' or '.join(takes)})")
+        options = {k: v for k, v in options.items() if k not in ("dynamic_threshold", "threshold_max")}
+        if clip:
+            options["clip_denoised"] = float(clip)
+        else:
+            options.pop("clip_denoised", None)
+            options.pop("clip_keeps_eps", None)
     return dict(sampler=name, sigmas=sigmas, options=options, nfe=nfe(name, sigmas))
 
 
@@ -203,15 +246,23 @@ def _refuse_checkpoint(path: Path) -> None:
                            f"snapshot; {use}")
 
 
-def labels_for(denoiser, seeds: list[int], label: int | None, spec: str) -> torch.Tensor | None:
-    """Class labels: `label` for every sample, or seed % label_dim (balanced); None when unconditional."""
+def labels_for(denoiser, seeds: list[int], label: int | list[int] | None, spec: str,
+               per_row: int | None = None) -> torch.Tensor | None:
+    """Class labels: `label` for every sample; a list of labels cycled through (sample i gets
+    label[i % len]), or with `per_row` one run of per_row samples per label (grid rows); else seed % label_dim
+    (balanced); None when unconditional."""
     label_dim = int(getattr(denoiser, "label_dim", 0) or 0)
     if label is not None:
+        classes = [label] if isinstance(label, int) else list(label)
+        text = ",".join(map(str, classes))
         if label_dim == 0:
-            raise UsageError(f"--class {label}: {spec} is unconditional (it has no class labels)")
-        if not 0 <= label < label_dim:
-            raise UsageError(f"--class {label}: {spec} has classes 0..{label_dim - 1}")
-        return torch.full((len(seeds),), label, dtype=torch.long)
+            raise UsageError(f"--class {text}: {spec} is unconditional (it has no class labels)")
+        bad = [c for c in classes if not 0 <= c < label_dim]
+        if bad:
+            raise UsageError(f"--class {text}: {spec} has classes 0..{label_dim - 1} (not {bad[0]})")
+        pick = (lambda i: classes[min(i // per_row, len(classes) - 1)]) if per_row else \
+            (lambda i: classes[i % len(classes)])
+        return torch.tensor([pick(i) for i in range(len(seeds))], dtype=torch.long)
     if label_dim == 0:
         return None
     return torch.tensor([s % label_dim for s in seeds], dtype=torch.long)
@@ -293,10 +344,26 @@ def _refuse_existing(paths: list[Path], force: bool) -> None:
             raise DiffdistillError(f"{p}: already exists{more}; pass --force to overwrite")
 
 
+def _folder_labels(path: Path) -> dict[str, int]:
+    """The labels an existing `dataset.json` of a sample folder holds ({} when there is none), so that the
+    labels of new samples are added to them; a malformed one is refused before sampling."""
+    import json
+
+    from ..data.formats import parse_labels
+
+    if not path.is_file():
+        return {}
+    text = path.read_bytes()
+    if parse_labels(text, [], str(path)) is None:                 # {"labels": null}
+        return {}
+    names = [entry[0].replace("\\", "/") for entry in json.loads(text)["labels"]]
+    return dict(zip(names, parse_labels(text, names, str(path)).tolist()))
+
+
 def run(args) -> int:
     import numpy as np
 
-    from ..io import atomic_write
+    from ..io import atomic_write, atomic_write_json
     from ..metrics.features import to_uint8
 
     if args.batch < 1:
@@ -310,6 +377,7 @@ def run(args) -> int:
         _refuse_existing([out], args.force)
     elif out.exists() and not out.is_dir():
         raise DiffdistillError(f"{out}: exists and is not a directory")
+    classes = parse_classes(args.label) if args.label is not None else None
     device = _device(args.device)
     denoiser, recipe, _ = load_model(args.model, device, note=lambda text: print(text, file=sys.stderr))
     shape = tuple(denoiser.shape)
@@ -323,13 +391,17 @@ def run(args) -> int:
         files = [out / f"{s:06d}.png" for s in seeds]
         existing = [f for f in files if f.exists()]
         _refuse_existing(existing, args.force)
-    plan = sampling_plan(denoiser, recipe, args.steps, args.sampler)
-    cond = labels_for(denoiser, seeds, args.label, args.model)
+    plan = sampling_plan(denoiser, recipe, args.steps, args.sampler, args.clip)
+    ncol = None
+    if classes is not None and len(classes) > 1 and args.kind == "figures":
+        ncol = math.ceil(len(seeds) / len(classes))            # one grid row per class
+    cond = labels_for(denoiser, seeds, classes, args.model, per_row=ncol)
+    labelled = _folder_labels(out / "dataset.json") if args.kind == "tofolder" and cond is not None else None
     x = generate(denoiser, plan, seeds, cond, device, args.batch, progress=not args.no_progress)
     what = f"{len(seeds)} samples, {plan['sampler']} {len(plan['sigmas']) - 1} steps ({plan['nfe']} NFE)"
 
     if args.kind == "figures":
-        save_figure(x, out)
+        save_figure(x, out, ncol=ncol)
     elif args.kind == "npz":
         labels = cond if cond is not None else torch.full((len(seeds),), -1, dtype=torch.long)
 
@@ -347,5 +419,9 @@ def run(args) -> int:
             pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img, mode="L" if img.shape[-1] == 1
                                   else "RGB")
             atomic_write(f, lambda p, pil=pil: pil.save(p, format="PNG"))
+        if labelled is not None:                               # EDM's dataset.json: [[file name, label], ...]
+            labelled.update({f.name: int(c) for f, c in zip(files, cond.tolist())})
+            atomic_write_json(out / "dataset.json", {"labels": [[k, labelled[k]] for k in sorted(labelled)]})
+            what += f", labels in {out / 'dataset.json'}"
     print(f"{out}: {what}")
     return 0

@@ -48,33 +48,62 @@ def _start(noise: Tensor, sigmas) -> tuple[Tensor, Tensor]:
 
 def clip_limit(clip_denoised: bool | float) -> float | None:
     """The clipping range of the denoised prediction: None (off), 1.0 for True (images in [-1, 1]), or a
-    positive number (diffusers' clip_sample_range)."""
+    positive number (diffusers' clip_sample_range, progressive distillation's clipping_value)."""
     if not clip_denoised:
         return None
     lim = 1.0 if clip_denoised is True else float(clip_denoised)
-    if not lim > 0:
+    if not 0 < lim < math.inf:
         raise DiffdistillError(f"clip_denoised must be true, false or a positive range, got {clip_denoised!r}")
     return lim
 
 
+def x0_clipper(clip_denoised: bool | float = False, dynamic_threshold: float | None = None,
+               threshold_max: float = 1.0):
+    """The treatment of the denoised prediction D at each step, as a function D -> D_c, or None (none).
+
+    clip_denoised: clamp to [-c, c] (`clip_limit`). dynamic_threshold (a ratio p in (0, 1]; takes precedence, as
+    in diffusers): Imagen's dynamic thresholding, diffusers' `_threshold_sample`: per sample,
+    s = clamp(quantile_p(|D|), 1, threshold_max) (linear interpolation, as torch.quantile), then D_c =
+    clamp(D, -s, s) / s (threshold_max: diffusers' sample_max_value)."""
+    if dynamic_threshold is None:
+        lim = clip_limit(clip_denoised)
+        return None if lim is None else (lambda d: d.clamp(-lim, lim))
+    p, top = float(dynamic_threshold), float(threshold_max)
+    if not 0 < p <= 1 or not 1 <= top < math.inf:
+        raise DiffdistillError(f"dynamic thresholding needs a ratio in (0, 1] and a max value >= 1, got "
+                               f"dynamic_threshold={dynamic_threshold!r}, threshold_max={threshold_max!r}")
+
+    def threshold(d: Tensor) -> Tensor:
+        flat = d.reshape(d.shape[0], -1)
+        ranked = flat.abs().sort(dim=1).values       # torch.quantile without its input-size limit
+        pos = p * (flat.shape[1] - 1)
+        lo, frac = int(math.floor(pos)), pos - math.floor(pos)
+        hi = min(lo + 1, flat.shape[1] - 1)
+        s = (ranked[:, lo] + frac * (ranked[:, hi] - ranked[:, lo])).clamp(1.0, top)[:, None]
+        return (torch.minimum(torch.maximum(flat, -s), s) / s).reshape(d.shape)
+    return threshold
+
+
 @torch.no_grad()
 def sample_euler(denoiser, noise, sigmas, *, cond=None, generator=None, callback=None,
-                 clip_denoised: bool | float = False, clip_keeps_eps: bool = False):
+                 clip_denoised: bool | float = False, clip_keeps_eps: bool = False,
+                 dynamic_threshold: float | None = None, threshold_max: float = 1.0):
     """Euler steps of dx/dsigma = (x - D)/sigma. Equals deterministic DDIM (algorithms.md §1.5, O7).
 
     clip_denoised: clip D to [-1, 1] (or [-c, c]) at every step. The step is then D_c + (s'/s)(x - D_c), i.e.
     eps is recomputed from the clipped x-hat: the official PD sampler (`dpm.py: _run_model(clip_x=True)`,
     `eval_clip_denoised=True`) and diffusers' DDIM with use_clipped_model_output=True. clip_keeps_eps: the
     step keeps the network's unclipped eps, D_c + (s'/s)(x - D): diffusers' DDIMScheduler default
-    (clip_sample=True, use_clipped_model_output=False), which DDIMPipeline runs.
+    (clip_sample=True, use_clipped_model_output=False), which DDIMPipeline runs. dynamic_threshold /
+    threshold_max: diffusers' thresholding instead of the clamp (`x0_clipper`), with the same eps rule.
     """
-    lim = clip_limit(clip_denoised)
+    clip = x0_clipper(clip_denoised, dynamic_threshold, threshold_max)
     x, sigmas = _start(noise, sigmas)
     for i in range(len(sigmas) - 1):
         denoised = call_denoiser(denoiser, x, sigmas[i], cond)
         base = denoised
-        if lim is not None:
-            denoised = denoised.clamp(-lim, lim)
+        if clip is not None:
+            denoised = clip(denoised)
             base = base if clip_keeps_eps else denoised
         # x + (s' - s)(x - D)/s, written as D + (s'/s)(x - D): exact in floating point at huge s (cosine t=1).
         x = denoised + (sigmas[i + 1] / sigmas[i]) * (x - base)
@@ -115,7 +144,8 @@ DDPM_VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large")
 
 @torch.no_grad()
 def sample_ddpm(denoiser, noise, sigmas, *, cond=None, generator=None, callback=None,
-                variance: str | None = None, clip_denoised: bool | float = False):
+                variance: str | None = None, clip_denoised: bool | float = False,
+                dynamic_threshold: float | None = None, threshold_max: float = 1.0):
     """DDPM ancestral sampling: x_s ~ q(x_s | x_t, x0 = D) in EDM coordinates (Ho et al. 2020, Eq. 6-7).
 
     The mean is D + (s'/s)^2 (x - D) for every variance; the noise std (x space) is, by `variance` (default:
@@ -124,20 +154,21 @@ def sample_ddpm(denoiser, noise, sigmas, *, cond=None, generator=None, callback=
       fixed_large: DDPM's beta_t = 1 - abar_t/abar_s with abar = 1/(1 + sigma^2), i.e. z-space std
       sqrt(beta_t), x-space sqrt((s^2 - s'^2)(1 + s'^2)/(1 + s^2)) (diffusers' DDPMScheduler, PD's 'large').
     Learned variances (the network's second output) are refused. clip_denoised clips D (diffusers'
-    clip_sample). Noise is drawn (float32) only on steps that end above 0; the last step returns D.
+    clip_sample; dynamic_threshold / threshold_max: its thresholding, `x0_clipper`). Noise is drawn (float32)
+    only on steps that end above 0; the last step returns D.
     """
     kind = variance or getattr(denoiser, "ddpm_variance", None) or "fixed_small"
     if kind not in DDPM_VARIANCES:
         raise DiffdistillError(f"DDPM sampling with variance_type {kind!r} is not supported (only fixed_small "
                                "and fixed_large: a learned variance needs the network's variance output); "
                                "sample with euler/ddim instead")
-    lim = clip_limit(clip_denoised)
+    clip = x0_clipper(clip_denoised, dynamic_threshold, threshold_max)
     x, sigmas = _start(noise, sigmas)
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         denoised = call_denoiser(denoiser, x, s, cond)
-        if lim is not None:
-            denoised = denoised.clamp(-lim, lim)
+        if clip is not None:
+            denoised = clip(denoised)
         if s_next == 0:
             x = denoised
         else:

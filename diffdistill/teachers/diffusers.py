@@ -8,15 +8,17 @@ diffusers itself is an optional dependency, imported only here.
 
 The scheduler config supplies the discrete schedule abar_t and the prediction type; the timestep <-> sigma
 mapping is `sigma_t = sqrt((1 - abar_t) / abar_t)` (see `teachers.discrete`). Clipping of the predicted x0
-(`clip_sample`) is a sampler option of diffusers, not part of the model: `ddim_recipe` turns it into the euler
-sampler's clip_denoised (+ clip_keeps_eps, diffusers' DDIM default), which a converted snapshot records;
-`thresholding` and `clip_sample_range` are not read. The DDPM sampler's noise follows `variance_type`
+(`clip_sample`, `clip_sample_range`) is a sampler option of diffusers, not part of the model: `ddim_recipe` turns
+it into the euler sampler's clip_denoised (+ clip_keeps_eps, diffusers' DDIM default), and `thresholding`
+(`dynamic_thresholding_ratio`, `sample_max_value`) into its dynamic_threshold / threshold_max, which a converted
+snapshot records. The DDPM sampler's noise follows `variance_type`
 (`ddpm_variance`: fixed_small / fixed_large; learned ones are refused by `samplers.sample_ddpm`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -63,7 +65,11 @@ class SchedulerConfig:
     steps_offset: int = 0                 # added to 'leading' timesteps
     set_alpha_to_one: bool = True         # DDIM: the last step goes to abar = 1 (sigma 0) rather than abar_0
     variance_type: str = "fixed_small"    # DDPM: fixed_small | fixed_large | learned | learned_range ...
-    clip_sample: bool = True              # diffusers clips x0 to [-1, 1] while sampling (`ddim_recipe`)
+    clip_sample: bool = True              # diffusers clips x0 to [-r, r] while sampling (`ddim_recipe`)
+    clip_sample_range: float = 1.0        # r
+    thresholding: bool = False            # dynamic thresholding of x0 instead (`samplers.ode.x0_clipper`)
+    dynamic_thresholding_ratio: float = 0.995   # its quantile of |x0|
+    sample_max_value: float = 1.0         # its largest threshold
 
     @classmethod
     def from_json(cls, path: Path) -> SchedulerConfig:
@@ -96,6 +102,14 @@ class SchedulerConfig:
             raise DiffdistillError(f"{where}: unknown timestep spacing {self.timestep_spacing!r}")
         if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 2:
             raise DiffdistillError(f"{where}: num_train_timesteps must be an integer >= 2")
+        if self.clip_sample and not self.thresholding and not 0 < float(self.clip_sample_range) < math.inf:
+            raise DiffdistillError(f"{where}: clip_sample_range must be a positive number, got "
+                                   f"{self.clip_sample_range!r}")
+        if self.thresholding and not (0 < float(self.dynamic_thresholding_ratio) <= 1
+                                      and 1 <= float(self.sample_max_value) < math.inf):
+            raise DiffdistillError(f"{where}: thresholding needs dynamic_thresholding_ratio in (0, 1] and "
+                                   f"sample_max_value >= 1, got {self.dynamic_thresholding_ratio!r}, "
+                                   f"{self.sample_max_value!r}")
 
     def alphas_cumprod(self) -> Tensor:
         """abar_t, t = 0..T-1 (float64), from the betas of the config."""
@@ -256,12 +270,18 @@ class DiffusersDenoiser(DiscreteVPDenoiser):
 
     def ddim_recipe(self, steps: int) -> dict:
         """diffusers' DDIMPipeline as a sampling recipe: deterministic DDIM (euler) on the scheduler's own
-        `steps` timesteps, clipping x0 when the scheduler does (clip_sample) with the direction from the
-        unclipped eps (DDIMScheduler.step's default use_clipped_model_output=False). `samplers.sample`
-        starts it from the VP prior, so with the same unit noise it reproduces DDIMPipeline(eta=0)."""
+        `steps` timesteps, treating x0 as the scheduler does (thresholding, else clip_sample to
+        [-clip_sample_range, clip_sample_range]) with the direction from the unclipped eps (DDIMScheduler.step's
+        default use_clipped_model_output=False). `samplers.sample` starts it from the VP prior, so with the same
+        unit noise it reproduces DDIMPipeline(eta=0)."""
+        s = self.scheduler
         recipe = dict(sampler="euler", sigmas=self.default_sigmas(steps).tolist())
-        if self.scheduler.clip_sample:
-            recipe.update(clip_denoised=True, clip_keeps_eps=True)
+        if s.thresholding:
+            recipe.update(dynamic_threshold=float(s.dynamic_thresholding_ratio),
+                          threshold_max=float(s.sample_max_value), clip_keeps_eps=True)
+        elif s.clip_sample:
+            r = float(s.clip_sample_range)
+            recipe.update(clip_denoised=True if r == 1.0 else r, clip_keeps_eps=True)
         return recipe
 
     def default_sigmas(self, steps: int) -> Tensor:

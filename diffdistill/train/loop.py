@@ -20,6 +20,7 @@ processes with micro-batch b equal one process accumulating G micro-batches of b
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import shutil
 import signal
@@ -192,6 +193,13 @@ class StreamSampler:
             nimg += self.batch
 
 
+# Buffers are not synchronised before each forward (every rank holds the same ones): torch >= 2.13 spells it
+# forward_sync_buffers=False and deprecates broadcast_buffers=False with a FutureWarning on every rank.
+_NO_BUFFER_SYNC = (dict(forward_sync_buffers=False)
+                   if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+                   else dict(broadcast_buffers=False))
+
+
 class _LossCall(nn.Module):
     """Routes `method.loss` through one module, so that DDP sees every network a loss touches."""
 
@@ -318,7 +326,7 @@ class _Run:
         ignore = [n for n, p in module.named_parameters() if id(p) not in trainable]
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignore)
         return nn.parallel.DistributedDataParallel(
-            module, device_ids=None, broadcast_buffers=False, find_unused_parameters=True)
+            module, device_ids=None, find_unused_parameters=True, **_NO_BUFFER_SYNC)
 
     def _data_iter(self):
         data = self.data
