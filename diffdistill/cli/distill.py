@@ -18,10 +18,12 @@ METHODS = ["kd", "pd", "di", "gdd", "cd", "dmd2", "sid"]
 
 EXAMPLES = """\
 examples:
-  # one-step students of the analytic 8-Gaussian ring teacher, on a laptop CPU
-  diffdistill distill di  --teacher toy:ring8 --out runs/di-ring  --kimg 200 --batch 256
-  diffdistill distill kd  --teacher toy:ring8 --out runs/kd-ring  --kimg 200 --batch 256
-  diffdistill distill gdd --teacher toy:ring8 --data toy:ring8 --out runs/gdd-ring --kimg 200 --batch 256
+  # one-step students of the analytic 8-Gaussian ring teacher, on a laptop CPU in about a minute each (--recipe
+  # short: the settings for runs of a few hundred steps; the methods' defaults are their papers', for long runs)
+  diffdistill distill di  --teacher toy:ring8 --out runs/di-ring  --kimg 200 --batch 256 --recipe short
+  diffdistill distill kd  --teacher toy:ring8 --out runs/kd-ring  --kimg 200 --batch 256 --recipe short
+  diffdistill distill gdd --teacher toy:ring8 --data toy:ring8 --out runs/gdd-ring --kimg 200 --batch 256 \
+      --recipe short
 
   # a digits teacher trained with `diffdistill train-teacher --data digits --out runs/digits`
   diffdistill distill pd --teacher runs/digits --data digits --out runs/pd-digits --start-steps 16 --end-steps 1
