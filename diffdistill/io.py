@@ -104,6 +104,38 @@ def build_denoiser(config: dict):
     return _BUILDERS[kind](config)
 
 
+def check_saveable(denoiser) -> dict:
+    """Refuse, before any training, a denoiser that `save_snapshot` could not write or `load_snapshot` could not
+    rebuild; returns its config. A `Precond` needs a backbone with `config() -> {'name': <a registered network>,
+    **constructor kwargs}` (`networks.build_network` rebuilds it); other denoisers need `config()` with a 'type'
+    that `register_builder` knows (see docs/own_model.md)."""
+    what = type(denoiser).__name__
+    try:
+        config = denoiser.config()
+    except (NotImplementedError, TypeError, AttributeError) as e:
+        backbone = getattr(denoiser, "backbone", None)
+        if backbone is not None and not callable(getattr(backbone, "config", None)):
+            raise DiffdistillError(f"cannot save {what}: backbone {type(backbone).__name__} has no config(); "
+                                   "add `def config(self): return dict(name=..., **constructor "
+                                   "kwargs)` naming a network build_network knows (see docs/own_model.md)") from None
+        raise DiffdistillError(f"cannot save {what}: its config() fails ({type(e).__name__}: {e}); add a config() "
+                               "that returns a JSON dict with a registered 'type' (see docs/own_model.md)") from None
+    try:
+        json.dumps(config)
+    except (TypeError, ValueError) as e:
+        raise DiffdistillError(f"cannot save {what}: its config() is not JSON ({e})") from None
+    try:
+        try:
+            with torch.device("meta"):       # the structure only, without allocating weights
+                build_denoiser(config)
+        except (RuntimeError, NotImplementedError):   # a builder that reads tensor values: build it for real
+            build_denoiser(config)
+    except (DiffdistillError, ValueError, TypeError, KeyError) as e:
+        raise DiffdistillError(f"cannot save {what}: a snapshot could not be loaded again, its config() is not "
+                               f"rebuildable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return config
+
+
 def save_snapshot(path: str | Path, denoiser, sampling: dict | None = None, meta: dict | None = None) -> Path:
     """Write a sampler-ready snapshot directory (weights first, then the JSON that marks it complete)."""
     path = Path(path)

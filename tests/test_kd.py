@@ -63,7 +63,10 @@ class AffineStudent(Denoiser):
         return self.b + self.a * x / sigma[:, None]
 
     def config(self):
-        return {"type": "test-affine"}
+        return {"type": "test-affine", "sigma_max": self.sigma_max}
+
+
+io.register_builder("test-affine")(lambda cfg: AffineStudent(cfg["sigma_max"]))   # snapshots of it load again
 
 
 def test_o15_regression_optimum_is_the_teachers_affine_ddim_map(tmp_path, one_thread):

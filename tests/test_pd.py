@@ -434,3 +434,67 @@ def test_official_recipes(name, start, batch, lr, round_kimg):
     optim = method.groups()["student"].optim
     assert (optim.lr, optim.decay, optim.warmup_kimg, optim.weight_decay) == (lr, "linear", 0.0, 0.0)
     assert method.lr_schedule_kimg("student") == round_kimg
+
+
+class _VNet(torch.nn.Module):
+    """A tiny network on DDPM's discrete timesteps: model(z, t, cond) -> v."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(3, 32), torch.nn.SiLU(), torch.nn.Linear(32, 2))
+
+    def forward(self, z, t, cond=None):
+        return self.net(torch.cat([z, t.reshape(-1, 1).to(z.dtype) / 1000], dim=1))
+
+
+def test_cosine_grid_for_discrete_cosine_teachers():
+    """A diffusers/DDPM v-teacher with the iDDPM cosine schedule (squaredcos_cap_v2) gets the cosine grid over its
+    own logSNR range, which visits its timesteps uniformly; other schedules keep Karras and refuse 'cosine'."""
+    from diffdistill.diffusion.schedules import ddpm_alphas_cumprod
+    from diffdistill.teachers.discrete import DiscreteVPDenoiser
+
+    torch.manual_seed(0)
+    abar = ddpm_alphas_cumprod(1000, kind="squaredcos_cap_v2")
+    teacher = DiscreteVPDenoiser(_VNet(), (2,), abar, prediction="v_prediction").eval()
+    lo, hi = math.log(abar[-1] / (1 - abar[-1])), math.log(abar[0] / (1 - abar[0]))
+    for grid in ("auto", "cosine"):
+        method = pd.ProgressiveDistillation(teacher, pd.PDConfig(start_steps=8, end_steps=1, grid=grid))
+        assert method.grid == "cosine"
+        t_grid, s_grid = method.grids()
+        # closed form: sigma(u) = tan(a u + b), the angle affine from atan(sigma_0) (u = 0) to atan(sigma_999) (u = 1)
+        b, a = math.atan(math.exp(-hi / 2)), math.atan(math.exp(-lo / 2)) - math.atan(math.exp(-hi / 2))
+        u = torch.arange(8, 0, -1, dtype=torch.float64) / 8
+        torch.testing.assert_close(t_grid[:-1], torch.tan(a * u + b), rtol=1e-9, atol=0)
+        assert float(t_grid[0]) == pytest.approx(teacher.sigma_max, rel=1e-9)
+        # the teacher's own timesteps, uniformly: 999 u within 1% of T (the cap on beta and abar_0 < 1 aside)
+        ts = teacher.timestep(t_grid[:-1])
+        assert float((ts - 999 * u).abs().max()) < 10
+        loss = method.loss("student", Batch(size=16, device=torch.device("cpu"), x=ring8().sample(16)))["loss"]
+        assert math.isfinite(float(loss))
+    # Karras on the same teacher would put most of the grid at low timesteps
+    karras = pd.pd_sigmas(8, "karras", teacher.sigma_min, teacher.sigma_max)
+    assert float((teacher.timestep(karras[:-1]) - 999 * u).abs().max()) > 100
+    linear = DiscreteVPDenoiser(_VNet(), (2,), ddpm_alphas_cumprod(1000), prediction="v_prediction").eval()
+    assert pd.ProgressiveDistillation(linear, pd.PDConfig(start_steps=4, end_steps=1)).grid == "karras"
+    with pytest.raises(DiffdistillError, match="squaredcos_cap_v2"):
+        pd.ProgressiveDistillation(linear, pd.PDConfig(start_steps=4, end_steps=1, grid="cosine"))
+
+
+def test_cosine_grid_for_a_diffusers_cosine_teacher(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from diffdistill.teachers import load_teacher
+
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4, attention_head_dim=8)
+    unet.save_pretrained(tmp_path / "unet")
+    sched = diffusers.DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    sched.save_pretrained(tmp_path / "scheduler")
+    teacher = load_teacher(tmp_path)
+    method = pd.ProgressiveDistillation(teacher, pd.PDConfig(start_steps=4, end_steps=1))
+    abar = sched.alphas_cumprod.double()         # diffusers' own table
+    lo, hi = (float(torch.log(abar[i] / (1 - abar[i]))) for i in (-1, 0))
+    assert method.grid == "cosine"
+    torch.testing.assert_close(method.grids()[0], pd.pd_sigmas(4, "cosine", logsnr_range=(lo, hi)), rtol=1e-5, atol=0)

@@ -8,9 +8,9 @@ step what the teacher takes in two. On a student grid of N steps, with i ~ U{0..
   x~ = D_teacher(x_t'), the teacher's midpoint prediction (§3.3 step 5; the formula gives the same),
   loss = max(SNR_t, 1) * mean (D_student(x_t) - x~)^2 per example ('snr_trunc' = max(x_mse, eps_mse)), then
   the batch mean (§3.3 step 7).
-Grids: the cosine logSNR schedule t = k/N (§3.1) for VP-cosine teachers, else a Karras-spaced grid
-sigma(u) = (sigma_max^(1/rho) + (1-u)(sigma_min^(1/rho) - sigma_max^(1/rho)))^rho at u = k/N (§3.6); both end
-in 0 and the student's grid is every other level of the teacher's, so halving is exact.
+Grids: the cosine logSNR schedule t = k/N (§3.1) for cosine teachers (VP-cosine, or diffusers squaredcos_cap_v2),
+else a Karras-spaced grid sigma(u) = (sigma_max^(1/rho) + (1-u)(sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
+at u = k/N (§3.6); both end in 0 and the student's grid is every other level of the teacher's, so halving is exact.
 At each round boundary the optimiser and its linearly decaying LR are reset (`begin_step`), the finished
 student is saved (`milestone`) and becomes the next teacher (its current parameters; no EMA by default, as
 the official `ema_decay=0`; with --pd-ema the loop restarts the EMA at every round, so an exported N-step
@@ -84,7 +84,7 @@ class PDConfig:
     start_steps: int = 1024            # the first teacher's DDIM steps, a power of 2 (paper, CIFAR-10: 8192)
     end_steps: int = 1                 # the last student's steps, a power of 2 below start_steps
     round_kimg: float = 6400.0         # training images per round (paper: 50k steps x 128)
-    grid: str = "auto"                 # auto (cosine for VP-cosine teachers, else karras) | cosine | karras
+    grid: str = "auto"                 # auto (cosine for cosine-schedule teachers, else karras) | cosine | karras
     rho: float = 7.0                   # Karras grid exponent
     weighting: str = "snr_trunc"       # snr_trunc = max(SNR, 1) (paper) | snr | snr+1 | constant
     lr: float = 5e-5                   # Adam learning rate, decayed linearly to 0 within each round
@@ -117,6 +117,27 @@ def cosine_range(denoiser: Denoiser) -> tuple[float, float]:
     lo = pc.logsnr_min if math.isfinite(pc.logsnr_min) else -20.0
     hi = pc.logsnr_max if math.isfinite(pc.logsnr_max) else 20.0
     return lo, hi
+
+
+def cosine_teacher_range(teacher: Denoiser) -> tuple[float, float] | None:
+    """The logSNR range of a cosine-schedule teacher, or None for other teachers.
+
+    A VP-cosine `Precond` gives its clipping (`cosine_range`). A discrete VP teacher (diffusers / DDPM) whose
+    alphas_cumprod equal the iDDPM cosine schedule ('squaredcos_cap_v2', compared with the closed form) gives the
+    logSNR of its table's ends, log(abar / (1 - abar)) = -2 log sigma at timesteps T-1 and 0: the cosine grid then
+    runs uniformly over its own timesteps (both are uniform in the angle atan(sigma), up to the cap on beta).
+    """
+    from ..teachers.discrete import DiscreteVPDenoiser
+
+    if isinstance(teacher, Precond) and teacher.precond.kind == "cosine":
+        return cosine_range(teacher)
+    if isinstance(teacher, DiscreteVPDenoiser):
+        abar = teacher.alphas_cumprod.double().cpu()
+        cos = schedules.ddpm_alphas_cumprod(abar.numel(), kind="squaredcos_cap_v2")
+        if torch.allclose(abar, cos, rtol=1e-4, atol=0):
+            sig = torch.as_tensor(teacher.discrete_sigmas, dtype=torch.float64)
+            return -2 * math.log(float(sig[-1])), -2 * math.log(float(sig[0]))
+    return None
 
 
 def pd_sigmas(n: int, grid: str, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
@@ -227,13 +248,14 @@ class ProgressiveDistillation(Method):
             raise DiffdistillError(f"the round length must be positive, got {cfg.round_kimg} kimg")
         check_deterministic_teacher(teacher)
         check_not_eps(teacher)
-        cosine = isinstance(teacher, Precond) and teacher.precond.kind == "cosine"
+        cosine = cosine_teacher_range(teacher)
         grid = cfg.grid if cfg.grid != "auto" else ("cosine" if cosine else "karras")
         if grid == "cosine" and not cosine:
-            raise DiffdistillError("grid 'cosine' needs a VP-cosine teacher (Precond kind 'cosine')")
+            raise DiffdistillError("grid 'cosine' needs a cosine-schedule teacher (a Precond of kind 'cosine', or "
+                                   "a diffusers/DDPM teacher with beta_schedule 'squaredcos_cap_v2')")
         self.grid = grid
         self.grid_kw = dict(sigma_min=teacher.sigma_min, sigma_max=teacher.sigma_max, rho=cfg.rho,
-                            logsnr_range=cosine_range(teacher) if cosine else (-20.0, 20.0))
+                            logsnr_range=cosine or (-20.0, 20.0))
         self.teacher = teacher.eval().requires_grad_(False)           # round 0's teacher
         # The student's dropout is PD's decision (cfg.dropout), made here for given students too.
         student = student if student is not None else make_student(teacher, dropout=None)
@@ -399,7 +421,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="training images per round, in thousands (default: --kimg split evenly over the "
                         "rounds)")
     g.add_argument("--grid", choices=["auto", "cosine", "karras"], default=d.grid,
-                   help="step grid: cosine logSNR (VP-cosine teachers) or Karras-spaced (default auto)")
+                   help="step grid: cosine logSNR (VP-cosine or diffusers squaredcos_cap_v2 teachers) or Karras-spaced "
+                   "(default auto)")
     g.add_argument("--weighting", choices=list(WEIGHTINGS), default=d.weighting,
                    help="loss weighting in x space (default %(default)s = max(SNR, 1))")
     g.add_argument("--student-preset", default="auto",

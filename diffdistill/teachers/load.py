@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ..errors import DiffdistillError
@@ -18,6 +19,7 @@ LOOKED_FOR = (
 
 
 DIFFUSERS_STEPS = 50   # DDIMPipeline's default num_inference_steps
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")   # owner/name, as the Hub spells them
 
 
 def load_teacher(spec, device="cpu"):
@@ -47,6 +49,12 @@ def _load_path(path: Path, device):
             teacher.sampling = teacher.ddim_recipe(DIFFUSERS_STEPS)   # sampled as its DDIMPipeline by default
             return teacher
     if not path.exists():
+        spec = str(path)
+        if HUB_ID.fullmatch(spec):
+            name = spec.split("/")[1]
+            raise DiffdistillError(f"{spec}: no such local path; diffdistill loads local folders only, so a Hugging "
+                                   f"Face Hub model must be downloaded first, e.g. `huggingface-cli download {spec} "
+                                   f"--local-dir ./{name}`, then give ./{name} as the teacher")
         raise DiffdistillError(f"{path}: teacher not found (expected {'; '.join(LOOKED_FOR)})")
     hint = ""
     if path.suffix == ".pkl":

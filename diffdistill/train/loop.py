@@ -303,6 +303,9 @@ class _Run:
         if self.main and not resume:   # a new run (or one started over): an older run's RUN/latest is stale
             _remove_snapshot(self.run_dir / LATEST_DIR)
         dist.barrier()
+        # A student that cannot be saved fails now, not at its first snapshot (before any resume, the method's
+        # export is that of its fresh state).
+        io.check_saveable(method.export(None)[0])
         method.to(self.device)
         self.optims = {name: make_optimizer(g.params, g.optim) for name, g in self.groups.items()}
         targets = method.ema_targets()
