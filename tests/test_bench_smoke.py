@@ -21,14 +21,6 @@ from benchmarks.report import load_records, render  # noqa: E402
 from diffdistill.cli.main import main as cli_main  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_alternate_flips_the_order_every_round():
     calls = []
     r = alternate(lambda: calls.append("a"), lambda: calls.append("b"), rounds=4, warmup=1)

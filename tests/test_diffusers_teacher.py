@@ -47,15 +47,6 @@ def model_dir(path, unet, scheduler, layout="pipeline", safe=True):
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions are ~100x slower when two intra-op threads fight over a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def unet():
     return tiny_unet()

@@ -27,15 +27,6 @@ from diffdistill.networks.adm import ADMUNet
 from diffdistill.networks.unet import UNet
 from diffdistill.teachers.edm import convert_edm_pickle, denoiser_from_edm_pickle
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------------------------------
 # Writing pickles in EDM's layout: every persistent object reduces to
 # torch_utils.persistence._reconstruct_persistent_obj(meta), meta = {type, version, module_src, class_name,

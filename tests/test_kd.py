@@ -29,14 +29,6 @@ def quiet(out, **kw) -> TrainConfig:
     return TrainConfig(out=str(out), checkpoint_kimg=0, progress=False, tensorboard=False, device="cpu", **kw)
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)                 # tiny ops: threads only add overhead on a shared machine
-    yield
-    torch.set_num_threads(threads)
-
-
 def vp_ddim_map(z_T: float) -> float:
     """Independent oracle: the Denoising Student DDIM chain (quadratic 100 steps from index 800, abar form of
     §1.5) for N(MU, VAR) data with the exact posterior mean."""
@@ -69,7 +61,7 @@ class AffineStudent(Denoiser):
 io.register_builder("test-affine")(lambda cfg: AffineStudent(cfg["sigma_max"]))   # snapshots of it load again
 
 
-def test_o15_regression_optimum_is_the_teachers_affine_ddim_map(tmp_path, one_thread):
+def test_o15_regression_optimum_is_the_teachers_affine_ddim_map(tmp_path):
     teacher = Gaussian([MU], VAR**0.5)
     teacher.discrete_sigmas = sigmas_from_alphas_cumprod(ddpm_alphas_cumprod())
     b_star = vp_ddim_map(0.0)
@@ -150,7 +142,7 @@ def test_cli_hooks_and_refusals(tmp_path, capsys):
     assert (tmp_path / "run-pairs" / "pairs.json").is_file()
 
 
-def test_end_to_end_ring8_one_step_student(tmp_path, one_thread):
+def test_end_to_end_ring8_one_step_student(tmp_path):
     """A one-step KD student of toy:ring8 keeps every mode (|share - 1/8| < 0.25/8 on 10k samples)."""
     torch.manual_seed(0)
     teacher = ring8()
@@ -195,7 +187,7 @@ def ddpm_eps_teacher(dropout: float = 0.0):
 SMALL_PAIRS = dict(n_pairs=8, heldout=4, shard_size=8, steps=2, batch=8)
 
 
-def test_ddpm_eps_student_is_the_papers_g_with_its_gradient_scale(tmp_path, one_thread):
+def test_ddpm_eps_student_is_the_papers_g_with_its_gradient_scale(tmp_path):
     """G(z) = z - F(z, 999) on the pairs' unit noise, trained with the paper's gradient, exported and reloaded."""
     teacher = ddpm_eps_teacher()
     m = P.generate_pairs(teacher, tmp_path / "p", P.PairsConfig(**SMALL_PAIRS), progress=False)
@@ -260,7 +252,7 @@ def _kd_args(tmp_path, *extra):
                                       "--shard-size", "8", "--pairs-steps", "2", *extra])
 
 
-def test_student_has_no_dropout_by_default(tmp_path, one_thread):
+def test_student_has_no_dropout_by_default(tmp_path):
     """The official student has no dropout: a copy of a teacher with dropout 0.1 trains without it."""
     teacher = ddpm_eps_teacher(dropout=0.1)
     assert common.dropout_of(teacher) == pytest.approx(0.1)
@@ -303,7 +295,7 @@ def test_ema_is_the_papers_per_step_decay(tmp_path):
     ("lsun_church", dict(loss="l2", lr=5e-6, betas=(0.98, 0.999), warmup_kimg=32, batch=32, kimg=40_960,
                          decay=0.9995, shard_size=2560, heldout=2560, sampler="ddim-uniform", steps=50)),
 ])
-def test_recipes_are_the_official_settings(tmp_path, one_thread, name, want):
+def test_recipes_are_the_official_settings(tmp_path, name, want):
     """`--recipe` values of official utils.py get_settings: every one reaches the optimiser, EMA and pairs."""
     recipe = kd.RECIPES[name]
     assert "get_settings" in recipe.source and set(kd.RECIPES) == {"cifar10", "celeba", "lsun_church",
@@ -326,7 +318,7 @@ def test_recipes_are_the_official_settings(tmp_path, one_thread, name, want):
     assert ema_beta(args.batch, 0, *method.ema_default(args.batch)) == pytest.approx(want["decay"], abs=1e-12)
 
 
-def test_two_stage_workflow_through_the_cli(tmp_path, capsys, one_thread):
+def test_two_stage_workflow_through_the_cli(tmp_path, capsys):
     """`kd-pairs --n-pairs N` then `distill kd --pairs P` with no pair options (the kd-pairs --help example) trains on
     those pairs without regenerating them, whatever the generation batch; a smaller --n-pairs uses the first pairs."""
     from diffdistill.cli.main import build_parser, main

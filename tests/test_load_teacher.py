@@ -15,14 +15,6 @@ from diffdistill.teachers import GaussianMixture, load_teacher
 from diffdistill.teachers.diffusers import DiffusersDenoiser
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _frozen(den):
     return not den.training and all(not p.requires_grad for p in den.parameters())
 

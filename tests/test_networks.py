@@ -17,15 +17,6 @@ from diffdistill.networks.mlp import MLP, mlp_preset
 from diffdistill.networks.unet import Conv2d, UNet, UNetBlock, unet_preset
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions are far faster single-threaded on a shared CPU (thread oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _randomise(module: torch.nn.Module, seed: int = 0, scale: float = 0.2) -> torch.nn.Module:
     """Random weights everywhere (zero-initialised output layers would hide wiring bugs); filters kept."""
     gen = torch.Generator().manual_seed(seed)

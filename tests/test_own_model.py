@@ -18,14 +18,6 @@ from diffdistill.networks.mlp import mlp_preset
 DOC = Path(__file__).resolve().parents[1] / "docs" / "own_model.md"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class NoConfig(nn.Module):
     def forward(self, x_in, c_noise, class_labels=None):
         return x_in

@@ -27,8 +27,7 @@ def short_run_options(method: str, teacher: str, kimg: float, batch: int) -> lis
 
     if teacher == "ring":
         options = {
-            "kd": ["--student-preset", "mlp-toy", "--loss", "l2", "--warmup-kimg", f"{kimg / 10:g}", "--lr", "2e-3",
-                   "--ema", f"{kimg / 20:g}"],
+            "kd": ["--student-preset", "mlp-toy", "--loss", "l2", "--warmup-kimg", f"{kimg / 10:g}", "--lr", "2e-3"],
             "pd": ["--student-preset", "mlp-toy", "--lr", "2e-3"],
             "di": ["--gen-lr", "2e-3", "--fake-lr", "2e-3", "--fake-warmup-steps", warmup(4, 200),
                    "--ema", f"{kimg / 10:g}"],
@@ -41,7 +40,7 @@ def short_run_options(method: str, teacher: str, kimg: float, batch: int) -> lis
         }
     else:
         options = {
-            "kd": ["--loss", "l2", "--warmup-kimg", f"{kimg / 10:g}", "--lr", "5e-4", "--ema", f"{kimg / 20:g}"],
+            "kd": ["--loss", "l2", "--warmup-kimg", f"{kimg / 10:g}", "--lr", "5e-4"],
             "pd": ["--lr", "5e-4"],
             "di": ["--gen-lr", "1e-4", "--fake-lr", "1e-4", "--init-sigma", "2.5"],
             "gdd": ["--gen-lr", "1e-4", "--disc-lr", "2e-4"],
