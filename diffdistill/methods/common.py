@@ -126,6 +126,28 @@ def student_from_teacher(teacher: Denoiser, boundary: bool = False, hidden: int 
                         teacher.sigma_max, hidden=hidden, depth=depth)
 
 
+def eps_prediction(denoiser: Denoiser, through_wrappers: bool = True) -> tuple[str, str] | None:
+    """How a denoiser predicts eps, as (family, description): family 'vp' (EDM's VPPrecond, cosine-schedule eps,
+    DDPM/diffusers prediction 'epsilon': D = x - sigma eps) or 've' (EDM's VEPrecond: D = x + sigma F); None for
+    x, v, 'both' and EDM-mixture outputs. Guidance wrappers (`.denoiser`) are looked through unless told not to."""
+    from ..teachers.discrete import DiscreteVPDenoiser
+
+    inner = getattr(denoiser, "denoiser", None)
+    if through_wrappers and isinstance(inner, Denoiser):
+        return eps_prediction(inner)
+    if isinstance(denoiser, Precond):
+        kind, prediction = denoiser.precond.kind, denoiser.precond.prediction
+        if kind == "vp":
+            return "vp", "EDM's VP preconditioning (VPPrecond, an eps-prediction network)"
+        if kind == "ve":
+            return "ve", "EDM's VE preconditioning (D = x + sigma F, an eps-prediction network)"
+        if kind == "cosine" and prediction == "eps":
+            return "vp", "a cosine-schedule eps-prediction network"
+    if isinstance(denoiser, DiscreteVPDenoiser) and denoiser.prediction == "epsilon":
+        return "vp", "a DDPM eps-prediction network (prediction_type 'epsilon')"
+    return None
+
+
 def check_sigma(denoiser: Denoiser, sigma: float, what: str = "init sigma") -> float:
     if not denoiser.sigma_min <= sigma <= denoiser.sigma_max:
         raise DiffdistillError(f"{what} {sigma:g} lies outside the teacher's range "

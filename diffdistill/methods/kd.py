@@ -66,13 +66,8 @@ class KDConfig:
 def is_vp_eps(net: Denoiser) -> bool:
     """True for eps-prediction VP networks, whose denoiser output has a gain of sigma over the eps head:
     discrete DDPM/diffusers teachers with prediction 'epsilon', EDM's VPPrecond, cosine-schedule eps."""
-    from ..teachers.discrete import DiscreteVPDenoiser
-
-    if isinstance(net, DiscreteVPDenoiser):
-        return net.prediction == "epsilon"
-    if isinstance(net, Precond):
-        return net.precond.kind == "vp" or (net.precond.kind == "cosine" and net.precond.prediction == "eps")
-    return False
+    eps = common.eps_prediction(net, through_wrappers=False)
+    return eps is not None and eps[0] == "vp"
 
 
 def paper_output(net: Denoiser, u: Tensor, level: float, cond: Tensor | None = None) -> Tensor:

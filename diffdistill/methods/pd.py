@@ -156,31 +156,11 @@ def pd_sigmas(n: int, grid: str, sigma_min: float = 0.002, sigma_max: float = 80
     raise DiffdistillError(f"unknown PD grid {grid!r} (auto, cosine, karras)")
 
 
-def eps_teacher(teacher: Denoiser) -> str | None:
-    """How `teacher` predicts eps, or None when it predicts x, v, 'both' or an EDM mixture (guidance wrappers
-    are looked through)."""
-    from ..teachers.discrete import DiscreteVPDenoiser
-
-    inner = getattr(teacher, "denoiser", None)
-    if isinstance(inner, Denoiser):
-        return eps_teacher(inner)
-    if isinstance(teacher, Precond):
-        kind, prediction = teacher.precond.kind, teacher.precond.prediction
-        if kind == "vp":
-            return "EDM's VP preconditioning (VPPrecond, an eps-prediction network)"
-        if kind == "ve":
-            return "EDM's VE preconditioning (D = x + sigma F, an eps-prediction network)"
-        if kind == "cosine" and prediction == "eps":
-            return "a cosine-schedule eps-prediction network"
-    if isinstance(teacher, DiscreteVPDenoiser) and teacher.prediction == "epsilon":
-        return "a DDPM eps-prediction network (prediction_type 'epsilon')"
-    return None
-
-
 def check_not_eps(teacher: Denoiser) -> None:
     """Refuse eps-predicting teachers (§3.1, §3.8: the paper distils x-, v- and 'both'-prediction models)."""
-    what = eps_teacher(teacher)
-    if what is not None:
+    eps = common.eps_prediction(teacher)
+    if eps is not None:
+        what = eps[1]
         raise DiffdistillError(f"progressive distillation refuses this teacher, {what}: its x-hat = (z - sigma "
                                "eps)/alpha multiplies eps errors by sigma/alpha (up to e^10 at alpha_1 ~ 0), at "
                                "the top levels where a 1-4 step student does most of its work, so the paper "
