@@ -6,4 +6,4 @@ runner regenerates `BENCHMARKS.md` from all records. Every figure is a median of
 a ratio measured in one process, alternating the two sides round by round.
 """
 
-BENCHMARKS = ["speed", "quality", "quality_real", "throughput", "memory", "gpu"]
+BENCHMARKS = ["speed", "quality", "quality_real", "converged", "throughput", "memory", "gpu"]

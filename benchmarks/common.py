@@ -27,6 +27,7 @@ class Context:
     quick: bool = False                    # fewer repeats, smaller sizes, slow parts marked "not run"
     device: str = "cpu"                    # cpu | cuda | cuda:N
     threads: int = 1                       # torch intra-op threads (1: stable timings on a shared machine)
+    jobs: int = 2                          # converged: worker processes (students trained side by side)
     work: Path = ROOT / "runs" / "bench"   # scratch: teachers, students, pairs (git-ignored)
     results: Path = RESULTS                # one JSON record per benchmark
     shared_data: Path = ROOT.parent / "shared" / "data"  # MNIST / CIFAR-10 files (optional)

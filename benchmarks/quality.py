@@ -252,15 +252,16 @@ class ImageScorer:
 # One data set: teacher rows, then every method's student rows
 
 
-def method_extra(method: str, data: str, kd_pairs: int) -> list[str]:
-    """Per-method options: real data where the method needs it; the pair set of KD; PD's rounds."""
+def method_extra(method: str, data: str, kd_pairs: int, pd_steps: tuple | None = (8, 1)) -> list[str]:
+    """Per-method options: real data where the method needs it; the pair set of KD; PD's rounds (`pd_steps`
+    = start and end steps; None: the caller's)."""
     extra = []
     if method in ("pd", "gdd", "cd"):
         extra += ["--data", data]
     if method == "kd":
         extra += ["--n-pairs", str(kd_pairs), "--heldout", str(kd_pairs // 10), "--shard-size", str(kd_pairs // 2)]
-    if method == "pd":
-        extra += ["--start-steps", "8", "--end-steps", "1"]
+    if method == "pd" and pd_steps is not None:
+        extra += ["--start-steps", str(pd_steps[0]), "--end-steps", str(pd_steps[1])]
     return extra
 
 

@@ -9,8 +9,9 @@ from . import BENCHMARKS
 from .common import RESULTS, ROOT
 
 TITLES = {"speed": "1. Sampling speed", "quality": "2. Quality against NFE: toy ring and digits",
-          "quality_real": "3. Quality against NFE: MNIST and CIFAR-10", "throughput": "4. Training throughput",
-          "memory": "5. Memory", "gpu": "6. GPU"}
+          "quality_real": "3. Quality against NFE: MNIST and CIFAR-10",
+          "converged": "4. Converged students: every method against its teacher and each other",
+          "throughput": "5. Training throughput", "memory": "6. Memory", "gpu": "7. GPU"}
 
 
 def _cell(value) -> str:
@@ -25,7 +26,16 @@ def markdown_table(t: dict) -> list[str]:
     lines.append("|" + "---|" * len(t["columns"]))
     for row in t["rows"]:
         lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
-    return lines + [""]
+    lines.append("")
+    figures = t.get("figures") or []
+    if figures:   # the first is a figure on its own line; the rest (sample pictures) side by side
+        lines += [f"![{figures[0][0]}]({figures[0][1]})", ""]
+        pictures = figures[1:]
+        if pictures:
+            names = ", ".join(alt.removesuffix(" samples") for alt, _ in pictures)
+            lines += [" ".join(f'<img src="{path}" alt="{alt}" title="{alt}" width="120">' for alt, path in pictures),
+                      "", f"_Samples, left to right: {names}._", ""]
+    return lines
 
 
 def load_records(results: Path = RESULTS) -> dict[str, dict]:

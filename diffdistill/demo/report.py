@@ -114,72 +114,108 @@ def series(results: dict, track: str) -> dict[str, list[tuple[int, float]]]:
 
 def svg_plot(results: dict, track: str, width: int = 640, height: int = 340) -> str:
     """Quality against NFE (log2 axis), one line or marker per model; a self-contained <svg> element."""
-    curves = series(results, track)
     _, label = primary_metric(track)
-    left, right, top, bottom = 64, 170, 16, 44
+    return svg_line_chart(series(results, track), xlabel="NFE (network evaluations per sample, log scale)",
+                          ylabel=label, log2_x=True, width=width, height=height,
+                          dashed=lambda name: name.endswith("euler"))
+
+
+def _nice_ticks(hi: float, n: int = 5) -> list[float]:
+    """About n round ticks from 0 to at least hi (steps of 1, 2 or 5 times a power of ten)."""
+    raw = hi / n if hi > 0 else 1.0
+    mag = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    return [step * i for i in range(int(math.ceil(hi / step - 1e-9)) + 1)]
+
+
+def svg_line_chart(curves: dict[str, list[tuple[float, float]]], *, xlabel: str, ylabel: str,
+                   log2_x: bool = False, hlines: dict[str, float] | None = None, width: int = 640,
+                   height: int = 340, dashed=lambda name: False) -> str:
+    """A self-contained <svg> line chart: one polyline (or marker, for a single point) per curve, x on a log2
+    axis with power-of-two ticks (`log2_x`) or a linear one from 0, y linear from 0 or logarithmic when the values
+    span more than a factor of 20; `hlines` are dashed horizontal reference lines (e.g. a teacher's value)."""
+    hlines = {k: v for k, v in (hlines or {}).items() if v is not None and math.isfinite(v)}
+    left, right, top, bottom = 64, 190, 16, 44
     pw, ph = width - left - right, height - top - bottom
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11" role="img" '
-             f'aria-label="{html.escape(label)} against NFE">',
+             f'aria-label="{html.escape(ylabel)} against {html.escape(xlabel)}">',
              f'<rect x="0" y="0" width="{width}" height="{height}" fill="white"/>']
-    values = [v for pts in curves.values() for _, v in pts]
-    nfes = [n for pts in curves.values() for n, _ in pts]
-    if not values:
+    curves = {k: [(float(x), float(y)) for x, y in pts if math.isfinite(y) and (x > 0 or not log2_x)]
+              for k, pts in curves.items()}
+    curves = {k: v for k, v in curves.items() if v}
+    values = [v for pts in curves.values() for _, v in pts] + list(hlines.values())
+    xs = [x for pts in curves.values() for x, _ in pts]
+    if not xs:
         parts.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no results to plot'
                      '</text></svg>')
         return "".join(parts)
-    xmax = max(2.0, math.log2(max(nfes)) + 0.25)
+    if log2_x:
+        xlo, xhi = -0.25, max(2.0, math.log2(max(xs)) + 0.25)
+        xticks = [2 ** k for k in range(int(xhi) + 1)]
+    else:
+        xticks = _nice_ticks(max(xs))
+        xlo, xhi = 0.0, xticks[-1]
     lo, hi = min(values), max(values)
     log_y = lo > 0 and hi / lo > 20
     if log_y:
         ylo, yhi = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
         yhi = yhi if yhi > ylo else ylo + 1
+        yticks = [10.0 ** e for e in range(int(ylo), int(yhi) + 1)]
     else:
-        ylo, yhi = 0.0, hi * 1.1 if hi > 0 else 1.0
+        yticks = _nice_ticks(hi * 1.05 if hi > 0 else 1.0)
+        ylo, yhi = 0.0, yticks[-1]
 
-    def px(n: float) -> float:
-        return left + (math.log2(n) + 0.25) / (xmax + 0.25) * pw
+    def px(x: float) -> float:
+        t = math.log2(x) if log2_x else x
+        return left + (t - xlo) / (xhi - xlo) * pw
 
     def py(v: float) -> float:
         t = (math.log10(v) - ylo) / (yhi - ylo) if log_y else (v - ylo) / (yhi - ylo)
         return top + ph - t * ph
 
-    # axes, grid and ticks
     parts.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#adb5bd"/>')
-    n = 1
-    while math.log2(n) <= xmax:
-        x = px(n)
-        parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + ph}" stroke="#f1f3f5"/>'
-                     f'<text x="{x:.1f}" y="{top + ph + 14}" text-anchor="middle">{n}</text>')
-        n *= 2
-    ticks = [10.0 ** e for e in range(int(ylo), int(yhi) + 1)] if log_y else \
-        [ylo + (yhi - ylo) * i / 5 for i in range(6)]
-    for v in ticks:
+    for x in xticks:
+        u = px(x)
+        parts.append(f'<line x1="{u:.1f}" y1="{top}" x2="{u:.1f}" y2="{top + ph}" stroke="#f1f3f5"/>'
+                     f'<text x="{u:.1f}" y="{top + ph + 14}" text-anchor="middle">{_fmt(x, 4)}</text>')
+    for v in yticks:
         y = py(v)
         parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" stroke="#f1f3f5"/>'
                      f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">{_fmt(v, 2)}</text>')
-    parts.append(f'<text x="{left + pw / 2}" y="{height - 8}" text-anchor="middle">NFE (network evaluations '
-                 'per sample, log scale)</text>')
+    parts.append(f'<text x="{left + pw / 2}" y="{height - 8}" text-anchor="middle">{html.escape(xlabel)}</text>')
     parts.append(f'<text transform="translate(14 {top + ph / 2}) rotate(-90)" text-anchor="middle">'
-                 f'{html.escape(label)}{" (log)" if log_y else ""}</text>')
-    # curves and legend; single points (one-step students) at the same NFE are spread sideways by 5 px
+                 f'{html.escape(ylabel)}{" (log)" if log_y else ""}</text>')
+    # curves and legend; single points at the same x are spread sideways by 5 px
     singles = [name for name, pts in curves.items() if len(pts) == 1]
     dodge = {name: 5.0 * (k - (len(singles) - 1) / 2) for k, name in enumerate(singles)}
+    legend = 0
     for i, (name, pts) in enumerate(curves.items()):
         colour = PALETTE[i % len(PALETTE)]
         shift = dodge.get(name, 0.0)
-        dash = ' stroke-dasharray="4 3"' if name.endswith("euler") else ""
+        dash = ' stroke-dasharray="4 3"' if dashed(name) else ""
         if len(pts) > 1:
-            path = " ".join(f"{px(n):.1f},{py(v):.1f}" for n, v in pts)
+            path = " ".join(f"{px(x):.1f},{py(v):.1f}" for x, v in pts)
             parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" '
                          f'stroke-width="1.8"{dash}/>')
-        for n, v in pts:
-            parts.append(f'<circle cx="{px(n) + shift:.1f}" cy="{py(v):.1f}" r="3.5" fill="{colour}">'
-                         f'<title>{html.escape(name)}: NFE {n}, {_fmt(v, 4)}</title></circle>')
-        ly = top + 8 + 16 * i
+        for x, v in pts:
+            parts.append(f'<circle cx="{px(x) + shift:.1f}" cy="{py(v):.1f}" r="{3.5 if len(pts) < 30 else 2}" '
+                         f'fill="{colour}"><title>{html.escape(name)}: {_fmt(x, 4)}, {_fmt(v, 4)}</title></circle>')
+        ly = top + 8 + 16 * legend
+        legend += 1
         parts.append(f'<line x1="{width - right + 12}" y1="{ly}" x2="{width - right + 32}" y2="{ly}" '
                      f'stroke="{colour}" stroke-width="2"{dash}/><circle cx="{width - right + 22}" cy="{ly}" '
                      f'r="3" fill="{colour}"/><text x="{width - right + 38}" y="{ly + 4}">'
+                     f'{html.escape(name)}</text>')
+    for name, v in hlines.items():
+        y = py(v)
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + pw}" y2="{y:.1f}" stroke="#212529" '
+                     f'stroke-width="1.2" stroke-dasharray="6 4"><title>{html.escape(name)}: {_fmt(v, 4)}</title>'
+                     '</line>')
+        ly = top + 8 + 16 * legend
+        legend += 1
+        parts.append(f'<line x1="{width - right + 12}" y1="{ly}" x2="{width - right + 32}" y2="{ly}" '
+                     f'stroke="#212529" stroke-dasharray="6 4"/><text x="{width - right + 38}" y="{ly + 4}">'
                      f'{html.escape(name)}</text>')
     parts.append("</svg>")
     return "".join(parts)

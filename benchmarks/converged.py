@@ -1,0 +1,501 @@
+"""Converged students (issue 20): every method trained until its one-step quality stops improving, on data a CPU
+trains in a working session, against its teacher and each other.
+
+For each data set the runner makes, through the library's own commands (`diffdistill train-teacher`,
+`diffdistill distill METHOD`, `diffdistill ref-stats`, `diffdistill features train`), the teacher, then every
+method's student at its `converged` budget with the quality measured during training (FID against kimg for image
+data: `--metrics fid`; sliced W2 of snapshots for the ring), and reports:
+
+- a table per data set: method, NFE, the last snapshot's and the best snapshot's quality, the kimg of the best,
+  training kimg and wall time, teacher evaluations and student updates;
+- one figure per data set: quality against student kimg, every method, with the teacher's 35-NFE and 4-NFE lines;
+- a sample grid (or scatter plot) of every student beside the teacher's;
+- the goals of the issue, met or not.
+
+Jobs (a teacher, a student, the teacher's rows) run in `--jobs` worker processes (default 2: the project's 2-core
+machine, one torch thread each). Every finished job leaves a JSON record under --work and is reused on the next
+run of the same command (unless --rerun): a killed benchmark continues with the next unfinished job; a teacher
+resumes from its newest checkpoint; an unfinished student starts over (its teacher-evaluation count is only
+exact for an uninterrupted run).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import multiprocessing
+import shutil
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from diffdistill.cli.main import main as cli_main
+from diffdistill.errors import DiffdistillError
+
+from .common import Context, fmt, goal, table
+
+METHODS = ["kd", "pd", "di", "gdd", "cd", "dmd2", "sid"]
+GAN_LIKE = ("gdd", "dmd2")          # model selection by the best FID snapshot, as their papers do
+TEACHER_NFE = [1, 2, 4, 8, 18, 35]
+RESULTS_DIR = "converged"           # figures and grids, under benchmarks/results/
+
+
+@dataclass(frozen=True)
+class StudentPlan:
+    """A method's converged budget on one data set (the short-run recipe at this kimg and batch, plus options)."""
+
+    kimg: float
+    batch: int
+    options: tuple = ()
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    name: str
+    title: str
+    data: str                        # the data spec (after preparation)
+    kind: str                        # 'ring' | 'image'
+    teacher_argv: tuple = ()         # train-teacher options beyond --data/--out (image data)
+    features: str | None = None      # feature network spec (image data)
+    n_eval: int = 2000               # samples per quality measurement
+    eval_kimg: float = 10.0          # quality curve resolution (student kimg)
+    kd_pairs: int = 20000
+    students: dict = field(default_factory=dict)
+
+
+def _students(kimg: float, batch: int, pd_start: int, **extra) -> dict:
+    out = {m: StudentPlan(kimg, batch) for m in METHODS}
+    out["pd"] = StudentPlan(kimg, batch, ("--start-steps", str(pd_start), "--end-steps", "1"))
+    for m, opts in extra.items():
+        out[m] = StudentPlan(opts.get("kimg", out[m].kimg), opts.get("batch", batch),
+                             out[m].options + tuple(opts.get("options", ())))
+    return out
+
+
+def plans(ctx: Context) -> list[DataPlan]:
+    q = ctx.quick
+    ring = DataPlan("ring", "toy:ring8 (exact teacher): sliced W2 to the exact distribution",
+                    "toy:ring8", "ring", n_eval=2000 if q else 10000,
+                    eval_kimg=10 if q else 200, kd_pairs=5000 if q else 50000,
+                    students=_students(50 if q else 2000, 256, 8 if q else 64))
+    digits = DataPlan("digits", "digits (sklearn 8x8, class-conditional): FID of digits-classifier features",
+                      "digits", "image",
+                      teacher_argv=("--preset", "digits", "--kimg", "20" if q else "500", "--snapshot-kimg",
+                                    "10" if q else "100"), features="digits",
+                      n_eval=500 if q else 2000, eval_kimg=1 if q else 10, kd_pairs=2000 if q else 10000,
+                      students=_students(4 if q else 120, 64, 8 if q else 64))
+    return [ring, digits]
+
+
+# --------------------------------------------------------------------------------------------------
+# Jobs: each runs in a worker process and returns a JSON-able dict (cached under --work)
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _cached(path: Path, ident: dict, reuse: bool):
+    if reuse and path.is_file():
+        old = json.loads(path.read_text())
+        if old.get("ident") == ident:
+            return old
+    return None
+
+
+def _save(path: Path, record: dict) -> dict:
+    from diffdistill.io import atomic_write_json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, record)
+    return record
+
+
+def job_teacher(ctx: Context, plan: DataPlan) -> dict:
+    """Train (or resume, or reuse) the teacher of an image data set, with its FID curve."""
+    from .quality import _run_compute
+
+    run_dir = ctx.work / f"{plan.name}-teacher"
+    ref = ctx.work / f"{plan.name}-ref.npz"
+    # --resume: a rerun continues the run even where only paths in its config differ (e.g. another checkout)
+    argv = ["train-teacher", "--data", plan.data, *plan.teacher_argv, "--out", str(run_dir), "--no-progress",
+            "--seed", "0", "--resume", "--metrics", "fid", "--ref", str(ref), "--features", plan.features,
+            "--eval-kimg", str(10 * plan.eval_kimg), "--eval-n", str(plan.n_eval)]
+    ident = dict(command="diffdistill " + " ".join(argv))
+    record = _cached(run_dir / "bench-job.json", ident, ctx.reuse)
+    if record is not None:
+        return record
+    if not ref.is_file():
+        _cli(["ref-stats", plan.data, "--features", plan.features, "--out", str(ref), "--no-progress"])
+    if not ctx.reuse:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    ctx.log(f"converged {plan.name}: diffdistill {' '.join(argv)}")
+    _cli(argv)                       # a rerun of the same command resumes from the newest checkpoint
+    compute = _run_compute(run_dir)
+    return _save(run_dir / "bench-job.json", dict(ident=ident, run=str(run_dir), curve=_eval_curve(run_dir),
+                                                  **compute))
+
+
+def job_teacher_rows(ctx: Context, plan: DataPlan, teacher: str) -> dict:
+    """The teacher's quality at 1-35 NFE, its noise floor, and its sample grid."""
+    from .quality import _load, teacher_id, teacher_recipe
+
+    path = ctx.work / f"{plan.name}-teacher-rows.json"
+    ident = dict(teacher=teacher_id(teacher), n=plan.n_eval, nfe=TEACHER_NFE)
+    record = _cached(path, ident, ctx.reuse)
+    if record is not None:
+        return record
+    scorer = _scorer(ctx, plan)
+    den, _, _ = _load(teacher)
+    rows = []
+    for nfe in TEACHER_NFE:
+        s = scorer(den, teacher_recipe(nfe), ctx.device)
+        rows.append(dict(nfe=nfe, sampler=teacher_recipe(nfe), value=s["distance"], detail=s["detail"]))
+        ctx.log(f"converged {plan.name}: teacher {nfe} NFE: {s['distance']:.4g} ({s['detail']})")
+    picture = _picture(ctx, plan, den, teacher_recipe(35), "teacher")
+    return _save(path, dict(ident=ident, rows=rows, floor=s["floor"], picture=picture))
+
+
+def job_student(ctx: Context, plan: DataPlan, method: str, teacher: str) -> dict:
+    """One method's converged student: its run, its quality curve, the last and the best snapshot."""
+    from diffdistill.demo.settings import short_run_options
+
+    from .quality import _load, distill, method_extra, student_recipes
+
+    sp = plan.students[method]
+    run_dir = ctx.work / f"{plan.name}-{method}"
+    extra = method_extra(method, plan.data, plan.kd_pairs, pd_steps=None) + list(sp.options)
+    extra += short_run_options(method, plan.kind, sp.kimg, sp.batch)
+    if plan.kind == "ring":
+        extra += ["--snapshot-kimg", f"{plan.eval_kimg:g}", "--grid-kimg", "0"]
+    else:
+        ref = ctx.work / f"{plan.name}-ref.npz"
+        extra += ["--metrics", "fid", "--ref", str(ref), "--features", plan.features,
+                  "--eval-kimg", f"{plan.eval_kimg:g}", "--eval-n", str(plan.n_eval)]
+    path = run_dir / "bench-student.json"
+    run = distill(ctx, method, teacher, run_dir, sp.kimg, sp.batch, extra)
+    ident = dict(command=run["command"], teacher_id=run["teacher_id"], n=plan.n_eval)
+    record = _cached(path, ident, ctx.reuse)
+    if record is not None:
+        return record
+    scorer = _scorer(ctx, plan)
+    model, recipe, _ = _load(run["snapshots"]["model"])
+    last = scorer(model, recipe, ctx.device)
+    best = dict(value=None, kimg=None, detail="", snapshot=None)
+    if plan.kind == "ring":        # the curve: every snapshot scored here
+        curve, snaps = [], {}
+        for snap in sorted(run_dir.glob("snapshot-kimg*")):
+            den, rec, meta = _load(str(snap))
+            s = scorer(den, rec, ctx.device)
+            curve.append((float(meta["kimg"]), s["distance"]))
+            snaps[curve[-1]] = dict(value=s["distance"], kimg=float(meta["kimg"]), detail=s["detail"],
+                                    snapshot=str(snap))
+        if curve and method != "pd":
+            best = snaps[min(curve, key=lambda p: p[1])]
+    else:
+        curve = _eval_curve(run_dir)
+        if (run_dir / "best" / "model.json").is_file() and method != "pd":
+            den, rec, meta = _load(str(run_dir / "best"))
+            s = scorer(den, rec, ctx.device)
+            best = dict(value=s["distance"], kimg=meta.get("kimg"), detail=s["detail"], snapshot=str(run_dir / "best"))
+    headline = "best" if method in GAN_LIKE and best["value"] is not None else "last"
+    chosen = (model, recipe) if headline == "last" else _load(best["snapshot"])[:2]
+    # the same student at 2 and 4 steps where the method has them (PD's rounds, CD's multistep sampling)
+    more = []
+    for steps, label, rec in student_recipes(method, run, model, recipe)[1:]:
+        if rec is None or "train" in rec:
+            continue
+        net = model
+        if "snapshot" in rec:
+            net, rec, _ = _load(rec["snapshot"])
+        more.append(dict(steps=steps, label=label, value=scorer(net, rec, ctx.device)["distance"]))
+    picture = _picture(ctx, plan, *chosen, method)
+    ctx.log(f"converged {plan.name}: {method}: last {last['distance']:.4g}, best {best['value']}")
+    return _save(path, dict(ident=ident, method=method, plan=asdict(sp), last=dict(value=last["distance"],
+                            detail=last["detail"]), best=best, headline=headline, curve=curve, picture=picture,
+                            more=more,
+                            **{k: v for k, v in run.items() if k not in ("snapshots",)}))
+
+
+def _cli(argv: list[str]) -> None:
+    if cli_main(argv) != 0:
+        raise DiffdistillError(f"diffdistill {' '.join(argv)} failed")
+
+
+def _eval_curve(run_dir: Path) -> list[tuple[float, float]]:
+    """(kimg, FID) of every evaluation in a run's stats.jsonl."""
+    out = []
+    stats = Path(run_dir) / "stats.jsonl"
+    if stats.is_file():
+        for line in stats.read_text().splitlines():
+            rec = json.loads(line) if line.strip() else {}
+            for k, v in rec.items():
+                if k.startswith("eval/fid"):
+                    out.append((float(rec["kimg"]), float(v)))
+    return out
+
+
+def _best_kimg(run_dir: Path) -> float | None:
+    meta = json.loads((run_dir / "best" / "model.json").read_text()).get("meta", {})
+    return meta.get("kimg")
+
+
+def _scorer(ctx: Context, plan: DataPlan):
+    from .quality import ImageScorer, ToyScorer
+
+    if plan.kind == "ring":
+        return ToyScorer(plan.n_eval)
+    return ImageScorer(plan.features, plan.data, plan.n_eval, ctx.device)
+
+
+def _picture(ctx: Context, plan: DataPlan, den, recipe: dict, label: str) -> str:
+    """A 10x10 sample grid (images; classes by row) or a scatter plot (ring) under results/converged/."""
+    import torch
+
+    from diffdistill.metrics.protocol import generate
+    from diffdistill.train.stats import save_image_grid, save_scatter
+
+    out = ctx.results / RESULTS_DIR / f"{plan.name}-{label}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if plan.kind == "ring":
+        from diffdistill.teachers import load_analytic
+
+        x = torch.cat([b.cpu() for b in generate(den, recipe, range(2000), batch=2000, clamp=False)])
+        ref = load_analytic("toy:ring8").sample(2000, generator=torch.Generator().manual_seed(1))
+        save_scatter(x, out, size=256, reference=ref)
+    else:
+        seeds = [10 * (i % 10) + i // 10 for i in range(100)]      # one class per column
+        x = torch.cat([b.cpu() for b in generate(den, recipe, seeds, batch=100)])
+        save_image_grid(x, out, ncol=10)
+    return str(out.relative_to(ctx.results.parent.parent)) if out.is_relative_to(ctx.results.parent.parent) \
+        else str(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# The scheduler: jobs with dependencies on a pool of worker processes
+
+
+def _run_jobs(ctx: Context, jobs: dict, deps: dict) -> dict:
+    """Run `jobs` (name -> (fn, args)), each when its dependencies (name -> [names]) are done, on ctx.jobs
+    worker processes (1: in this process, in order); an argument may be a callable of the finished results
+    (e.g. the teacher run a student needs). A failed job fails its dependants and is recorded; it never stops
+    the others. Returns {'results': name -> result, 'errors': name -> message}."""
+    results, errors, running = {}, {}, {}
+    pending = dict(jobs)
+
+    def ready():
+        for name in list(pending):
+            need = deps.get(name, [])
+            if any(d in errors for d in need):
+                errors[name] = f"skipped: {', '.join(d for d in need if d in errors)} failed"
+                del pending[name]
+            elif all(d in results for d in need):
+                fn, args = pending.pop(name)
+                yield name, fn, tuple(a(results) if callable(a) else a for a in args)
+
+    def finish(name, get):
+        try:
+            results[name] = get()
+            ctx.log(f"converged: {name} done")
+        except Exception as e:  # noqa: BLE001 - recorded in the table
+            errors[name] = f"failed: {type(e).__name__}: {e}".split("\n")[0][:200]
+            ctx.log(f"converged: {name} {errors[name]}")
+
+    if ctx.jobs <= 1:
+        while pending:
+            batch = list(ready())
+            if not batch:
+                break
+            for name, fn, args in batch:
+                finish(name, functools.partial(fn, ctx, *args))
+        for name in pending:
+            errors[name] = "not run: unmet dependencies"
+        return dict(results=results, errors=errors)
+    mp = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=ctx.jobs, mp_context=mp, initializer=_worker_init,
+                             initargs=(ctx.threads,)) as pool:
+        while pending or running:
+            for name, fn, args in ready():
+                running[pool.submit(fn, _picklable(ctx), *args)] = name
+            if not running:
+                break
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in done:
+                finish(running.pop(fut), fut.result)
+    for name in pending:
+        errors[name] = "not run: unmet dependencies"
+    return dict(results=results, errors=errors)
+
+
+def _picklable(ctx: Context) -> Context:
+    from dataclasses import replace
+
+    return replace(ctx, log=_log)
+
+
+def _log(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The report
+
+
+COLUMNS = ["model", "sampler", "NFE", "last", "best (at kimg)", "reported", "detail", "student kimg",
+           "train wall s", "teacher evals (images)", "student updates (images)"]
+
+
+def run(ctx: Context) -> dict:
+    from .quality import teacher_recipe
+
+    jobs, deps = {}, {}
+    all_plans = [p for p in plans(ctx) if not ctx.real_data or p.name in ctx.real_data]
+    for plan in all_plans:
+        if plan.kind == "ring":
+            teacher_of = plan.data
+            jobs[f"{plan.name}/teacher-rows"] = (job_teacher_rows, (plan, plan.data))
+        else:
+            jobs[f"{plan.name}/teacher"] = (job_teacher, (plan,))
+            deps[f"{plan.name}/teacher-rows"] = [f"{plan.name}/teacher"]
+            name = plan.name
+
+            def teacher_of(results, name=name):
+                return results[f"{name}/teacher"]["run"]
+            jobs[f"{plan.name}/teacher-rows"] = (job_teacher_rows, (plan, teacher_of))
+        for method in plan.students:
+            jobs[f"{plan.name}/{method}"] = (job_student, (plan, method, teacher_of))
+            if plan.kind != "ring":
+                deps[f"{plan.name}/{method}"] = [f"{plan.name}/teacher"]
+    out = _run_jobs(ctx, jobs, deps)
+    results, errors = out["results"], out["errors"]
+
+    tables, goals, records = [], [], []
+    for plan in all_plans:
+        trow = results.get(f"{plan.name}/teacher-rows")
+        teacher = results.get(f"{plan.name}/teacher")
+        rows, curves, hlines = [], {}, {}
+        unit = "sliced W2" if plan.kind == "ring" else "FID"
+        t_nfe = {}
+        if trow:
+            for r in trow["rows"]:
+                t_nfe[r["nfe"]] = r["value"]
+                rec = teacher_recipe(r["nfe"])
+                rows.append(["teacher", f"{rec['sampler']} {rec['steps']}", r["nfe"], fmt(r["value"]), "", "",
+                             r["detail"], fmt(teacher.get("kimg")) if teacher else "–",
+                             fmt(teacher.get("wall_s")) if teacher else "–", "–", "–"])
+            hlines = {"teacher 35 NFE": t_nfe.get(35), "teacher 4 NFE": t_nfe.get(4)}
+            if trow.get("floor") is not None:
+                rows.append(["noise floor", "–", "–", fmt(trow["floor"]), "", "", "two independent sample sets",
+                             "", "", "", ""])
+        else:
+            rows.append(["teacher", "–", "–", errors.get(f"{plan.name}/teacher-rows", "not run"), "", "", "", "",
+                         "", "", ""])
+        one_step = {}
+        for method in plan.students:
+            r = results.get(f"{plan.name}/{method}")
+            if r is None:
+                rows.append([method, "–", "–", errors.get(f"{plan.name}/{method}", "not run"), "", "", "", "",
+                             "", "", ""])
+                continue
+            value = r[r["headline"]]["value"]
+            one_step[method] = value
+            curves[method] = [tuple(p) for p in r["curve"]]
+            sampler = "onestep" if method != "pd" else "euler 1 (last round)"
+            best = r["best"]
+            rows.append([method, sampler, 1, fmt(r["last"]["value"]),
+                         "–" if best["value"] is None else f"{fmt(best['value'])} ({fmt(best['kimg'])})",
+                         f"{fmt(value)} ({r['headline']})", r[r["headline"]].get("detail") or r["last"]["detail"],
+                         fmt(r["kimg"]), fmt(r["wall_s"]), fmt(r["teacher_images"]),
+                         fmt(r["student_updates"] * r["plan"]["batch"])])
+            for m in r.get("more", []):
+                rows.append([method, m["label"], m["steps"], fmt(m["value"]), "", fmt(m["value"]), "", "", "", "",
+                             ""])
+            records.append(dict(dataset=plan.name, method=method, value=value, headline=r["headline"],
+                                last=r["last"]["value"], best=best, kimg=r["kimg"], wall_s=r["wall_s"],
+                                teacher_images=r["teacher_images"], student_images=r["student_updates"] *
+                                r["plan"]["batch"], command=r["command"]))
+        figure = _figure(ctx, plan, curves, hlines, unit)
+        pictures = ([("teacher (35 NFE)", trow["picture"])] if trow else []) + [
+            (m, results[f"{plan.name}/{m}"]["picture"]) for m in plan.students if f"{plan.name}/{m}" in results]
+        note = _note(plan, teacher)
+        tables.append(dict(table(plan.title, COLUMNS, rows, note),
+                           figures=[(f"{unit} against student kimg", figure)] + [
+                               (f"{label} samples", path) for label, path in pictures]))
+        goals += _goals(plan, t_nfe, one_step, records, teacher)
+    return dict(tables=tables, goals=goals, results=dict(runs=records, errors=errors))
+
+
+def _figure(ctx: Context, plan: DataPlan, curves: dict, hlines: dict, unit: str) -> str:
+    from diffdistill.demo.report import svg_line_chart
+    from diffdistill.io import atomic_write
+
+    svg = svg_line_chart(curves, xlabel="student training (kimg)",
+                         ylabel=f"one-step {unit} (PD: its current round's steps)", hlines=hlines, width=720,
+                         height=380)
+    out = ctx.results / RESULTS_DIR / f"{plan.name}-curves.svg"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda p: Path(p).write_text(svg))
+    return str(out.relative_to(ctx.results.parent.parent)) if out.is_relative_to(ctx.results.parent.parent) \
+        else str(out)
+
+
+def _note(plan: DataPlan, teacher: dict | None) -> str:
+    budgets = ", ".join(f"{m} {fmt(s.kimg)} kimg" for m, s in plan.students.items())
+    where = ("Teacher: the exact analytic denoiser (no training). " if plan.kind == "ring" else
+             f"Teacher: `diffdistill train-teacher --data {plan.data} {' '.join(plan.teacher_argv)}` "
+             f"({fmt(teacher.get('kimg')) if teacher else '?'} kimg). ")
+    quality = (f"Quality: sliced W2 of {plan.n_eval:,} samples to exact samples, every {fmt(plan.eval_kimg)} kimg "
+               "(snapshots)" if plan.kind == "ring" else
+               f"Quality: FID of {plan.n_eval:,} samples in {plan.features}-classifier features (not Inception) "
+               f"against the whole data set, measured during training every {fmt(plan.eval_kimg)} kimg "
+               "(`--metrics fid`)")
+    return (where + f"Students: `diffdistill distill METHOD --recipe short` at their converged budgets ({budgets}; "
+            f"batch {next(iter(plan.students.values())).batch}). {quality}. 'last': the final EMA snapshot; 'best': "
+            "the snapshot with the best value during training; 'reported': best for the GAN-like methods (GDD, "
+            "DMD2, as their papers select), last for the others. Teacher evals = images through the teacher "
+            "(KD: its pairs; GDD: none); student updates = optimiser steps of the exported network x batch.")
+
+
+def _goals(plan: DataPlan, t_nfe: dict, one_step: dict, records: list, teacher: dict | None) -> list:
+    out = []
+    valid = {m: v for m, v in one_step.items() if v is not None and math.isfinite(v)}
+    if not valid or 35 not in t_nfe:
+        return [goal(f"{plan.name}: converged students", None, "not measured")]
+    best_m = min(valid, key=valid.get)
+    t35, t4 = t_nfe[35], t_nfe.get(4)
+    if plan.kind == "ring":
+        bad = [m for m, v in valid.items() if v > 1.5 * t35]
+        out.append(goal(f"{plan.name}: every one-step student within 1.5x of the teacher's 35-NFE sliced W2",
+                        not bad and len(valid) == len(plan.students),
+                        f"worst {max(valid, key=valid.get)} {max(valid.values()):.4g} vs 1.5 x {t35:.4g}",
+                        f"not within: {', '.join(bad)}" if bad else ""))
+        return out
+    out.append(goal(f"{plan.name}: best one-step student at or below the teacher's 35-NFE FID", valid[best_m] <= t35,
+                    f"{best_m} {valid[best_m]:.4g} vs teacher {t35:.4g}"))
+    if t4 is not None:
+        above = [m for m, v in valid.items() if v >= t4]
+        out.append(goal(f"{plan.name}: every one-step student below the teacher's 4-NFE FID", not above,
+                        f"worst {max(valid, key=valid.get)} {max(valid.values()):.4g} vs teacher 4 NFE {t4:.4g}",
+                        f"not below: {', '.join(above)}" if above else ""))
+    regress = [valid[m] for m in ("kd", "pd") if m in valid]
+    if regress:
+        losers = [m for m in ("gdd", "sid", "dmd2", "di") if m in valid and valid[m] >= min(regress)]
+        out.append(goal(f"{plan.name}: GDD, SiD, DMD2 and DI one-step each below KD's and PD's",
+                        not losers, ", ".join(f"{m} {valid[m]:.3g}" for m in ("gdd", "sid", "dmd2", "di", "kd", "pd")
+                                              if m in valid), f"not below: {', '.join(losers)}" if losers else ""))
+    if teacher and teacher.get("kimg"):
+        rec = next(r for r in records if r["dataset"] == plan.name and r["method"] == best_m)
+        kimg_at = rec["best"]["kimg"] if rec["headline"] == "best" and rec["best"]["kimg"] else rec["kimg"]
+        frac = kimg_at / rec["kimg"] if rec["kimg"] else 1.0
+        cost = (rec["teacher_images"] + rec["student_images"]) * frac
+        out.append(goal(f"{plan.name}: distillation compute of the best student at most 25% of the teacher's "
+                        "training images", cost <= 0.25 * teacher["kimg"] * 1000,
+                        f"{best_m}: {cost / 1000:,.0f} kimg (to its reported snapshot) vs teacher "
+                        f"{teacher['kimg']:,.0f} kimg ({100 * cost / (teacher['kimg'] * 1000):.0f}%)"))
+    return out
+

@@ -1,0 +1,89 @@
+"""The converged-students benchmark's plumbing (issue 20): the job scheduler, the goals, the figure and one real
+(tiny) student job. The benchmark itself runs for hours; these check only that it computes what it reports."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import converged  # noqa: E402
+from benchmarks.common import Context  # noqa: E402
+from diffdistill.demo.report import svg_line_chart  # noqa: E402
+
+
+def _ok(ctx, value):
+    return value
+
+
+def _fail(ctx):
+    raise RuntimeError("boom\nsecond line")
+
+
+def test_scheduler_orders_by_dependencies_and_isolates_failures(tmp_path):
+    ctx = Context(jobs=1, work=tmp_path, log=lambda m: None)
+    jobs = {"teacher": (_ok, ("T",)),
+            "student": (_ok, (lambda r: r["teacher"] + "-student",)),    # reads its dependency's result
+            "broken": (_fail, ()),
+            "after-broken": (_ok, (1,)),
+            "independent": (_ok, (2,))}
+    deps = {"student": ["teacher"], "after-broken": ["broken"]}
+    out = converged._run_jobs(ctx, jobs, deps)
+    assert out["results"] == {"teacher": "T", "student": "T-student", "independent": 2}
+    assert out["errors"]["broken"] == "failed: RuntimeError: boom"
+    assert out["errors"]["after-broken"] == "skipped: broken failed"
+
+
+def test_goals_of_an_image_data_set():
+    plan = converged.DataPlan("digits", "t", "digits", "image", students=converged._students(10, 64, 8))
+    t_nfe = {4: 20.0, 35: 3.0}
+    one_step = dict(kd=5.0, pd=6.0, gdd=2.5, di=4.0, sid=4.5, dmd2=7.0, cd=25.0)
+    records = [dict(dataset="digits", method=m, headline="best" if m == "gdd" else "last", kimg=100.0,
+                    best=dict(kimg=50.0), teacher_images=0, student_images=100_000) for m in one_step]
+    goals = {g["goal"].split(": ", 1)[1]: g for g in converged._goals(plan, t_nfe, one_step, records,
+                                                                        dict(kimg=1000.0))}
+    assert goals["best one-step student at or below the teacher's 35-NFE FID"]["met"] is True
+    below4 = goals["every one-step student below the teacher's 4-NFE FID"]
+    assert below4["met"] is False and below4["why"] == "not below: cd"
+    ranking = goals["GDD, SiD, DMD2 and DI one-step each below KD's and PD's"]
+    assert ranking["met"] is False and ranking["why"] == "not below: dmd2"      # 7 >= min(kd 5, pd 6)
+    # GDD's reported snapshot is its best, at 50 of 100 kimg: half of its 100k student images = 5% of 1 Mimg
+    compute = goals["distillation compute of the best student at most 25% of the teacher's training images"]
+    assert compute["met"] is True and "gdd: 50 kimg" in compute["value"] and "(5%)" in compute["value"]
+
+
+def test_goals_of_the_ring():
+    plan = converged.DataPlan("ring", "t", "toy:ring8", "ring", students=converged._students(10, 64, 8))
+    one_step = {m: 0.04 for m in plan.students}
+    goals = converged._goals(plan, {35: 0.03}, one_step, [], None)
+    assert [g["met"] for g in goals] == [True]
+    one_step["cd"] = 0.05                                   # > 1.5 x 0.03
+    assert converged._goals(plan, {35: 0.03}, one_step, [], None)[0]["why"] == "not within: cd"
+
+
+def test_line_chart_draws_curves_reference_lines_and_linear_ticks():
+    svg = svg_line_chart({"gdd": [(10, 8.0), (20, 4.0), (30, 3.0)], "kd": [(30, 5.0)]}, xlabel="kimg",
+                         ylabel="FID", hlines={"teacher 35 NFE": 2.0, "missing": None})
+    assert svg.count("<polyline") == 1 and svg.count('stroke-dasharray="6 4"') == 2     # line + its legend
+    assert "teacher 35 NFE" in svg and "missing" not in svg
+    assert ">0<" in svg and ">30<" in svg                        # a linear x axis from 0 to 30
+    assert "no results to plot" in svg_line_chart({}, xlabel="x", ylabel="y")
+
+
+def test_one_ring_student_job(tmp_path):
+    """A real (tiny) DI student on the ring: the run, its snapshot curve, the best snapshot, the picture."""
+    ctx = Context(jobs=1, work=tmp_path / "work", results=tmp_path / "results" / "r", log=lambda m: None)
+    plan = converged.DataPlan("ring", "t", "toy:ring8", "ring", n_eval=500, eval_kimg=2,
+                              students={"di": converged.StudentPlan(4, 256)})
+    r = converged.job_student(ctx, plan, "di", "toy:ring8")
+    assert [k for k, _ in r["curve"]] == [2.048, 4.096]              # a snapshot every 2 kimg (8 steps of 256)
+    assert r["last"]["value"] == r["curve"][-1][1]                   # the final snapshot is the exported model
+    assert r["best"]["value"] == min(v for _, v in r["curve"]) and r["headline"] == "last"
+    assert (tmp_path / r["picture"]).is_file() and r["student_updates"] == 16
+    # a second call reuses the finished job (same command, same teacher)
+    stamp = (tmp_path / "work" / "ring-di" / "bench-student.json").stat().st_mtime_ns
+    assert converged.job_student(ctx, plan, "di", "toy:ring8") == json.loads(
+        (tmp_path / "work" / "ring-di" / "bench-student.json").read_text())
+    assert (tmp_path / "work" / "ring-di" / "bench-student.json").stat().st_mtime_ns == stamp
