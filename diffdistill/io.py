@@ -6,8 +6,10 @@ A *snapshot* is a directory holding `model.safetensors` (may be absent for weigh
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -24,11 +26,44 @@ os.umask(_UMASK)
 SNAPSHOT_WEIGHTS = "model.safetensors"
 
 
+# errno values meaning the file system cannot take the file: full, over quota, file too large, read-only.
+_NO_ROOM = {errno.ENOSPC, errno.EFBIG, errno.EROFS, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+class CannotWrite(DiffdistillError):
+    """A write that failed for want of room (disk full, quota, read-only file system; OSError or safetensors'
+    SafetensorError). Nothing was left behind and a file that was at `path` before is intact."""
+
+    def __init__(self, path: str | Path, reason: str, existed: bool):
+        self.path, self.reason = Path(path), reason
+        prior = f"the previous {self.path.name} is intact" if existed else "nothing was left behind"
+        super().__init__(f"cannot write {path} ({reason}); {prior}")
+
+
+def _no_room(e: BaseException) -> str | None:
+    """The reason when `e` is a failed write for want of room, else None."""
+    if isinstance(e, SafetensorError):   # e.g. IoError(Os { code: 28, kind: StorageFull, message: "No space ..." })
+        found = re.search(r'message: "([^"]*)"', str(e))
+        return found.group(1) if found else (str(e).splitlines() or ["SafetensorError"])[0]
+    if isinstance(e, OSError) and e.errno in _NO_ROOM:
+        return e.strerror or os.strerror(e.errno)
+    return None
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Write a file through `write(tmp_path)`, fsync it, then rename it over `path` (never half-written)."""
+    """Write a file through `write(tmp_path)`, fsync it, then rename it over `path` (never half-written).
+
+    The final name is replaced, never written through: a symbolic link at `path` is replaced by the file. A disk
+    that is full raises `CannotWrite` (one line naming the file), with no temp file left behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        if _no_room(e) is not None:
+            raise CannotWrite(path, _no_room(e), existed) from None
+        raise
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -42,8 +77,11 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        reason = _no_room(e)
+        if reason is not None:
+            raise CannotWrite(path, reason, existed) from None
         raise
 
 
@@ -57,10 +95,16 @@ def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, its header checked first (`guard.safetensors_header`: a regular file,
+    every tensor's declared bytes inside it)."""
+    from .guard import safetensors_header
+
+    safetensors_header(path)
     try:
         return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise DiffdistillError(f"{path}: not a readable safetensors file ({e})") from None
+    except Exception as e:  # noqa: BLE001  (safetensors raises several types on damaged files)
+        raise DiffdistillError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:200]})") \
+            from None
 
 
 def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], where, what: str = "the config"):
@@ -151,18 +195,112 @@ def save_snapshot(path: str | Path, denoiser, sampling: dict | None = None, meta
 def load_snapshot(path: str | Path, device="cpu"):
     """(denoiser in eval mode, sampling recipe, meta) from a snapshot directory. The denoiser also carries the
     recipe as its `sampling` attribute, which `samplers.sample` follows when given no sampler, steps or sigmas."""
+    from .guard import lexists
+    from .schema import SNAPSHOT, load_json
+
     path = Path(path)
     cfg_path = path / SNAPSHOT_JSON
-    if not cfg_path.is_file():
+    if not lexists(cfg_path):
         raise DiffdistillError(f"{path}: not a diffdistill snapshot (no {SNAPSHOT_JSON})")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-        den_cfg = cfg["denoiser"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise DiffdistillError(f"{cfg_path}: malformed snapshot config ({e})") from None
-    denoiser = build_denoiser(den_cfg)
-    if denoiser.state_dict():
-        load_state_strict(denoiser, load_tensors(path / SNAPSHOT_WEIGHTS), path / SNAPSHOT_WEIGHTS)
+    cfg = load_json(cfg_path, SNAPSHOT, "snapshot config")   # every field's type and range (schema.SNAPSHOT)
+    denoiser = load_denoiser(cfg["denoiser"], path / SNAPSHOT_WEIGHTS, cfg_path)
     sampling = cfg.get("sampling") or {}
-    denoiser.sampling = dict(sampling) if isinstance(sampling, dict) else {}
-    return denoiser.to(device).eval().requires_grad_(False), sampling, cfg.get("meta", {})
+    denoiser.sampling = dict(sampling)
+    denoiser.source = str(path)   # named by errors of what it produces (samplers.iter_samples)
+    return denoiser.to(device).eval().requires_grad_(False), sampling, cfg.get("meta") or {}
+
+
+class BuildErrors:
+    """Errors of a builder run on a config read from `where` become one line naming `where` (a builder meets a
+    config that passed the schema but whose values do not fit together, e.g. a resolution a network's levels do
+    not divide)."""
+
+    def __init__(self, where):
+        self.where = str(where)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if e is None or not isinstance(e, Exception):
+            return False
+        msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        if isinstance(e, DiffdistillError):
+            if self.where in msg:
+                return False
+            raise DiffdistillError(f"{self.where}: {msg}") from None
+        if isinstance(e, ValueError | TypeError | KeyError | IndexError | RuntimeError | NotImplementedError
+                      | AssertionError | ArithmeticError | AttributeError | RecursionError):
+            raise DiffdistillError(f"{self.where}: cannot build the denoiser of this config "
+                                   f"({type(e).__name__}: {msg})") from None
+        return False
+
+
+def _meta_build(config: dict, where):
+    """The denoiser of `config` on the meta device (shapes, no memory), or None when its builder needs real
+    tensor values (an analytic mixture)."""
+    with BuildErrors(where):
+        try:
+            with torch.device("meta"):
+                return build_denoiser(config)
+        except (RuntimeError, NotImplementedError) as e:
+            if "meta" in str(e).lower():
+                return None
+            raise
+
+
+def _meta_forward(den, where) -> None:
+    """Run the meta-device denoiser on one sample of its shape: a network that does not take its samples (a
+    config's shape against its network's size) is found now, not at sampling time. Operations that meta tensors
+    cannot run skip the check."""
+    shape = tuple(den.shape)
+    try:
+        with torch.no_grad():
+            out = den(torch.zeros(1, *shape, device="meta"), torch.ones(1, device="meta"))
+    except Exception as e:  # noqa: BLE001
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        if isinstance(e, DiffdistillError) or "meta" in msg.lower():   # not a shape question: no check
+            return
+
+        raise DiffdistillError(f"{where}: the network of this config does not take samples of shape {shape} "
+                               f"({type(e).__name__}: {msg})") from None
+    if isinstance(out, torch.Tensor) and tuple(out.shape) != (1, *shape):
+        raise DiffdistillError(f"{where}: the network of this config maps samples of shape {shape} to "
+                               f"{tuple(out.shape)[1:]}")
+
+
+def load_denoiser(config: dict, weights: str | Path, where) -> torch.nn.Module:
+    """The denoiser of a (schema-checked) config with its weights, checked before anything is allocated: the
+    network is first built on the meta device, its size compared with the machine's memory and its tensors'
+    names and shapes with the weights file's header; then built for real, the weights loaded and checked finite.
+    Every error names `where` (the config file) or the weights file."""
+    from .guard import FLOAT_DTYPES, check_alloc, check_finite, safetensors_header
+
+    weights = Path(weights)
+    meta = _meta_build(config, where)
+    if meta is not None:
+        tensors = list(meta.parameters()) + list(meta.buffers())
+        check_alloc(sum(t.numel() * t.element_size() for t in tensors), where, "the network of this config")
+        expected = meta.state_dict()
+        if expected:
+            header = safetensors_header(weights)
+            missing, unexpected = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+            if missing or unexpected:
+                raise DiffdistillError(f"{weights}: weights do not match {where} (missing {missing[:3]}, "
+                                       f"unexpected {unexpected[:3]})")
+            for k, (dtype, shape) in header.items():
+                if shape != tuple(expected[k].shape):
+                    raise DiffdistillError(f"{weights}: tensor {k} has shape {shape}, the config needs "
+                                           f"{tuple(expected[k].shape)} ({where})")
+                if expected[k].is_floating_point() and dtype not in FLOAT_DTYPES:
+                    raise DiffdistillError(f"{weights}: tensor {k} has dtype {dtype}, expected floating point")
+        _meta_forward(meta, where)
+        del meta, tensors, expected
+    with BuildErrors(where):
+        denoiser = build_denoiser(config)
+    if denoiser.state_dict():
+        state = load_tensors(weights)
+        check_finite(state, weights)
+        load_state_strict(denoiser, state, weights)
+    return denoiser
+

@@ -44,11 +44,11 @@ def test_exact_samples_and_log_density():
 
 
 @pytest.mark.parametrize("cfg,match", [
-    ({"means": [[0.0]], "stds": [-1.0], "weights": [1.0]}, "std must be positive"),
-    ({"means": [[0.0], [1.0]], "stds": [1.0, 1.0], "weights": [0.0, 0.0]}, "sum to a positive"),
-    ({"means": [[0.0], [1.0]], "stds": [1.0], "weights": [1.0, 1.0]}, "mismatched lengths"),
-    ({"means": [[0.0], [1.0, 2.0]], "stds": [1.0, 1.0], "weights": [1.0, 1.0]}, "equal length"),
-    ({"means": [[0.0]], "stds": [1.0]}, "needs the keys"),
+    ({"means": [[0.0]], "stds": [-1.0], "weights": [1.0]}, r"field stds\[0\]: expected a finite number > 0"),
+    ({"means": [[0.0], [1.0]], "stds": [1.0, 1.0], "weights": [0.0, 0.0]}, "positive sum"),
+    ({"means": [[0.0], [1.0]], "stds": [1.0], "weights": [1.0, 1.0]}, "field stds: expected 2 numbers"),
+    ({"means": [[0.0], [1.0, 2.0]], "stds": [1.0, 1.0], "weights": [1.0, 1.0]}, r"field means\[1\]"),
+    ({"means": [[0.0]], "stds": [1.0]}, "field weights: .*required"),
 ])
 def test_bad_gmm_specs(tmp_path, cfg, match):
     p = tmp_path / "bad.json"
@@ -64,5 +64,5 @@ def test_bad_specs(tmp_path):
     with pytest.raises(DiffdistillError, match="not found"):
         load_analytic(f"gmm:{tmp_path / 'missing.json'}")
     (tmp_path / "broken.json").write_text("{means: ")
-    with pytest.raises(DiffdistillError, match="malformed JSON"):
+    with pytest.raises(DiffdistillError, match="malformed gmm spec"):
         load_analytic(f"gmm:{tmp_path / 'broken.json'}")

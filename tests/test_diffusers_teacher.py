@@ -353,7 +353,7 @@ def test_bad_model_directories(tmp_path, unet):
     cfg_path.write_text(json.dumps({**cfg, "beta_schedule": "sigmoid"}))
     _snapshot_fails(src, out, "unknown beta schedule")
     cfg_path.write_text("{not json")
-    _snapshot_fails(src, out, "scheduler_config.json: unreadable")
+    _snapshot_fails(src, out, "scheduler_config.json: malformed scheduler config")
 
     src = model_dir(tmp_path / "trunc", unet, ddim())
     weights = src / "unet" / "diffusion_pytorch_model.safetensors"

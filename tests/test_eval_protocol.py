@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from diffdistill.cli.main import main
 from diffdistill.metrics import inception as inc
 from diffdistill.metrics.features import (
     POOR_ACCURACY,
@@ -31,23 +30,11 @@ from diffdistill.metrics.features import (
 from diffdistill.metrics.fid import feature_stats, fid_from_stats, load_ref_extras
 from diffdistill.metrics.kid import kid
 from diffdistill.metrics.precision_recall import precision_recall
+from tests.cli_util import one_error_line, run_cli
 
 torch.set_num_threads(1)
 
 
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def one_error_line(err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if "error:" in line]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def records(path) -> dict:

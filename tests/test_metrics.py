@@ -418,7 +418,9 @@ def test_cli_eval_snapshot_images_and_toy(tmp_path, capsys):
     assert "fid" in capsys.readouterr().out
 
     save_snapshot(tmp_path / "toy", ring8(), {"sampler": "euler", "steps": 8})
-    assert main(["eval", str(tmp_path / "toy"), "--n", "100", "--out", str(out)]) == 0
+    assert main(["eval", str(tmp_path / "toy"), "--n", "100", "--out", str(out)]) == 1     # never overwritten
+    assert "already exists" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "toy"), "--n", "100", "--out", str(out), "--force"]) == 0
     toy = {r["metric"]: r for r in json.loads(out.read_text())["records"]}
     assert toy["toy/modes_covered"]["value"] == 8 and toy["toy/modes_covered"]["true_value"] == 8
     assert toy["toy/within_3std"]["true_value"] == pytest.approx(chi2.cdf(9, 2))

@@ -142,3 +142,20 @@ def test_set_dropout_reaches_functional_and_module_dropout():
     assert common.set_dropout(seq, 0.1) == 1 and seq[1].p == 0.1
     assert common.set_dropout(seq, None) == 0 and seq[1].p == 0.1
     assert math.isclose(common.dropout_of(seq), 0.1)
+
+
+def test_converged_recipe_sets_the_budget_and_the_settings_at_it():
+    from diffdistill.demo.settings import CONVERGED, short_run_options
+    from diffdistill.teachers import load_teacher
+
+    ring = load_teacher("toy:ring8")
+    kimg, batch, _ = CONVERGED["ring"]["pd"]
+    args = cli_distill.with_recipe(parse("pd", "--recipe", "converged", "--data", "toy:ring8"), ring)
+    assert (args.kimg, args.batch, args.start_steps, args.end_steps) == (kimg, batch, 64, 1)
+    expected = cli_distill.with_recipe(parse("pd", "--recipe", "short", "--kimg", f"{kimg:g}", "--batch",
+                                             str(batch), "--data", "toy:ring8"), ring)
+    assert args.lr == expected.lr == float(short_run_options("pd", "ring", kimg, batch)[-3])
+    assert args.ema == expected.ema
+    # the user's budget wins
+    mine = cli_distill.with_recipe(parse("di", "--recipe", "converged", "--kimg", "3"), ring)
+    assert mine.kimg == 3 and mine.batch == CONVERGED["ring"]["di"][1]

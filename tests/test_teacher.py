@@ -215,12 +215,14 @@ def test_cli_network_and_loop_options(tmp_path, capsys):
     assert main([*args[:8], "16", *args[9:]]) == 1
     assert "holds a different run" in capsys.readouterr().err
     for bad, message in ((["--preset", "toy", "--data", "toy:ring8", "--attn", "8"], "does not apply to the MLP"),
-                         (["--data", "digits", "--channels", "48"], "not a valid UNet"),
-                         (["--data", "digits", "--channel-mult", "1,0"], "one multiplier >= 1")):
+                         (["--data", "digits", "--channels", "48"], "not a valid UNet")):
         assert main(["train-teacher", "--out", str(tmp_path / "bad"), "--kimg", "0.1", *bad]) == 1
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
     with pytest.raises(SystemExit) as exit_info:
         main(["train-teacher", "--data", "digits", "--out", str(tmp_path / "x"), "--attn", "8,a"])
     assert exit_info.value.code == 2 and "comma-separated integers" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:   # a zero multiplier is refused when parsed
+        main(["train-teacher", "--data", "digits", "--out", str(tmp_path / "x"), "--channel-mult", "1,0"])
+    assert exit_info.value.code == 2 and "positive integers" in capsys.readouterr().err
     assert main(["train-teacher", "--data", "digits", "--out", str(tmp_path / "x"), "--grid-kimg", "-1"]) == 2

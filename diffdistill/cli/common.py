@@ -8,6 +8,8 @@ training (`--metrics fid --ref REF.npz --eval-kimg K`) is set up here too (`trai
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -20,6 +22,136 @@ POSITIVE = ("kimg", "ema", "eval_kimg")
 EVAL_OPTIONS = ("ref", "features", "inception", "resize", "eval_n")
 EVAL_N = 10_000                # samples per evaluation during training (--eval-n)
 PERIODIC = ("tick_kimg", "checkpoint_kimg", "snapshot_kimg", "grid_kimg")
+MAX_KIMG = 1e9                 # a length in kimg: at most 10^12 images
+MAX_MAGNITUDE = 1e30           # any number option: finite and at most this large (float32 holds 3.4e38)
+SEED_RANGE = 2**32             # seeds: 0 .. 2^32 - 1 (numpy's RandomState takes no more; the loop scales them)
+MAX_BATCH = 2**20              # a global batch of more than a million samples is a typo, not a setting
+MAX_SAMPLES = 10**7            # samples one command draws (--n, --seeds)
+MAX_SIDE = 16384               # an image side (--resolution)
+# Whole-number options of several commands (by their name), and the largest value each may take: beyond these a
+# value allocates more than any machine holds, or builds networks for hours, before anything else could refuse.
+SIZE_CAPS = {"channels": 1 << 14, "blocks": 64, "n": MAX_SAMPLES, "threads": 1024, "steps": 100_000}
+DEVICE = re.compile(r"cpu|cuda(:\d{1,3})?|mps")
+
+
+# --------------------------------------------------------------------------------------------------
+# Values of options: argparse type functions (a bad value is a one-line usage error naming the option)
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or abs(value) > MAX_MAGNITUDE:
+        raise argparse.ArgumentTypeError(f"expected a finite number of magnitude at most {MAX_MAGNITUDE:g}, "
+                                         f"got {text!r}")
+    return value
+
+
+def kimg_value(zero_ok: bool = False):
+    """A length in kimg: a finite number of magnitude at most MAX_KIMG (whether it must be positive, or may be 0
+    to turn a periodic action off, is `check_loop_arguments`'s usage error, `zero_ok` says which)."""
+    def parse(text: str) -> float:
+        value = _float(text)
+        if abs(value) > MAX_KIMG:
+            raise argparse.ArgumentTypeError(f"expected a length in kimg of at most {MAX_KIMG:g}, got {text}")
+        return value
+    parse.__name__ = "kimg"
+    return parse
+
+
+def seed_value(text: str) -> int:
+    """A seed: a whole number in [0, 2^32)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 0 <= value < SEED_RANGE:
+        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**32), got {text}")
+    return value
+
+
+def count_value(minimum: int = 1, maximum: int = 2**40):
+    """A whole number in [minimum, maximum]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(f"expected a whole number in [{minimum}, {maximum}], got {text}")
+        return value
+    parse.__name__ = "count"
+    return parse
+
+
+def device_value(text: str) -> str:
+    """The name of a device: cpu, cuda, cuda:N or mps (whether this machine has it: `check_device`)."""
+    if not DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
+
+
+def check_device(name: str, option: str = "--device") -> None:
+    """A one-line error (exit 1) when this machine lacks the CUDA device `name` asks for."""
+    if name.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise DiffdistillError(f"{option} {name}: CUDA is not available on this machine")
+        if ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
+            raise DiffdistillError(f"{option} {name}: this machine has {torch.cuda.device_count()} CUDA devices")
+
+
+def check_option_values(actions, args) -> None:
+    """Every option's value, whatever command defines it: numbers finite and of magnitude at most MAX_MAGNITUDE
+    (`--lr inf`, `--lr 1e300`), seeds (options named *seed) in [0, 2^32), learning rates (*lr) positive,
+    dropout probabilities in [0, 1], --device a device name (and one this machine has).
+    `actions`: the argparse actions of the parsers `args` came from."""
+    for action in actions:
+        if not action.option_strings or not hasattr(args, action.dest):
+            continue
+        name, value = action.option_strings[-1], getattr(args, action.dest)
+        values = value if isinstance(value, list | tuple) else [value]
+        for v in values:
+            if isinstance(v, float) and (not math.isfinite(v) or abs(v) > MAX_MAGNITUDE):
+                raise UsageError(f"{name} {v}: expected a finite number of magnitude at most {MAX_MAGNITUDE:g}")
+            if action.dest.endswith("seed") and isinstance(v, int) and not isinstance(v, bool) \
+                    and not 0 <= v < SEED_RANGE:
+                raise UsageError(f"{name} {v}: expected a seed in [0, 2**32)")
+            if action.dest.endswith("lr") and isinstance(v, int | float) and not v > 0:
+                raise UsageError(f"{name} {v}: a learning rate must be positive")
+            if "dropout" in action.dest and isinstance(v, float) and not 0 <= v <= 1:
+                raise UsageError(f"{name} {v}: a dropout probability must lie in [0, 1]")
+        if action.dest in SIZE_CAPS and isinstance(value, int) and not isinstance(value, bool) \
+                and value > SIZE_CAPS[action.dest]:
+            raise UsageError(f"{name} {value}: at most {SIZE_CAPS[action.dest]}")
+        if action.dest == "resolution" and value is not None:
+            sides = [int(s) for s in re.findall(r"\d+", str(value))]
+            if any(s > MAX_SIDE for s in sides):
+                raise UsageError(f"{name} {value}: image sides of at most {MAX_SIDE}")
+        if action.dest == "seeds" and isinstance(value, str):
+            _check_seed_list(name, value)
+        if action.dest == "device" and isinstance(value, str):
+            try:
+                device_value(value)
+            except argparse.ArgumentTypeError as e:
+                raise UsageError(f"{name}: {e}") from None
+            check_device(value, name)
+
+
+def _check_seed_list(name: str, text: str) -> None:
+    """A seed list ('0-49999', '1,5,9') names seeds in [0, 2^32) and at most MAX_SAMPLES of them (its syntax is
+    the command's to check)."""
+    count = 0
+    for part in text.split(","):
+        numbers = [int(s) for s in re.findall(r"\d+", part)]
+        if any(s >= SEED_RANGE for s in numbers):
+            raise UsageError(f"{name} {text}: seeds must lie in [0, 2**32)")
+        count += numbers[1] - numbers[0] + 1 if len(numbers) == 2 and numbers[1] >= numbers[0] else 1
+    if count > MAX_SAMPLES:
+        raise UsageError(f"{name} {text}: {count:,} seeds, at most {MAX_SAMPLES:,}")
 
 
 def add_loop_arguments(p: argparse.ArgumentParser, *, kimg: float | None, batch: int | None,
@@ -28,28 +160,35 @@ def add_loop_arguments(p: argparse.ArgumentParser, *, kimg: float | None, batch:
     `default_note`, e.g. "the preset's")."""
     g = p.add_argument_group("training loop")
     g.add_argument("--out", required=True, metavar="RUN", help="run directory")
-    g.add_argument("--kimg", type=float, default=kimg,
+    g.add_argument("--kimg", type=kimg_value(), default=kimg,
                    help=f"training length in thousands of images (default {kimg if kimg else default_note})")
-    g.add_argument("--batch", type=int, default=batch,
+    g.add_argument("--batch", type=count_value(1, MAX_BATCH), default=batch,
                    help=f"global batch size (default {batch if batch else default_note})")
-    g.add_argument("--batch-gpu", type=int, default=None, help="per-process micro-batch (gradient accumulation)")
-    g.add_argument("--ema", type=float, default=None, metavar="KIMG", help=ema_help)
-    g.add_argument("--tick-kimg", type=float, default=None, metavar="KIMG",
+    g.add_argument("--batch-gpu", type=count_value(1, MAX_BATCH), default=None,
+                   help="per-process micro-batch (gradient accumulation)")
+    g.add_argument("--ema", type=kimg_value(), default=None, metavar="KIMG", help=ema_help)
+    g.add_argument("--tick-kimg", type=kimg_value(zero_ok=True), default=None, metavar="KIMG",
                    help="a stats.jsonl line every this many kimg")
-    g.add_argument("--checkpoint-kimg", type=float, default=None, metavar="KIMG",
+    g.add_argument("--checkpoint-kimg", type=kimg_value(zero_ok=True), default=None, metavar="KIMG",
                    help="checkpoint (for resuming) every this many kimg")
-    g.add_argument("--snapshot-kimg", type=float, default=None, metavar="KIMG",
+    g.add_argument("--snapshot-kimg", type=kimg_value(zero_ok=True), default=None, metavar="KIMG",
                    help="a sampler-ready snapshot RUN/snapshot-<kimg>/ every this many kimg (0: only RUN/model)")
-    g.add_argument("--grid-kimg", type=float, default=None, metavar="KIMG",
+    g.add_argument("--grid-kimg", type=kimg_value(zero_ok=True), default=None, metavar="KIMG",
                    help="save a sample grid RUN/samples-kimg<kimg>.png every this many kimg (distill's default: "
                         "one at the end, RUN/samples-final.png; 0: none)")
     g.add_argument("--resume", action="store_true", help="continue RUN even if its settings differ")
-    g.add_argument("--force", action="store_true", help="start RUN over (deletes its checkpoints and stats)")
-    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    g.add_argument("--force", action="store_true",
+                   help="start RUN over (deletes its checkpoints and stats; only ever a run of this project, "
+                        "never a folder of other files)")
+    g.add_argument("--device", type=device_value, default=None,
+                   help="cpu, cuda or cuda:N (default: cuda if available)")
     g.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    g.add_argument("--seed", type=int, default=0, help="random seed")
-    g.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimiser steps")
+    g.add_argument("--seed", type=seed_value, default=0,
+                   help="random seed of everything: network initialisation, data order, noise, dropout (the same "
+                        "command twice gives bit-identical weights on a CPU)")
+    g.add_argument("--workers", type=count_value(0, 256), default=0, help="data-loading worker processes")
+    g.add_argument("--max-steps", type=count_value(1, 2**40), default=None,
+                   help="stop after this many optimiser steps")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     e = p.add_argument_group("evaluation during training")
@@ -68,7 +207,7 @@ def add_loop_arguments(p: argparse.ArgumentParser, *, kimg: float | None, batch:
                    help="pt_inception-2015-12-05-6726825d.pth (or set $DIFFDISTILL_INCEPTION)")
     e.add_argument("--resize", default=None, choices=["tf1", "pytorch-fid"],
                    help="Inception's resize to 299 (default tf1; must be the reference's)")
-    e.add_argument("--eval-kimg", type=float, default=None, metavar="KIMG",
+    e.add_argument("--eval-kimg", type=kimg_value(), default=None, metavar="KIMG",
                    help="evaluate every this many kimg (default: 10 times per run)")
     e.add_argument("--eval-n", type=int, default=None, metavar="N",
                    help=f"samples per evaluation, from seeds 0..N-1 every time (default {EVAL_N})")
@@ -89,6 +228,32 @@ def check_loop_arguments(args) -> None:
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     check_eval_arguments(args)
+
+
+def refuse_existing_output(paths, force: bool) -> None:
+    """Nothing is overwritten silently: an output file that exists (or a link where it goes) is refused unless
+    --force, and a directory where a file is to be written always. With --force the file is replaced atomically
+    (a link is replaced, never written through)."""
+    for p in map(Path, paths):
+        if p.is_dir() and not p.is_symlink():
+            raise DiffdistillError(f"{p}: is a directory (expected a file to write)")
+        if (p.exists() or p.is_symlink()) and not force:
+            raise DiffdistillError(f"{p}: already exists; pass --force to overwrite it")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators with --seed, right before a command builds its
+    networks: so a teacher's fresh network, a student's fresh heads, discriminators and fake scores are the same
+    for the same command (the loop then reseeds every micro-batch from (seed, step, micro-batch, group)). A run
+    killed before its first checkpoint restarts from the same initialisation."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def check_eval_arguments(args) -> None:

@@ -12,7 +12,14 @@ import sys
 
 from ..errors import UsageError
 from ..methods.base import Recipe
-from .common import add_loop_arguments, check_loop_arguments, loop_settings, training_evaluation, training_evaluator
+from .common import (
+    add_loop_arguments,
+    check_loop_arguments,
+    loop_settings,
+    seed_everything,
+    training_evaluation,
+    training_evaluator,
+)
 
 METHODS = ["kd", "pd", "di", "gdd", "cd", "dmd2", "sid"]
 
@@ -22,7 +29,7 @@ examples:
   # short: the settings for runs of a few hundred steps; the methods' defaults are their papers', for long runs)
   diffdistill distill di  --teacher toy:ring8 --out runs/di-ring  --kimg 200 --batch 256 --recipe short
   diffdistill distill kd  --teacher toy:ring8 --out runs/kd-ring  --kimg 200 --batch 256 --recipe short
-  diffdistill distill gdd --teacher toy:ring8 --data toy:ring8 --out runs/gdd-ring --kimg 200 --batch 256 \
+  diffdistill distill gdd --teacher toy:ring8 --data toy:ring8 --out runs/gdd-ring --kimg 200 --batch 256 \\
       --recipe short
 
   # a digits teacher trained with `diffdistill train-teacher --data digits --out runs/digits`
@@ -96,9 +103,22 @@ SHORT = Recipe(source="diffdistill's short-run settings for runs of 10^2-10^3 st
                       "(diffdistill.demo.settings; the demo and benchmarks use them)", options=_short_options)
 
 
+def _converged_options(args, teacher) -> list[str]:
+    from ..demo.settings import converged_options
+    from ..methods.common import is_weightless
+
+    return converged_options(args.method_module, "ring" if is_weightless(teacher) else "image")
+
+
+CONVERGED = Recipe(source="the budget (--kimg, --batch) and settings at which the method's one-step student stopped "
+                          "improving on the ring or sklearn digits (BENCHMARKS.md section 4); your --kimg/--batch "
+                          "win, the short-run settings stay those of the recipe's budget",
+                   options=_converged_options)
+
+
 def method_recipes(name: str) -> dict[str, Recipe]:
-    """The recipes of a method: its papers' (`RECIPES` of its module) and `short`."""
-    return {**getattr(_method_module(name), "RECIPES", {}), "short": SHORT}
+    """The recipes of a method: its papers' (`RECIPES` of its module), `short` and `converged`."""
+    return {**getattr(_method_module(name), "RECIPES", {}), "short": SHORT, "converged": CONVERGED}
 
 
 def _method_module(name: str):
@@ -182,6 +202,7 @@ def prepare(args, teacher=None):
                              f"{args.teacher} makes {tuple(teacher.shape)}")
     own = getattr(module, "evaluate", None)
     evaluator = training_evaluator(args, tuple(teacher.shape), has_own=own is not None)  # before any building
+    seed_everything(args.seed)   # fresh students, heads, discriminators, fake scores: the same for the same command
     method = module.build(args, teacher, data)
     data_spec = args.data or (args.teacher if is_analytic_spec(args.teacher) else None)
     settings = loop_settings(args)

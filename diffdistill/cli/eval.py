@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DiffdistillError, UsageError
+from .common import refuse_existing_output
 
 EVAL_HELP = """\
 Evaluate a run, a snapshot or a set of images (folder, .zip, .npz).
@@ -26,7 +27,7 @@ Analytic data (toy:ring8, gmm:PATH.json) gets the exact metrics instead (mode sh
 sliced Wasserstein).
 
 examples:
-  diffdistill eval runs/kd --ref-data digits --features digits --metrics fid,kid,is,pr --n 2000
+  diffdistill eval runs/kd-digits --ref-data digits --features digits --metrics fid,kid,is,pr --n 2000
   diffdistill eval runs/cd/model --ref cifar10-32x32.npz --features inception --inception pt_inception.pth
   diffdistill eval runs/toy --ref-data toy:ring8 --n 10000
   # guided-diffusion's evaluator protocol: its sample and reference batches, 5000 images per IS split
@@ -81,6 +82,7 @@ def register(subparsers) -> None:
                        help="Inception Score: splits of N images instead (guided-diffusion/ADM: 5000)")
     p.add_argument("--pr-k", type=int, default=3, help="precision/recall: k of the k-NN radii")
     p.add_argument("--out", default=None, metavar="result.json", help="write the JSON records here")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     _add_feature_args(p)
     p.set_defaults(func=run_eval)
 
@@ -95,6 +97,7 @@ def register(subparsers) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("data", metavar="DATA", help="data set spec (folder, .zip, .npz, CIFAR tarball, digits)")
     r.add_argument("--out", required=True, metavar="FILE.npz", help="output file")
+    r.add_argument("--force", action="store_true", help="overwrite an existing --out")
     r.add_argument("--n", type=int, default=None,
                    help="use a random subset of N images, drawn with --seed as EDM does (default: all)")
     r.add_argument("--seed", type=int, default=0, help="seed of the --n subset (default 0)")
@@ -170,6 +173,8 @@ def run_eval(args) -> int:
 
     for name in ("n", "ref_n", "kid_subsets", "kid_subset_size", "is_splits", "is_split_size", "pr_k", "batch"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
+    if args.out:
+        refuse_existing_output([args.out], args.force)      # before any work
     dist.init_from_env(args.device)
     device = _device(args.device)
     if dist.is_dist() and device.type == "cuda":
@@ -285,6 +290,7 @@ def run_ref_stats(args) -> int:
         raise UsageError(f"--out must end in .npz, got {args.out}")
     if args.n is not None and args.n < 2:
         raise UsageError(f"--n must be at least 2, got {args.n}")
+    refuse_existing_output([args.out], args.force)          # before any work
     ds = protocol.open_images(args.data)
     net = load_feature_net(args.features or _default_features(ds.shape), inception=args.inception,
                            device=device, resize=args.resize)

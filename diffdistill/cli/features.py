@@ -6,10 +6,12 @@ import argparse
 import json
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
 from ..errors import DiffdistillError, UsageError
+from .common import refuse_existing_output
 
 HELP = """\
 Feature networks for FID/KID/IS/precision-recall on data sets Inception-v3 does not suit (8x8 digits, MNIST):
@@ -18,8 +20,8 @@ a small CNN trained on the data's labels; its penultimate layer gives the featur
 computed with them miss class structure; see metrics.features.POOR_ACCURACY).
 
 examples:
-  diffdistill features train --data ../shared/data/mnist.npz --out mnist_classifier.safetensors
-  diffdistill features info mnist_classifier.safetensors
+  diffdistill features train --data mnist.npz --out mnist-classifier.safetensors
+  diffdistill features info mnist-classifier.safetensors
 """
 
 
@@ -31,8 +33,8 @@ def register(subparsers) -> None:
                        epilog="examples:\n"
                               "  diffdistill features train --data mnist.npz --out mnist-classifier.safetensors\n"
                               "  diffdistill features train --data cifar-10-python.tar.gz --out cifar-clf.safetensors "
-                              "--xflip\n  diffdistill eval RUN --metrics fid --features mnist-classifier.safetensors "
-                              "--ref-data mnist.npz",
+                              "--xflip\n  diffdistill eval runs/mnist --metrics fid --features "
+                              "mnist-classifier.safetensors --ref-data mnist.npz",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--data", required=True, metavar="SPEC", help="labelled data (digits, .npz, CIFAR)")
     t.add_argument("--out", required=True, metavar="FILE", help="output .safetensors (+ a .json beside)")
@@ -45,6 +47,7 @@ def register(subparsers) -> None:
     t.add_argument("--xflip", action="store_true", help="random horizontal flips (natural images only)")
     t.add_argument("--max-n", type=int, default=None, help="use at most this many images")
     t.add_argument("--seed", type=int, default=0, help="seed of the split, init and batches")
+    t.add_argument("--force", action="store_true", help="overwrite an existing --out (and its .json)")
     t.set_defaults(func=run_train)
     i = sub.add_parser("info", help="print a classifier's config and training record",
                        epilog="examples:\n  diffdistill features info digits\n"
@@ -85,6 +88,8 @@ def run_train(args) -> int:
 
     if args.epochs < 1 or args.batch_size < 1 or not 0 <= args.holdout < 1:
         raise UsageError("--epochs and --batch-size must be positive and --holdout in [0, 1)")
+    weights = Path(args.out) if Path(args.out).suffix == ".safetensors" else Path(args.out).with_suffix(".safetensors")
+    refuse_existing_output([weights, weights.with_suffix(".json")], args.force)   # what save_classifier writes
     images, labels = _load_labelled(args.data, args.max_n)
     shift = args.shift if args.shift is not None else (1 if images.shape[-1] <= 16 else 2)
     training = ClassifierTraining(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,

@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 
 from .. import __version__
 from ..errors import DiffdistillError, UsageError
 
 # Command modules, in the order `--help` lists them. A module that is not written yet is skipped.
-COMMANDS = ["demo", "sample", "train", "distill", "eval", "convert", "dataset", "features", "bench"]
+COMMANDS = ["demo", "sample", "train", "distill", "eval", "convert", "export", "dataset", "features", "bench"]
 
 
 EXAMPLES = """\
@@ -42,9 +43,8 @@ class _Parser(argparse.ArgumentParser):
         self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                           help="show the traceback of an error")
 
-    def error(self, message):  # usage errors: one line, exit 2
-        self.print_usage(sys.stderr)
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
+    def error(self, message):  # usage errors: one line (not the usage block of every option), exit 2
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
 
     def parse_known_args(self, args=None, namespace=None):
@@ -59,7 +59,8 @@ class _Parser(argparse.ArgumentParser):
 _UNKNOWN = "_diffdistill_unknown_options"
 
 # The commands that compute (with all their subcommands): each takes `--threads`, applied before it runs.
-COMPUTING = ("train-teacher", "distill", "kd-pairs", "sample", "eval", "ref-stats", "features train", "demo", "bench")
+COMPUTING = ("train-teacher", "distill", "kd-pairs", "sample", "eval", "ref-stats", "features train", "demo", "bench",
+             "export")
 
 # Measured on a 2-core machine (digits teacher, `train-teacher --preset digits`): 1 thread 5.8-6.9 steps/s and
 # 2 threads 0.7-0.9 steps/s while other work ran on the machine; two runs at once 1.7-1.8 (1 thread each) against
@@ -158,6 +159,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_OUT_OF_MEMORY = re.compile(r"can't allocate memory|out of memory|not enough memory", re.IGNORECASE)
+
+
+def _one_line(e: BaseException) -> str:
+    """An error's message as one line. A DataLoader worker's error arrives wrapped with the worker's traceback
+    ('Caught DiffdistillError in DataLoader worker process 0.\\nOriginal Traceback ...'): its last line is the
+    original message."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return ""
+    if len(lines) > 1 and any(line.startswith("Original Traceback") for line in lines):
+        last = lines[-1]
+        return last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith("Error") and ": " in last else last
+    return lines[0]
+
+
+def _chosen_parsers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list:
+    """The parser and the (sub)command parsers `args` were parsed by, outermost first."""
+    out = [parser]
+    while True:
+        chosen = [(a, getattr(args, a.dest, None)) for a in _subparsers(parser)]
+        chosen = [(a, name) for a, name in chosen if name in a.choices]
+        if not chosen:
+            return out
+        parser = chosen[0][0].choices[chosen[0][1]]
+        out.append(parser)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
@@ -173,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        from .common import check_option_values
+
+        check_option_values([a for p in _chosen_parsers(parser, args) for a in p._actions], args)
         if _computes(command_path(parser, args)):
             if getattr(args, "threads", None) is None:   # not given (a command's own option may default to None)
                 args.threads = default_threads()
@@ -182,12 +214,22 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         if args.debug:
             raise
-        print(f"diffdistill {args.command}: error: {e}", file=sys.stderr)
+        print(f"diffdistill {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except (DiffdistillError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+    except (DiffdistillError, OSError) as e:   # OSError: a file system's answer (no such file, a loop, ...)
         if args.debug:
             raise
-        print(f"diffdistill {args.command}: error: {e}", file=sys.stderr)
+        print(f"diffdistill {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except MemoryError as e:
+        if args.debug:
+            raise
+        print(f"diffdistill {args.command}: error: out of memory ({_one_line(e) or 'MemoryError'})", file=sys.stderr)
+        return 1
+    except RuntimeError as e:   # torch's allocators: "... can't allocate memory", CUDA "out of memory"
+        if args.debug or not _OUT_OF_MEMORY.search(str(e)):
+            raise
+        print(f"diffdistill {args.command}: error: out of memory ({_one_line(e)})", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 
 from ..errors import UsageError
-from .common import add_loop_arguments, check_loop_arguments, loop_settings, training_evaluation, training_evaluator
+from .common import (
+    add_loop_arguments,
+    check_loop_arguments,
+    loop_settings,
+    seed_everything,
+    training_evaluation,
+    training_evaluator,
+)
 
 EXAMPLES = """\
 examples:
@@ -69,9 +76,12 @@ def _int_list(text: str) -> list[int]:
     if text.strip().lower() == "none":
         return []
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers (or 'none'), got {text!r}")
+    return values
 
 
 def default_preset(shape: tuple[int, ...]) -> str:
@@ -132,6 +142,7 @@ def run(args) -> int:
         args.preset = default_preset(tuple(data.shape))
     preset = get_preset(args.preset)
     evaluator = training_evaluator(args, tuple(data.shape))
+    seed_everything(args.seed)             # the fresh network's initialisation too
     method = teacher.build(args, None, data)
     describe_network(preset.name, method.denoiser, tuple(data.shape), args.device)
     overrides = loop_settings(args)

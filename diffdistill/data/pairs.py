@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 from dataclasses import asdict, dataclass, fields, replace
@@ -254,17 +255,19 @@ def shard_bytes(m: dict, count: int) -> int:
 
 
 def read_manifest(root: str | Path) -> dict:
+    """The manifest of a pairs directory, checked against `schema.PAIRS_MANIFEST` (types and ranges of every
+    field; shard names are plain file names)."""
+    from ..guard import lexists
+    from ..schema import PAIRS_MANIFEST, check, load_json
+
     path = Path(root) / MANIFEST
-    if not path.is_file():
+    if not lexists(path):
         raise DiffdistillError(f"{root}: not a pairs directory (no {MANIFEST}); "
                                "make one with `diffdistill kd-pairs`")
-    try:
-        m = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DiffdistillError(f"{path}: malformed JSON ({e})") from None
+    m = load_json(path, what="JSON")
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise DiffdistillError(f"{path}: not a {FORMAT} manifest")
-    return m
+    return check(m, PAIRS_MANIFEST, path, "pairs manifest")
 
 
 def _digest(tensors: dict[str, Tensor]) -> str:
@@ -513,7 +516,7 @@ def generate_pairs(teacher: Denoiser, root: str | Path, cfg: PairsConfig, device
     if cfg.batch < 1:
         raise DiffdistillError(f"need a generation batch >= 1, got {cfg.batch}")
     grown: dict[str, int] = {}
-    if (root / MANIFEST).is_file():
+    if os.path.lexists(root / MANIFEST):   # a manifest that is no regular file is read (and refused)
         old = read_manifest(root)
         m, grown = _merge(teacher, root, cfg, old)
         write = m != _with_indices(old)
@@ -582,10 +585,16 @@ def verify_pairs(root: str | Path, teacher: Denoiser | None = None) -> dict:
     if teacher is not None and m["teacher"] != teacher_fingerprint(teacher):
         raise DiffdistillError(f"{root}: these pairs were made by a different teacher (fingerprint "
                                f"{m['teacher']}, this teacher is {teacher_fingerprint(teacher)})")
+    from ..guard import lexists, regular_file
+
     for s in m["shards"]:
-        if not shard_path(root, s["name"]).is_file():
-            raise DiffdistillError(f"{shard_path(root, s['name'])}: missing; rerun `diffdistill kd-pairs` "
-                                   "to finish the pairs")
+        path = shard_path(root, s["name"])
+        if not lexists(path):
+            raise DiffdistillError(f"{path}: missing; rerun `diffdistill kd-pairs` to finish the pairs")
+        rows = s.get("stored", s["count"])
+        if regular_file(path, "pairs shard").st_size < rows * bytes_per_pair(m):   # before any row is drawn
+            raise DiffdistillError(f"{path}: too small for the {rows} pairs {MANIFEST} lists (damaged); rerun "
+                                   "`diffdistill kd-pairs` with the same options to regenerate it")
     return m
 
 

@@ -14,6 +14,29 @@ from __future__ import annotations
 
 KINDS = ("ring", "image")
 
+# The converged recipes: per teacher kind and method, the budget (kimg, batch) at which the one-step student's
+# quality stopped improving in the converged benchmark (`python -m benchmarks --only converged`, BENCHMARKS.md
+# section 4: the ring, and sklearn digits with a 500-kimg teacher), and the options beyond the short-run ones.
+# PD starts from 64 teacher steps: its students cannot beat the sampler they start from (8 Euler steps of the
+# ring teacher are 3.4x the 35-NFE sliced W2). GDD on the ring is best at 400 kimg (0.041) and no better at 2000
+# (its best snapshot 0.044, at 400 kimg, with the longer run's slower EMA).
+PD_STEPS = ("--start-steps", "64", "--end-steps", "1")
+CONVERGED: dict[str, dict[str, tuple[float, int, tuple[str, ...]]]] = {
+    "ring": {"kd": (2000, 256, ()), "pd": (2000, 256, PD_STEPS), "di": (2000, 256, ()), "gdd": (400, 256, ()),
+             "cd": (2000, 256, ()), "dmd2": (2000, 256, ()), "sid": (2000, 256, ())},
+    "image": {"kd": (120, 64, ()), "pd": (120, 64, PD_STEPS), "di": (120, 64, ()), "gdd": (120, 64, ()),
+              "cd": (120, 64, ()), "dmd2": (120, 64, ()), "sid": (120, 64, ())},
+}
+
+
+def converged_options(method: str, teacher: str) -> list[str]:
+    """`diffdistill distill METHOD` options of the converged recipe: its budget, its own options and the
+    short-run settings at that budget."""
+    if teacher not in KINDS:
+        raise ValueError(f"unknown teacher kind {teacher!r} (known: {', '.join(KINDS)})")
+    kimg, batch, extra = CONVERGED[teacher][method]
+    return ["--kimg", f"{kimg:g}", "--batch", str(batch), *extra, *short_run_options(method, teacher, kimg, batch)]
+
 
 def short_run_options(method: str, teacher: str, kimg: float, batch: int) -> list[str]:
     """`diffdistill distill METHOD` options for a run of `kimg` thousand images at `batch`, for a teacher of

@@ -277,30 +277,33 @@ def make_student(teacher: Denoiser, preset: str = "auto", dropout: float | None 
 
 
 def _add_pair_options(g, required: bool) -> None:
+    from ..cli.common import MAX_BATCH, count_value, seed_value
+
     d = P.PairsConfig()
     existing = "as the existing --pairs directory, else"
     g.add_argument("--pairs", required=required, metavar="DIR",
                    help="pairs directory" + ("" if required else " (default: RUN-pairs, beside the run)"))
-    g.add_argument("--n-pairs", type=int, default=None,
+    g.add_argument("--n-pairs", type=count_value(1, 2**40), default=None,
                    help=f"training pairs (default: all those of an existing --pairs directory, else {d.n_pairs}); "
                         "fewer than the directory holds uses its first N, more extends it")
-    g.add_argument("--heldout", type=int, default=None,
+    g.add_argument("--heldout", type=count_value(0, 2**40), default=None,
                    help=f"held-out pairs (default: {existing} {d.heldout}); fewer uses the first, more extends")
-    g.add_argument("--shard-size", type=int, default=None,
+    g.add_argument("--shard-size", type=count_value(1, 2**32), default=None,
                    help=f"pairs per shard of a new directory (default {d.shard_size}; an existing one keeps its own)")
     g.add_argument("--pairs-sampler", default=None,
                    choices=["auto", "ddim-quad", "ddim-uniform", "heun", "euler"],
                    help="teacher sampler: ddim-quad (DDPM teachers: 100 quadratic steps from index 800), "
                         "ddim-uniform (50 uniform), heun (EDM, 18 steps = 35 NFE), euler; auto: ddim-quad "
                         f"for discrete teachers, else heun (default: {existing} auto)")
-    g.add_argument("--pairs-steps", type=int, default=None,
+    g.add_argument("--pairs-steps", type=count_value(0, 100_000), default=None,
                    help=f"sampler steps (0: the sampler's default; default: {existing} 0)")
     g.add_argument("--target-dtype", default=None, choices=["auto", "float16", "uint8"],
                    help="target storage: uint8 is the paper's (clipped to [-1,1], truncated); auto: uint8 "
                         f"for images, float16 otherwise (default: {existing} auto)")
-    g.add_argument("--gen-batch", type=int, default=d.batch,
+    g.add_argument("--gen-batch", type=count_value(1, MAX_BATCH), default=d.batch,
                    help="generation batch; does not change the pairs (default %(default)s)")
-    g.add_argument("--pairs-seed", type=int, default=None, help=f"seed of the noise (default: {existing} {d.seed})")
+    g.add_argument("--pairs-seed", type=seed_value, default=None,
+                   help=f"seed of the noise (default: {existing} {d.seed})")
 
 
 def _pairs_config(args) -> P.PairsConfig:

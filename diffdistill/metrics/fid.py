@@ -15,14 +15,16 @@ with `allow_pickle=False`. guided-diffusion's reference batches (`arr_0` images 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DiffdistillError
+from ..guard import NpzFile, check_alloc
 from .features import check_count
 
 
@@ -84,12 +86,14 @@ def fid_from_features(features1: np.ndarray, features2: np.ndarray) -> float:
 
 def save_ref_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray,
                    features: np.ndarray | None = None, meta: dict | None = None) -> Path:
-    """Write a reference `.npz` (atomically): mu, sigma, optionally features and a JSON `meta` string."""
+    """Write a reference `.npz` (atomically): mu, sigma, optionally features and a JSON `meta` string, and
+    `sha256`, the checksum of the arrays (`load_ref_stats` checks it: a flipped byte is found, not measured)."""
     from ..io import atomic_write
 
     arrays = dict(mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
     if features is not None:
         arrays["features"] = np.asarray(features, np.float32)
+    arrays["sha256"] = np.array(_arrays_sha256(arrays))
     if meta is not None:
         arrays["meta"] = np.array(json.dumps(meta))
 
@@ -102,53 +106,70 @@ def save_ref_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray,
     return path
 
 
-def _open_npz(path: Path):
-    if not path.is_file():
-        raise DiffdistillError(f"{path}: reference statistics file not found")
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise DiffdistillError(f"{path}: not a readable .npz file ({e})") from None
+WHAT = "reference statistics file"
+CHECKED = ("mu", "sigma", "features")   # the arrays a reference's `sha256` covers
+
+
+def _arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of the CHECKED arrays present (the buffers themselves:
+    a memory-mapped member is hashed without a copy)."""
+    h = hashlib.sha256()
+    for k in CHECKED:
+        if k in arrays:
+            a = np.ascontiguousarray(arrays[k])
+            h.update(f"{k}:{a.dtype.str}:{a.shape};".encode())
+            h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
+
+def _numbers(npz, key: str, path: Path, ndim: int) -> np.ndarray:
+    """Array `key` as finite float64 numbers of `ndim` dimensions (header checked first: `guard.NpzFile`)."""
+    shape, dtype = npz.header(key)
+    if dtype == np.bool_ or not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
+        raise DiffdistillError(f"{path}: {key!r} must hold numbers, got dtype {dtype}")
+    if len(shape) != ndim:
+        raise DiffdistillError(f"{path}: {key!r} must have {ndim} dimensions, got shape {shape}")
+    check_alloc(math.prod(shape) * 8, path, f"{key!r} as float64")
+    a = np.asarray(npz.array(key), dtype=np.float64)
+    if not np.isfinite(a).all():
+        raise DiffdistillError(f"{path}: {key!r} holds {int((~np.isfinite(a)).sum())} NaN or inf values")
+    return a
 
 
 def load_ref_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) from a reference `.npz`; a one-line error names the file and what is wrong."""
+    """(mu, sigma) from a reference `.npz`; a one-line error names the file and what is wrong (a damaged or
+    truncated member, a header that declares more than the file holds, NaN or inf, wrong shapes)."""
     path = Path(path)
-    npz = _open_npz(path)
-    try:
-        if not isinstance(npz, np.lib.npyio.NpzFile) or not {"mu", "sigma"} <= set(npz.files):
-            have = sorted(npz.files) if hasattr(npz, "files") else "a single array"
-            raise DiffdistillError(f"{path}: reference statistics need arrays 'mu' and 'sigma' (has {have})")
-        try:
-            mu, sigma = npz["mu"].astype(np.float64), npz["sigma"].astype(np.float64)
-        except ValueError as e:
-            raise DiffdistillError(f"{path}: unreadable mu/sigma ({e})") from None
-    finally:
-        if hasattr(npz, "close"):
-            npz.close()
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+    with NpzFile(path, WHAT) as npz:
+        if not {"mu", "sigma"} <= set(npz.keys):
+            raise DiffdistillError(f"{path}: reference statistics need arrays 'mu' and 'sigma' (has {npz.keys})")
+        mu = _numbers(npz, "mu", path, 1)
+        sigma = _numbers(npz, "sigma", path, 2)
+        if "sha256" in npz:   # written by save_ref_stats: the arrays must be the ones it wrote
+            shape, dtype = npz.header("sha256")
+            recorded = str(npz.array("sha256", mmap=False)) if shape == () and dtype.kind == "U" else ""
+            if recorded != _arrays_sha256({k: npz.array(k) for k in CHECKED if k in npz}):
+                raise DiffdistillError(f"{path}: checksum mismatch (the file is damaged: make it again with "
+                                       "`diffdistill ref-stats`)")
+    if sigma.shape != (mu.shape[0], mu.shape[0]) or not mu.shape[0]:
         raise DiffdistillError(f"{path}: mu must be [F] and sigma [F, F], got {mu.shape} and {sigma.shape}")
-    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise DiffdistillError(f"{path}: mu/sigma contain NaN or inf")
     return mu, sigma
 
 
 def load_ref_extras(path: str | os.PathLike) -> tuple[np.ndarray | None, dict]:
     """(features [N, F] or None, meta dict) of a reference `.npz` written by `save_ref_stats`."""
+    from ..schema import parse_json
+
     path = Path(path)
-    npz = _open_npz(path)
-    try:
-        files = set(npz.files) if hasattr(npz, "files") else set()
-        features = npz["features"].astype(np.float64) if "features" in files else None
+    with NpzFile(path, WHAT) as npz:
+        features = _numbers(npz, "features", path, 2) if "features" in npz else None
         meta = {}
-        if "meta" in files:
-            try:
-                meta = json.loads(str(npz["meta"]))
-            except (json.JSONDecodeError, ValueError):
-                raise DiffdistillError(f"{path}: 'meta' is not a JSON string") from None
-    finally:
-        if hasattr(npz, "close"):
-            npz.close()
-    if features is not None and features.ndim != 2:
-        raise DiffdistillError(f"{path}: 'features' must be [N, F], got shape {features.shape}")
+        if "meta" in npz:
+            shape, dtype = npz.header("meta")
+            if shape != () or dtype.kind != "U":
+                raise DiffdistillError(f"{path}: 'meta' must be a JSON string, got {dtype} of shape {shape}")
+            meta = parse_json(str(npz.array("meta", mmap=False)), f"{path}: 'meta'", "JSON string")
+            if not isinstance(meta, dict):
+                raise DiffdistillError(f"{path}: 'meta' must be a JSON object")
     return features, meta
+

@@ -16,13 +16,13 @@ Uncompressed members are memory-mapped (as `data.formats` does), so 50k-image ba
 from __future__ import annotations
 
 import os
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import DiffdistillError
+from ..guard import NpzFile
 
 ADM_REFERENCE, ADM_SAMPLES, SAMPLE_NPZ = "adm-reference", "adm-samples", "sample-npz"
 LAYOUT_NAMES = {ADM_REFERENCE: "guided-diffusion reference batch (arr_0 + mu/sigma)",
@@ -37,9 +37,9 @@ def npz_keys(path: str | os.PathLike) -> set[str] | None:
     if path.suffix.lower() != ".npz" or not path.is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            return set(npz.files)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        with NpzFile(path) as npz:
+            return set(npz.keys)
+    except DiffdistillError:
         return None
 
 
@@ -56,16 +56,9 @@ def npz_layout(path: str | os.PathLike) -> str | None:
 
 
 def _array(path: Path, key: str) -> np.ndarray:
-    from ..data.formats import _memmap_npz_member
-
-    try:
-        a = _memmap_npz_member(path, key)
-        if a is None:
-            with np.load(path, allow_pickle=False) as npz:
-                a = npz[key]
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        raise DiffdistillError(f"{path}: cannot read array {key!r} ({e})") from None
-    return a
+    """Array `key`, its header checked first (`guard.NpzFile`); memory-mapped when stored uncompressed."""
+    with NpzFile(path) as npz:
+        return npz.array(key)
 
 
 class NpzImages:
@@ -118,6 +111,12 @@ class NpzImages:
             if labels.shape != (len(x),) or not np.issubdtype(labels.dtype, np.integer):
                 raise DiffdistillError(f"{path}: labels must be {len(x)} integers, got {labels.dtype} "
                                        f"{labels.shape}")
+            from ..schema import MAX_LABEL
+
+            if int(labels.max()) > MAX_LABEL or int(labels.min()) < -1:
+                raise DiffdistillError(f"{path}: labels must lie in -1..{MAX_LABEL} (-1: unconditional), found "
+                                       f"{int(labels.min())}..{int(labels.max())}")
+
             if int(labels.max()) >= 0:
                 self.labels = labels.astype(np.int64)
         self.label_dim = 0 if self.labels is None else int(self.labels.max()) + 1

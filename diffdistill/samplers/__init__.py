@@ -142,7 +142,13 @@ def iter_samples(denoiser, seeds: int | Sequence[int], steps: int | None = None,
             noise = noise.double() * scale
         c = None if cond is None else cond[start:start + batch].to(device)
         gens = _sampler_generators(chunk) if sampler in STOCHASTIC or options.get("s_churn") else None
-        yield fn(denoiser, noise, sigmas, cond=c, generator=gens, **options).float()
+        out = fn(denoiser, noise, sigmas, cond=c, generator=gens, **options).float()
+        if not bool(torch.isfinite(out).all()):   # never hand on NaN or inf samples as if they were images
+            where = getattr(denoiser, "source", None) or type(denoiser).__name__
+            raise DiffdistillError(f"{where}: sampling produced {int((~torch.isfinite(out)).sum())} NaN or inf "
+                                   f"values (seeds {chunk[0]}..{chunk[-1]}, {sampler} on {len(sigmas) - 1} "
+                                   "steps): the model's weights or its sampling settings are broken")
+        yield out
 
 
 def sample(denoiser, seeds: int | Sequence[int], steps: int | None = None, sampler: str | None = None,

@@ -7,7 +7,6 @@ responsibilities r_k computed by log-sum-exp. Works for vectors (shape (D,)) and
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from torch import Tensor
 from ..diffusion.denoiser import Denoiser
 from ..errors import DiffdistillError
 from ..io import register_builder
+from ..schema import GMM_SPEC, load_json
 
 TOY_SPECS = {"ring8": "eight isotropic 2-D Gaussians on the unit circle, std 0.1, equal weights"}
 
@@ -34,10 +34,14 @@ class GaussianMixture(Denoiser):
             torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
         if stds.numel() != k or weights.numel() != k:
             raise DiffdistillError(f"mismatched lengths: {k} means, {stds.numel()} stds, {weights.numel()} weights")
+        if not (bool(torch.isfinite(means).all()) and bool(torch.isfinite(stds).all())
+                and bool(torch.isfinite(weights).all())):
+            raise DiffdistillError("means, stds and weights must be finite (NaN or inf found)")
         if not bool((stds > 0).all()):
             raise DiffdistillError("every std must be positive")
         if bool((weights < 0).any()) or not float(weights.sum()) > 0:
             raise DiffdistillError("weights must be non-negative and sum to a positive number")
+
         data_std = float(((means - means.mean(0)) ** 2).mean().add((stds**2 * weights / weights.sum()).sum()).sqrt())
         super().__init__(means.shape[1:], sigma_min, sigma_max, sigma_data=data_std)
         self.register_buffer("means", means, persistent=False)
@@ -118,21 +122,7 @@ def load_analytic(spec: str) -> GaussianMixture:
     if not spec.startswith("gmm:"):
         raise DiffdistillError(f"not an analytic spec: {spec!r} (toy:ring8 or gmm:PATH.json)")
     path = Path(spec[4:])
-    if not path.is_file():
-        raise DiffdistillError(f"{path}: gmm spec file not found")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DiffdistillError(f"{path}: malformed JSON ({e})") from None
-    if not isinstance(cfg, dict) or not {"means", "stds", "weights"} <= set(cfg):
-        raise DiffdistillError(f"{path}: a gmm spec needs the keys 'means', 'stds' and 'weights'")
-    means = cfg["means"]
-    if not isinstance(means, list) or not means or not all(isinstance(m, list) for m in means) \
-            or len({len(m) for m in means}) != 1:
-        raise DiffdistillError(f"{path}: 'means' must be K lists of equal length")
-    try:
-        return GaussianMixture(means, cfg["stds"], cfg["weights"], name=f"gmm:{path.name}")
-    except DiffdistillError as e:
-        raise DiffdistillError(f"{path}: {e}") from None
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise DiffdistillError(f"{path}: malformed gmm spec ({e})") from None
+    cfg = load_json(path, GMM_SPEC, "gmm spec")   # finite means, positive stds, K x D within bounds
+    mixture = GaussianMixture(cfg["means"], cfg["stds"], cfg["weights"], name=f"gmm:{path.name}")
+    mixture.source = str(path)   # named by errors of what it produces (samplers.iter_samples)
+    return mixture

@@ -17,8 +17,8 @@ snapshot records. The DDPM sampler's noise follows `variance_type`
 
 from __future__ import annotations
 
-import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -27,7 +27,9 @@ from torch import Tensor
 
 from ..diffusion.schedules import ddpm_alphas_cumprod
 from ..errors import DiffdistillError
-from ..io import load_state_strict, load_tensors, register_builder, save_snapshot
+from ..guard import check_alloc, check_finite, lexists, read_bytes, regular_file
+from ..io import BuildErrors, load_state_strict, load_tensors, register_builder, save_snapshot
+from ..schema import DIFFUSERS_SCHEDULER, DIFFUSERS_UNET, SHARD_INDEX, check, load_json, parse_json
 from .discrete import PREDICTIONS, DiscreteVPDenoiser, ddim_timesteps, discrete_sigmas_for
 
 SCHEDULERS = ("DDPMScheduler", "DDIMScheduler")
@@ -73,10 +75,7 @@ class SchedulerConfig:
 
     @classmethod
     def from_json(cls, path: Path) -> SchedulerConfig:
-        try:
-            raw = json.loads(Path(path).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DiffdistillError(f"{path}: unreadable scheduler config ({e})") from None
+        raw = load_json(path, what="scheduler config")
         if not isinstance(raw, dict):
             raise DiffdistillError(f"{path}: a scheduler config must be a JSON object")
         name = raw.get("_class_name")
@@ -85,6 +84,7 @@ class SchedulerConfig:
         if raw.get("rescale_betas_zero_snr"):
             raise DiffdistillError(f"{path}: rescale_betas_zero_snr gives abar = 0 at the last timestep, an "
                                    "infinite EDM sigma; such teachers are not supported")
+        check(raw, DIFFUSERS_SCHEDULER, path, "scheduler config")   # types and ranges of every field used
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in raw.items() if k in known}
         cfg = cls(class_name=name, **kwargs)
@@ -134,8 +134,8 @@ def find_diffusers_model(path) -> tuple[Path, Path] | None:
         cfg = unet_dir / "config.json"
         if cfg.is_file() and sched.is_file():
             try:
-                name = json.loads(cfg.read_text()).get("_class_name")
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                name = parse_json(read_bytes(cfg, "model config"), cfg).get("_class_name")
+            except (DiffdistillError, AttributeError):
                 name = None
             if unet_dir != path or name == "UNet2DModel":
                 return unet_dir, sched
@@ -143,20 +143,20 @@ def find_diffusers_model(path) -> tuple[Path, Path] | None:
 
 
 def _read_unet_config(path: Path) -> dict:
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DiffdistillError(f"{path}: unreadable model config ({e})") from None
+    cfg = load_json(path, what="model config")
     if not isinstance(cfg, dict):
         raise DiffdistillError(f"{path}: a model config must be a JSON object")
     if cfg.get("_class_name") != "UNet2DModel":
         raise DiffdistillError(f"{path}: model class {cfg.get('_class_name')!r} is not supported (only UNet2DModel)")
-    return cfg
+    return check(cfg, DIFFUSERS_UNET, path, "model config")
 
 
 def _load_bin(path: Path) -> dict[str, Tensor]:
+    regular_file(path, "weights file")   # torch.load would block on a FIFO
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
+        with warnings.catch_warnings():   # torch warns (several lines) about odd protocols of damaged files
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
     except Exception as e:  # truncated zip, pickle with code, ...: all mean "unreadable"
         raise DiffdistillError(f"{path}: not a readable weights-only torch file ({type(e).__name__}: {e})"
                                .split("\n")[0]) from None
@@ -169,15 +169,13 @@ def _read_weights(unet_dir: Path) -> tuple[dict[str, Tensor], Path]:
     """State dict of a diffusers model folder: safetensors first, then weights-only .bin; shards via index."""
     for name in WEIGHT_FILES:
         path = unet_dir / name
-        if not path.is_file():
+        if not lexists(path):   # a weights file that is a FIFO, a directory or a dangling link: an error
             continue
         read = load_tensors if ".safetensors" in name else _load_bin
         if not name.endswith(".index.json"):
             return read(path), path
-        try:
-            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise DiffdistillError(f"{path}: malformed shard index ({e})") from None
+        index = load_json(path, SHARD_INDEX, "shard index")
+        shards = sorted(set(index["weight_map"].values()))
         state: dict[str, Tensor] = {}
         for shard in shards:
             if Path(shard).name != shard:
@@ -187,14 +185,37 @@ def _read_weights(unet_dir: Path) -> tuple[dict[str, Tensor], Path]:
     raise DiffdistillError(f"{unet_dir}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
 
 
-def _build_unet(cfg: dict, where):
+def _build_unet(cfg: dict, where, meta: bool = False):
+    """A UNet2DModel of `cfg`; `meta`: on the meta device (shapes only, nothing allocated)."""
     UNet2DModel = _require_diffusers()
     cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
     try:
-        return UNet2DModel.from_config(cfg)
+        with warnings.catch_warnings():   # diffusers warns about unknown keys (several lines on stderr)
+            warnings.simplefilter("ignore")
+            if meta:
+                with torch.device("meta"):
+                    return UNet2DModel.from_config(cfg)
+            return UNet2DModel.from_config(cfg)
     except Exception as e:  # diffusers raises assorted errors for bad block types / channel counts
         raise DiffdistillError(f"{where}: cannot build a UNet2DModel from this config ({type(e).__name__}: {e})"
                                .split("\n")[0]) from None
+
+
+def _check_unet_weights(cfg: dict, cfg_path: Path, state: dict[str, Tensor], weights_path: Path) -> None:
+    """Before the UNet is built for real: its size against the machine's memory, and the weights' names and
+    shapes against its meta-device twin (a config of a huge UNet with small weights allocates nothing)."""
+    meta = _build_unet(cfg, cfg_path, meta=True)
+    check_alloc(sum(p.numel() * p.element_size() for p in meta.parameters()), cfg_path, "the UNet of this config")
+    expected = meta.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise DiffdistillError(f"{weights_path}: weights do not match the config {cfg_path} (missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]})")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise DiffdistillError(f"{weights_path}: tensor {k} has shape {tuple(v.shape)}, the config needs "
+                                   f"{tuple(expected[k].shape)} ({cfg_path})")
+    check_finite(state, weights_path)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,11 +330,15 @@ def load_diffusers(path, device="cpu", timestep_rule: str = "nearest", null_clas
     unet_dir, sched_path = found
     scheduler = SchedulerConfig.from_json(sched_path)
     unet_cfg_path = unet_dir / "config.json"
-    unet = _build_unet(_read_unet_config(unet_cfg_path), unet_cfg_path)
+    unet_cfg = _read_unet_config(unet_cfg_path)
     state, weights_path = _read_weights(unet_dir)
+    _check_unet_weights(unet_cfg, unet_cfg_path, state, weights_path)   # before anything is allocated
+    unet = _build_unet(unet_cfg, unet_cfg_path)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     load_state_strict(unet, state, f"{weights_path} (config {unet_cfg_path})")
-    den = DiffusersDenoiser(unet.float(), scheduler, timestep_rule, null_class, str(path.resolve()))
+    with BuildErrors(path):
+        den = DiffusersDenoiser(unet.float(), scheduler, timestep_rule, null_class, str(path.resolve()))
+    den.source = str(path)   # named by errors of what it produces (samplers.iter_samples)
     return den.to(device).eval().requires_grad_(False)
 
 

@@ -22,7 +22,7 @@ import os
 import pickle
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +30,11 @@ import torch
 
 from ..diffusion.denoiser import Precond, PrecondConfig
 from ..errors import DiffdistillError
+from ..guard import check_alloc, check_finite, memory_budget, read_bytes
+from ..io import BuildErrors
 from ..networks.adm import ADMUNet
 from ..networks.unet import UNet
+from ..schema import NETWORK, PRECOND, check
 
 # Default sampling recipe of a converted teacher: EDM's deterministic Heun sampler, 18 steps (35 NFE).
 EDM_SAMPLING = {"sampler": "heun", "steps": 18}
@@ -101,7 +104,11 @@ def _load_storage_from_bytes(data):
     """torch.storage._load_from_bytes, but through torch's weights-only unpickler."""
     if not isinstance(data, (bytes, bytearray)):
         raise ValueError("tensor storage is not a byte string")
-    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    import warnings
+
+    with warnings.catch_warnings():   # torch warns (several lines) about odd protocols of damaged storages
+        warnings.simplefilter("ignore")
+        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
 
 
 def _rebuild_parameter(data, requires_grad, backward_hooks, *state):
@@ -171,17 +178,26 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def read_edm_pickle(path: str | Path):
     """Unpickle an EDM pickle as data (records instead of objects), without executing anything from it."""
     path = Path(path)
-    if not path.is_file():
-        raise DiffdistillError(f"{path}: no such file")
+    # Read whole first (a FIFO or a device is refused, the size is checked against memory): unpickling from
+    # memory, a length the pickle declares beyond its end is "truncated", never a huge allocation.
+    data = read_bytes(path, "EDM pickle", memory_budget())
     try:
-        with open(path, "rb") as f:
+        with io.BytesIO(data) as f:
             return _RestrictedUnpickler(f, path).load()
     except DiffdistillError:
         raise
     except (EOFError, pickle.UnpicklingError) as e:
-        raise DiffdistillError(f"{path}: truncated or corrupt pickle ({type(e).__name__}: {e})") from None
+        raise DiffdistillError(f"{path}: truncated or corrupt pickle ({type(e).__name__}: {_line(e)})") from None
+    except MemoryError:   # a length field larger than memory: the unpickler allocates before it reads
+        raise DiffdistillError(f"{path}: corrupt pickle (it declares an object larger than this machine's "
+                               "memory)") from None
     except Exception as e:  # malformed data reaching an allow-listed constructor
-        raise DiffdistillError(f"{path}: unreadable EDM pickle ({type(e).__name__}: {e})") from None
+        raise DiffdistillError(f"{path}: unreadable EDM pickle ({type(e).__name__}: {_line(e)})") from None
+
+
+def _line(e: BaseException) -> str:
+    """The first line of an exception's message, at most 200 characters."""
+    return str(e).splitlines()[0][:200] if str(e) else ""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,22 +301,33 @@ def denoiser_from_edm_pickle(path: str | Path, key: str = "ema") -> tuple[Precon
         name = model.class_name if isinstance(model, PersistentRecord) else type(model).__name__
         raise DiffdistillError(f"{path}: {top.class_name}.model is {name}, expected SongUNet or DhariwalUNet")
 
-    # Rebuild our backbone with the recorded constructor arguments of EDM's network.
+    # Rebuild our backbone with the recorded constructor arguments of EDM's network: their types and ranges
+    # first (schema.NETWORK), then on the meta device (sizes, no memory), then for real.
     net_cls = _NETWORKS[model.class_name]
     net_kwargs = _bind_kwargs(model, net_cls, path)
-    try:
-        backbone = net_cls(**net_kwargs)
-    except (TypeError, ValueError) as e:
-        raise DiffdistillError(f"{path}: cannot build {net_cls.__name__} from {model.class_name}'s arguments "
-                               f"({e})") from None
-    res = int(top.state.get("img_resolution", net_kwargs["img_resolution"]))
-    channels = int(top.state.get("img_channels", net_kwargs["in_channels"]))
-    label_dim = int(top.state.get("label_dim", net_kwargs.get("label_dim", 0)))
+    check({"name": "unet" if net_cls is UNet else "adm", **_as_json(net_kwargs)}, NETWORK, path,
+          f"EDM pickle ({model.class_name}'s arguments)")
+    with BuildErrors(path):
+        res = int(top.state.get("img_resolution", net_kwargs["img_resolution"]))
+        channels = int(top.state.get("img_channels", net_kwargs["in_channels"]))
+        label_dim = int(top.state.get("label_dim", net_kwargs.get("label_dim", 0)))
+        precond = _precond_config(top, path)
+    check(asdict(precond), PRECOND, path, f"EDM pickle ({top.class_name}'s noise levels)")
     if (net_kwargs["img_resolution"], net_kwargs["in_channels"], net_kwargs["out_channels"],
             net_kwargs.get("label_dim", 0)) != (res, channels, channels, label_dim):
         raise DiffdistillError(f"{path}: {model.class_name} arguments do not match its {top.class_name} "
                                f"(resolution {res}, channels {channels}, labels {label_dim})")
-    denoiser = Precond(backbone, (channels, res, res), label_dim, _precond_config(top, path))
+    try:
+        with torch.device("meta"):
+            sizes = net_cls(**net_kwargs)
+        check_alloc(sum(p.numel() * p.element_size() for p in sizes.parameters()), path,
+                    f"{net_cls.__name__} with these arguments")
+        del sizes
+        backbone = net_cls(**net_kwargs)
+    except (TypeError, ValueError, RuntimeError, ZeroDivisionError) as e:
+        raise DiffdistillError(f"{path}: cannot build {net_cls.__name__} from {model.class_name}'s arguments "
+                               f"({_line(e)})") from None
+    denoiser = Precond(backbone, (channels, res, res), label_dim, precond)
 
     # Copy every tensor: EDM's `model.X` is our `backbone.X`; any mismatch is an error (algorithms.md §1.6).
     source = _module_state(top, path)
@@ -319,6 +346,8 @@ def denoiser_from_edm_pickle(path: str | Path, key: str = "ema") -> tuple[Precon
                                    f"{net_cls.__name__} needs {tuple(expected[name].shape)}")
         if not tensor.dtype.is_floating_point:
             raise DiffdistillError(f"{path}: tensor {name} has dtype {tensor.dtype}, expected floating point")
+    check_finite(renamed, path)
+
     denoiser.load_state_dict({k: v.float() for k, v in renamed.items()})
     denoiser.eval().requires_grad_(False)
 

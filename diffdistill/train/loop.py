@@ -24,6 +24,7 @@ import inspect
 import math
 import shutil
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -291,12 +292,14 @@ class _Run:
         self.seconds_before, self.session_start = 0.0, time.time()
         self.origins = {name: 0 for name in self.groups}
         self.best: dict | None = None
+        self.lock: ckpt.RunLock | None = None
 
     # -- set-up -----------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg, method = self.cfg, self.method
         resume = False
-        if self.main:
+        if self.main:   # RUN is locked while this run holds it (only rank 0 locks); no links inside are followed
+            self.lock = ckpt.RunLock(self.run_dir)
             resume = ckpt.prepare_run_dir(self.run_dir, run_config(method, cfg), cfg.command, cfg.resume,
                                           cfg.force)
         resume = bool(dist.broadcast_int(int(resume), self.device))
@@ -312,7 +315,7 @@ class _Run:
         halflife, rampup = ema_settings(method, cfg)
         self.ema = EMA(targets, halflife, rampup) if targets else None
         if resume:
-            loaded = ckpt.load_latest(self.run_dir)
+            loaded = ckpt.load_latest(self.run_dir, say=_say)
             if loaded is None:
                 dist.print0(f"{self.run_dir}: no checkpoint to resume from; starting at step 0")
             else:
@@ -328,6 +331,10 @@ class _Run:
         trainable = {id(p) for g in self.groups.values() for p in g.params}
         ignore = [n for n, p in module.named_parameters() if id(p) not in trainable]
         nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignore)
+        # torch's reducer warns on every rank at the first backward when a gradient's strides differ from its
+        # bucket's; the 1x1 convolutions' weight gradients [C, C, 1, 1] differ only in the strides of their size-1
+        # dimensions (the same memory layout), so the warning says nothing: only that message is ignored
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides", category=UserWarning)
         return nn.parallel.DistributedDataParallel(
             module, device_ids=None, find_unused_parameters=True, **_NO_BUFFER_SYNC)
 
@@ -366,6 +373,10 @@ class _Run:
             raise DiffdistillError(f"{self.run_dir}: the newest checkpoint does not fit this method "
                                    f"({str(e).splitlines()[0]}); pass --force to start over") from None
         self.step, self.nimg = int(state["step"]), int(state["nimg"])
+        if self.step > self.total_steps:
+            raise DiffdistillError(f"{ckpt.checkpoint_files(self.run_dir, self.step)[1]}: at step {self.step}, "
+                                   f"beyond this run's {self.total_steps} steps (--kimg/--max-steps); continue it "
+                                   "with --resume and a longer run, or pass --force to start over")
         self.seconds_before = float(state.get("seconds", 0.0))
         self.origins.update({k: int(v) for k, v in state.get("origins", {}).items() if k in self.origins})
         self.best = state.get("best")
@@ -373,16 +384,45 @@ class _Run:
         self.method.load_extra_state(state.get("extra_state", {}))
         dist.print0(f"resuming {self.run_dir} at step {self.step} ({self.nimg / 1000:g} kimg)")
 
+    def buffer_names(self) -> set[str]:
+        """Names of the checkpoint's tensors that are buffers (they may hold inf; weights may not)."""
+        names = ckpt.buffer_names(self.method, "method.")
+        for name, module in (self.ema.modules.items() if self.ema is not None else []):
+            names |= ckpt.buffer_names(module, f"ema.{name}.")
+        return names
+
+    def kept(self, finite: bool = False) -> str:
+        """What remains of the run on disk, for the message of a stop (every checkpoint written is finite)."""
+        last = ckpt.list_checkpoints(self.run_dir)
+        if not last:
+            return "no checkpoint was written yet"
+        return f"the last good checkpoint {last[0][1]} is kept (all are finite)" if finite else \
+            f"the previous checkpoint {last[0][1]} is intact"
+
     def save_checkpoint(self) -> None:
+        """Write a checkpoint of the current state; only a finite one (every rank checks its own, identical
+        state, so that all stop together), and a full disk stops the run with the previous checkpoint intact."""
+        tensors, state = self.state()
+        buffers = self.buffer_names()
+        bad = ckpt.nonfinite(tensors, buffers)
+        if bad:
+            raise DiffdistillError(f"non-finite state at step {self.step} ({self.nimg / 1000:g} kimg) of "
+                                   f"{self.method.name!r}: {ckpt.NonFiniteState(bad)}; training stopped without "
+                                   f"writing it, {self.kept(finite=True)}")
+        error = None
         if self.main:
-            tensors, state = self.state()
             try:
-                ckpt.save_checkpoint(self.run_dir, self.step, tensors, state, self.cfg.keep_checkpoints)
-            except OSError as e:
-                prev = ckpt.list_checkpoints(self.run_dir)
-                keep = f"; {prev[0][1]} is intact" if prev else ""
-                raise DiffdistillError(f"{self.run_dir / ckpt.CHECKPOINT_DIR}: cannot write the checkpoint of step "
-                                       f"{self.step} ({e.strerror or e}){keep}") from None
+                ckpt.check_no_links(self.run_dir)
+                ckpt.save_checkpoint(self.run_dir, self.step, tensors, state, self.cfg.keep_checkpoints, buffers,
+                                     checked=True)
+            except (OSError, io.CannotWrite) as e:
+                reason = e.reason if isinstance(e, io.CannotWrite) else (e.strerror or str(e))
+                error = DiffdistillError(f"cannot write the checkpoint of step {self.step} in "
+                                         f"{self.run_dir / ckpt.CHECKPOINT_DIR} ({reason}); {self.kept()}")
+            except DiffdistillError as e:
+                error = e
+        if dist.any_true(error is not None, self.device) if self.world > 1 else error is not None:
+            raise error if error is not None else DiffdistillError("rank 0 could not write the checkpoint")
         dist.barrier()
 
     def seconds(self) -> float:
@@ -397,7 +437,16 @@ class _Run:
         denoiser, recipe = self.export()
         meta = {**self.cfg.meta, "method": self.method.name, "step": self.step, "nimg": self.nimg,
                 "kimg": self.nimg / 1000, **(meta or {})}
-        return io.save_snapshot(self.run_dir / name, denoiser, recipe, meta)
+        bad = ckpt.nonfinite(denoiser.state_dict(), ckpt.buffer_names(denoiser))
+        if bad:
+            raise DiffdistillError(f"non-finite export at step {self.step} ({self.nimg / 1000:g} kimg) of "
+                                   f"{self.method.name!r}: the weights {bad[0][0]} hold {bad[0][1]}; "
+                                   f"{self.run_dir / name} not written, training stopped, {self.kept(finite=True)}")
+        ckpt.check_no_links(self.run_dir)
+        try:
+            return io.save_snapshot(self.run_dir / name, denoiser, recipe, meta)
+        except io.CannotWrite as e:
+            raise DiffdistillError(f"cannot write {e.path} ({e.reason}); {self.kept()}") from None
 
     @torch.no_grad()
     def save_grid(self, path: Path) -> None:
@@ -417,10 +466,23 @@ class _Run:
                                 device=self.device, batch=max(64, self.batch_gpu), **recipe)
         finally:
             denoiser.train(training)
-        if len(denoiser.shape) == 3 and denoiser.shape[0] in (1, 3):
-            save_image_grid(x, path)
-        elif len(denoiser.shape) == 1 and denoiser.shape[0] >= 2:
-            save_scatter(x, path)
+        ckpt.check_no_links(self.run_dir)
+        try:
+            if len(denoiser.shape) == 3 and denoiser.shape[0] in (1, 3):
+                save_image_grid(x, path)
+            elif len(denoiser.shape) == 1 and denoiser.shape[0] >= 2:
+                save_scatter(x, path)
+        except io.CannotWrite as e:
+            raise DiffdistillError(f"cannot write {e.path} ({e.reason}); {self.kept()}") from None
+
+    def write_stats(self, record: dict) -> None:
+        """A line of stats.jsonl (rank 0); a full disk stops the run in one line, its checkpoints intact."""
+        if self.stats is None:
+            return
+        try:
+            self.stats.write(record)
+        except OSError as e:
+            raise DiffdistillError(f"cannot write {self.stats.path} ({e.strerror or e}); {self.kept()}") from None
 
     def _group_pass(self, name: str, group: Group, seed_index: int, lr: float, micro: list, sums: dict,
                     extra: bool) -> None:
@@ -454,13 +516,33 @@ class _Run:
                     s, n = sums.get(f"{prefix}/{key}", (0.0, 0))
                     sums[f"{prefix}/{key}"] = (s + value.detach().double().reshape(()), n + 1)
         if dist.any_true(not bool(finite), self.device):
-            raise _NonFinite(name)
+            raise _NonFinite(name, self._nan_source(micro, group))
         params = [p for p in group.params if p.grad is not None]
         for p in params:  # EDM: nan_to_num of gradients before every step
             torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
         if group.optim.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, group.optim.grad_clip)
         opt.step()
+
+    def _nan_source(self, micro: list, group: Group) -> str:
+        """Where a non-finite loss came from, in words: items of the step's real data, a tensor of the method
+        (weights of the teacher, the student, ...), or neither (the loss itself overflowed)."""
+        if group.needs_data:
+            for a, mb in enumerate(micro):
+                if mb is None:
+                    continue
+                x = torch.as_tensor(mb[0])
+                rows = (~torch.isfinite(x.reshape(len(x), -1))).any(1).nonzero().flatten().tolist()
+                if rows:
+                    sampler = StreamSampler(len(self.data), self.cfg.seed, self.nimg, self.cfg.batch,
+                                            self.batch_gpu, self.accum, self.world, self.rank)
+                    indices = next(ids for i, ids in enumerate(sampler) if i == a)
+                    data = self.cfg.meta.get("data") or "the data set"
+                    return f"items {[indices[r] for r in rows[:5]]} of the training data {data} hold NaN or inf"
+        bad = ckpt.nonfinite(self.method.state_dict(), ckpt.buffer_names(self.method))
+        if bad:
+            return f"{ckpt.describe_tensor('method.' + bad[0][0])} holds {bad[0][1]}"
+        return "its weights and data are finite: the loss itself overflowed (a learning rate too high?)"
 
     # -- one step ---------------------------------------------------------------------------------
     def train_step(self, sums: dict) -> None:
@@ -499,6 +581,13 @@ class _Run:
 
     # -- the whole run ----------------------------------------------------------------------------
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _run(self) -> dict:
         cfg = self.cfg
         self.setup()
         self.session_start = tick_time = time.time()
@@ -522,11 +611,10 @@ class _Run:
                     try:
                         self.train_step(sums)
                     except _NonFinite as e:
-                        last = ckpt.list_checkpoints(self.run_dir)
-                        kept = f"; the last good checkpoint {last[0][1]} is kept" if last else ""
                         raise DiffdistillError(
                             f"non-finite loss in group {e.group!r} of {self.method.name!r} at step {self.step} "
-                            f"({self.nimg / 1000:g} kimg): training stopped{kept}") from None
+                            f"({self.nimg / 1000:g} kimg; {e.source}): training stopped, "
+                            f"{self.kept(finite=True)}") from None
                     if bar is not None:
                         bar.update(1)
                     done = self.step >= self.total_steps
@@ -579,8 +667,7 @@ class _Run:
         rec.update({k: v for k, v in zip(keys, values)})
         rec.update({"it_per_s": steps / max(tick_s, 1e-9), "img_per_s": images / max(tick_s, 1e-9),
                     "peak_mem_gb": peak_memory_gb(self.device)})
-        if self.stats is not None:
-            self.stats.write(rec)
+        self.write_stats(rec)
         return rec
 
     def run_eval(self) -> None:
@@ -589,7 +676,7 @@ class _Run:
         metrics = self.evaluate(self.method, self.ema.modules if self.ema is not None else None, self.nimg) or {}
         metrics = {k: float(v) for k, v in metrics.items()}
         if self.stats is not None:
-            self.stats.write(dict(kimg=self.nimg / 1000, step=self.step, **{f"eval/{k}": v
+            self.write_stats(dict(kimg=self.nimg / 1000, step=self.step, **{f"eval/{k}": v
                                                                              for k, v in metrics.items()}))
         name = self.cfg.best_metric
         if name is None:
@@ -623,9 +710,15 @@ def _remove_snapshot(path: Path) -> None:
 
 
 class _NonFinite(Exception):
-    def __init__(self, group: str):
+    def __init__(self, group: str, source: str):
         super().__init__(group)
-        self.group = group
+        self.group, self.source = group, source
+
+
+def _say(text: str) -> None:
+    """A note of rank 0 on stderr (a damaged checkpoint skipped)."""
+    if dist.is_main():
+        print(text, file=sys.stderr, flush=True)
 
 
 def train(method: Method, cfg: TrainConfig, data=None, evaluate=None) -> dict:
