@@ -207,7 +207,7 @@ class ImageScorer:
     unit = "FID (classifier features)"
 
     def __init__(self, feature_spec: str, data_spec: str, n: int, device: str, n_ref: int | None = None,
-                 held_out: bool = False):
+                 held_out: bool = False, ref_file: str | None = None):
         from torch.utils.data import Subset
 
         from diffdistill.metrics.features import compute_features, dataset_batches, load_feature_net
@@ -216,6 +216,11 @@ class ImageScorer:
 
         self.net = load_feature_net(feature_spec, device=device)
         self.n, self.floor = n, None
+        if ref_file is not None:      # a `diffdistill ref-stats` file of the data in these features
+            from diffdistill.metrics.protocol import reference_from_file
+
+            self.ref = reference_from_file(ref_file)
+            return
         if not held_out:
             self.ref = reference_from_data(data_spec, self.net, n=n_ref)
             return
@@ -237,7 +242,6 @@ class ImageScorer:
 
     def __call__(self, den, recipe, device) -> dict:
         from diffdistill.metrics.features import compute_features
-        from diffdistill.metrics.fid import fid_from_features
 
         feats, logits = compute_features(self.net, generate(den, recipe, range(self.n), device=device, batch=512),
                                          gather=False)
@@ -245,7 +249,10 @@ class ImageScorer:
         if logits is not None and den.label_dim:
             labels = np.arange(self.n) % den.label_dim
             detail = f"class accuracy {100 * float((logits.argmax(1) == labels).mean()):.0f}%"
-        return dict(distance=fid_from_features(feats, self.ref.features), floor=self.floor, detail=detail)
+        from diffdistill.metrics.fid import feature_stats, fid_from_stats
+
+        ref = (self.ref.mu, self.ref.sigma) if self.ref.features is None else feature_stats(self.ref.features)
+        return dict(distance=fid_from_stats(feature_stats(feats), ref), floor=self.floor, detail=detail)
 
 
 # --------------------------------------------------------------------------------------------------
