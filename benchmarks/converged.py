@@ -545,7 +545,8 @@ WHY = {
                            "help GDD (best 2.45); DI/GDD/DMD2/CD flatten from ~90 kimg, KD and SiD still improve "
                            "at 120 kimg; one-step students of this 0.26M-parameter UNet stay near 2.1-2.5",
     ("digits", "ranking"): "DMD2 without its GAN term is unstable here (generator at sigma 2.5: 3.46 at 60 kimg, then "
-                           "4.8-5.5; its official GAN term, weight 3e-3 on real digits: the same curve as without); "
+                           "4.8-5.5; its official GAN term, weight 3e-3 on real digits: nearly the same curve, 5.0 at "
+                           "120 kimg); "
                            "DI's best snapshot (2.07) and GDD's are below KD's last (2.24), SiD was still improving",
 }
 
