@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import count_value
+
 DIFFUSERS_EXAMPLES = """\
 examples:
   diffdistill export diffusers runs/di-ddpm exported/di-ddpm       # a DI student of a diffusers DDPM teacher
@@ -32,16 +34,6 @@ def _run_diffusers(args) -> int:
     return 0
 
 
-def _check_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of samples, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
 def _add_diffusers(sub) -> None:
     p = sub.add_parser(
         "diffusers",
@@ -61,7 +53,7 @@ def _add_diffusers(sub) -> None:
     p.add_argument("out", metavar="OUT", help="the diffusers folder to write (must not exist unless --force)")
     p.add_argument("--force", action="store_true",
                    help="replace OUT if it is an earlier export (a diffusers pipeline folder) or empty")
-    p.add_argument("--check", type=_check_count, default=2, metavar="N",
+    p.add_argument("--check", type=count_value(0), default=2, metavar="N",
                    help="samples (seeds 0..N-1) drawn by the exported pipeline and by diffdistill and compared "
                         "before anything is written (default 2; 0: no check)")
     p.set_defaults(func=_run_diffusers)

@@ -16,6 +16,7 @@ import sys
 
 from .. import __version__
 from ..errors import DiffdistillError, UsageError
+from .common import count_value
 
 # Command modules, in the order `--help` lists them. A module that is not written yet is skipped.
 COMMANDS = ["demo", "sample", "train", "distill", "eval", "convert", "export", "dataset", "features", "bench"]
@@ -70,14 +71,7 @@ THREADS_HELP = ("torch CPU threads (default: $OMP_NUM_THREADS if set, else 1: se
                 "small networks a CPU trains and are many times slower when other work shares the cores)")
 
 
-def _threads(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of threads, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+_threads = count_value(1, 1024)
 
 
 def _computes(path: str) -> bool:
