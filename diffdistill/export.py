@@ -56,6 +56,7 @@ import torch
 from torch import Tensor
 
 from .errors import DiffdistillError, UsageError
+from .io import umask
 
 PIPELINE = "ConsistencyModelPipeline"
 EXPORT_JSON = "diffdistill_export.json"
@@ -373,7 +374,7 @@ def export_diffusers(student, recipe: dict | None, out, *, force: bool = False, 
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / EXPORT_JSON).write_text(json.dumps(info, indent=2) + "\n")
         (tmp / "README.md").write_text(_card(plan, info))
-        mask = _umask()
+        mask = umask()
         for path in (tmp, *tmp.rglob("*")):        # mkdtemp and some writers make 0700 / 0600: a plain folder's modes
             os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
         _replace(tmp, out)
@@ -381,9 +382,3 @@ def export_diffusers(student, recipe: dict | None, out, *, force: bool = False, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return info
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

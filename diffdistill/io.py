@@ -21,9 +21,14 @@ from safetensors.torch import load_file, save_file
 from .errors import DiffdistillError
 
 SNAPSHOT_JSON = "model.json"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 SNAPSHOT_WEIGHTS = "model.safetensors"
+
+
+def umask() -> int:
+    """The process's file-mode creation mask (read by setting and restoring it: there is no getter)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 # errno values meaning the file system cannot take the file: full, over quota, file too large, read-only.
@@ -68,7 +73,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     tmp = Path(tmp)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the mode a plain open() would
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp creates 0600; give the file the mode a plain open() would
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -423,3 +423,17 @@ def test_outputs_are_refused_unless_force(tmp_path, capsys):
     assert code == 1
     one_error_line(err, str(clf_json), "already exists")
     assert not (tmp_path / "clf2.safetensors").exists()
+
+
+def test_atomic_writes_get_the_mode_of_a_plain_open(tmp_path):
+    """mkstemp makes 0600 files: atomic writes chmod them to what open() would give under the current umask (read
+    when writing, not at import), and reading the umask leaves it as it was."""
+    from diffdistill import io
+
+    old = os.umask(0o027)
+    try:
+        assert io.umask() == 0o027 and io.umask() == 0o027
+        io.atomic_write(tmp_path / "f.txt", lambda p: Path(p).write_text("x"))
+        assert (os.stat(tmp_path / "f.txt").st_mode & 0o777) == 0o640
+    finally:
+        os.umask(old)

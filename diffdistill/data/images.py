@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import DiffdistillError
-from ..io import atomic_write
+from ..io import atomic_write, umask
 from .formats import Source, open_source
 
 TRANSFORMS = ("center-crop", "center-crop-wide", "resize")
@@ -457,18 +457,12 @@ def write_dataset(ds: ImageDataset, dest: str | os.PathLike, fmt: str | None = N
                 (tmp / "dataset.json").write_bytes(meta())
             else:
                 _write_lmdb(tmp, images, meta)
-            os.chmod(tmp, 0o777 & ~_umask())
+            os.chmod(tmp, 0o777 & ~umask())
             _install(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return WriteResult(dest, fmt, len(names), skipped)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _write_lmdb(folder: Path, images, meta) -> None:
