@@ -175,3 +175,28 @@ def test_real_data_selection_keeps_the_other_data_sets_table(tmp_path):
     ctx.real_data = ("svhn",)
     with pytest.raises(DiffdistillError, match="svhn"):
         quality_real.run(ctx)
+
+
+def test_bench_never_imports_a_benchmarks_folder_found_above_the_working_directory(tmp_path, monkeypatch):
+    """`diffdistill bench` (registered at every CLI start) imports only its own checkout's benchmarks/, never one in
+    the working directory's parents, which used to be put on sys.path and imported."""
+    from diffdistill.cli import bench
+    from diffdistill.errors import DiffdistillError
+
+    planted = tmp_path / "checkout"
+    (planted / "benchmarks").mkdir(parents=True)
+    (planted / "diffdistill").mkdir()
+    marker = tmp_path / "imported"
+    (planted / "benchmarks" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (planted / "benchmarks" / "__main__.py").write_text("")
+    work = planted / "runs" / "today"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(bench, "_checkout_root", lambda: tmp_path / "an-installed-package")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path
+                                      if not (Path(p or ".").resolve() / "benchmarks" / "__main__.py").is_file()])
+    for name in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(DiffdistillError, match="not part of the installed package"):
+        bench._benchmarks()
+    assert not marker.exists()

@@ -10,26 +10,24 @@ from ..errors import DiffdistillError
 from .common import command_line
 
 
-def _checkout_roots() -> list[Path]:
-    """Where a checkout's benchmarks/ may sit: beside this package (editable install), or the working directory
-    and its parents."""
-    here = Path(__file__).resolve().parents[2]
-    cwd = Path.cwd().resolve()
-    return [here, cwd, *cwd.parents]
+def _checkout_root() -> Path:
+    """The checkout this package runs from (an editable install): only its own benchmarks/ is ever imported, never
+    one found in the working directory or its parents."""
+    return Path(__file__).resolve().parents[2]
 
 
 def _benchmarks():
     if importlib.util.find_spec("benchmarks") is None:
-        for root in _checkout_roots():
-            if (root / "benchmarks" / "__main__.py").is_file() and (root / "diffdistill").is_dir():
-                sys.path.insert(0, str(root))
-                break
+        root = _checkout_root()
+        if (root / "benchmarks" / "__main__.py").is_file() and (root / "diffdistill").is_dir():
+            sys.path.insert(0, str(root))
     try:
         import benchmarks.__main__ as runner
     except ModuleNotFoundError as e:
         if e.name and e.name.split(".")[0] == "benchmarks":
-            raise DiffdistillError("the benchmarks package is not importable: run `diffdistill bench` from the "
-                                   "root of a diffdistill checkout (it is not part of the installed package)") from None
+            raise DiffdistillError("the benchmarks are not part of the installed package: install diffdistill "
+                                   "from a checkout (pip install -e .), or run `python -m benchmarks` from its "
+                                   "root") from None
         raise
     return runner
 
