@@ -16,24 +16,9 @@ from diffdistill.io import load_snapshot, save_snapshot
 from diffdistill.metrics.features import Classifier, ClassifierConfig, save_classifier
 from diffdistill.metrics.protocol import make_train_evaluator
 from diffdistill.networks.unet import unet_preset
+from tests.cli_util import one_error_line, run_cli
 
 FID_KEY = "fid-64/digits_classifier"      # metric, samples per evaluation, feature network
-
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:          # argparse usage errors (2)
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def assert_one_line_error(err: str, *fragments: str) -> None:
-    lines = [line for line in err.strip().splitlines() if "error:" in line]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
 
 
 @pytest.fixture(scope="module")
@@ -125,11 +110,11 @@ def test_bad_evaluation_settings(files, tmp_path, capsys):
     for extra, fragment in usage:
         code, _, err = run_cli(capsys, *base, *extra)
         assert code == 2, (extra, err)
-        assert_one_line_error(err, fragment)
+        one_error_line(err, fragment)
     # --eval-kimg alone: nothing to evaluate for a method without its own evaluation
     code, _, err = run_cli(capsys, "train-teacher", "--data", "toy:ring8", "--out", out, "--eval-kimg", 1)
     assert code == 2
-    assert_one_line_error(err, "--eval-kimg", "--metrics")
+    one_error_line(err, "--eval-kimg", "--metrics")
 
     # a reference made with another 64-d feature network, refused before training
     torch.manual_seed(1)
@@ -143,5 +128,5 @@ def test_bad_evaluation_settings(files, tmp_path, capsys):
     for extra, fragments in failures:
         code, _, err = run_cli(capsys, *base, *extra)
         assert code == 1, (extra, err)
-        assert_one_line_error(err, *fragments)
+        one_error_line(err, *fragments)
     assert not out.exists()                   # nothing trained, nothing written

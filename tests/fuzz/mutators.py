@@ -224,24 +224,14 @@ def _patch_zip(data: bytes, member: str, patch: Callable[[bytearray, int, bool],
     """Apply `patch(buf, offset, central)` to the local header and the central directory entry of `member`."""
     buf = bytearray(data)
     name = member.encode()
-    pos = 0
-    while True:
-        pos = buf.find(b"PK\x03\x04", pos)
-        if pos < 0:
-            break
-        n = struct.unpack_from("<H", buf, pos + 26)[0]
-        if bytes(buf[pos + 30:pos + 30 + n]) == name:
-            patch(buf, pos, False)
-        pos += 4
-    pos = 0
-    while True:
-        pos = buf.find(b"PK\x01\x02", pos)
-        if pos < 0:
-            break
-        n = struct.unpack_from("<H", buf, pos + 28)[0]
-        if bytes(buf[pos + 46:pos + 46 + n]) == name:
-            patch(buf, pos, True)
-        pos += 4
+    # (signature, offset of the name length, offset of the name, central?) of the two records naming a member
+    for signature, len_at, name_at, central in ((b"PK\x03\x04", 26, 30, False), (b"PK\x01\x02", 28, 46, True)):
+        pos = buf.find(signature)
+        while pos >= 0:
+            n = struct.unpack_from("<H", buf, pos + len_at)[0]
+            if bytes(buf[pos + name_at:pos + name_at + n]) == name:
+                patch(buf, pos, central)
+            pos = buf.find(signature, pos + 4)
     return bytes(buf)
 
 
