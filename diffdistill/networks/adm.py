@@ -1,7 +1,8 @@
 """ADM U-Net (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis", §3 and App. C).
 
-Parameter names and shapes follow EDM's `DhariwalUNet` (used by `edm-imagenet-64x64-cond-adm.pkl`), so EDM
-checkpoints convert 1:1 (`diffdistill.teachers.edm`). Layers are shared with the DDPM++ UNet in `unet.py`.
+Module names and tensor shapes equal those of EDM's ImageNet-64 network (Karras et al. 2022,
+`edm-imagenet-64x64-cond-adm.pkl`), so EDM checkpoints convert tensor by tensor (`diffdistill.teachers.edm`).
+The layers and the encoder/decoder trunk are those of `unet.py`.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from .unet import Conv2d, GroupNorm, Init, Linear, PositionalEmbedding, UNetBlock
+from .unet import Conv2d, GroupNorm, Init, Linear, PositionalEmbedding, _levels, _UNetTrunk
 
 
-class ADMUNet(nn.Module):
-    """ADM: adaptive group-norm residual blocks (scale/shift from the embedding), multi-head attention at
-    `attn_resolutions` with `channels_per_head` channels per head, class embedding added after the MLP."""
+class ADMUNet(_UNetTrunk):
+    """ADM: residual blocks with adaptive group norm (the embedding gives each channel a scale and a shift),
+    multi-head attention (`channels_per_head` channels per head) in every block at `attn_resolutions`, and the
+    class embedding added to the mapping network's output (Dhariwal & Nichol 2021, §3 and App. C)."""
 
     def __init__(
         self,
@@ -37,8 +39,7 @@ class ADMUNet(nn.Module):
         channels_per_head: int = 64,      # attention head width (EDM/ADM: 64; heads = channels // this)
     ):
         super().__init__()
-        if img_resolution % (1 << (len(channel_mult) - 1)):
-            raise ValueError(f"img_resolution {img_resolution} is not divisible by 2^{len(channel_mult) - 1}")
+        self._levels = _levels(img_resolution, model_channels, channel_mult, attn_resolutions)
         self._config = dict(
             img_resolution=int(img_resolution), in_channels=int(in_channels), out_channels=int(out_channels),
             label_dim=int(label_dim), augment_dim=int(augment_dim), model_channels=int(model_channels),
@@ -46,72 +47,41 @@ class ADMUNet(nn.Module):
             num_blocks=int(num_blocks), attn_resolutions=[int(r) for r in attn_resolutions],
             dropout=float(dropout), label_dropout=float(label_dropout),
             channels_per_head=int(channels_per_head))
-        self.img_resolution, self.label_dim, self.label_dropout = img_resolution, label_dim, label_dropout
-        emb_channels = model_channels * channel_mult_emb
-        # ADM's initialisation: PyTorch's default uniform(+-1/sqrt(fan_in)) for weights and biases, zeros for
-        # the last conv of each block and the output layer.
+        self.num_blocks, self.label_dropout = num_blocks, label_dropout
+
+        # ADM's initialisation: PyTorch's default U(+-1/sqrt(fan_in)) for weights and biases; zeros for the
+        # layers that close a residual branch, for the augmentation-label map and for the output layer.
         init = Init("kaiming_uniform", weight_gain=math.sqrt(1 / 3), bias_gain=math.sqrt(1 / 3))
         init_zero = Init("kaiming_uniform", weight_gain=0.0, bias_gain=0.0)
-        block = dict(emb_channels=emb_channels, channels_per_head=channels_per_head, dropout=dropout,
-                     init=init, init_zero=init_zero)
 
-        # Embedding network.
+        # Mapping network: noise embedding (+ augmentation labels) -> linear, SiLU, linear; + class embedding.
+        emb_width = model_channels * channel_mult_emb
         self.map_noise = PositionalEmbedding(model_channels)
-        self.map_augment = (Linear(augment_dim, model_channels, bias=False, init=init_zero)
-                            if augment_dim else None)
-        self.map_layer0 = Linear(model_channels, emb_channels, init=init)
-        self.map_layer1 = Linear(emb_channels, emb_channels, init=init)
-        # Class embedding: a lookup table, i.e. a bias-free linear map of the one-hot label, entries N(0, 1).
-        self.map_label = (Linear(label_dim, emb_channels, bias=False,
+        self.map_augment = Linear(augment_dim, model_channels, bias=False, init=init_zero) if augment_dim else None
+        self.map_layer0 = Linear(model_channels, emb_width, init=init)
+        self.map_layer1 = Linear(emb_width, emb_width, init=init)
+        # The class embedding is a table lookup, i.e. a bias-free linear map of the one-hot label, entries N(0, 1).
+        self.map_label = (Linear(label_dim, emb_width, bias=False,
                                  init=Init("kaiming_normal", weight_gain=math.sqrt(label_dim)))
                           if label_dim else None)
 
-        # Encoder.
-        self.enc = nn.ModuleDict()
-        channels = in_channels
-        skip_channels = []
-        for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
-            if level == 0:
-                self.enc[f"{res}x{res}_conv"] = Conv2d(channels, model_channels * mult, 3, init=init)
-                channels = model_channels * mult
-            else:
-                self.enc[f"{res}x{res}_down"] = UNetBlock(channels, channels, down=True, **block)
-            skip_channels.append(channels)
-            for idx in range(num_blocks):
-                out = model_channels * mult
-                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(
-                    channels, out, attention=res in attn_resolutions, **block)
-                channels = out
-                skip_channels.append(channels)
-
-        # Decoder.
-        self.dec = nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(channels, channels, attention=True, **block)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(channels, channels, **block)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(channels, channels, up=True, **block)
-            for idx in range(num_blocks + 1):
-                out = model_channels * mult
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(channels + skip_channels.pop(), out,
-                                                                attention=res in attn_resolutions, **block)
-                channels = out
-        self.out_norm = GroupNorm(channels)
-        self.out_conv = Conv2d(channels, out_channels, 3, init=init_zero)
+        block = dict(emb_channels=emb_width, channels_per_head=channels_per_head, dropout=float(dropout),
+                     init=init, init_zero=init_zero)
+        width = self._build_trunk(in_channels, model_channels * channel_mult[0], block,
+                                  attend_all_decoder_blocks=True)
+        self.out_norm = GroupNorm(width)
+        self.out_conv = Conv2d(width, out_channels, 3, init=init_zero)
 
     def config(self) -> dict:
         """{'name': 'adm', **constructor kwargs} (JSON)."""
         return dict(name="adm", **copy.deepcopy(self._config))
 
-    def embed(self, c_noise: Tensor, class_labels: Tensor | None, augment_labels: Tensor | None) -> Tensor:
+    def _embedding(self, c_noise: Tensor, class_labels: Tensor | None, augment_labels: Tensor | None) -> Tensor:
         emb = self.map_noise(c_noise)
         if self.map_augment is not None and augment_labels is not None:
             emb = emb + self.map_augment(augment_labels.to(emb.dtype))
         emb = self.map_layer1(F.silu(self.map_layer0(emb)))
-        if self.map_label is not None and class_labels is not None:
+        if self.map_label is not None and class_labels is not None:    # no labels: a zero class embedding
             labels = class_labels.to(emb.dtype)
             if self.training and self.label_dropout:
                 keep = torch.rand(labels.shape[0], 1, device=labels.device) >= self.label_dropout
@@ -121,16 +91,10 @@ class ADMUNet(nn.Module):
 
     def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None,
                 augment_labels: Tensor | None = None) -> Tensor:
-        emb = self.embed(c_noise.to(x.dtype).reshape(-1), class_labels, augment_labels)
-        skips = []
-        for layer in self.enc.values():
-            x = layer(x, emb) if isinstance(layer, UNetBlock) else layer(x)
-            skips.append(x)
-        for name, layer in self.dec.items():
-            if "_block" in name:
-                x = torch.cat([x, skips.pop()], dim=1)
-            x = layer(x, emb)
-        return self.out_conv(F.silu(self.out_norm(x)))
+        emb = self._embedding(c_noise.to(x.dtype).reshape(-1), class_labels, augment_labels)
+        h, kept = self._encode(x, emb)
+        h = self._decode(h, kept, emb)[0]
+        return self.out_conv(F.silu(self.out_norm(h)))
 
 
 ADM_PRESETS: dict[str, dict] = {

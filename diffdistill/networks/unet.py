@@ -1,134 +1,149 @@
-"""DDPM++ / NCSN++ U-Net (Song et al. 2021, "Score-Based Generative Modeling through SDEs", App. H).
+"""DDPM++ / NCSN++ U-Net (Song et al. 2021, "Score-Based Generative Modeling through Stochastic Differential
+Equations", App. H) and the layers it shares with the ADM network of `adm.py`.
 
-Parameter names and tensor shapes follow EDM's `SongUNet` state_dict (Karras et al. 2022,
-`training/networks.py`), so an EDM checkpoint maps 1:1 (`diffdistill.teachers.edm`) and GDD-I's name-based
-freezing (algorithms.md §5.3) selects the same layers. The layers below are written here; only names,
-shapes and the maths match EDM.
+Checkpoint compatibility is the one thing taken from EDM (Karras et al. 2022, "Elucidating the Design Space of
+Diffusion-Based Generative Models"): module names, parameter names and tensor shapes equal those of EDM's
+networks, so `diffdistill.teachers.edm` copies an EDM checkpoint tensor by tensor and GDD-I's name-based freezing
+(algorithms.md §5.3) selects the same layers. Structure and code are written here from the papers.
 
-Backbone convention: `forward(x_in [B,C,H,W], c_noise [B], class_labels [B,L] one-hot or None) -> [B,C,H,W]`;
-`config()` returns {'name': 'unet', **constructor kwargs}.
+Backbone convention: `forward(x_in [B,C,H,W], c_noise [B], class_labels [B,L] one-hot or None,
+augment_labels [B,A] or None) -> [B,C_out,H,W]`; `config()` returns {'name': 'unet', **constructor kwargs}.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 # --------------------------------------------------------------------------------------------------
-# Initialisation: EDM draws weights from a scaled uniform/normal and multiplies by a per-layer gain.
+# Initial values
 
 
-def _init_tensor(shape, mode: str, fan_in: int, fan_out: int) -> Tensor:
-    """xavier/kaiming, uniform/normal, with the fan counts given explicitly (convs count kernel taps)."""
-    if mode == "xavier_uniform":
-        bound = math.sqrt(6 / (fan_in + fan_out))
-        return torch.empty(shape).uniform_(-bound, bound)
-    if mode == "xavier_normal":
-        return torch.empty(shape).normal_(0, math.sqrt(2 / (fan_in + fan_out)))
-    if mode == "kaiming_uniform":
-        bound = math.sqrt(3 / fan_in)
-        return torch.empty(shape).uniform_(-bound, bound)
-    if mode == "kaiming_normal":
-        return torch.empty(shape).normal_(0, math.sqrt(1 / fan_in))
-    raise ValueError(f"unknown init mode {mode!r}")
-
-
+@dataclass(frozen=True)
 class Init:
-    """How a layer's weight and bias are drawn: `mode`, times `weight_gain` / `bias_gain`."""
+    """Initial values of a layer: a base distribution times `weight_gain` (weights) or `bias_gain` (biases).
 
-    def __init__(self, mode: str = "kaiming_normal", weight_gain: float = 1.0, bias_gain: float = 0.0):
-        self.mode, self.weight_gain, self.bias_gain = mode, weight_gain, bias_gain
+    Base distributions, with the layer's fan counts (a convolution's count its kernel taps):
+    xavier_uniform U(+-sqrt(6 / (fan_in + fan_out))) (Glorot & Bengio 2010), kaiming_uniform U(+-sqrt(3 / fan_in)),
+    kaiming_normal N(0, 1 / fan_in) (He et al. 2015). A gain of 0 gives zeros and draws no random numbers.
+    """
 
-    def draw(self, shape, fan_in: int, fan_out: int, gain: float) -> Tensor:
+    mode: str = "kaiming_normal"
+    weight_gain: float = 1.0
+    bias_gain: float = 0.0
+
+    def __post_init__(self):
+        if self.mode not in ("xavier_uniform", "kaiming_uniform", "kaiming_normal"):
+            raise ValueError(f"unknown init mode {self.mode!r}")
+
+    def sample(self, shape: tuple[int, ...], fan_in: int, fan_out: int, gain: float) -> Tensor:
         if gain == 0:
             return torch.zeros(shape)
-        return _init_tensor(shape, self.mode, fan_in, fan_out) * gain
+        if self.mode == "kaiming_normal":
+            return torch.empty(shape).normal_(0, math.sqrt(1 / fan_in)) * gain
+        limit = math.sqrt(6 / (fan_in + fan_out)) if self.mode == "xavier_uniform" else math.sqrt(3 / fan_in)
+        return torch.empty(shape).uniform_(-limit, limit) * gain
+
+
+def _weight_and_bias(module: nn.Module, weight_shape: tuple[int, ...], bias: bool, init: Init) -> None:
+    """Give `module` parameters `weight` [out, in, *kernel] and (if `bias`) `bias` [out], in that order."""
+    taps = math.prod(weight_shape[2:])
+    fan_in, fan_out = weight_shape[1] * taps, weight_shape[0] * taps
+    module.weight = nn.Parameter(init.sample(weight_shape, fan_in, fan_out, init.weight_gain))
+    module.bias = nn.Parameter(init.sample(weight_shape[:1], fan_in, fan_out, init.bias_gain)) if bias else None
 
 
 # --------------------------------------------------------------------------------------------------
-# Layers (names of parameters and buffers match EDM: weight, bias, resample_filter, freqs)
+# Layers. Parameters and buffers are called weight, bias, resample_filter and freqs, as in EDM's checkpoints.
 
 
 class Linear(nn.Module):
-    """y = x W^T + b."""
+    """Affine map y = x W^T + b, computed in the input's dtype."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, init: Init | None = None):
         super().__init__()
-        init = init or Init()
-        self.in_features, self.out_features = in_features, out_features
-        fans = dict(fan_in=in_features, fan_out=out_features)
-        self.weight = nn.Parameter(init.draw((out_features, in_features), gain=init.weight_gain, **fans))
-        self.bias = nn.Parameter(init.draw((out_features,), gain=init.bias_gain, **fans)) if bias else None
+        self.in_features = in_features
+        _weight_and_bias(self, (out_features, in_features), bias, init or Init())
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
 def _fir_kernel(taps) -> Tensor:
-    """Separable 2-D FIR filter [1, 1, k, k] from 1-D taps, normalised to unit DC gain."""
+    """The separable 2-D FIR filter [1, 1, k, k] of the 1-D taps, scaled to unit DC gain."""
     f = torch.as_tensor(list(taps), dtype=torch.float32)
     return (torch.outer(f, f) / f.sum() ** 2)[None, None]
 
 
 class Conv2d(nn.Module):
-    """kxk convolution (k=0: none) with optional FIR up/downsampling by 2 before it.
+    """A kernel x kernel convolution (kernel 0: none), preceded by FIR resampling by 2 when `up` or `down`.
 
-    `fused=True` applies the resampling and the convolution as one padded pair (NCSN++ residual encoder):
-    conv then filter-and-stride for down, transposed filter then unpadded conv for up.
+    Upsampling is a transposed depthwise convolution with the filter (zero insertion, then filtering, with gain 4
+    so that constants stay constant); downsampling is a strided depthwise filtering. With taps [1, 1] these are
+    nearest-neighbour upsampling and 2x2 average pooling; NCSN++ uses [1, 3, 3, 1] (Song et al. 2021, App. H,
+    after StyleGAN2's FIR resampling, Karras et al. 2020).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int, bias: bool = True, up: bool = False,
-                 down: bool = False, resample_filter=(1, 1), fused: bool = False, init: Init | None = None):
+                 down: bool = False, resample_filter=(1, 1), init: Init | None = None):
         super().__init__()
         if up and down:
             raise ValueError("a convolution cannot both up- and downsample")
-        init = init or Init()
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.up, self.down, self.fused = up, down, fused
-        fans = dict(fan_in=in_channels * kernel * kernel, fan_out=out_channels * kernel * kernel)
+        self.up, self.down = up, down
         self.weight = self.bias = None
         if kernel:
-            self.weight = nn.Parameter(init.draw((out_channels, in_channels, kernel, kernel),
-                                                 gain=init.weight_gain, **fans))
-            if bias:
-                self.bias = nn.Parameter(init.draw((out_channels,), gain=init.bias_gain, **fans))
-        self.register_buffer("resample_filter", _fir_kernel(resample_filter) if (up or down) else None)
+            _weight_and_bias(self, (out_channels, in_channels, kernel, kernel), bias, init or Init())
+        resampling = up or down
+        self.register_buffer("resample_filter", _fir_kernel(resample_filter) if resampling else None)
+        self.filter_pad = (len(resample_filter) - 1) // 2 if resampling else 0
 
-    def _filter(self, x: Tensor, channels: int) -> Tensor:
-        return self.resample_filter.to(x.dtype).expand(channels, 1, -1, -1)
+    def _depthwise_filter(self, x: Tensor) -> Tensor:
+        """The FIR filter as the weight [C, 1, k, k] of a depthwise convolution over x's C channels."""
+        return self.resample_filter.to(x.dtype).expand(x.shape[1], 1, -1, -1)
+
+    def _add_bias(self, x: Tensor) -> Tensor:
+        return x if self.bias is None else x + self.bias.to(x.dtype)[None, :, None, None]
 
     def forward(self, x: Tensor) -> Tensor:
-        w = None if self.weight is None else self.weight.to(x.dtype)
-        pad_w = 0 if w is None else w.shape[-1] // 2
-        pad_f = 0 if self.resample_filter is None else (self.resample_filter.shape[-1] - 1) // 2
-        if self.fused and w is not None and self.down:
-            x = F.conv2d(x, w, padding=pad_w + pad_f)
-            x = F.conv2d(x, self._filter(x, self.out_channels), stride=2, groups=self.out_channels)
-        elif self.fused and w is not None and self.up:
-            # The transposed filter carries gain 4 so that upsampling preserves the mean.
-            x = F.conv_transpose2d(x, self._filter(x, self.in_channels) * 4, stride=2,
-                                   padding=pad_w + pad_f, groups=self.in_channels)
-            x = F.conv2d(x, w)
-        else:
-            if self.up:
-                x = F.conv_transpose2d(x, self._filter(x, self.in_channels) * 4, stride=2, padding=pad_f,
-                                       groups=self.in_channels)
-            if self.down:
-                x = F.conv2d(x, self._filter(x, self.in_channels), stride=2, padding=pad_f,
-                             groups=self.in_channels)
-            if w is not None:
-                x = F.conv2d(x, w, padding=pad_w)
-        if self.bias is not None:
-            x = x + self.bias.to(x.dtype)[None, :, None, None]
-        return x
+        if self.up:
+            x = F.conv_transpose2d(x, self._depthwise_filter(x) * 4, stride=2, padding=self.filter_pad,
+                                   groups=x.shape[1])
+        elif self.down:
+            x = F.conv2d(x, self._depthwise_filter(x), stride=2, padding=self.filter_pad, groups=x.shape[1])
+        if self.weight is not None:
+            x = F.conv2d(x, self.weight.to(x.dtype), padding=self.weight.shape[-1] // 2)
+        return self._add_bias(x)
+
+
+class ConvDown2d(Conv2d):
+    """Convolution, then FIR downsampling by 2, with all the padding applied before the convolution.
+
+    The residual input branch of NCSN++ (Song et al. 2021, App. H, "input skip" of type residual) uses this
+    ordering: the convolution runs on the full-resolution map and the filter strides over its valid output.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, bias: bool = True,
+                 resample_filter=(1, 1), init: Init | None = None):
+        if not kernel:
+            raise ValueError("ConvDown2d needs a convolution kernel")
+        super().__init__(in_channels, out_channels, kernel, bias=bias, down=True, resample_filter=resample_filter,
+                         init=init)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.conv2d(x, self.weight.to(x.dtype), padding=self.weight.shape[-1] // 2 + self.filter_pad)
+        x = F.conv2d(x, self._depthwise_filter(x), stride=2, groups=x.shape[1])
+        return self._add_bias(x)
 
 
 class GroupNorm(nn.Module):
-    """Group normalisation with min(num_groups, C // min_channels_per_group) groups."""
+    """Group normalisation (Wu & He 2018) over min(num_groups, C // min_channels_per_group) groups, so that
+    narrow layers keep at least `min_channels_per_group` channels per group."""
 
     def __init__(self, num_channels: int, num_groups: int = 32, min_channels_per_group: int = 4,
                  eps: float = 1e-5):
@@ -144,106 +159,253 @@ class GroupNorm(nn.Module):
         return F.group_norm(x, self.num_groups, self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
 
 
-class PositionalEmbedding(nn.Module):
-    """Sinusoids [cos(x w_k), sin(x w_k)], w_k = (1/max_positions)^(k/(n-endpoint)) (DDPM, ADM)."""
+def _sinusoids(angles: Tensor, sin_first: bool) -> Tensor:
+    parts = (angles.sin(), angles.cos()) if sin_first else (angles.cos(), angles.sin())
+    return torch.cat(parts, dim=1)
 
-    def __init__(self, num_channels: int, max_positions: int = 10000, endpoint: bool = False):
+
+class PositionalEmbedding(nn.Module):
+    """Transformer sinusoids of a scalar (Vaswani et al. 2017; DDPM, Ho et al. 2020; ADM): [cos(x w_k), sin(x w_k)]
+    with w_k = (1/max_positions)^(k / (n - endpoint)), k < n = num_channels / 2; `sin_first` swaps the halves."""
+
+    def __init__(self, num_channels: int, max_positions: int = 10000, endpoint: bool = False,
+                 sin_first: bool = False):
         super().__init__()
-        self.num_channels, self.max_positions, self.endpoint = num_channels, max_positions, endpoint
+        self.num_channels, self.max_positions = num_channels, max_positions
+        self.endpoint, self.sin_first = endpoint, sin_first
 
     def forward(self, x: Tensor) -> Tensor:
-        half = self.num_channels // 2
-        k = torch.arange(half, dtype=torch.float32, device=x.device) / (half - (1 if self.endpoint else 0))
-        freqs = (1 / self.max_positions) ** k
-        angles = x[:, None] * freqs.to(x.dtype)[None, :]
-        return torch.cat([angles.cos(), angles.sin()], dim=1)
+        n = self.num_channels // 2
+        exponents = torch.arange(n, dtype=torch.float32, device=x.device) / (n - int(self.endpoint))
+        freqs = (1 / self.max_positions) ** exponents
+        return _sinusoids(torch.outer(x, freqs.to(x.dtype)), self.sin_first)
 
 
 class FourierEmbedding(nn.Module):
-    """Random Fourier features of NCSN++ (Tancik et al. 2020): frequencies ~ N(0, scale^2), a fixed buffer."""
+    """Random Fourier features of a scalar (Tancik et al. 2020; NCSN++): [cos(2 pi f x), sin(2 pi f x)] with fixed
+    frequencies f ~ N(0, scale^2) (buffer `freqs`, num_channels / 2 of them); `sin_first` swaps the halves."""
 
-    def __init__(self, num_channels: int, scale: float = 16):
+    def __init__(self, num_channels: int, scale: float = 16, sin_first: bool = False):
         super().__init__()
         self.register_buffer("freqs", torch.randn(num_channels // 2) * scale)
+        self.sin_first = sin_first
 
     def forward(self, x: Tensor) -> Tensor:
-        angles = x[:, None] * (2 * math.pi * self.freqs.to(x.dtype))[None, :]
-        return torch.cat([angles.cos(), angles.sin()], dim=1)
+        return _sinusoids(torch.outer(x, (2 * math.pi) * self.freqs.to(x.dtype)), self.sin_first)
 
 
 class UNetBlock(nn.Module):
-    """Residual block with embedding injection and optional up/down and self-attention.
+    """Pre-activation residual block with an embedding input, optional resampling and optional self-attention.
 
-    DDPM++/NCSN++ add the embedding as a bias (adaptive_scale=False); ADM uses it as scale and shift
-    (adaptive_scale=True: h = norm(h) * (1 + scale) + shift, Dhariwal & Nichol 2021 §3).
-    The attention is single-pass softmax(q^T k / sqrt(c)) over all pixels, per head.
+        main      GN -> SiLU -> conv3x3 (up/down) -> embedding -> GN -> SiLU -> dropout -> conv3x3
+        shortcut  identity; FIR resampling and/or a 1x1 projection when the shape changes (or resample_proj)
+        out       (main + shortcut) * skip_scale
+        attention out = (proj(MHSA(qkv(GN(out)))) + out) * skip_scale
+
+    The embedding enters as a per-channel bias before the second norm (DDPM++, Ho et al. 2020 / Song et al. 2021:
+    adaptive_scale=False) or as the scale and shift after it, GN(h) * (1 + s) + b (ADM's adaptive group norm,
+    Dhariwal & Nichol 2021 §3: adaptive_scale=True). Attention is softmax(q k^T / sqrt(c)) v over all pixels,
+    per head of c channels; `num_heads = 0` turns it off.
     """
 
     def __init__(self, in_channels: int, out_channels: int, emb_channels: int, up: bool = False,
                  down: bool = False, attention: bool = False, num_heads: int | None = None,
                  channels_per_head: int = 64, dropout: float = 0.0, skip_scale: float = 1.0,
-                 eps: float = 1e-5,
-                 resample_filter=(1, 1), resample_proj: bool = False, adaptive_scale: bool = True,
+                 eps: float = 1e-5, resample_filter=(1, 1), resample_proj: bool = False, adaptive_scale: bool = True,
                  init: Init | None = None, init_zero: Init | None = None, init_attn: Init | None = None):
         super().__init__()
         init = init or Init()
         init_zero = init_zero or Init(weight_gain=0.0)
-        self.in_channels, self.out_channels = in_channels, out_channels
+        resampling = dict(up=up, down=down, resample_filter=resample_filter)
+        self.dropout, self.skip_scale, self.adaptive_scale = dropout, skip_scale, adaptive_scale
         if not attention:
             self.num_heads = 0
         else:
             self.num_heads = num_heads if num_heads is not None else out_channels // channels_per_head
-        self.dropout, self.skip_scale, self.adaptive_scale = dropout, skip_scale, adaptive_scale
 
+        # Parameters are created in this order (it fixes which random numbers each layer draws).
         self.norm0 = GroupNorm(in_channels, eps=eps)
-        self.conv0 = Conv2d(in_channels, out_channels, 3, up=up, down=down, resample_filter=resample_filter,
-                            init=init)
+        self.conv0 = Conv2d(in_channels, out_channels, 3, init=init, **resampling)
         self.affine = Linear(emb_channels, out_channels * (2 if adaptive_scale else 1), init=init)
         self.norm1 = GroupNorm(out_channels, eps=eps)
         self.conv1 = Conv2d(out_channels, out_channels, 3, init=init_zero)
+        new_width = in_channels != out_channels
         self.skip = None
-        if out_channels != in_channels or up or down:
-            # A 1x1 projection when channels change (or resample_proj); otherwise resampling only.
-            kernel = 1 if (resample_proj or out_channels != in_channels) else 0
-            self.skip = Conv2d(in_channels, out_channels, kernel, up=up, down=down,
-                               resample_filter=resample_filter, init=init)
+        if new_width or up or down:
+            self.skip = Conv2d(in_channels, out_channels, 1 if (new_width or resample_proj) else 0, init=init,
+                               **resampling)
         if self.num_heads:
             self.norm2 = GroupNorm(out_channels, eps=eps)
-            self.qkv = Conv2d(out_channels, out_channels * 3, 1, init=init_attn or init)
+            self.qkv = Conv2d(out_channels, 3 * out_channels, 1, init=init_attn or init)
             self.proj = Conv2d(out_channels, out_channels, 1, init=init_zero)
 
-    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
-        residual = x if self.skip is None else self.skip(x)
-        h = self.conv0(F.silu(self.norm0(x)))
-        params = self.affine(emb)[:, :, None, None].to(h.dtype)
-        if self.adaptive_scale:
-            scale, shift = params.chunk(2, dim=1)
-            h = F.silu(self.norm1(h) * (scale + 1) + shift)
-        else:
-            h = F.silu(self.norm1(h + params))
-        h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
-        x = (h + residual) * self.skip_scale
+    def _inject(self, h: Tensor, emb: Tensor) -> Tensor:
+        """The embedding's effect on the main branch, through the second norm and its activation."""
+        per_channel = self.affine(emb)[:, :, None, None].to(h.dtype)
+        if not self.adaptive_scale:
+            return F.silu(self.norm1(h + per_channel))
+        scale, shift = per_channel.chunk(2, dim=1)
+        return F.silu(self.norm1(h) * (scale + 1) + shift)
 
+    def _attend(self, qkv: Tensor) -> Tensor:
+        """Multi-head self-attention over pixels; qkv [B, 3C, H, W] -> [B, C, H, W]."""
+        batch, _, height, width = qkv.shape
+        heads = self.num_heads
+        channels = qkv.shape[1] // 3
+        # The 3C channels are ordered (head, channel within the head, q/k/v); each of q, k, v: [B*heads, HW, C/heads].
+        q, k, v = qkv.reshape(batch * heads, channels // heads, 3, -1).permute(2, 0, 3, 1).unbind(0)
+        mixed = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(qkv.dtype)
+        return mixed.transpose(1, 2).reshape(batch, channels, height, width)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        shortcut = x if self.skip is None else self.skip(x)
+        h = self._inject(self.conv0(F.silu(self.norm0(x))), emb)
+        h = self.conv1(F.dropout(h, p=self.dropout, training=self.training))
+        out = (h + shortcut) * self.skip_scale
         if self.num_heads:
-            batch, channels, height, width = x.shape
-            # qkv channels are laid out as [head, channel-in-head, (q,k,v)].
-            qkv = self.qkv(self.norm2(x)).reshape(batch * self.num_heads, channels // self.num_heads, 3, -1)
-            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [B*heads, pixels, c]
-            a = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(x.dtype)
-            a = a.transpose(1, 2).reshape(batch, channels, height, width)
-            x = (self.proj(a) + x) * self.skip_scale
-        return x
+            out = (self.proj(self._attend(self.qkv(self.norm2(out)))) + out) * self.skip_scale
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The U-Net trunk shared by DDPM++/NCSN++ (here) and ADM (adm.py)
+
+
+@dataclass(frozen=True)
+class _Level:
+    """One resolution level of a U-Net; level 0 has the input's resolution, each next one half of it."""
+
+    index: int
+    res: int
+    width: int          # channels of the level's residual blocks: model_channels * channel_mult[index]
+    attention: bool     # res is one of attn_resolutions
+
+    def key(self, role: str) -> str:
+        """The level's module name for `role` (EDM's `{R}x{R}_{role}`)."""
+        return f"{self.res}x{self.res}_{role}"
+
+
+def _levels(img_resolution: int, model_channels: int, channel_mult, attn_resolutions) -> tuple[_Level, ...]:
+    if not len(channel_mult):
+        raise ValueError("channel_mult must list at least one resolution level")
+    if img_resolution % (1 << (len(channel_mult) - 1)):
+        raise ValueError(f"img_resolution {img_resolution} is not divisible by 2^{len(channel_mult) - 1}")
+    return tuple(_Level(i, img_resolution >> i, model_channels * mult, (img_resolution >> i) in attn_resolutions)
+                 for i, mult in enumerate(channel_mult))
+
+
+class _UNetTrunk(nn.Module):
+    """Encoder and decoder of the U-Net (Ronneberger et al. 2015) as used by DDPM (Ho et al. 2020, App. B),
+    DDPM++/NCSN++ (Song et al. 2021, App. H) and ADM (Dhariwal & Nichol 2021, §3):
+
+    - encoder, per level: a 3x3 stem convolution (level 0) or a downsampling block, then `num_blocks` residual
+      blocks; every activation so produced is kept for the decoder;
+    - decoder, per level from the coarsest: two blocks, the first with attention (coarsest level) or an upsampling
+      block (others), then `num_blocks + 1` blocks, each fed with its input concatenated with the level's kept
+      encoder activations, newest first.
+
+    Subclasses set `_levels` and `num_blocks` and call `_build_trunk`. DDPM++/NCSN++ add modules next to the trunk:
+    an input branch of the encoder (built by `input_branch` right after each downsampling block, run by
+    `_merge_input_branch`) and per-level outputs of the decoder (built by `level_output` after a level's last
+    block, run by `_level_output`); building them at those points puts them where EDM's checkpoints have them.
+    """
+
+    _levels: tuple[_Level, ...]
+    num_blocks: int
+
+    def _build_trunk(self, in_channels: int, stem_channels: int, block: dict, attend_all_decoder_blocks: bool,
+                     input_branch: Callable[[_Level, list[int]], dict[str, nn.Module]] | None = None,
+                     level_output: Callable[[_Level, int], dict[str, nn.Module]] | None = None) -> int:
+        """Register `enc` and `dec`; returns the channel count of the decoder's last activation.
+
+        input_branch(level, entry widths so far) and level_output(level, width of its last decoder block) return
+        the extra modules to register at those points, by name.
+        """
+        n = self.num_blocks
+        self.enc, self.dec = nn.ModuleDict(), nn.ModuleDict()
+        entry = []      # entry[l]: channels of the activation that enters level l's residual blocks
+        width = in_channels
+        for lv in self._levels:
+            if lv.index == 0:
+                self.enc[lv.key("conv")] = Conv2d(width, stem_channels, 3, init=block["init"])
+                width = stem_channels
+            else:
+                self.enc[lv.key("down")] = UNetBlock(width, width, down=True, **block)
+            entry.append(width)
+            if lv.index and input_branch is not None:
+                self.enc.update(input_branch(lv, entry))
+            for i in range(n):
+                self.enc[lv.key(f"block{i}")] = UNetBlock(width, lv.width, attention=lv.attention, **block)
+                width = lv.width
+
+        # Decoder block i of a level takes the level's encoder activation n - i: a block output (lv.width
+        # channels) for i < n, the entry activation for i = n.
+        for lv in reversed(self._levels):
+            if lv.index == len(self._levels) - 1:
+                self.dec[lv.key("in0")] = UNetBlock(width, width, attention=True, **block)
+                self.dec[lv.key("in1")] = UNetBlock(width, width, **block)
+            else:
+                self.dec[lv.key("up")] = UNetBlock(width, width, up=True, **block)
+            for i in range(n + 1):
+                kept = lv.width if i < n else entry[lv.index]
+                attention = lv.attention and (attend_all_decoder_blocks or i == n)
+                self.dec[lv.key(f"block{i}")] = UNetBlock(width + kept, lv.width, attention=attention, **block)
+                width = lv.width
+            if level_output is not None:
+                self.dec.update(level_output(lv, width))
+        return width
+
+    def _merge_input_branch(self, lv: _Level, h: Tensor, branch: Tensor) -> tuple[Tensor, Tensor]:
+        """(activation, input branch) after level lv's downsampling block; the branch starts as the input."""
+        return h, branch
+
+    def _level_output(self, lv: _Level, h: Tensor, out: Tensor | None) -> Tensor | None:
+        """The network output so far after level lv of the decoder (None before any level made one)."""
+        return out
+
+    def _encode(self, x: Tensor, emb: Tensor) -> tuple[Tensor, list[list[Tensor]]]:
+        """(bottleneck activation, the activations kept at each level)."""
+        h = branch = x
+        kept = []
+        for lv in self._levels:
+            if lv.index == 0:
+                h = self.enc[lv.key("conv")](h)
+            else:
+                h, branch = self._merge_input_branch(lv, self.enc[lv.key("down")](h, emb), branch)
+            level_kept = [h]
+            for i in range(self.num_blocks):
+                h = self.enc[lv.key(f"block{i}")](h, emb)
+                level_kept.append(h)
+            kept.append(level_kept)
+        return h, kept
+
+    def _decode(self, h: Tensor, kept: list[list[Tensor]], emb: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(last activation, output from `_level_output`)."""
+        out = None
+        for lv in reversed(self._levels):
+            if lv.index == len(self._levels) - 1:
+                h = self.dec[lv.key("in1")](self.dec[lv.key("in0")](h, emb), emb)
+            else:
+                h = self.dec[lv.key("up")](h, emb)
+            for i, skip in enumerate(reversed(kept[lv.index])):
+                h = self.dec[lv.key(f"block{i}")](torch.cat([h, skip], dim=1), emb)
+            out = self._level_output(lv, h, out)
+        return h, out
 
 
 # --------------------------------------------------------------------------------------------------
 # DDPM++ / NCSN++
 
 
-class UNet(nn.Module):
-    """The DDPM++ (positional, standard encoder) / NCSN++ (Fourier, residual encoder) U-Net family.
+class UNet(_UNetTrunk):
+    """The DDPM++ / NCSN++ family (Song et al. 2021, App. H), in the configurations EDM trains.
 
-    Module names follow EDM's SongUNet: `map_*` (embedding network), `enc.{R}x{R}_{conv,down,blockN,aux_*}`,
-    `dec.{R}x{R}_{in0,in1,up,blockN,aux_*}`.
+    DDPM++: positional noise embedding, plain encoder, [1, 1] resampling. NCSN++: random Fourier features, a residual
+    input branch (the image, downsampled alongside the encoder and merged into it at each level) and [1, 3, 3, 1]
+    FIR resampling. The skip encoder adds a 1x1 projection of the downsampled image at each level; the skip decoder
+    emits an output at every level and sums them, upsampling the coarser sum (progressive growing, StyleGAN2).
+    Blocks add the embedding as a bias, scale the residual sum by sqrt(1/2) and attend with one head.
+    Module names are EDM's: `map_*`, `enc.{R}x{R}_{conv,down,blockN,aux_*}`, `dec.{R}x{R}_{in0,in1,up,blockN,aux_*}`.
     """
 
     def __init__(
@@ -273,8 +435,7 @@ class UNet(nn.Module):
             raise ValueError(f"encoder_type must be standard, residual or skip, got {encoder_type!r}")
         if decoder_type not in ("standard", "skip"):
             raise ValueError(f"decoder_type must be standard or skip, got {decoder_type!r}")
-        if img_resolution % (1 << (len(channel_mult) - 1)):
-            raise ValueError(f"img_resolution {img_resolution} is not divisible by 2^{len(channel_mult) - 1}")
+        self._levels = _levels(img_resolution, model_channels, channel_mult, attn_resolutions)
         self._config = dict(
             img_resolution=int(img_resolution), in_channels=int(in_channels), out_channels=int(out_channels),
             label_dim=int(label_dim), augment_dim=int(augment_dim), model_channels=int(model_channels),
@@ -283,85 +444,80 @@ class UNet(nn.Module):
             dropout=float(dropout), label_dropout=float(label_dropout), embedding_type=embedding_type,
             channel_mult_noise=int(channel_mult_noise), encoder_type=encoder_type, decoder_type=decoder_type,
             resample_filter=[int(t) for t in resample_filter])
-        self.img_resolution, self.label_dim, self.label_dropout = img_resolution, label_dim, label_dropout
-        emb_channels = model_channels * channel_mult_emb
-        noise_channels = model_channels * channel_mult_noise
-        # Song et al.'s initialisation: Xavier-uniform; near-zero last convs; qkv with gain sqrt(0.2).
+        self.num_blocks, self.encoder_type, self.decoder_type = num_blocks, encoder_type, decoder_type
+        self.label_dim, self.label_dropout = label_dim, label_dropout
+
+        # Song et al.'s initialisation: Xavier-uniform everywhere, weights of the layers that close a residual
+        # branch (and of the output) scaled to ~0, attention qkv with gain sqrt(0.2).
         init = Init("xavier_uniform")
         init_zero = Init("xavier_uniform", weight_gain=1e-5)
         init_attn = Init("xavier_uniform", weight_gain=math.sqrt(0.2))
-        block = dict(emb_channels=emb_channels, num_heads=1, dropout=dropout, skip_scale=math.sqrt(0.5),
+
+        # Mapping network: noise embedding (+ class + augmentation labels) -> two SiLU layers.
+        noise_width, emb_width = model_channels * channel_mult_noise, model_channels * channel_mult_emb
+        if embedding_type == "positional":
+            self.map_noise = PositionalEmbedding(noise_width, endpoint=True, sin_first=True)
+        else:
+            self.map_noise = FourierEmbedding(noise_width, sin_first=True)
+        self.map_label = Linear(label_dim, noise_width, init=init) if label_dim else None
+        self.map_augment = Linear(augment_dim, noise_width, bias=False, init=init) if augment_dim else None
+        self.map_layer0 = Linear(noise_width, emb_width, init=init)
+        self.map_layer1 = Linear(emb_width, emb_width, init=init)
+
+        def input_branch(lv: _Level, entry: list[int]) -> dict[str, nn.Module]:
+            if encoder_type == "skip":      # the image at the level's resolution, projected to the level's width
+                return {lv.key("aux_down"): Conv2d(in_channels, in_channels, 0, down=True,
+                                                   resample_filter=resample_filter),
+                        lv.key("aux_skip"): Conv2d(in_channels, entry[-1], 1, init=init)}
+            if encoder_type == "residual":  # the previous level's merged activation (into level 1: the image)
+                source = in_channels if lv.index == 1 else entry[-2]
+                return {lv.key("aux_residual"): ConvDown2d(source, entry[-1], 3, resample_filter=resample_filter,
+                                                           init=init)}
+            return {}
+
+        def level_output(lv: _Level, width: int) -> dict[str, nn.Module]:
+            if not (decoder_type == "skip" or lv.index == 0):
+                return {}
+            head = {}
+            if decoder_type == "skip" and lv.index < len(self._levels) - 1:   # the coarser levels' sum
+                head[lv.key("aux_up")] = Conv2d(out_channels, out_channels, 0, up=True,
+                                                resample_filter=resample_filter)
+            head[lv.key("aux_norm")] = GroupNorm(width, eps=1e-6)
+            head[lv.key("aux_conv")] = Conv2d(width, out_channels, 3, init=init_zero)
+            return head
+
+        block = dict(emb_channels=emb_width, num_heads=1, dropout=float(dropout), skip_scale=math.sqrt(0.5),
                      eps=1e-6, resample_filter=resample_filter, resample_proj=True, adaptive_scale=False,
                      init=init, init_zero=init_zero, init_attn=init_attn)
-
-        # Embedding network: noise (+ label + augment) -> two SiLU layers.
-        if embedding_type == "positional":
-            self.map_noise = PositionalEmbedding(noise_channels, endpoint=True)
-        else:
-            self.map_noise = FourierEmbedding(noise_channels)
-        self.map_label = Linear(label_dim, noise_channels, init=init) if label_dim else None
-        self.map_augment = Linear(augment_dim, noise_channels, bias=False, init=init) if augment_dim else None
-        self.map_layer0 = Linear(noise_channels, emb_channels, init=init)
-        self.map_layer1 = Linear(emb_channels, emb_channels, init=init)
-
-        # Encoder: one level per entry of channel_mult, halving the resolution after level 0.
-        self.enc = nn.ModuleDict()
-        channels = aux_channels = in_channels
-        skip_channels = []
-        for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
-            if level == 0:
-                self.enc[f"{res}x{res}_conv"] = Conv2d(channels, model_channels, 3, init=init)
-                channels = model_channels
-            else:
-                self.enc[f"{res}x{res}_down"] = UNetBlock(channels, channels, down=True, **block)
-                if encoder_type == "skip":
-                    self.enc[f"{res}x{res}_aux_down"] = Conv2d(aux_channels, aux_channels, 0, down=True,
-                                                               resample_filter=resample_filter)
-                    self.enc[f"{res}x{res}_aux_skip"] = Conv2d(aux_channels, channels, 1, init=init)
-                elif encoder_type == "residual":
-                    self.enc[f"{res}x{res}_aux_residual"] = Conv2d(
-                        aux_channels, channels, 3, down=True, resample_filter=resample_filter, fused=True,
-                        init=init)
-                    aux_channels = channels
-            skip_channels.append(channels)
-            for idx in range(num_blocks):
-                out = model_channels * mult
-                self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(
-                    channels, out, attention=res in attn_resolutions, **block)
-                channels = out
-                skip_channels.append(channels)
-
-        # Decoder: mirror image; every blockN consumes one encoder skip connection.
-        self.dec = nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = UNetBlock(channels, channels, attention=True, **block)
-                self.dec[f"{res}x{res}_in1"] = UNetBlock(channels, channels, **block)
-            else:
-                self.dec[f"{res}x{res}_up"] = UNetBlock(channels, channels, up=True, **block)
-            for idx in range(num_blocks + 1):
-                out = model_channels * mult
-                attn = idx == num_blocks and res in attn_resolutions
-                self.dec[f"{res}x{res}_block{idx}"] = UNetBlock(channels + skip_channels.pop(), out,
-                                                                attention=attn, **block)
-                channels = out
-            if decoder_type == "skip" or level == 0:
-                if decoder_type == "skip" and level < len(channel_mult) - 1:
-                    self.dec[f"{res}x{res}_aux_up"] = Conv2d(out_channels, out_channels, 0, up=True,
-                                                             resample_filter=resample_filter)
-                self.dec[f"{res}x{res}_aux_norm"] = GroupNorm(channels, eps=1e-6)
-                self.dec[f"{res}x{res}_aux_conv"] = Conv2d(channels, out_channels, 3, init=init_zero)
+        self._build_trunk(in_channels, model_channels, block, attend_all_decoder_blocks=False,
+                          input_branch=input_branch, level_output=level_output)
 
     def config(self) -> dict:
         """{'name': 'unet', **constructor kwargs} (JSON)."""
         return dict(name="unet", **copy.deepcopy(self._config))
 
-    def embed(self, c_noise: Tensor, class_labels: Tensor | None, augment_labels: Tensor | None) -> Tensor:
+    # Running the input branch (skip / residual encoders) and the per-level outputs (skip decoder; level 0 always).
+
+    def _merge_input_branch(self, lv: _Level, h: Tensor, branch: Tensor) -> tuple[Tensor, Tensor]:
+        if self.encoder_type == "skip":
+            branch = self.enc[lv.key("aux_down")](branch)
+            return h + self.enc[lv.key("aux_skip")](branch), branch
+        if self.encoder_type == "residual":
+            h = (h + self.enc[lv.key("aux_residual")](branch)) / math.sqrt(2)
+            return h, h
+        return h, branch
+
+    def _level_output(self, lv: _Level, h: Tensor, out: Tensor | None) -> Tensor | None:
+        if lv.key("aux_conv") not in self.dec:
+            return out
+        if out is not None:
+            out = self.dec[lv.key("aux_up")](out)
+        level_out = self.dec[lv.key("aux_conv")](F.silu(self.dec[lv.key("aux_norm")](h)))
+        return level_out if out is None else level_out + out
+
+    def _embedding(self, c_noise: Tensor, class_labels: Tensor | None, augment_labels: Tensor | None) -> Tensor:
+        """The mapping network; the sinusoids come as [sin, cos] (Song et al.'s order)."""
         emb = self.map_noise(c_noise)
-        # Song et al. order the sinusoids as [sin, cos].
-        emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(emb.shape)
         if self.map_label is not None:
             # No labels = all-zero one-hot rows (EDM's wrappers pass zeros; map_label then adds its bias).
             labels = (torch.zeros(emb.shape[0], self.label_dim, device=emb.device, dtype=emb.dtype)
@@ -376,36 +532,9 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor, c_noise: Tensor, class_labels: Tensor | None = None,
                 augment_labels: Tensor | None = None) -> Tensor:
-        emb = self.embed(c_noise.to(x.dtype).reshape(-1), class_labels, augment_labels)
-
-        skips = []
-        aux = x
-        for name, layer in self.enc.items():
-            if name.endswith("_aux_down"):
-                aux = layer(aux)
-            elif name.endswith("_aux_skip"):
-                x = skips[-1] = x + layer(aux)
-            elif name.endswith("_aux_residual"):
-                x = skips[-1] = aux = (x + layer(aux)) / math.sqrt(2)
-            else:
-                x = layer(x, emb) if isinstance(layer, UNetBlock) else layer(x)
-                skips.append(x)
-
-        out = None
-        h = None
-        for name, layer in self.dec.items():
-            if name.endswith("_aux_up"):
-                out = layer(out)
-            elif name.endswith("_aux_norm"):
-                h = layer(x)
-            elif name.endswith("_aux_conv"):
-                h = layer(F.silu(h))
-                out = h if out is None else h + out
-            else:
-                if "_block" in name:
-                    x = torch.cat([x, skips.pop()], dim=1)
-                x = layer(x, emb)
-        return out
+        emb = self._embedding(c_noise.to(x.dtype).reshape(-1), class_labels, augment_labels)
+        h, kept = self._encode(x, emb)
+        return self._decode(h, kept, emb)[1]
 
 
 # --------------------------------------------------------------------------------------------------
