@@ -176,3 +176,25 @@ def fmt(value, digits: int = 3) -> str:
     if value != 0 and (abs(value) >= 10 ** digits):
         return f"{value:,.0f}"
     return f"{value:.{digits}g}"
+
+
+def canonical_command(command: str) -> list:
+    """A recorded command line with its numbers as numbers (`--lr 1e-4` and `--lr 0.0001` are one command), so
+    that cached runs stay valid when the library writes the same options differently."""
+    import shlex
+
+    out: list = []
+    for token in shlex.split(command):
+        try:
+            out.append(float(token))
+        except ValueError:
+            out.append(token)
+    return out
+
+
+def same_ident(old: dict, new: dict) -> bool:
+    """Whether a cached record's identity `old` is `new` (commands compared by `canonical_command`)."""
+    if set(old) != set(new):
+        return False
+    return all(canonical_command(old[k]) == canonical_command(v) if k == "command" and isinstance(v, str)
+               and isinstance(old[k], str) else old[k] == v for k, v in new.items())

@@ -30,12 +30,13 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from diffdistill import methods
 from diffdistill.cli.main import main as cli_main
 from diffdistill.errors import DiffdistillError
 
-from .common import Context, fmt, goal, table
+from .common import Context, fmt, goal, same_ident, table
 
-METHODS = ["kd", "pd", "di", "gdd", "cd", "dmd2", "sid"]
+METHODS = methods.names()          # the registry (diffdistill.methods.REGISTRY)
 GAN_LIKE = ("gdd", "dmd2")          # model selection by the best FID snapshot, as their papers do
 TEACHER_NFE = [1, 2, 4, 8, 18, 35]
 RESULTS_DIR = "converged"           # figures and grids, under benchmarks/results/
@@ -75,9 +76,13 @@ def _students(kimg: float, batch: int, pd_start: int) -> dict:
 
 def _converged(kind: str) -> dict:
     """The library's converged recipes (`diffdistill distill METHOD --recipe converged`)."""
-    from diffdistill.demo.settings import CONVERGED
+    from diffdistill.methods.recipes import CONVERGED, settings_argv
 
-    return {m: StudentPlan(*CONVERGED[kind][m]) for m in METHODS}
+    def plan(budget: dict) -> StudentPlan:
+        own = {k: v for k, v in budget.items() if k not in ("total_kimg", "batch")}
+        return StudentPlan(budget["total_kimg"], budget["batch"], tuple(settings_argv(own)))
+
+    return {m: plan(CONVERGED[kind][m]) for m in METHODS}
 
 
 def plans(ctx: Context) -> list[DataPlan]:
@@ -136,7 +141,7 @@ def _worker_init(threads: int) -> None:
 def _cached(path: Path, ident: dict, reuse: bool):
     if reuse and path.is_file():
         old = json.loads(path.read_text())
-        if old.get("ident") == ident:
+        if isinstance(old.get("ident"), dict) and same_ident(old["ident"], ident):
             return old
     return None
 
@@ -210,7 +215,7 @@ def job_teacher_rows(ctx: Context, plan: DataPlan, teacher: str) -> dict:
 
 def job_student(ctx: Context, plan: DataPlan, method: str, teacher: str) -> dict:
     """One method's converged student: its run, its quality curve, the last and the best snapshot."""
-    from diffdistill.demo.settings import short_run_options
+    from diffdistill.methods.recipes import short_run_options
 
     from .quality import _load, distill, method_extra, student_recipes
 
@@ -306,7 +311,7 @@ def _picture(ctx: Context, plan: DataPlan, den, recipe: dict, label: str) -> str
     """A 10x10 sample grid (images; classes by row) or a scatter plot (ring) under results/converged/."""
     import torch
 
-    from diffdistill.metrics.protocol import generate
+    from diffdistill.samplers import sample_batches
     from diffdistill.train.stats import save_image_grid, save_scatter
 
     out = ctx.results / RESULTS_DIR / f"{plan.name}-{label}.png"
@@ -314,12 +319,12 @@ def _picture(ctx: Context, plan: DataPlan, den, recipe: dict, label: str) -> str
     if plan.kind == "ring":
         from diffdistill.teachers import load_analytic
 
-        x = torch.cat([b.cpu() for b in generate(den, recipe, range(2000), batch=2000, clamp=False)])
+        x = torch.cat([b.cpu() for b in sample_batches(den, range(2000), recipe, batch=2000, clamp=False)])
         ref = load_analytic("toy:ring8").sample(2000, generator=torch.Generator().manual_seed(1))
         save_scatter(x, out, size=256, reference=ref)
     else:
         seeds = [10 * (i % 10) + i // 10 for i in range(100)]      # row r: class r (seed mod 10)
-        x = torch.cat([b.cpu() for b in generate(den, recipe, seeds, batch=100)])
+        x = torch.cat([b.cpu() for b in sample_batches(den, seeds, recipe, batch=100, clamp=True)])
         save_image_grid(x, out, ncol=10)
     return str(out.relative_to(ctx.results.parent.parent)) if out.is_relative_to(ctx.results.parent.parent) \
         else str(out)

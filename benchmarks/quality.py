@@ -10,8 +10,6 @@ and the loop's result) for the duration of one command.
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import json
 import math
 import shutil
@@ -21,17 +19,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffdistill import methods
 from diffdistill.cli.main import main as cli_main
-from diffdistill.demo.settings import short_run_options
 from diffdistill.diffusion.schedules import karras_sigmas
 from diffdistill.errors import DiffdistillError
 from diffdistill.io import atomic_write_json, load_snapshot
-from diffdistill.metrics.protocol import generate
+from diffdistill.methods.recipes import short_run_options
+from diffdistill.samplers import sample_batches
 from diffdistill.teachers import is_analytic_spec
 
-from .common import Context, fmt, goal, table
+from .common import Context, fmt, goal, same_ident, table
 
-METHODS = ["kd", "pd", "di", "gdd", "cd", "dmd2", "sid"]
+METHODS = methods.names()          # the registry (diffdistill.methods.REGISTRY)
 TEACHER_NFE = [1, 2, 4, 8, 18, 35]
 
 
@@ -56,32 +55,21 @@ class TeacherCounter:
         self.handles.append(teacher.register_forward_hook(hook))
 
 
-@contextlib.contextmanager
-def instrumented(counter: TeacherCounter):
-    """Within: teachers loaded by the CLI are counted, and the loop's method and result are recorded."""
-    # (importlib: `diffdistill.train` the attribute may be a re-exported function shadowing the subpackage)
-    teachers_mod = importlib.import_module("diffdistill.teachers")
-    loop_mod = importlib.import_module("diffdistill.train.loop")
+class Instrument:
+    """The callback of `diffdistill distill` (`cli.distill.run(args, callback=...)`): counts the teacher's images and
+    records the method and the loop's result."""
 
-    seen: dict = {}
-    load_orig, train_orig = teachers_mod.load_teacher, loop_mod.train
+    def __init__(self, counter: TeacherCounter):
+        self.counter, self.seen = counter, {}
 
-    def load_teacher(spec, *args, **kwargs):
-        teacher = load_orig(spec, *args, **kwargs)
-        counter.attach(teacher)
-        return teacher
+    def __call__(self, event: str, obj) -> None:
+        if event == "teacher":
+            self.counter.attach(obj)
+        else:
+            self.seen[event] = obj
 
-    def train(method, cfg, data=None, evaluate=None):
-        seen["method"] = method
-        seen["result"] = train_orig(method, cfg, data, evaluate)
-        return seen["result"]
-
-    teachers_mod.load_teacher, loop_mod.train = load_teacher, train
-    try:
-        yield seen
-    finally:
-        teachers_mod.load_teacher, loop_mod.train = load_orig, train_orig
-        for h in counter.handles:
+    def close(self) -> None:
+        for h in self.counter.handles:
             h.remove()
 
 
@@ -120,15 +108,19 @@ def distill(ctx: Context, method: str, teacher: str, run_dir: Path, kimg: float,
     record = run_dir / RUN_RECORD
     if ctx.reuse and record.is_file() and (run_dir / "model" / "model.json").is_file():
         old = json.loads(record.read_text())
-        if all(old.get(k) == v for k, v in ident.items()):
+        if same_ident({k: old.get(k) for k in ident}, ident):
             ctx.log(f"quality: reusing {run_dir} (same command and teacher; --rerun trains it again)")
             return old
     for path in (run_dir, run_dir.with_name(run_dir.name + "-pairs")):
         shutil.rmtree(path, ignore_errors=True)
     counter = TeacherCounter()
     t0 = time.perf_counter()
-    with instrumented(counter) as seen:
-        rc = cli_main(argv)
+    instrument = Instrument(counter)
+    try:
+        rc = cli_main(argv, callback=instrument)
+    finally:
+        instrument.close()
+    seen = instrument.seen
     wall = time.perf_counter() - t0
     if rc != 0 or "result" not in seen:
         raise DiffdistillError(f"diffdistill {' '.join(argv)} exited with {rc}")
@@ -174,7 +166,7 @@ def student_recipes(method: str, run: dict, den, sampling: dict) -> list[tuple[i
 
 
 def samples_of(den, recipe: dict, n: int, device: str, clamp: bool) -> torch.Tensor:
-    return torch.cat([x.cpu() for x in generate(den, recipe, range(n), device=device, batch=1024, clamp=clamp)])
+    return torch.cat([x.cpu() for x in sample_batches(den, range(n), recipe, device=device, batch=1024, clamp=clamp)])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -243,8 +235,8 @@ class ImageScorer:
     def __call__(self, den, recipe, device) -> dict:
         from diffdistill.metrics.features import compute_features
 
-        feats, logits = compute_features(self.net, generate(den, recipe, range(self.n), device=device, batch=512),
-                                         gather=False)
+        batches = sample_batches(den, range(self.n), recipe, device=device, batch=512, clamp=True)
+        feats, logits = compute_features(self.net, batches, gather=False)
         detail = ""
         if logits is not None and den.label_dim:
             labels = np.arange(self.n) % den.label_dim
@@ -408,8 +400,8 @@ def run(ctx: Context) -> dict:
                         COLUMNS, toy,
                         f"Teacher: the exact analytic denoiser (no training). Students: `diffdistill distill METHOD "
                         f"--teacher toy:ring8 --kimg {kimg_toy} --batch {batch_toy}` with the short-run settings of "
-                        "`diffdistill.demo.settings` (the papers' defaults are for runs of 10^4-10^5 steps). Goal: the "
-                        "best one-step student at or below the teacher's 35-NFE distance. " + COST_NOTE))
+                        "`diffdistill.methods.recipes` (the papers' defaults are for runs of 10^4-10^5 steps). "
+                        "Goal: the best one-step student at or below the teacher's 35-NFE distance. " + COST_NOTE))
     try:
         teacher, compute = digits_teacher(ctx)
         kimg_dig, batch_dig = (2, 64) if ctx.quick else (40, 64)
@@ -421,7 +413,7 @@ def run(ctx: Context) -> dict:
                 f"of {n_dig} samples against the 1,797 sklearn digits. Teacher: `diffdistill train-teacher --data "
                 f"digits --preset digits` ({fmt(compute.get('kimg'))} kimg) at `{Path(teacher).name}`. "
                 f"Students: --kimg {kimg_dig} --batch {batch_dig} with the short-run settings of "
-                "`diffdistill.demo.settings`. Teacher rows: its own training steps and "
+                "`diffdistill.methods.recipes`. Teacher rows: its own training steps and "
                 "wall time. " + COST_NOTE)
     except Exception as e:
         msg = f"failed: {type(e).__name__}: {e}".split("\n")[0][:200]

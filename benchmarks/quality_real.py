@@ -120,7 +120,7 @@ def dataset_table(ctx: Context, data: RealData, runs: list, goals: list, methods
             f"(train-teacher --preset {data.preset}, {fmt(compute.get('kimg'))} kimg, "
             f"{fmt(compute.get('wall_s'))} s); its rows show its own training steps and wall time. Students: "
             f"--kimg {budget.student_kimg:g} --batch {budget.student_batch} with the short-run settings of "
-            f"`diffdistill.demo.settings`, KD on {budget.kd_pairs:,} pairs. "
+            f"`diffdistill.methods.recipes`, KD on {budget.kd_pairs:,} pairs. "
             + COST_NOTE)
     return table(title, COLUMNS, rows, note)
 

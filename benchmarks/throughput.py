@@ -9,7 +9,6 @@ over a whole cycle of k steps.
 
 from __future__ import annotations
 
-import importlib
 import math
 import tempfile
 from functools import partial
@@ -19,8 +18,8 @@ import torch
 
 from diffdistill.cli.main import build_parser
 from diffdistill.diffusion.denoiser import Precond, PrecondConfig
+from diffdistill.diffusion.losses import edm_loss
 from diffdistill.methods.base import Batch
-from diffdistill.methods.teacher import edm_loss
 from diffdistill.networks.unet import unet_preset
 from diffdistill.train.loop import make_optimizer
 
@@ -54,13 +53,18 @@ EXTRA = {
 
 def build_method(name: str, teacher, images: torch.Tensor, run_dir: Path):
     """The method as `diffdistill distill NAME` builds it (default options), on an in-memory teacher."""
+    from diffdistill import methods
+    from diffdistill.api import build_method as build
+    from diffdistill.api import distill_loop
     from diffdistill.data import open_dataset
+    from diffdistill.methods.options import config_from_namespace
 
     args = build_parser().parse_args(["distill", name, "--teacher", "unused", "--out", str(run_dir),
                                       *EXTRA.get(name, [])])
-    module = importlib.import_module(f"diffdistill.methods.{name}")
-    data = open_dataset("digits", use_labels=False) if module.NEEDS_DATA else None
-    return module.build(args, teacher, data)
+    spec = methods.get(name)
+    data = open_dataset("digits", use_labels=False) if spec.needs_data else None
+    loop = distill_loop(out=str(run_dir), total_kimg=args.kimg, batch=args.batch, device="cpu")
+    return build(spec, config_from_namespace(spec.config, args), teacher, data, loop)[0]
 
 
 class Stepper:

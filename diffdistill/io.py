@@ -22,6 +22,9 @@ from .errors import DiffdistillError
 
 SNAPSHOT_JSON = "model.json"
 SNAPSHOT_WEIGHTS = "model.safetensors"
+# A run directory's snapshots: RUN/model (a finished run's export), RUN/latest (an interrupted one's, newer than
+# RUN/model when both exist: the loop deletes it when the run finishes or starts over).
+MODEL_DIR, LATEST_DIR = "model", "latest"
 
 
 def umask() -> int:
@@ -213,6 +216,33 @@ def load_snapshot(path: str | Path, device="cpu"):
     denoiser.sampling = dict(sampling)
     denoiser.source = str(path)   # named by errors of what it produces (samplers.iter_samples)
     return denoiser.to(device).eval().requires_grad_(False), sampling, cfg.get("meta") or {}
+
+
+def run_snapshot(run_dir: str | Path) -> Path | None:
+    """The snapshot a sampler should read in a run directory: RUN/latest/ when the run was interrupted (it is
+    then the newest export), else RUN/model/; None when the run has neither."""
+    for name in (LATEST_DIR, MODEL_DIR):
+        if (Path(run_dir) / name / SNAPSHOT_JSON).is_file():
+            return Path(run_dir) / name
+    return None
+
+
+def find_snapshot(spec: str | Path, *, unfinished: bool = True) -> Path | None:
+    """The snapshot directory that `spec` names: a snapshot directory (or its model.json), or a run directory's
+    `run_snapshot` (RUN/latest when the run was interrupted, else RUN/model; with unfinished=False RUN/model
+    only). None when `spec` names no snapshot: an analytic spec, a diffusers folder, a data set, a path that does
+    not exist. The one resolution of every command that takes a run or a snapshot (sample, eval, export) and of
+    `teachers.load_teacher`."""
+    path = Path(spec)
+    if path.name == SNAPSHOT_JSON and path.is_file():
+        path = path.parent
+    if not path.is_dir():
+        return None
+    if (path / SNAPSHOT_JSON).is_file():
+        return path
+    if unfinished:
+        return run_snapshot(path)
+    return path / MODEL_DIR if (path / MODEL_DIR / SNAPSHOT_JSON).is_file() else None
 
 
 class BuildErrors:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 
 import pytest
@@ -15,6 +14,7 @@ from diffdistill.errors import DiffdistillError, UsageError
 from diffdistill.methods import cd, common
 from diffdistill.methods.base import Batch
 from diffdistill.teachers.analytic import Gaussian
+from tests.cli_util import cli_method, method_from_args, parse_distill
 
 MU, S2, EPS = 0.3, 0.25, 0.002
 
@@ -171,7 +171,7 @@ def test_bad_input():
     with pytest.raises(DiffdistillError, match="boundary"):
         cd.ConsistencyDistillation(Gaussian([MU], 0.5), student=edm_teacher_net())
     with pytest.raises(UsageError, match="positive"):
-        make_method(optim=cd.OptimConfig(lr=0.0, kind="radam"))
+        make_method(lr=0.0)
     with pytest.raises(UsageError, match="target EMA"):
         make_method(target="ema", target_ema=1.0)
     with pytest.raises(UsageError, match="EMA decay"):
@@ -281,16 +281,15 @@ def test_lpips_pooling_and_resize_follow_the_official_code(tmp_path):
 
 
 def test_build_from_cli_args():
-    parser = argparse.ArgumentParser()
-    cd.add_arguments(parser)
-    args = parser.parse_args(["--solver", "euler", "--target", "ema", "--sample-sigmas", "80", "0.8"])
-    method = cd.build(args, edm_teacher_net(), None)
+    method = cli_method("cd", edm_teacher_net(), None, "--solver", "euler", "--target", "ema", "--sample-sigmas",
+                        "80", "0.8")
     assert method.cfg.solver == "euler" and method.target_net is not None
+    assert method.cfg.sample_sigmas == [80.0, 0.8]
     assert method.student.precond.kind == "boundary"
-    args = parser.parse_args(["--distance", "lpips", "--lpips-weights", "/nonexistent.safetensors"])
-    with pytest.raises(DiffdistillError, match="not found"):
-        cd.build(args, edm_teacher_net(), None)
-    assert cd.NEEDS_DATA and isinstance(cd.HELP, str)
+    with pytest.raises(DiffdistillError, match="/nonexistent.safetensors: LPIPS weights file not found"):
+        cli_method("cd", edm_teacher_net(), None, "--distance", "lpips", "--lpips-weights", "/nonexistent.safetensors")
+    from diffdistill import methods
+    assert methods.get("cd") is cd.SPEC and cd.SPEC.needs_data and isinstance(cd.SPEC.help, str)
 
 
 def test_ring8_keeps_every_mode(tmp_path):
@@ -305,11 +304,9 @@ def test_ring8_keeps_every_mode(tmp_path):
 
     teacher = ring8()
     torch.manual_seed(0)
-    parser = argparse.ArgumentParser()
-    cd.add_arguments(parser)
-    method = cd.build(parser.parse_args(["--lr", "1e-3"]), teacher, None)   # the CLI's analytic defaults
+    method = cli_method("cd", teacher, None, "--lr", "1e-3")     # the CLI's analytic defaults (seeded with 0)
     assert method.cfg.target == cd.ANALYTIC_TARGET == "ema"
-    assert method.cfg.optim == cd.OptimConfig(lr=1e-3, kind="radam")
+    assert method.groups()["student"].optim == cd.OptimConfig(lr=1e-3, kind="radam")
     cfg = TrainConfig(out=str(tmp_path / "run"), max_steps=RING8_STEPS, batch=256, ema_halflife_kimg=5,
                       ema_rampup=None, tick_kimg=1e9, checkpoint_kimg=0, progress=False, tensorboard=False,
                       device="cpu")
@@ -428,54 +425,111 @@ def test_student_dropout_defaults_to_zero():
     assert common.dropout_of(method.student) == 0.0 and common.dropout_of(teacher) == pytest.approx(0.3)
     keep = cd.ConsistencyDistillation(teacher, cd.CDConfig(student_dropout=None))
     assert common.dropout_of(keep.student) == pytest.approx(0.3)
-    parser = argparse.ArgumentParser()
-    cd.add_arguments(parser)
-    args = parser.parse_args([])
-    assert common.dropout_of(cd.build(args, teacher).student) == 0.0
-    args.student_dropout = "teacher"           # what `distill cd --student-dropout teacher` gives
-    assert common.dropout_of(cd.build(args, teacher).student) == pytest.approx(0.3)
+    assert common.dropout_of(cli_method("cd", teacher).student) == 0.0
+    keep = cli_method("cd", teacher, None, "--student-dropout", "teacher")
+    assert keep.cfg.student_dropout is None and common.dropout_of(keep.student) == pytest.approx(0.3)
+    assert common.dropout_of(cli_method("cd", teacher, None, "--student-dropout", "0.2").student) == pytest.approx(0.2)
 
 
 def test_ema_default_is_the_official_per_step_decay():
-    parser = argparse.ArgumentParser()
-    cd.add_arguments(parser)
-    method = cd.build(parser.parse_args([]), edm_teacher_net())
+    method = cli_method("cd", edm_teacher_net())
     halflife, rampup = method.ema_default(512)
     assert rampup is None and halflife == pytest.approx(512 * math.log(0.5) / math.log(0.9999) / 1000)
     assert 0.5 ** (512 / (halflife * 1000)) == pytest.approx(0.9999, abs=1e-12)     # decay per step of 512
-    imagenet = cd.build(parser.parse_args(["--ema-decay", "0.9999432189950708"]), edm_teacher_net())
+    imagenet = cli_method("cd", edm_teacher_net(), None, "--ema-decay", "0.9999432189950708")
     assert imagenet.ema_default(2048) == (pytest.approx(25000.0), None)
     # analytic teachers (short runs of a fresh MLP): EDM's 500 kimg with ramp-up, as before
-    assert cd.build(parser.parse_args([]), Gaussian([MU], 0.5)).ema_default(256) == (500.0, 0.05)
+    assert cli_method("cd", Gaussian([MU], 0.5)).ema_default(256) == (500.0, 0.05)
 
 
 def test_paper_recipes(tmp_path):
     from diffdistill.cli import distill as cli_distill
-    from diffdistill.cli.main import build_parser
 
     weights = str(random_lpips_weights(tmp_path))
     teacher = edm_teacher_net()
 
     def recipe(name, *extra):
-        argv = ["distill", "cd", "--teacher", "t", "--data", "d", "--out", "o", "--recipe", name, *extra]
-        args = build_parser().parse_args(argv)
-        args.argv = argv
-        args = cli_distill.with_recipe(args, teacher)
-        return args, cd.build(args, teacher)
+        args = cli_distill.with_recipe(parse_distill("cd", "--data", "d", "--recipe", name, *extra), teacher)
+        return args, method_from_args("cd", args, teacher)
 
     args, m = recipe("cifar10", "--lpips-weights", weights)
     assert (args.batch, args.kimg, args.xflip, args.ema) == (512, 409600, True, None)   # 800k steps of 512
     c = m.cfg
     assert (c.num_scales, c.rho, c.solver, c.target, c.distance, c.lpips_pooling) == (
         18, 7.0, "heun", "stopgrad", "lpips", "max")
-    assert c.optim == cd.OptimConfig(lr=4e-4, kind="radam") and c.optim.warmup_kimg == 0
+    optim = m.groups()["student"].optim
+    assert c.lr == 4e-4 and optim == cd.OptimConfig(lr=4e-4, kind="radam") and optim.warmup_kimg == 0
     assert c.ema_decay == 0.9999 and c.student_dropout == 0.0 and m._lpips[0].pooling == "max"
     args, m = recipe("imagenet64", "--lpips-weights", weights, "--lr", "1e-5")       # the user's options win
     assert (args.batch, args.kimg) == (2048, 1228800)                                   # 600k steps of 2048
     c = m.cfg
     assert (c.num_scales, c.target, c.target_ema, c.distance, c.lpips_pooling) == (40, "ema", 0.95, "lpips", "avg")
-    assert c.optim.lr == 1e-5 and c.optim.kind == "radam" and m.ema_default(2048) == (pytest.approx(25000.0), None)
+    optim = m.groups()["student"].optim
+    assert optim.lr == c.lr == 1e-5 and optim.kind == "radam" and m.ema_default(2048) == (pytest.approx(25000.0), None)
     with pytest.raises(UsageError, match="--lpips-weights"):
         recipe("cifar10")
     with pytest.raises(UsageError, match="positive"):
         recipe("cifar10", "--lpips-weights", weights, "--lr", "0")
+
+
+# --------------------------------------------------------------------------------------------------
+# One set of defaults (issue 16): the Python API's CDConfig() and the command line's resolve alike
+
+
+@pytest.mark.parametrize("kind", ["ring8", "network"])
+def test_python_defaults_equal_the_command_lines(kind):
+    from diffdistill.api import distill_loop
+    from diffdistill.methods.options import config_from_namespace
+    from diffdistill.teachers.analytic import ring8
+
+    teacher = ring8() if kind == "ring8" else edm_teacher_net()
+    loop = distill_loop(out="unused", device="cpu")
+    api = cd.SPEC.config().resolve(teacher, loop)
+    cli = config_from_namespace(cd.SPEC.config, parse_distill("cd")).resolve(teacher, loop)
+    assert api == cli
+    assert api.resolve(teacher, loop) == api == cd.CDConfig().resolve(teacher, None)     # idempotent, run-free
+    analytic = kind == "ring8"
+    assert (api.target, api.ema_decay) == (("ema", None) if analytic else ("stopgrad", 0.9999))
+    assert (api.lr, api.num_scales, api.student_dropout, api.sample_sigmas) == (4e-4, 18, 0.0, [])
+    # a method built in Python gets them too (before: stop-grad and 0.9999 for every teacher)
+    method = cd.ConsistencyDistillation(teacher)
+    assert method.cfg == api and (method.target_net is not None) == analytic
+    assert method.ema_default(256) == ((500.0, 0.05) if analytic else cli_method("cd", teacher).ema_default(256))
+    # the user's choice is kept whatever the teacher
+    mine = cd.CDConfig(target="stopgrad", ema_decay=0.999).resolve(teacher, loop)
+    assert (mine.target, mine.ema_decay) == ("stopgrad", 0.999)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "imagenet64"])
+def test_recipe_in_python_equals_the_command_lines(name, tmp_path):
+    """`distill cd --recipe NAME` and the recipe's dict given to the Python API give the same settings (every
+    digit of the ImageNet-64 EMA decay included) and the same loop settings."""
+    from diffdistill.api import LOOP_RECIPE_KEYS, recipe_settings
+    from diffdistill.cli import distill as cli_distill
+    from diffdistill.methods.options import config_from_namespace, make_config
+
+    weights = str(random_lpips_weights(tmp_path))
+    teacher = edm_teacher_net()
+    args = cli_distill.with_recipe(parse_distill("cd", "--recipe", name, "--lpips-weights", weights), teacher)
+    cli = config_from_namespace(cd.CDConfig, args).resolve(teacher, None)
+    settings = recipe_settings(cd.SPEC, name)
+    assert (settings.pop("total_kimg"), settings.pop("batch"), settings.pop("xflip")) == (args.kimg, args.batch,
+                                                                                          args.xflip)
+    assert not set(settings) & set(LOOP_RECIPE_KEYS)
+    api = make_config(cd.CDConfig, {**settings, "lpips_weights": weights}).resolve(teacher, None)
+    assert api == cli
+    assert cli.ema_decay == {"cifar10": 0.9999, "imagenet64": 0.9999432189950708}[name]
+
+
+def test_bad_settings_name_the_option():
+    from diffdistill.methods.options import make_config
+
+    teacher = edm_teacher_net()
+    for field_name, value, flag in (("num_scales", 1, "--num-scales"), ("rho", 0.0, "--rho"), ("lr", -1.0, "--lr"),
+                                    ("target_ema", 1.5, "--target-ema"), ("ema_decay", 0.0, "--ema-decay"),
+                                    ("solver", "rk4", "--solver"), ("sample_sigmas", [1.0, 2.0], "--sample-sigmas")):
+        with pytest.raises(UsageError, match=flag) as e:
+            make_config(cd.CDConfig, {field_name: value}).resolve(teacher, None)
+        assert "\n" not in str(e.value)
+    code = pytest.raises(SystemExit, parse_distill, "cd", "--student-dropout", "1.5").value.code
+    assert code == 2

@@ -33,12 +33,14 @@ def _check_page(out: Path) -> str:
 
 
 def test_tiny_demo_report_failure_row_and_reuse(tmp_path, monkeypatch, capsys):
+    import dataclasses
+
     from diffdistill.methods import sid
 
-    def broken(args, teacher, data):
+    def broken(cfg, teacher, data, loop):
         raise DiffdistillError("sid: simulated failure for the test")
 
-    monkeypatch.setattr(sid, "build", broken)
+    monkeypatch.setattr(sid, "SPEC", dataclasses.replace(sid.SPEC, create=broken))
     out = tmp_path / "demo"
     assert main(["demo", "--tiny", "--out", str(out), "--no-progress"]) == 0
     assert "1 stage(s) failed (ring-sid)" in capsys.readouterr().err
@@ -147,13 +149,16 @@ def test_short_run_options_parse_for_every_method(kind):
     """The settings shared by the demo and the benchmarks are options of each method's command line."""
     from diffdistill.cli.distill import METHODS
     from diffdistill.cli.main import build_parser
-    from diffdistill.demo.settings import short_run_options
+    from diffdistill.errors import UsageError
+    from diffdistill.methods.recipes import short_run_options, short_run_settings
 
     for method in METHODS:
-        options = short_run_options(method, kind, kimg=12.8, batch=64)
-        args = build_parser().parse_args(["distill", method, "--teacher", "t", "--out", "o", *options])
+        settings = short_run_settings(method, kind, kimg=12.8, batch=64)
+        args = build_parser().parse_args(["distill", method, "--teacher", "t", "--out", "o",
+                                          *short_run_options(method, kind, kimg=12.8, batch=64)])
         assert args.method_module == method
-        if "--lr" in options:
-            assert args.lr == float(options[options.index("--lr") + 1])
-    with pytest.raises(ValueError, match="teacher kind"):
+        for key, value in settings.items():    # every setting parses back to its value
+            parsed = args.ema if key == "ema_halflife_kimg" else getattr(args, key)
+            assert parsed == (list(value) if isinstance(value, tuple) else value), (method, key)
+    with pytest.raises(UsageError, match="teacher kind"):
         short_run_options("kd", "video", 1.0, 8)

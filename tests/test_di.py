@@ -14,6 +14,7 @@ from diffdistill.methods import common
 from diffdistill.methods.base import Batch
 from diffdistill.methods.di import DIConfig, DiffInstruct, di_generator_loss
 from diffdistill.teachers.analytic import Gaussian
+from tests.cli_util import cli_method
 
 MU, S2 = 0.3, 0.25
 
@@ -149,7 +150,7 @@ def test_affine_generator_converges_to_data():
     """O21: DI with an affine generator and a learnable Gaussian fake score converges to (mu, s)."""
     torch.manual_seed(0)
     teacher = Gaussian([MU], math.sqrt(S2))
-    cfg = DIConfig(init_sigma=1.0, gen_lr=2e-2, fake_lr=5e-2, dropout="eval", fake_warmup_steps=50)
+    cfg = DIConfig(init_sigma=1.0, gen_lr=2e-2, fake_lr=5e-2, teacher_dropout="eval", fake_warmup_steps=50)
     method = DiffInstruct(teacher, cfg, generator=AffineGenerator(-1.0, 1.5),
                           fake=GaussianFamily(-1.0, 1.5**2))
     _run(method, 400, 256)
@@ -190,7 +191,7 @@ def test_bad_options():
     with pytest.raises(DiffdistillError, match="init sigma"):
         DiffInstruct(teacher, DIConfig(init_sigma=500.0))
     with pytest.raises(DiffdistillError, match="dropout"):
-        DiffInstruct(teacher, DIConfig(dropout="sometimes"))
+        DiffInstruct(teacher, DIConfig(teacher_dropout="sometimes"))
 
 
 def test_nan_network_is_named(tmp_path):
@@ -201,7 +202,7 @@ def test_nan_network_is_named(tmp_path):
     from diffdistill.train.loop import TrainConfig, train
 
     for broken, group in (("generator", "generator"), ("fake", "fake_score")):
-        method = DiffInstruct(ring8())
+        method = DiffInstruct(ring8(), DIConfig(fake_warmup_steps=0))   # the generator updates at once
         with torch.no_grad():
             getattr(method, broken).backbone.out.bias.fill_(float("nan"))
         cfg = TrainConfig(out=str(tmp_path / broken), batch=16, max_steps=3, progress=False, tensorboard=False,
@@ -329,17 +330,16 @@ def _parse(*extra):
 
 
 def test_build_honours_options_and_student_dropout():
-    from diffdistill.methods import di
 
     teacher = _image_teacher(dropout=0.3)
-    method = di.build(_parse(), teacher)
+    method = cli_method("di", teacher)
     assert method.generator.backbone._config["dropout"] == 0.3      # the teacher's (official)
     assert method.fake.backbone._config["dropout"] == 0.3
-    method = di.build(_parse("--student-dropout", "0.0"), teacher)
+    method = cli_method("di", teacher, None, "--student-dropout", "0.0")
     assert method.generator.backbone._config["dropout"] == 0.0 and method.fake.backbone._config["dropout"] == 0.0
     assert teacher.backbone._config["dropout"] == 0.3
-    method = di.build(_parse("--augment", "0.5", "--betas", "0.5", "0.99", "--loss-scale", "2",
-                             "--fake-loss-scale", "3"), teacher)
+    method = cli_method("di", teacher, None, "--augment", "0.5", "--betas", "0.5", "0.99", "--loss-scale", "2",
+                        "--fake-loss-scale", "3")
     cfg = method.cfg
     assert (cfg.betas, cfg.loss_scale, cfg.fake_loss_scale, method.augment_pipe.p) == ((0.5, 0.99), 2.0, 3.0, 0.5)
     assert method.groups()["generator"].optim.betas == (0.5, 0.99)

@@ -539,29 +539,29 @@ def test_kd_pairs_start_from_the_samplers_prior(tmp_path, unet):
     """The KD pairs' prior_scale is `samplers.prior_scale` (one mechanism): VP-discrete teachers start every ODE
     sampler from z sqrt(1 + sigma_0^2), the Karras-grid samplers too (they started from sigma_0 z); the DDIM
     recipes' value is bit-identical to before, and a directory made with the old heun start is finished with it."""
-    from diffdistill.data import pairs as P
+    from diffdistill.methods import kd_pairs as KP
     from diffdistill.samplers import prior_scale
 
     den = load_teacher(model_dir(tmp_path / "model", unet, ddim()))
-    uniform = P.teacher_recipe(den, P.PairsConfig(sampler="ddim-uniform", steps=4))
+    uniform = KP.teacher_recipe(den, KP.PairsConfig(sampler="ddim-uniform", steps=4))
     s0 = uniform["sigmas"][0]
     assert uniform["prior_scale"] == math.sqrt(1 + s0**2) / s0 == prior_scale(den, s0)
-    heun = P.teacher_recipe(den, P.PairsConfig(sampler="heun", steps=2))
+    heun = KP.teacher_recipe(den, KP.PairsConfig(sampler="heun", steps=2))
     s0 = heun["sigmas"][0]
     assert heun["prior_scale"] == prior_scale(den, s0) == pytest.approx(math.sqrt(1 + s0**2) / s0) != 1.0
-    cfg = P.PairsConfig(n_pairs=2, heldout=0, shard_size=1, sampler="heun", steps=2, target_dtype="float16", batch=1)
+    cfg = KP.PairsConfig(n_pairs=2, heldout=0, shard_size=1, sampler="heun", steps=2, target_dtype="float16", batch=1)
     root = tmp_path / "pairs"
-    P.generate_pairs(den, root, cfg, progress=False, log=lambda *_: None)
+    KP.generate_pairs(den, root, cfg, progress=False, log=lambda *_: None)
     m = json.loads((root / "pairs.json").read_text())
     m["recipe"]["prior_scale"] = 1.0                        # as the old code wrote it
     (root / "pairs.json").write_text(json.dumps(m))
     (root / "train-00001.safetensors").unlink()
-    again = P.generate_pairs(den, root, cfg, progress=False, log=lambda *_: None)
+    again = KP.generate_pairs(den, root, cfg, progress=False, log=lambda *_: None)
     assert again["recipe"]["prior_scale"] == 1.0 and (root / "train-00001.safetensors").is_file()
     m["recipe"]["sigmas"][0] += 1.0                         # any other difference is still refused
     (root / "pairs.json").write_text(json.dumps(m))
     with pytest.raises(DiffdistillError, match="other settings"):
-        P.generate_pairs(den, root, cfg, progress=False, log=lambda *_: None)
+        KP.generate_pairs(den, root, cfg, progress=False, log=lambda *_: None)
 
 
 @pytest.mark.parametrize("sched_kw", [dict(clip_sample=True, clip_sample_range=0.5),

@@ -158,3 +158,38 @@ def test_boundary_mlp_for_analytic_gdd():
     assert net.precond == PrecondConfig(kind="boundary", sigma_data=net.sigma_data)
     x = torch.randn(3, 2)
     assert torch.equal(net(x, net.sigma_min), x)
+
+
+def test_one_student_factory_for_every_preset():
+    """`student_from_teacher` builds every method's networks: copies, the default fresh MLP and the named MLP
+    presets of KD/PD (`kd.make_student` goes through it: 'auto' for an analytic teacher is its 'mlp-toy')."""
+    from diffdistill.methods import kd
+    from diffdistill.networks.mlp import MLP_PRESETS
+
+    teacher = ring8()
+    for name in ("tiny", "toy"):
+        net = common.student_from_teacher(teacher, boundary=True, preset=f"mlp-{name}")
+        cfg = net.config()["network"]
+        assert all(cfg[k] == v for k, v in MLP_PRESETS[name].items()), (name, cfg)
+        assert net.precond == PrecondConfig(kind="boundary", sigma_data=teacher.sigma_data)
+        x = torch.randn(3, 2)
+        assert torch.equal(net(x, net.sigma_min), x) and net.training
+    default = common.student_from_teacher(teacher, hidden=24, depth=2).config()["network"]
+    assert (default["hidden"], default["num_layers"], default["input_fourier"]) == (24, 2, 32)
+    torch.manual_seed(0)
+    auto = kd.make_student(teacher)
+    torch.manual_seed(0)
+    toy = common.student_from_teacher(teacher, preset="mlp-toy")
+    assert auto.config() == toy.config()
+    assert all(torch.equal(a, b) for a, b in zip(auto.state_dict().values(), toy.state_dict().values()))
+    image = tiny_teacher(dropout=0.2)
+    copy = common.student_from_teacher(image, preset="teacher", dropout=0.0)
+    assert common.dropout_of(copy) == 0.0 and common.dropout_of(image) == 0.2
+    with pytest.raises(DiffdistillError, match="no network to copy"):
+        common.student_from_teacher(teacher, preset="teacher")
+    with pytest.raises(DiffdistillError, match="unknown student preset 'resnet'"):
+        common.student_from_teacher(teacher, preset="resnet")
+    with pytest.raises(DiffdistillError, match="unknown MLP preset 'huge'"):
+        common.student_from_teacher(teacher, preset="mlp-huge")
+    with pytest.raises(DiffdistillError, match="flat data"):
+        common.student_from_teacher(image, preset="mlp-toy")

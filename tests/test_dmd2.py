@@ -15,6 +15,7 @@ from diffdistill.methods import common, dmd2
 from diffdistill.methods.base import Batch
 from diffdistill.networks.unet import UNet
 from diffdistill.teachers.analytic import Gaussian, ring8
+from tests.cli_util import cli_method, method_from_args, parse_distill
 
 CPU = torch.device("cpu")
 
@@ -147,26 +148,22 @@ def test_backward_simulation():
         tiny_dmd2(gen_sigmas=[1.0, 2.0])
 
 
-def cli_args(*extra, teacher="toy:ring8"):
-    """`distill dmd2` options as the command line parses them (the loop's --batch included)."""
-    from diffdistill.cli.main import build_parser
-
-    argv = ["distill", "dmd2", "--teacher", teacher, "--out", "unused", *extra]
-    args = build_parser().parse_args(argv)
-    args.argv = argv
-    return args
-
-
 def test_bad_input_and_cli():
+    from diffdistill.methods import get
+
     with pytest.raises(UsageError, match="--data"):
-        dmd2.build(cli_args("--gan-weight", "3e-3"), ring8(), None)
+        cli_method("dmd2", ring8(), None, "--gan-weight", "3e-3")
     with pytest.raises(DiffdistillError, match="outside"):
-        dmd2.build(cli_args("--gen-sigmas", "500"), ring8(), None)
+        cli_method("dmd2", ring8(), None, "--gen-sigmas", "500")
     with pytest.raises(UsageError, match="warmup-kimg"):
-        dmd2.build(cli_args("--warmup-kimg", "-1"), ring8(), None)
-    method = dmd2.build(cli_args("--gen-every", "3"), ring8(), None)
+        cli_method("dmd2", ring8(), None, "--warmup-kimg", "-1")
+    with pytest.raises(UsageError, match="--dm-range"):
+        cli_method("dmd2", ring8(), None, "--dm-range", "0.5", "0.1")
+    with pytest.raises(UsageError, match="--dm-range"):
+        tiny_dmd2(dm_range=(0.0, 1.5))
+    method = cli_method("dmd2", ring8(), None, "--gen-every", "3")
     assert method.groups()["generator"].every == 3 and method.cfg.fake_warmup_steps == 300
-    assert not dmd2.NEEDS_DATA and dmd2.HELP
+    assert not get("dmd2").needs_data and get("dmd2").help
     assert math.isclose(method.gen_sigmas[0], 80.0)
     assert common.is_weightless(method.teacher)
 
@@ -228,17 +225,43 @@ def test_fake_score_trains_on_the_generator_turns_samples(tmp_path, monkeypatch)
 
 def test_lr_warmup_is_500_steps_of_the_batch():
     """train_edm.py --warmup_step 500 (both networks): 500 steps of --batch unless --warmup-kimg is given."""
-    method = dmd2.build(cli_args("--batch", "64"), ring8(), None)
+    method = cli_method("dmd2", ring8(), None, "--batch", "64")
     for group in method.groups().values():
         assert group.optim.warmup_kimg == pytest.approx(500 * 64 / 1000)
         assert group.optim.kind == "adamw" and group.optim.betas == (0.9, 0.999)
         assert group.optim.weight_decay == 0.01 and group.optim.grad_clip == 10.0
-    method = dmd2.build(cli_args("--warmup-kimg", "20", "--betas", "0.5", "0.99", "--weight-decay", "0",
-                                 "--grad-clip", "1", "--dm-range", "0.1", "0.5"), ring8(), None)
+    method = cli_method("dmd2", ring8(), None, "--warmup-kimg", "20", "--betas", "0.5", "0.99", "--weight-decay",
+                        "0", "--grad-clip", "1", "--dm-range", "0.1", "0.5")
     for group in method.groups().values():
         assert group.optim.warmup_kimg == 20.0 and group.optim.betas == (0.5, 0.99)
         assert group.optim.weight_decay == 0.0 and group.optim.grad_clip == 1.0
-    assert (method.cfg.min_frac, method.cfg.max_frac) == (0.1, 0.5)
+    assert method.cfg.dm_range == (0.1, 0.5)
+    # outside a run (the Python class without a loop) there is no batch to count steps of: no warm-up
+    assert dmd2.DMD2(ring8()).cfg.warmup_kimg == 0.0
+
+
+@pytest.mark.parametrize("kind", ["ring8", "network"])
+def test_python_api_defaults_are_the_command_lines(kind):
+    """DMD2Config() and `distill dmd2` without options resolve to the same settings for the same teacher and run
+    (idempotently): the LR warm-up is 500 steps of the run's batch in both (0 without a run), the fake-score
+    warm-up 300 steps for the analytic teacher's fresh fake score, dropout 0."""
+    from diffdistill.api import distill_loop
+    from diffdistill.methods import get
+    from diffdistill.methods.options import config_from_namespace
+
+    teacher = ring8() if kind == "ring8" else dropout_unet_teacher(0.1)
+    spec = get("dmd2")
+    for loop, options, warmup in ((distill_loop("unused"), (), 64.0),
+                                  (distill_loop("unused", total_kimg=3, batch=32), ("--kimg", "3", "--batch", "32"),
+                                   16.0), (None, (), 0.0)):
+        api = spec.config().resolve(teacher, loop)
+        cli = config_from_namespace(spec.config, parse_distill("dmd2", *options)).resolve(teacher, loop)
+        assert api == cli
+        assert api.resolve(teacher, None) == api
+        assert api.warmup_kimg == warmup
+    assert api.fake_warmup_steps == (300 if kind == "ring8" else 0) and api.student_dropout == 0.0
+    assert api.dm_range == (0.02, 0.98) and api.gen_sigmas == []
+    assert dmd2.DMD2(teacher).cfg == api
 
 
 def dropout_unet_teacher(p=0.1):
@@ -251,10 +274,10 @@ def dropout_unet_teacher(p=0.1):
 def test_generator_and_fake_score_train_without_dropout():
     """train_edm.py builds every network with dropout 0; --student-dropout teacher keeps the teacher's."""
     teacher = dropout_unet_teacher(0.1)
-    method = dmd2.build(cli_args(), teacher, None)
+    method = cli_method("dmd2", teacher)
     assert common.dropout_of(method.generator) == 0.0 and common.dropout_of(method.fake) == 0.0
     assert common.dropout_of(teacher) == pytest.approx(0.1)
-    method = dmd2.build(cli_args("--student-dropout", "teacher"), teacher, None)
+    method = cli_method("dmd2", teacher, None, "--student-dropout", "teacher")
     assert common.dropout_of(method.generator) == pytest.approx(0.1)
     assert common.dropout_of(method.fake) == pytest.approx(0.1)
 
@@ -268,13 +291,13 @@ def test_imagenet64_recipe():
     from diffdistill.cli import distill as cli_distill
 
     assert "imagenet64" in cli_distill.method_recipes("dmd2")
-    args = cli_distill.with_recipe(cli_args("--recipe", "imagenet64", "--data", "toy:ring8"), ring8())
+    args = cli_distill.with_recipe(parse_distill("dmd2", "--recipe", "imagenet64", "--data", "toy:ring8"), ring8())
     assert (args.batch, args.kimg, args.ema) == (280, 56000.0, 0.0)
-    method = dmd2.build(args, ring8(), _Data())
+    method = method_from_args("dmd2", args, ring8(), _Data())
     cfg = method.cfg
     assert (cfg.lr, cfg.betas, cfg.weight_decay, cfg.grad_clip) == (2e-6, (0.9, 0.999), 0.01, 10.0)
-    assert cfg.warmup_kimg == 20.0 and cfg.gen_every == 5 and (cfg.min_frac, cfg.max_frac) == (0.02, 0.98)
-    assert cfg.gan_weight == 3e-3 and cfg.cls_weight == 1e-2 and cfg.dropout == "eval"
+    assert cfg.warmup_kimg == 20.0 and cfg.gen_every == 5 and cfg.dm_range == (0.02, 0.98)
+    assert cfg.gan_weight == 3e-3 and cfg.cls_weight == 1e-2 and cfg.teacher_dropout == "eval"
     assert cfg.student_dropout == 0.0 and method.head is not None and method.gen_sigmas == [80.0]
 
 

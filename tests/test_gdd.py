@@ -3,7 +3,6 @@ and ring8 end to end (algorithms.md §5)."""
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import pickle
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffdistill.diffusion.denoiser import Precond
-from diffdistill.errors import DiffdistillError
+from diffdistill.errors import DiffdistillError, UsageError
 from diffdistill.methods import common, gdd
 from diffdistill.methods.base import Batch
 from diffdistill.methods.discriminators import (
@@ -31,6 +30,7 @@ from diffdistill.methods.discriminators import (
 )
 from diffdistill.networks.unet import unet_preset
 from diffdistill.teachers.analytic import ring8
+from tests.cli_util import cli_method, method_from_args, one_error_line, parse_distill, run_cli
 
 CPU = torch.device("cpu")
 
@@ -52,12 +52,6 @@ class Points(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.x[i], -1
-
-
-def parse(args=()):
-    p = argparse.ArgumentParser()
-    gdd.add_arguments(p)
-    return p.parse_args(list(args))
 
 
 def test_teacher_features_hook_the_encoder_and_skip_the_decoder():
@@ -258,21 +252,89 @@ def test_generator_dropout_is_gdds_zero():
     assert common.dropout_of(teacher) == pytest.approx(0.3)
     data = Points(torch.zeros(4, 1, 8, 8))
     assert common.dropout_of(gdd.GDD(teacher).generator) == 0.0
-    assert common.dropout_of(gdd.build(parse(), teacher, data).generator) == 0.0
-    args = parse()
-    args.student_dropout = "teacher"                    # the common --student-dropout option
-    assert common.dropout_of(gdd.build(args, teacher, data).generator) == pytest.approx(0.3)
+    assert common.dropout_of(cli_method("gdd", teacher, data).generator) == 0.0
+    kept = cli_method("gdd", teacher, data, "--student-dropout", "teacher")   # the common --student-dropout option
+    assert common.dropout_of(kept.generator) == pytest.approx(0.3)
+    for keep in (None, "teacher"):                      # in Python: None or 'teacher'
+        assert common.dropout_of(gdd.GDD(teacher, gdd.GDDConfig(student_dropout=keep)).generator) == \
+            pytest.approx(0.3)
+    assert common.dropout_of(cli_method("gdd", teacher, data, "--student-dropout", "0.2").generator) == \
+        pytest.approx(0.2)
     assert common.dropout_of(teacher) == pytest.approx(0.3)
 
 
 def test_r1_gamma_and_lrs_default_to_the_official_cifar10_ones():
-    assert parse().r1_gamma == gdd.GDDConfig().r1_gamma == 1e-4
+    assert parse_distill("gdd").r1_gamma == gdd.GDDConfig().r1_gamma == 1e-4
     for teacher, data in ((ring8(), Points(torch.zeros(4, 2))), (tiny_teacher(), Points(torch.zeros(4, 1, 8, 8)))):
-        cfg = gdd.build(parse(), teacher, data).cfg
-        assert (cfg.r1_gamma, cfg.r1_every, cfg.loss_samples, cfg.gen_lr) == (1e-4, 16, 64, 1e-4)
-        assert cfg.disc_lr == pytest.approx(gdd.GDDConfig().disc_lr) == pytest.approx(1e-4 * 16 / 17)
-        assert cfg.disc_betas[1] == pytest.approx(gdd.GDDConfig().disc_betas[1]) == pytest.approx(0.99 ** (16 / 17))
+        for method in (cli_method("gdd", teacher, data), gdd.GDD(teacher)):     # the CLI and the Python API
+            cfg, disc = method.cfg, method.groups()["discriminator"].optim
+            assert (cfg.r1_gamma, cfg.r1_every, cfg.loss_samples, cfg.gen_lr, cfg.disc_lr) == (1e-4, 16, 64, 1e-4, 1e-4)
+            assert disc.lr == pytest.approx(1e-4 * 16 / 17, rel=1e-15)          # official dlr x 16/17
+            assert disc.betas == pytest.approx((0.0, 0.99 ** (16 / 17)), rel=1e-15)
     assert gdd.GDD(ring8()).ema_default(256) == (500.0, 0.05)   # --ema=0.5 Mimg, --ema-warmup 0.05
+
+
+@pytest.mark.parametrize("teacher", [ring8, tiny_teacher], ids=["ring8", "network"])
+def test_python_api_defaults_are_the_command_lines(teacher):
+    """GDDConfig() resolved = `distill gdd` without options resolved, and both build the same training."""
+    from diffdistill.api import distill_loop
+    from diffdistill.methods import get
+    from diffdistill.methods.options import config_from_namespace
+
+    teacher = teacher()
+    data = Points(torch.zeros(4, *teacher.shape))
+    spec = get("gdd")
+    loop = distill_loop(out="unused", device="cpu")
+    api = spec.config().resolve(teacher, loop)
+    assert api == config_from_namespace(spec.config, parse_distill("gdd")).resolve(teacher, loop)
+    assert api.gen_sigma == teacher.sigma_max and api.student_dropout == 0.0
+    cli, py = cli_method("gdd", teacher, data).groups(), gdd.GDD(teacher, gdd.GDDConfig()).groups()
+    assert {k: (g.optim, g.extra_every, g.needs_data) for k, g in cli.items()} == \
+        {k: (g.optim, g.extra_every, g.needs_data) for k, g in py.items()}
+
+
+def test_lazy_r1_scaling_happens_once_where_the_optimiser_is_built():
+    """lr x r/(r+1) and beta2^(r/(r+1)) (r = --r1-every, StyleGAN2's lazy regularisation), computed from the
+    official --dlr whenever the groups are built: resolving the settings again changes nothing."""
+    teacher, data = ring8(), Points(torch.zeros(4, 2))
+    cfg = gdd.GDDConfig(disc_lr=3e-4, r1_every=4).resolve(teacher, None)
+    assert cfg.resolve(teacher, None) == cfg and cfg.disc_lr == 3e-4 and cfg.disc_betas == (0.0, 0.99)
+    method = gdd.GDD(teacher, cfg)                      # resolves cfg again
+    for _ in range(2):
+        disc = method.groups()["discriminator"]
+        assert disc.optim.lr == pytest.approx(3e-4 * 4 / 5, rel=1e-15) and disc.extra_every == 4
+        assert disc.optim.betas == pytest.approx((0.0, 0.99 ** 0.8), rel=1e-15)
+    assert method.groups()["generator"].optim.lr == 1e-4 and method.groups()["generator"].optim.betas == (0.0, 0.99)
+    cli = cli_method("gdd", teacher, data, "--disc-lr", "3e-4", "--r1-every", "4").groups()["discriminator"]
+    assert cli.optim == method.groups()["discriminator"].optim
+    # no R1 steps (--r1-every 0): the official lr and beta2 as given
+    off = cli_method("gdd", teacher, data, "--r1-every", "0").groups()["discriminator"]
+    assert (off.optim.lr, off.optim.betas, off.extra_every) == (1e-4, (0.0, 0.99), 0)
+    # --r1-gamma 0 drops the R1 step but keeps the interval's scaling, as the command line always did
+    off = cli_method("gdd", teacher, data, "--r1-gamma", "0").groups()["discriminator"]
+    assert off.extra_every == 0 and off.optim.lr == pytest.approx(1e-4 * 16 / 17, rel=1e-15)
+
+
+def test_bad_settings_are_usage_errors(capsys, tmp_path):
+    teacher = ring8()
+    for bad, match in ((dict(r1_every=-1), "--r1-every"), (dict(r1_gamma=-1e-4), "--r1-gamma"),
+                       (dict(loss_samples=0), "--loss-samples"), (dict(freeze=4), "--freeze"),
+                       (dict(disc="resnet"), "--disc"), (dict(disc="backbone"), "--disc-backbone"),
+                       (dict(disc="backbone", disc_backbone="timm:resnet18"), "--disc-backbone-weights"),
+                       (dict(gen_lr=-1e-4), "--gen-lr"), (dict(disc_lr=float("nan")), "--disc-lr"),
+                       (dict(student_dropout=1.0), "--student-dropout")):
+        with pytest.raises(UsageError, match=match):
+            gdd.GDDConfig(**bad).resolve(teacher, None)
+        with pytest.raises(UsageError, match=match):
+            gdd.GDD(teacher, gdd.GDDConfig(**bad))
+    for options, fragment in ((["--disc", "backbone", "--disc-backbone", "timm:resnet18"], "--disc-backbone-weights"),
+                              (["--loss-samples", "0"], "--loss-samples"), (["--r1-every", "-2"], "--r1-every"),
+                              (["--disc-lr", "-1"], "--disc-lr")):
+        code, _, err = run_cli(capsys, "distill", "gdd", "--teacher", "toy:ring8", "--data", "toy:ring8", "--out",
+                               tmp_path / "run", "--no-progress", *options)
+        assert code == 2, (options, err)
+        one_error_line(err, fragment)
+        assert not (tmp_path / "run").exists()
 
 
 def test_recipes_carry_the_official_settings():
@@ -294,9 +356,9 @@ def test_recipes_carry_the_official_settings():
     for name, values in official.items():
         args = cli_distill.with_recipe(cli("--recipe", name), teacher)
         assert tuple(getattr(args, k) for k in keys) == values, name
-        method = gdd.build(args, teacher, data)
+        method = method_from_args("gdd", args, teacher, data)
         assert common.dropout_of(method.generator) == 0.0
-        assert math.isclose(method.cfg.disc_lr, values[4] * 16 / 17)
+        assert math.isclose(method.groups()["discriminator"].optim.lr, values[4] * 16 / 17)
         assert (method.trainable < method.total) == name.endswith("gddi")
     assert cli_distill.with_recipe(cli("--recipe", "cifar10", "--r1-gamma", "0.5"), teacher).r1_gamma == 0.5
 
@@ -320,32 +382,32 @@ def test_projected_discriminator_is_imported_only_when_asked(monkeypatch):
 
     teacher, data = tiny_teacher(), Points(torch.zeros(4, 1, 8, 8))
     with pytest.raises(DiffdistillError, match="--disc-vgg-weights"):
-        gdd.build(parse(["--disc", "projected"]), teacher, data)
+        cli_method("gdd", teacher, data, "--disc", "projected")
     weights = ["--disc-vgg-weights", "vgg.pt", "--disc-effnet-weights", "effnet.pt"]
     monkeypatch.setitem(sys.modules, "diffdistill.methods.projected", None)      # not installed
     with pytest.raises(DiffdistillError, match="not part of this installation"):
-        gdd.build(parse(["--disc", "projected", *weights]), teacher, data)
+        cli_method("gdd", teacher, data, "--disc", "projected", *weights)
     monkeypatch.setitem(sys.modules, "diffdistill.methods.projected",
                         types.SimpleNamespace(build_projected_discriminator=build_projected_discriminator))
     for options in (weights, ["--disc", "projected", *weights]):     # 'auto' picks it when both files are given
-        method = gdd.build(parse(options), teacher, data)
+        method = cli_method("gdd", teacher, data, *options)
         assert isinstance(method.discriminator, Stub)
         assert seen == dict(shape=(1, 8, 8), label_dim=0, vgg="vgg.pt", effnet="effnet.pt")
     out = method.loss("generator", Batch(size=2, device=CPU))
     logits = method.discriminator(method._generate(2, CPU, None).detach())
     assert torch.isfinite(out["loss"]) and logits.shape == (2, 4)
-    assert isinstance(gdd.build(parse(), teacher, data).discriminator, ProjectedDiscriminator)  # no weights
+    assert isinstance(cli_method("gdd", teacher, data).discriminator, ProjectedDiscriminator)  # no weights
 
 
 def test_bad_input():
     teacher = tiny_teacher()
     with pytest.raises(DiffdistillError, match="needs real images"):
-        gdd.build(parse(), teacher, None)
+        cli_method("gdd", teacher, None)
     method = gdd.GDD(teacher)
     with pytest.raises(DiffdistillError, match="real images"):
         method.loss("discriminator", Batch(size=2, device=CPU))
     with pytest.raises(DiffdistillError, match="shape"):
-        gdd.build(parse(), teacher, Points(torch.zeros(4, 2)))
+        cli_method("gdd", teacher, Points(torch.zeros(4, 2)))
     # a freeze level that would freeze every parameter
     class OnlyConvs(nn.Module):
         def __init__(self):
@@ -400,9 +462,8 @@ def test_backbone_weights_that_do_not_load(tmp_path):
         except ImportError:
             with pytest.raises(DiffdistillError, match=f"optional package '{lib}'"):
                 BackboneFeatures(f"{lib}:resnet18", good)
-    args = parse(["--disc", "backbone"])
-    with pytest.raises(DiffdistillError, match="--disc-backbone"):
-        gdd.build(args, tiny_teacher(), Points(torch.zeros(4, 1, 8, 8)))
+    with pytest.raises(UsageError, match="--disc-backbone"):
+        cli_method("gdd", tiny_teacher(), Points(torch.zeros(4, 1, 8, 8)), "--disc", "backbone")
 
 
 def test_nan_discriminator_is_named(tmp_path):
@@ -442,7 +503,8 @@ def test_ring8_keeps_every_mode(tmp_path):
     torch.manual_seed(0)
     teacher = ring8()
     data = Points(teacher.sample(20_000, torch.Generator().manual_seed(0)))
-    # gamma 6.4 with losses summed over 64 samples: the balance of the former gamma 0.1 at batch-mean losses
+    # gamma 6.4 with losses summed over 64 samples: the balance of the former gamma 0.1 at batch-mean losses;
+    # the settings of `distill gdd --recipe short` on the ring (disc_lr = --disc-lr, x 16/17 for lazy R1)
     method = gdd.GDD(teacher, gdd.GDDConfig(gen_lr=1e-3, disc_lr=1e-3, r1_gamma=6.4))
     steps, batch = 1000, 256
     result = train(method, TrainConfig(out=str(tmp_path / "run"), total_kimg=steps * batch / 1000, batch=batch,
@@ -459,4 +521,5 @@ def test_ring8_keeps_every_mode(tmp_path):
     print(f"gdd ring8: shares {[round(s, 3) for s in share.tolist()]}, within 3 std {within:.3f} "
           f"(teacher {within_teacher:.3f})")
     assert float((share - 1 / 8).abs().max()) < 0.25 / 8
-    assert within > 0.8          # measured 0.95 (R1 in the main step), 0.94 (R1 on its own step); 0.93 before
+    assert within > 0.8          # measured 0.95 (R1 in the main step), 0.94 (R1 on its own step), 0.946 (disc
+    #                              lr x 16/17 as the CLI's); 0.93 before

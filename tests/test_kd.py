@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -10,17 +9,22 @@ import pytest
 import torch
 
 from diffdistill import io
+from diffdistill.api import distill_loop, own_evaluation
+from diffdistill.cli import distill as cli_distill
 from diffdistill.data import pairs as P
 from diffdistill.diffusion.denoiser import Denoiser, Precond, PrecondConfig
 from diffdistill.diffusion.schedules import ddpm_alphas_cumprod, sigmas_from_alphas_cumprod, vp_sigma_inv
-from diffdistill.errors import DiffdistillError
+from diffdistill.errors import DiffdistillError, UsageError
 from diffdistill.methods import common, kd
+from diffdistill.methods import kd_pairs as KP
 from diffdistill.methods.base import Batch
+from diffdistill.methods.options import config_from_namespace
 from diffdistill.networks.mlp import mlp_preset
 from diffdistill.samplers import sample, sample_onestep
 from diffdistill.teachers.analytic import Gaussian, GaussianMixture, ring8
 from diffdistill.train.ema import ema_beta
 from diffdistill.train.loop import TrainConfig, train
+from tests.cli_util import method_from_args, parse_distill
 
 MU, VAR = 0.3, 0.25
 
@@ -68,7 +72,7 @@ def test_o15_regression_optimum_is_the_teachers_affine_ddim_map(tmp_path):
     a_star = vp_ddim_map(1.0) - b_star
     assert vp_ddim_map(2.0) == pytest.approx(2 * a_star + b_star, abs=1e-12)   # affine indeed
     root = tmp_path / "pairs"
-    m = P.generate_pairs(teacher, root, P.PairsConfig(n_pairs=4000, heldout=500, shard_size=2000), progress=False)
+    m = KP.generate_pairs(teacher, root, KP.PairsConfig(n_pairs=4000, heldout=500, shard_size=2000), progress=False)
     assert m["recipe"]["name"] == "ddim-quad"
     z, y, _ = P.PairStream(root, m).rows(0, 4000)
     slope, intercept = np.polyfit(z[:, 0].double().numpy(), y[:, 0].double().numpy(), 1)
@@ -77,7 +81,7 @@ def test_o15_regression_optimum_is_the_teachers_affine_ddim_map(tmp_path):
     method = kd.KnowledgeDistillation(AffineStudent(157.4), root, kd.KDConfig(loss="l2", lr=0.05, warmup_kimg=0),
                                       manifest=m)
     train(method, quiet(tmp_path / "run", total_kimg=64, batch=128, ema_halflife_kimg=0, tick_kimg=64),
-          evaluate=kd.evaluate)
+          evaluate=own_evaluation)
     a, b = float(method.student.a.detach()), float(method.student.b.detach())
     assert a == pytest.approx(a_star, abs=1e-2) and b == pytest.approx(b_star, abs=1e-2), (a, b, a_star, b_star)
     # The loss at the exact map is the fp16 storage floor, below that of a perturbed map.
@@ -92,7 +96,7 @@ def test_loss_is_the_paper_reduction_and_the_stream_is_split_by_rank(tmp_path):
     assert float(kd.regression_loss(pred, target, "l1")) == pytest.approx((3 + 0.5) / 2)
     assert float(kd.regression_loss(pred, target, "l2")) == pytest.approx((5 + 0.25) / 2)
     root = tmp_path / "p"
-    m = P.generate_pairs(ring8(), root, P.PairsConfig(n_pairs=300, heldout=50, shard_size=100, steps=3, batch=64),
+    m = KP.generate_pairs(ring8(), root, KP.PairsConfig(n_pairs=300, heldout=50, shard_size=100, steps=3, batch=64),
                          progress=False)
     method = kd.KnowledgeDistillation(kd.make_student(ring8(), "mlp-tiny"), root, kd.KDConfig(), manifest=m)
     out = method.loss("student", Batch(size=32, device=torch.device("cpu")))
@@ -101,7 +105,7 @@ def test_loss_is_the_paper_reduction_and_the_stream_is_split_by_rank(tmp_path):
     assert method.extra_state() == {"cursor": 32}
     net, recipe = method.export()
     assert net is method.student and recipe == {"sampler": "onestep", "sigmas": [80.0, 0.0]}
-    assert kd.evaluate(method, None, 0)["heldout_loss"] == float(method.best_loss)
+    assert own_evaluation(method, None, 0)["heldout_loss"] == float(method.best_loss)
     assert method.export()[0] is method.best                 # after an evaluation: the best so far
 
 
@@ -118,27 +122,27 @@ def test_students():
     assert isinstance(kd.make_student(ring8(), "auto"), Precond)
 
 
-def _parse(fn, argv):
-    parser = argparse.ArgumentParser()
-    fn(parser)
-    return parser.parse_args(argv)
+def _pairs_args(*argv):
+    """`diffdistill kd-pairs --teacher t ARGV` parsed."""
+    from diffdistill.cli.main import build_parser
+
+    return build_parser().parse_args(["kd-pairs", "--teacher", "t", *argv])
 
 
 def test_cli_hooks_and_refusals(tmp_path, capsys):
     argv = ["--n-pairs", "200", "--heldout", "40", "--shard-size", "100", "--pairs-steps", "3"]
-    args = _parse(kd.add_pairs_arguments, ["--pairs", str(tmp_path / "p")] + argv)
+    args = _pairs_args("--pairs", str(tmp_path / "p"), *argv)
     assert kd.run_pairs(args, ring8()) == 0
     assert "200 training + 40 held-out pairs" in capsys.readouterr().out
-    args = _parse(kd.add_arguments, ["--pairs", str(tmp_path / "p"), "--loss", "l2", "--student-preset", "mlp-tiny"]
-                  + argv)
-    args.out, args.lr, args.seed = str(tmp_path / "run"), 1e-3, 0
-    method = kd.build(args, ring8(), None)
-    assert method.cfg.loss == "l2" and method.cfg.lr == 1e-3 and kd.NEEDS_DATA is False
+    args = parse_distill("kd", "--pairs", str(tmp_path / "p"), "--loss", "l2", "--student-preset", "mlp-tiny",
+                         "--lr", "1e-3", *argv, out=str(tmp_path / "run"))
+    method = method_from_args("kd", args, ring8())
+    assert method.cfg.loss == "l2" and method.cfg.lr == 1e-3 and kd.SPEC.needs_data is False
     other = GaussianMixture([[1.0, 0.0], [-1.0, 0.0]], [0.1, 0.1])
     with pytest.raises(DiffdistillError, match="different teacher"):
-        kd.build(args, other, None)
+        method_from_args("kd", args, other)
     args.pairs = None                                        # default: RUN-pairs
-    kd.build(args, ring8(), None)
+    method_from_args("kd", args, ring8())
     assert (tmp_path / "run-pairs" / "pairs.json").is_file()
 
 
@@ -147,14 +151,14 @@ def test_end_to_end_ring8_one_step_student(tmp_path):
     torch.manual_seed(0)
     teacher = ring8()
     root = tmp_path / "pairs"
-    m = P.generate_pairs(teacher, root, P.PairsConfig(n_pairs=20_000, heldout=2000, shard_size=10_000,
+    m = KP.generate_pairs(teacher, root, KP.PairsConfig(n_pairs=20_000, heldout=2000, shard_size=10_000,
                                                       batch=2048), progress=False)
     assert m["recipe"]["name"] == "heun" and len(m["recipe"]["sigmas"]) == 19      # 35 NFE
     method = kd.KnowledgeDistillation(kd.make_student(teacher, "mlp-toy"), root,
                                       kd.KDConfig(loss="l2", lr=2e-3, warmup_kimg=10), manifest=m)
     result = train(method, quiet(tmp_path / "run", total_kimg=100, batch=256, ema_halflife_kimg=10,
-                                 eval_kimg=25, best_metric="heldout_loss", tick_kimg=25),
-                   evaluate=kd.evaluate)
+                                 eval_kimg=25, best_metric=kd.SPEC.best_metric, tick_kimg=25),
+                   evaluate=own_evaluation)
     evals = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
     losses = [r["eval/heldout_loss"] for r in evals if "eval/heldout_loss" in r]
     assert len(losses) == 4 and float(method.best_loss) == pytest.approx(min(losses))
@@ -190,7 +194,7 @@ SMALL_PAIRS = dict(n_pairs=8, heldout=4, shard_size=8, steps=2, batch=8)
 def test_ddpm_eps_student_is_the_papers_g_with_its_gradient_scale(tmp_path):
     """G(z) = z - F(z, 999) on the pairs' unit noise, trained with the paper's gradient, exported and reloaded."""
     teacher = ddpm_eps_teacher()
-    m = P.generate_pairs(teacher, tmp_path / "p", P.PairsConfig(**SMALL_PAIRS), progress=False)
+    m = KP.generate_pairs(teacher, tmp_path / "p", KP.PairsConfig(**SMALL_PAIRS), progress=False)
     assert m["recipe"]["name"] == "ddim-quad"
     method = kd.KnowledgeDistillation(kd.make_student(teacher), tmp_path / "p", kd.KDConfig(), manifest=m)
     assert isinstance(method.student, kd.PaperStudent)
@@ -204,7 +208,7 @@ def test_ddpm_eps_student_is_the_papers_g_with_its_gradient_scale(tmp_path):
 
     with torch.no_grad():
         ref = paper_g()
-        assert float((kd.predict(method.student, z, method.sigma) - ref).abs().max()) < 1e-5
+        assert float((common.generate(method.student, z, method.sigma) - ref).abs().max()) < 1e-5
         net, recipe = method.export()
         assert float((sample_onestep(net, z, recipe["sigmas"]) - ref).abs().max()) < 1e-5
     # The gradient of the method's loss is the paper's (old code: D(sigma_max z; sigma_max), 157x the output).
@@ -232,9 +236,9 @@ def test_vp_eps_students_are_wrapped_and_others_are_not(tmp_path):
     u = torch.randn(16, 2)
     with torch.no_grad():
         ref = u - vp.backbone(u, 999 * vp_sigma_inv(torch.full((16,), 80.0)), None)
-        assert float((kd.predict(student, u, 80.0) - ref).abs().max()) < 1e-5
+        assert float((common.generate(student, u, 80.0) - ref).abs().max()) < 1e-5
     root = tmp_path / "p"
-    m = P.generate_pairs(ring8(), root, P.PairsConfig(n_pairs=16, heldout=0, shard_size=16, steps=2),
+    m = KP.generate_pairs(ring8(), root, KP.PairsConfig(n_pairs=16, heldout=0, shard_size=16, steps=2),
                          progress=False)
     assert isinstance(kd.KnowledgeDistillation(vp, root, manifest=m).student, kd.PaperStudent)
     edm = Precond(mlp_preset("tiny", 2), (2,), 0, PrecondConfig())
@@ -245,11 +249,8 @@ def test_vp_eps_students_are_wrapped_and_others_are_not(tmp_path):
 
 
 def _kd_args(tmp_path, *extra):
-    from diffdistill.cli.main import build_parser
-
-    return build_parser().parse_args(["distill", "kd", "--teacher", "t", "--out", str(tmp_path / "run"),
-                                      "--pairs", str(tmp_path / "p"), "--n-pairs", "8", "--heldout", "0",
-                                      "--shard-size", "8", "--pairs-steps", "2", *extra])
+    return parse_distill("kd", "--pairs", str(tmp_path / "p"), "--n-pairs", "8", "--heldout", "0", "--shard-size",
+                         "8", "--pairs-steps", "2", *extra, out=str(tmp_path / "run"))
 
 
 def test_student_has_no_dropout_by_default(tmp_path):
@@ -262,11 +263,11 @@ def test_student_has_no_dropout_by_default(tmp_path):
         with torch.no_grad():
             return net(80 * x, 80.0), net(80 * x, 80.0)
 
-    method = kd.build(_kd_args(tmp_path), teacher)
+    method = method_from_args("kd", _kd_args(tmp_path), teacher)
     assert method.student.training and common.dropout_of(method.student) == 0
     a, b = two_passes(method.student)
     assert torch.equal(a, b)
-    kept = kd.build(_kd_args(tmp_path, "--student-dropout", "teacher"), teacher)     # the override
+    kept = method_from_args("kd", _kd_args(tmp_path, "--student-dropout", "teacher"), teacher)   # the override
     assert common.dropout_of(kept.student) == pytest.approx(0.1)
     a, b = two_passes(kept.student)
     assert not torch.equal(a, b)
@@ -275,7 +276,7 @@ def test_student_has_no_dropout_by_default(tmp_path):
 
 def test_ema_is_the_papers_per_step_decay(tmp_path):
     root = tmp_path / "p"
-    m = P.generate_pairs(ring8(), root, P.PairsConfig(n_pairs=16, heldout=0, shard_size=16, steps=2),
+    m = KP.generate_pairs(ring8(), root, KP.PairsConfig(n_pairs=16, heldout=0, shard_size=16, steps=2),
                          progress=False)
     method = kd.KnowledgeDistillation(kd.make_student(ring8(), "mlp-tiny"), root, manifest=m)
     halflife, rampup = method.ema_default(512)
@@ -300,18 +301,19 @@ def test_recipes_are_the_official_settings(tmp_path, name, want):
     recipe = kd.RECIPES[name]
     assert "get_settings" in recipe.source and set(kd.RECIPES) == {"cifar10", "celeba", "lsun_church",
                                                                    "lsun_bedroom"}
-    from diffdistill.cli.main import build_parser
-
-    args = build_parser().parse_args(["distill", "kd", "--teacher", "t", "--out", "r", *recipe.options])
-    assert (args.kimg, args.batch, args.ema, args.student_dropout) == (want["kimg"], want["batch"], None, None)
+    teacher = ddpm_eps_teacher()
+    args = cli_distill.with_recipe(parse_distill("kd", "--recipe", name), teacher)
+    # the student's dropout: KD's default, 0 (the official student has none); the EMA: --ema-decay's, not --ema
+    assert (args.kimg, args.batch, args.ema, args.student_dropout) == (want["kimg"], want["batch"], None, 0.0)
     assert (args.n_pairs, args.shard_size, args.heldout) == (1_024_000, want["shard_size"], want["heldout"])
     assert (args.pairs_sampler, args.pairs_steps, args.target_dtype) == (want["sampler"], want["steps"], "uint8")
     # The user's options come after the recipe's and win: a small pairs directory for the test.
     small = ["--pairs", str(tmp_path / "p"), "--n-pairs", "8", "--heldout", "0", "--shard-size", "8",
              "--pairs-steps", "2"]
-    args = build_parser().parse_args(["distill", "kd", "--teacher", "t", "--out", str(tmp_path / "run"),
-                                      *recipe.options, *small])
-    method = kd.build(args, ddpm_eps_teacher())
+    args = cli_distill.with_recipe(parse_distill("kd", "--recipe", name, *small, out=str(tmp_path / "run")),
+                                   teacher)
+    assert (args.kimg, args.n_pairs, args.pairs_steps) == (want["kimg"], 8, 2)
+    method = method_from_args("kd", args, teacher)
     oc = method.groups()["student"].optim
     assert (oc.lr, tuple(oc.betas), oc.eps, oc.warmup_kimg) == (want["lr"], want["betas"], 1e-8, want["warmup_kimg"])
     assert method.cfg.loss == want["loss"] and common.dropout_of(method.student) == 0
@@ -347,3 +349,103 @@ def test_two_stage_workflow_through_the_cli(tmp_path, capsys):
     assert len(commands) == 3
     for argv in commands:
         assert parser.parse_args(argv).func is not None
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings: one KDConfig for the command line and the Python API; kd-pairs' options are its pair fields
+
+
+def tiny_network_teacher():
+    torch.manual_seed(0)
+    return Precond(mlp_preset("tiny", 2), (2,), 0, PrecondConfig()).eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("teacher", [ring8, tiny_network_teacher], ids=["analytic", "network"])
+@pytest.mark.parametrize("kimg, warmup", [(100, 10.0), (50_000, 2560.0)])
+def test_python_api_defaults_are_the_command_lines(tmp_path, teacher, kimg, warmup):
+    """KDConfig() resolves to what `distill kd` with no KD options resolves to; the warm-up is 10% of the run,
+    capped at the paper's 2560 kimg (before, KDConfig() kept 2560 kimg whatever the run's length)."""
+    teacher = teacher()
+    out = str(tmp_path / "run")
+    loop = distill_loop(out, total_kimg=kimg, batch=64, seed=3)
+    api = kd.SPEC.config().resolve(teacher, loop)
+    cli = config_from_namespace(kd.SPEC.config, parse_distill("kd", "--kimg", str(kimg), out=out)).resolve(teacher,
+                                                                                                            loop)
+    assert api == cli
+    assert (api.warmup_kimg, api.seed, api.pairs, api.student_dropout) == (warmup, 3, out + "-pairs", 0.0)
+    assert (api.loss, api.lr, api.betas, api.adam_eps, api.ema_decay) == ("l1", 2e-4, (0.9, 0.98), 1e-8, 0.995)
+    assert api.resolve(teacher, None) == api == api.resolve(teacher, loop)          # idempotent
+    # Without a run: the paper's warm-up, seed 0 and no pairs directory (create asks for one).
+    assert kd.KDConfig().resolve(teacher, None) == kd.KDConfig(warmup_kimg=2560.0, seed=0)
+
+
+def test_settings_are_checked_and_a_run_free_method_needs_its_pairs(tmp_path, capsys):
+    with pytest.raises(UsageError, match="--loss"):
+        kd.KDConfig(loss="l3").resolve(ring8(), None)
+    with pytest.raises(UsageError, match="--ema-decay"):
+        kd.KDConfig(ema_decay=1.0).resolve(ring8(), None)
+    with pytest.raises(UsageError, match="pairs=DIR"):
+        kd.create(kd.KDConfig(student_preset="mlp-tiny"), ring8())
+    assert not list(tmp_path.iterdir())
+    cfg = kd.KDConfig(pairs=tmp_path / "p", n_pairs=16, heldout=0, shard_size=16, pairs_steps=2,
+                      student_preset="mlp-tiny", student_dropout=None)
+    method = kd.create(cfg, ring8())
+    assert method.pairs.m["n_pairs"] == 16 and (tmp_path / "p" / "pairs.json").is_file()
+    assert method.cfg == kd.KDConfig(**{**vars(cfg), "pairs": str(tmp_path / "p"), "warmup_kimg": 2560.0, "seed": 0})
+    assert "kd: 16 pairs in" in capsys.readouterr().out
+
+
+def test_kd_pairs_options_are_the_pair_settings_of_distill_kd(tmp_path):
+    """`kd-pairs` has exactly PairsSettings' options (written once), which `distill kd` parses the same way; only
+    kd-pairs requires --pairs."""
+    from diffdistill.cli.main import build_parser
+    from diffdistill.methods.options import cli_fields
+
+    parser = build_parser()
+    sub = parser._subparsers._group_actions[0].choices["kd-pairs"]
+    own = {a.dest for a in sub._actions} - {"help", "debug", "teacher", "device", "seed", "no_progress", "threads"}
+    assert own == set(kd.PAIR_FIELDS) == {f.name for f in cli_fields(kd.PairsSettings)}
+    assert set(kd.PAIR_FIELDS) < {f.name for f in cli_fields(kd.KDConfig)}
+    argv = ["--pairs", str(tmp_path / "p"), "--n-pairs", "300", "--heldout", "0", "--shard-size", "64",
+            "--pairs-sampler", "euler", "--pairs-steps", "7", "--target-dtype", "float16", "--gen-batch", "32",
+            "--pairs-seed", "5"]
+    pairs = config_from_namespace(kd.PairsSettings, _pairs_args(*argv))
+    distill = config_from_namespace(kd.KDConfig, parse_distill("kd", *argv))
+    assert pairs == kd.PairsSettings(**{name: getattr(distill, name) for name in kd.PAIR_FIELDS})
+    assert pairs.pairs_config() == KP.PairsConfig(n_pairs=300, heldout=0, shard_size=64, sampler="euler", steps=7,
+                                                 target_dtype="float16", batch=32, seed=5)
+    for bad in (["--n-pairs", "0"], ["--pairs-seed", "-1"], ["--target-dtype", "int8"]):
+        with pytest.raises(SystemExit):
+            _pairs_args("--pairs", "p", *bad)
+        with pytest.raises(SystemExit):
+            parse_distill("kd", *bad)
+    with pytest.raises(SystemExit):
+        _pairs_args()                                        # kd-pairs: --pairs is required
+    assert parse_distill("kd").pairs is None                 # distill kd: RUN-pairs
+
+
+def test_python_api_run_keeps_the_best_heldout_ema(tmp_path):
+    """`diffdistill.distill("kd", ...)`: the method's own model selection (SPEC.best_metric) runs without a
+    command line, and the run's warm-up is 10% of its length."""
+    from diffdistill.api import distill
+
+    loop = distill_loop(str(tmp_path / "run"), total_kimg=0.064, batch=16, device="cpu", progress=False,
+                        tensorboard=False, final_grid=False)
+    result = distill("kd", ring8(), loop=loop, pairs=str(tmp_path / "p"), n_pairs=64, heldout=16, shard_size=64,
+                     pairs_steps=2, student_preset="mlp-tiny", loss="l2", lr=1e-3)
+    assert result.config.warmup_kimg == pytest.approx(0.0064) and result.config.pairs == str(tmp_path / "p")
+    stats = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
+    losses = [r["eval/heldout_loss"] for r in stats if "eval/heldout_loss" in r]
+    assert losses and result.best["metric"] == "heldout_loss" and result.best["value"] == pytest.approx(min(losses))
+    student = result.student()
+    method = kd.KnowledgeDistillation(kd.make_student(ring8(), "mlp-tiny"), tmp_path / "p", kd.KDConfig(loss="l2"))
+    assert method.heldout_loss(student) == pytest.approx(min(losses), rel=1e-5)   # RUN/model = the best EMA
+
+
+def test_pairs_are_generated_where_the_teacher_is():
+    """The teacher's own device (a teacher loaded on the GPU without --device used to get CPU noise), else the
+    run's device, else the CPU."""
+    on_meta = Precond(mlp_preset("tiny", 2), (2,), 0, PrecondConfig()).to("meta")
+    assert kd._pairs_device(on_meta, "cpu") == "meta"
+    assert kd._pairs_device(ring8().to("meta"), None) == "meta"          # an analytic teacher's buffers
+    assert kd._pairs_device(Denoiser((2,)), "cuda:1") == "cuda:1" and kd._pairs_device(Denoiser((2,)), None) == "cpu"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import json
+import re
 import sys
 
 import pytest
@@ -112,3 +113,42 @@ def test_missing_diffusers_names_pip(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)     # `import diffusers` now raises ImportError
     with pytest.raises(DiffdistillError, match="pip install diffusers"):
         load_teacher(path)
+
+
+def test_one_snapshot_resolution_for_teachers_sample_and_eval(tmp_path):
+    """io.find_snapshot is what load_teacher, `sample` and `eval` resolve a spec with: a snapshot (or its
+    model.json) itself; a run's RUN/latest when it was interrupted (sample, eval), RUN/model for a teacher; nothing
+    for analytic specs, data and missing paths."""
+    from diffdistill.cli.eval import _snapshot_dir
+    from diffdistill.cli.sample import load_model
+    from diffdistill.io import find_snapshot
+
+    ring, other = load_teacher("toy:ring8"), GaussianMixture([[3.0, -1.0]], [0.7], [1.0])
+    run = tmp_path / "run"
+    save_snapshot(run / "model", ring, {"sampler": "heun", "steps": 18})
+    save_snapshot(run / "latest", other, {"sampler": "euler", "steps": 4}, meta={"step": 7, "kimg": 0.5})
+    assert find_snapshot(run) == run / "latest" and find_snapshot(str(run)) == run / "latest"
+    assert find_snapshot(run, unfinished=False) == run / "model"
+    assert find_snapshot(run / "latest" / "model.json") == run / "latest"
+    assert find_snapshot(run / "model") == run / "model"
+    (tmp_path / "images").mkdir()
+    for none in ("toy:ring8", tmp_path / "missing", tmp_path / "images", run / "model" / "model.safetensors"):
+        assert find_snapshot(none) is None
+
+    x = torch.randn(4, 2, dtype=torch.float64)
+    assert torch.equal(load_teacher(run)(x, 0.5), ring(x, 0.5))          # a teacher: the finished RUN/model
+    notes = []
+    den, recipe, meta = load_model(str(run), note=notes.append)            # sampling: the newer RUN/latest, said
+    assert torch.equal(den(x, 0.5), other(x, 0.5)) and recipe == {"sampler": "euler", "steps": 4}
+    assert notes == [f"{run}: the run did not finish; sampling {run / 'latest'} (step 7, 0.5 kimg)"]
+    notes.clear()
+    load_model(str(run / "latest" / "model.json"), note=notes.append)     # a snapshot named directly: no note
+    assert notes == []
+    assert _snapshot_dir(str(run)) == run / "latest" and _snapshot_dir(str(run / "model")) == run / "model"
+
+    # an interrupted run without RUN/model: a teacher is refused in one line that names RUN/latest
+    (run / "model" / "model.json").unlink()
+    with pytest.raises(DiffdistillError, match=rf"^{re.escape(str(run))}: the run did not finish .*give "
+                                               rf"{re.escape(str(run / 'latest'))} as the teacher$"):
+        load_teacher(run)
+    assert torch.equal(load_teacher(run / "latest")(x, 0.5), other(x, 0.5))

@@ -120,7 +120,7 @@ def test_ema_beta_is_edms_half_life_rule():
 
 
 def test_halflife_from_a_per_step_decay():
-    from diffdistill.train.ema import halflife_from_decay
+    from diffdistill.methods.base import halflife_from_decay
 
     for decay, batch in [(0.995, 512), (0.9999, 2048), (0.5, 1)]:
         assert ema_beta(batch, 10**9, halflife_from_decay(decay, batch), None) == pytest.approx(decay, rel=1e-12)
@@ -455,7 +455,7 @@ def test_final_grid_without_periodic_grids_is_the_exported_models_samples(tmp_pa
 
 
 def test_an_interrupted_run_leaves_a_sampler_ready_latest_until_it_finishes(tmp_path):
-    from diffdistill.train.loop import run_snapshot
+    from diffdistill.io import run_snapshot
 
     run = tmp_path / "run"
     method = Toy(kill_at=3)

@@ -34,9 +34,10 @@ from diffdistill.metrics import (
 )
 from diffdistill.metrics.features import DIGITS_CLASSIFIER, ClassifierTraining, to_uint8, train_classifier
 from diffdistill.metrics.fid import trace_sqrt_product
-from diffdistill.metrics.protocol import make_train_evaluator, reference_from_features
+from diffdistill.metrics.protocol import reference_from_features
 from diffdistill.metrics.toy import projections, sliced_wasserstein, toy_metrics
 from diffdistill.teachers.analytic import GaussianMixture, ring8
+from diffdistill.train.evaluate import make_train_evaluator
 
 torch.set_num_threads(1)
 
@@ -396,6 +397,38 @@ def test_train_evaluator_toy_and_images():
     ev = make_train_evaluator("fid,is", feature_net=net, ref=ref, n=40)
     out = ev(FakeMethod(digit_mixture(), {"sampler": "euler", "steps": 6}), None, 0)
     assert set(out) == {"fid", "is"} and out["fid"] > 0 and 1 <= out["is"] <= 10
+
+
+def test_evaluate_measures_the_batches_it_is_given():
+    """protocol.evaluate: batches of any sizes give the numbers of the concatenated images (FID, KID, IS, PR on
+    their features); `limit` measures the first images only. evaluate_toy: the exact metrics of the concatenated
+    points against the mixture passed in; the protocol takes the mixture itself, never a spec it would load."""
+    from diffdistill.metrics import protocol
+
+    x, _ = digits_batch(300)
+    net = load_feature_net("digits")
+    ref = reference_from_features(compute_features(net, [x[:200]])[0], "digits[:200]")
+    options = protocol.MetricOptions(kid_subsets=4, is_splits=3)
+    gen = x[200:260]
+    results, n = protocol.evaluate(iter([gen[:7], gen[7:37], gen[37:]]), ["fid", "kid", "is", "pr"], net, ref,
+                                   options)
+    f, logits = compute_features(net, [gen])
+    assert n == 60 and list(results) == ["fid", "kid", "is", "precision", "recall"]
+    assert results["fid"]["value"] == fid_from_stats(feature_stats(f), (ref.mu, ref.sigma))
+    assert results["kid"]["value"] == kid(f, ref.features, 4, 60, 0)[0] and results["kid"]["subset_size"] == 60
+    assert results["is"]["value"] == inception_score(logits, 3)[0]
+    pr = precision_recall(ref.features, f, 3)
+    assert (results["precision"]["value"], results["recall"]["value"]) == (pr["precision"], pr["recall"])
+    first, n = protocol.evaluate([gen[:30], gen[30:]], ["fid"], net, ref, limit=50)
+    assert n == 50 and first["fid"]["value"] == fid_from_stats(feature_stats(compute_features(net, [gen[:50]])[0]),
+                                                               (ref.mu, ref.sigma))
+
+    gmm = ring8()
+    points = gmm.sample(100, generator=torch.Generator().manual_seed(3)).float()
+    assert protocol.evaluate_toy([points[:40], points[40:]], gmm, seed=2) == toy_metrics(gmm, points, seed=2)
+    with pytest.raises(DiffdistillError, match="GaussianMixture"):
+        protocol.make_train_metrics("toy", ref="toy:ring8", n=10)
+    assert protocol.make_train_metrics("toy", ref=gmm, n=10).describe()["n"] == 10
 
 
 def test_cli_eval_snapshot_images_and_toy(tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""Pairs of (noise, teacher sample) for knowledge distillation (diffdistill.data.pairs; algorithms.md §2)."""
+"""Pairs of (noise, teacher sample) for knowledge distillation: their storage (diffdistill.data.pairs) and
+generation (diffdistill.methods.kd_pairs); algorithms.md §2."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from diffdistill.data import pairs as P
 from diffdistill.diffusion.denoiser import Denoiser, Precond, PrecondConfig
 from diffdistill.diffusion.schedules import ddpm_alphas_cumprod, sigmas_from_alphas_cumprod
 from diffdistill.errors import DiffdistillError
+from diffdistill.methods import kd_pairs as KP
 from diffdistill.samplers import get_sampler
 from diffdistill.teachers.analytic import Gaussian, GaussianMixture, ring8
 
@@ -60,7 +62,7 @@ def run_recipe(teacher, recipe, z):
 def test_ddpm_schedules_match_oracle_o11():
     # O11: the quadratic 100-step schedule from index 800 maps N(0,1) noise to 0.985765 x_T.
     t = ddpm_gaussian()
-    recipe = P.teacher_recipe(t, P.PairsConfig())
+    recipe = KP.teacher_recipe(t, KP.PairsConfig())
     assert recipe["name"] == "ddim-quad" and len(recipe["sigmas"]) == 96 + 1  # 96 unique indices, then 0
     z = torch.ones(1, 1, dtype=torch.float64)
     assert float(run_recipe(t, recipe, z)) == pytest.approx(0.985765, abs=1e-6)
@@ -69,20 +71,20 @@ def test_ddpm_schedules_match_oracle_o11():
     # Non-centred data and the 50-step uniform schedule against the VP-form oracle.
     t2 = ddpm_gaussian(0.3, 0.5)
     for name, indices in (("ddim-quad", seq), ("ddim-uniform", range(0, 1000, 20))):
-        r = P.teacher_recipe(t2, P.PairsConfig(sampler=name))
+        r = KP.teacher_recipe(t2, KP.PairsConfig(sampler=name))
         for z0 in (-1.3, 0.4, 2.0):
             got = float(run_recipe(t2, r, torch.full((1, 1), z0, dtype=torch.float64)))
             assert got == pytest.approx(vp_ddim_gaussian(indices, 0.3, 0.25, z0), abs=1e-10)
     # Continuous teachers default to Heun, 18 steps (35 NFE), from sigma_max * z.
-    r = P.teacher_recipe(ring8(), P.PairsConfig())
+    r = KP.teacher_recipe(ring8(), KP.PairsConfig())
     assert r["name"] == "heun" and len(r["sigmas"]) == 19 and r["prior_scale"] == 1.0
     with pytest.raises(DiffdistillError, match="discrete-time"):
-        P.teacher_recipe(ring8(), P.PairsConfig(sampler="ddim-quad"))
+        KP.teacher_recipe(ring8(), KP.PairsConfig(sampler="ddim-quad"))
 
 
 def test_pairs_are_the_teachers_samples_and_deterministic(tmp_path):
     teacher = ring8()
-    m = P.generate_pairs(teacher, tmp_path / "a", P.PairsConfig(**SMALL), progress=False)
+    m = KP.generate_pairs(teacher, tmp_path / "a", KP.PairsConfig(**SMALL), progress=False)
     assert [s["count"] for s in m["shards"]] == [200, 200, 100, 100]
     assert m["shards"][-1]["name"] == P.HELDOUT and m["target_dtype"] == "float16"
     data = P.load_shard(tmp_path / "a", m, "train-00001")
@@ -92,7 +94,7 @@ def test_pairs_are_the_teachers_samples_and_deterministic(tmp_path):
     y = run_recipe(teacher, m["recipe"], z)
     torch.testing.assert_close(data["target"][:50].double(), y.half().double(), atol=2e-3, rtol=0)
     # Same settings, same pairs.
-    P.generate_pairs(teacher, tmp_path / "b", P.PairsConfig(**SMALL), progress=False)
+    KP.generate_pairs(teacher, tmp_path / "b", KP.PairsConfig(**SMALL), progress=False)
     for s in m["shards"]:
         assert same_shard(P.shard_path(tmp_path / "a", s["name"]), P.shard_path(tmp_path / "b", s["name"]))
 
@@ -100,28 +102,28 @@ def test_pairs_are_the_teachers_samples_and_deterministic(tmp_path):
 def test_ranks_write_disjoint_shards(tmp_path):
     teacher = ring8()
     calls = []
-    orig = P.generate_shard
+    orig = KP.generate_shard
 
     def spy(t, m, index, count, device="cpu", **kw):
         calls.append(index)
         return orig(t, m, index, count, device, **kw)
 
-    P.generate_shard, saved = spy, P.generate_shard
+    KP.generate_shard, saved = spy, KP.generate_shard
     try:
-        P.generate_pairs(teacher, tmp_path / "r", P.PairsConfig(**SMALL), rank=1, world=2, progress=False)
+        KP.generate_pairs(teacher, tmp_path / "r", KP.PairsConfig(**SMALL), rank=1, world=2, progress=False)
         assert calls == [1, P.HELDOUT_INDEX]           # shards at positions 1 and 3 (the held-out one)
-        P.generate_pairs(teacher, tmp_path / "r", P.PairsConfig(**SMALL), rank=0, world=2, progress=False)
+        KP.generate_pairs(teacher, tmp_path / "r", KP.PairsConfig(**SMALL), rank=0, world=2, progress=False)
         assert calls == [1, P.HELDOUT_INDEX, 0, 2]
     finally:
-        P.generate_shard = saved
-    single = P.generate_pairs(teacher, tmp_path / "s", P.PairsConfig(**SMALL), progress=False)
+        KP.generate_shard = saved
+    single = KP.generate_pairs(teacher, tmp_path / "s", KP.PairsConfig(**SMALL), progress=False)
     for s in single["shards"]:
         assert same_shard(P.shard_path(tmp_path / "r", s["name"]), P.shard_path(tmp_path / "s", s["name"]))
 
 
 def test_resume_after_a_kill_and_a_damaged_shard(tmp_path, monkeypatch):
-    teacher, root, cfg = ring8(), tmp_path / "p", P.PairsConfig(**SMALL)
-    orig, done = P.generate_shard, []
+    teacher, root, cfg = ring8(), tmp_path / "p", KP.PairsConfig(**SMALL)
+    orig, done = KP.generate_shard, []
 
     def dies_on_third(t, m, index, count, device="cpu", **kw):
         if len(done) == 2:
@@ -129,16 +131,16 @@ def test_resume_after_a_kill_and_a_damaged_shard(tmp_path, monkeypatch):
         done.append(index)
         return orig(t, m, index, count, device, **kw)
 
-    monkeypatch.setattr(P, "generate_shard", dies_on_third)
+    monkeypatch.setattr(KP, "generate_shard", dies_on_third)
     with pytest.raises(KeyboardInterrupt):
-        P.generate_pairs(teacher, root, cfg, progress=False)
+        KP.generate_pairs(teacher, root, cfg, progress=False)
     names = sorted(p.name for p in root.iterdir())
     assert names == ["pairs.json", "train-00000.safetensors", "train-00001.safetensors"]  # no partial file
     done.clear()
     remade = []
-    monkeypatch.setattr(P, "generate_shard",
+    monkeypatch.setattr(KP, "generate_shard",
                         lambda t, m, i, c, device="cpu", **kw: remade.append(i) or orig(t, m, i, c, **kw))
-    m = P.generate_pairs(teacher, root, cfg, progress=False)
+    m = KP.generate_pairs(teacher, root, cfg, progress=False)
     assert remade == [2, P.HELDOUT_INDEX]              # continues at the first missing shard
     # Damage a shard: reading it names the file; a rerun regenerates exactly it, with the same content.
     path = P.shard_path(root, "train-00001")
@@ -155,7 +157,7 @@ def test_resume_after_a_kill_and_a_damaged_shard(tmp_path, monkeypatch):
         P.load_shard(root, m, "train-00001")
     remade.clear()
     logged = []
-    P.generate_pairs(teacher, root, cfg, progress=False, log=logged.append)
+    KP.generate_pairs(teacher, root, cfg, progress=False, log=logged.append)
     assert remade == [1] and "train-00001" in logged[0]
     path.with_name("good.safetensors").write_bytes(good)
     assert same_shard(path, path.with_name("good.safetensors"))
@@ -163,10 +165,10 @@ def test_resume_after_a_kill_and_a_damaged_shard(tmp_path, monkeypatch):
 
 def test_refusals(tmp_path):
     root = tmp_path / "p"
-    P.generate_pairs(ring8(), root, P.PairsConfig(**SMALL), progress=False)
+    KP.generate_pairs(ring8(), root, KP.PairsConfig(**SMALL), progress=False)
     other = GaussianMixture([[1.0, 0.0], [-1.0, 0.0]], [0.1, 0.1])
     with pytest.raises(DiffdistillError, match="different teacher"):
-        P.generate_pairs(other, root, P.PairsConfig(**SMALL), progress=False)
+        KP.generate_pairs(other, root, KP.PairsConfig(**SMALL), progress=False)
     with pytest.raises(DiffdistillError, match="different teacher"):
         P.verify_pairs(root, other)
     # What changes the pairs is refused, named with the directory's value and the one asked for.
@@ -174,11 +176,11 @@ def test_refusals(tmp_path):
                           (dict(sampler="heun"), "asked heun with 4 steps"),
                           (dict(seed=4), "seed 3, asked 4"), (dict(target_dtype="uint8"), "float16, asked uint8")):
         with pytest.raises(DiffdistillError, match="other settings.*" + words):
-            P.generate_pairs(ring8(), root, P.PairsConfig(**dict(SMALL, **change)), progress=False)
+            KP.generate_pairs(ring8(), root, KP.PairsConfig(**dict(SMALL, **change)), progress=False)
     # A disk too small is refused before anything is written.
     huge = tmp_path / "huge"
     with pytest.raises(DiffdistillError, match="GiB are free"):
-        P.generate_pairs(ring8(), huge, P.PairsConfig(**dict(SMALL, n_pairs=10**14, shard_size=10**12)),
+        KP.generate_pairs(ring8(), huge, KP.PairsConfig(**dict(SMALL, n_pairs=10**14, shard_size=10**12)),
                          progress=False)
     assert not huge.exists()
     with pytest.raises(DiffdistillError, match="not a pairs directory"):
@@ -199,15 +201,15 @@ class NoisyDenoiser(Denoiser):
 
 def test_teachers_without_a_deterministic_sampler_are_refused():
     with pytest.raises(DiffdistillError, match="not deterministic"):
-        P.check_deterministic_teacher(NoisyDenoiser())
+        KP.check_deterministic_teacher(NoisyDenoiser())
     from diffdistill.networks.mlp import mlp_preset
 
     boundary = Precond(mlp_preset("tiny", 2), (2,), 0, PrecondConfig(kind="boundary"))
     with pytest.raises(DiffdistillError, match="consistency-style"):
-        P.check_deterministic_teacher(boundary)
+        KP.check_deterministic_teacher(boundary)
     with pytest.raises(DiffdistillError, match="not a denoiser"):
-        P.check_deterministic_teacher(torch.nn.Linear(2, 2))
-    P.check_deterministic_teacher(ring8())           # an exact denoiser passes
+        KP.check_deterministic_teacher(torch.nn.Linear(2, 2))
+    KP.check_deterministic_teacher(ring8())           # an exact denoiser passes
 
 
 def test_uint8_targets_follow_the_paper():
@@ -219,13 +221,13 @@ def test_uint8_targets_follow_the_paper():
     # Truncation: never above the clipped value, less than one level below it.
     assert bool((dec <= clipped + 1e-6).all()) and bool((clipped - dec < 1 / 127.5 + 1e-6).all())
     assert enc.tolist()[:2] == [0, 0] and enc.tolist()[-2:] == [255, 255]
-    assert P.resolve_target_dtype(P.PairsConfig(), (3, 8, 8)) == "uint8"
-    assert P.resolve_target_dtype(P.PairsConfig(), (2,)) == "float16"
+    assert KP.resolve_target_dtype(KP.PairsConfig(), (3, 8, 8)) == "uint8"
+    assert KP.resolve_target_dtype(KP.PairsConfig(), (2,)) == "float16"
 
 
 def test_stream_visits_every_pair_once_per_epoch(tmp_path):
     root = tmp_path / "p"
-    m = P.generate_pairs(ring8(), root, P.PairsConfig(**SMALL), progress=False)
+    m = KP.generate_pairs(ring8(), root, KP.PairsConfig(**SMALL), progress=False)
     stream = P.PairStream(root, m, seed=1)
     z, y, c = stream.rows(0, 500)
     assert c is None and z.shape == (500, 2) and y.dtype == torch.float32
@@ -244,31 +246,31 @@ def test_stream_visits_every_pair_once_per_epoch(tmp_path):
 
 def _generated_rows(monkeypatch) -> list[tuple[int, int]]:
     """(seed index, rows the teacher runs on) of each shard generate_pairs makes from now on."""
-    calls, orig = [], P.generate_shard
+    calls, orig = [], KP.generate_shard
 
     def spy(t, m, index, count, device="cpu", keep=None, **kw):
         calls.append((index, count - (0 if keep is None else len(keep["noise"]))))
         return orig(t, m, index, count, device, keep=keep, **kw)
 
-    monkeypatch.setattr(P, "generate_shard", spy)
+    monkeypatch.setattr(KP, "generate_shard", spy)
     return calls
 
 
 def test_a_directory_serves_smaller_requests_and_extends_for_larger_ones(tmp_path, monkeypatch):
     """Only the pairs' identity is compared: a smaller request reads the first pairs, a larger one adds exactly the
     missing rows, and either way the pairs equal those of a fresh directory made at that size (any batch)."""
-    teacher, full = ring8(), P.PairsConfig(**SMALL)                     # 500 + 100 pairs, shards of 200
-    big = P.generate_pairs(teacher, tmp_path / "big", full, progress=False)
+    teacher, full = ring8(), KP.PairsConfig(**SMALL)                     # 500 + 100 pairs, shards of 200
+    big = KP.generate_pairs(teacher, tmp_path / "big", full, progress=False)
     calls = _generated_rows(monkeypatch)
     # Smaller, with another generation batch and shard size: nothing is generated, the first pairs are used.
-    small = P.PairsConfig(**dict(SMALL, n_pairs=300, heldout=50, batch=17, shard_size=50))
+    small = KP.PairsConfig(**dict(SMALL, n_pairs=300, heldout=50, batch=17, shard_size=50))
     logged = []
-    view = P.generate_pairs(teacher, tmp_path / "big", small, progress=False, log=logged.append)
+    view = KP.generate_pairs(teacher, tmp_path / "big", small, progress=False, log=logged.append)
     assert calls == [] and "keeps its shard size 200" in logged[0]
     assert (view["n_pairs"], view["heldout"]) == (300, 50)
     assert [(s["count"], s.get("stored")) for s in view["shards"]] == [(200, None), (100, 200), (50, 100)]
     assert json.loads((tmp_path / "big" / "pairs.json").read_text())["n_pairs"] == 500   # the directory is kept
-    fresh = P.generate_pairs(teacher, tmp_path / "fresh", P.PairsConfig(**dict(SMALL, n_pairs=300, heldout=50,
+    fresh = KP.generate_pairs(teacher, tmp_path / "fresh", KP.PairsConfig(**dict(SMALL, n_pairs=300, heldout=50,
                                                                                 batch=7)), progress=False)
     a, b = P.PairStream(tmp_path / "big", view, seed=2), P.PairStream(tmp_path / "fresh", fresh, seed=2)
     for x, y in zip(a.rows(0, 450), b.rows(0, 450)):                 # across an epoch boundary
@@ -277,7 +279,7 @@ def test_a_directory_serves_smaller_requests_and_extends_for_larger_ones(tmp_pat
         assert (x is None and y is None) or torch.equal(x, y)
     # Larger: the 300 + 50 directory grows to 500 + 100, computing only the 250 missing pairs.
     calls.clear()
-    grown = P.generate_pairs(teacher, tmp_path / "fresh", P.PairsConfig(n_pairs=500, heldout=100, sampler=None,
+    grown = KP.generate_pairs(teacher, tmp_path / "fresh", KP.PairsConfig(n_pairs=500, heldout=100, sampler=None,
                                                                        steps=None, seed=None), progress=False)
     assert sorted(calls) == [(P.HELDOUT_INDEX, 50), (1, 100), (2, 100)]
     assert grown["shards"] == big["shards"]
@@ -285,7 +287,7 @@ def test_a_directory_serves_smaller_requests_and_extends_for_larger_ones(tmp_pat
         assert same_shard(P.shard_path(tmp_path / "big", s["name"]), P.shard_path(tmp_path / "fresh", s["name"]))
     # Options left out (None) take the directory's: nothing to do.
     calls.clear()
-    again = P.generate_pairs(teacher, tmp_path / "fresh", P.PairsConfig(**dict(AS_BEFORE, batch=3)), progress=False)
+    again = KP.generate_pairs(teacher, tmp_path / "fresh", KP.PairsConfig(**dict(AS_BEFORE, batch=3)), progress=False)
     assert calls == [] and again == grown
 
 
@@ -293,20 +295,20 @@ def test_directories_made_before_noise_blocks_keep_their_rule(tmp_path, monkeypa
     """A manifest with `batch` (no `block`): blocks drawn at their actual length, shards seeded by position; an
     extension keeps its pairs and gives new shards seed indices no shard has (not the held-out shard's)."""
     teacher, root = ring8(), tmp_path / "old"
-    m = P.make_manifest(teacher, P.PairsConfig(**SMALL))
+    m = KP.make_manifest(teacher, KP.PairsConfig(**SMALL))
     del m["block"]
     m["batch"] = 64
     for s in m["shards"]:
         del s["index"]
     root.mkdir()
     (root / P.MANIFEST).write_text(json.dumps(m))                    # as the earlier code wrote it ...
-    P.generate_pairs(teacher, root, P.PairsConfig(**AS_BEFORE), progress=False)     # ... and its shards
+    KP.generate_pairs(teacher, root, KP.PairsConfig(**AS_BEFORE), progress=False)     # ... and its shards
     last = P.load_shard(root, m, "train-00002")                       # 100 rows: blocks of 64 and 36
-    g = torch.Generator().manual_seed(P._seed(3, 2, 1))
+    g = torch.Generator().manual_seed(P.noise_seed(3, 2, 1))
     assert torch.equal(last["noise"][64:], torch.randn(36, 2, generator=g).half())
     held = P.shard_path(root, P.HELDOUT).read_bytes()
     calls = _generated_rows(monkeypatch)
-    P.generate_pairs(teacher, root, P.PairsConfig(**dict(AS_BEFORE, n_pairs=700)), progress=False)
+    KP.generate_pairs(teacher, root, KP.PairsConfig(**dict(AS_BEFORE, n_pairs=700)), progress=False)
     assert sorted(calls) == [(2, 200), (4, 100)]                      # index 3 is the held-out shard's
     assert P.shard_path(root, P.HELDOUT).read_bytes() == held
     full = P.verify_pairs(root)
@@ -334,13 +336,13 @@ def test_progress_moves_per_batch_and_ctrl_c_says_rerun(tmp_path, monkeypatch, c
 
     monkeypatch.setattr(tqdm, "tqdm", _Bar)
     _Bar.made.clear()
-    P.generate_pairs(ring8(), tmp_path / "p", P.PairsConfig(**SMALL), progress=True)
+    KP.generate_pairs(ring8(), tmp_path / "p", KP.PairsConfig(**SMALL), progress=True)
     bar = _Bar.made[-1]
     assert not bar.disable and bar.total == 600 and sum(bar.updates) == 600
     assert bar.updates == [64, 64, 64, 8] * 2 + [64, 36] * 2          # one move per generation batch
-    P.generate_pairs(ring8(), tmp_path / "q", P.PairsConfig(**SMALL), progress=False)
+    KP.generate_pairs(ring8(), tmp_path / "q", KP.PairsConfig(**SMALL), progress=False)
     assert _Bar.made[-1].disable
-    orig, made = P.generate_shard, []
+    orig, made = KP.generate_shard, []
 
     def interrupted(*a, **kw):
         if made:
@@ -348,8 +350,8 @@ def test_progress_moves_per_batch_and_ctrl_c_says_rerun(tmp_path, monkeypatch, c
         made.append(1)
         return orig(*a, **kw)
 
-    monkeypatch.setattr(P, "generate_shard", interrupted)
+    monkeypatch.setattr(KP, "generate_shard", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        P.generate_pairs(ring8(), tmp_path / "r", P.PairsConfig(**SMALL), progress=False)
+        KP.generate_pairs(ring8(), tmp_path / "r", KP.PairsConfig(**SMALL), progress=False)
     err = capsys.readouterr().err
     assert "1 of the 4 shards" in err and "rerun to continue" in err

@@ -177,3 +177,28 @@ def test_denoiser_rejects_wrong_shapes():
         den(torch.randn(2, 4), 1.0)
     with pytest.raises(ValueError, match="sigma"):
         den(torch.randn(2, 3), torch.ones(3))
+
+
+def test_snr_weightings_turn_the_x_mse_into_the_eps_and_v_mse():
+    """At a fixed z_t = alpha x + sigma_t eps: ||eps - eps_hat||^2 = SNR ||x - x_hat||^2 and ||v - v_hat||^2 =
+    (1 + SNR) ||x - x_hat||^2 (Salimans & Ho 2022, §4), with SNR = 1/sigma^2 at EDM level sigma. So on the x-MSE
+    'snr' gives the eps-MSE, 'snr+1' (= 'v_mse') the v-MSE, 'snr_trunc' max(x-MSE, eps-MSE), 'constant' the x-MSE."""
+    from diffdistill.errors import DiffdistillError
+
+    g = torch.Generator().manual_seed(0)
+    sigma = torch.logspace(-2, 2, 9, dtype=f64)
+    alpha, sigma_t = (v[:, None] for v in param.vp_from_edm(sigma))
+    x, eps = torch.randn(9, 5, generator=g, dtype=f64), torch.randn(9, 5, generator=g, dtype=f64)
+    z = alpha * x + sigma_t * eps
+    x_hat = x + 0.1 * torch.randn(9, 5, generator=g, dtype=f64)
+    eps_hat = param.eps_from_x(z, x_hat, alpha, sigma_t)
+    v, v_hat = param.v_from_x_eps(x, eps, alpha, sigma_t), param.v_from_x_eps(x_hat, eps_hat, alpha, sigma_t)
+    x_mse, eps_mse, v_mse = (((a - b) ** 2).mean(1) for a, b in ((x, x_hat), (eps, eps_hat), (v, v_hat)))
+    expected = {"snr": eps_mse, "snr+1": v_mse, "v_mse": v_mse, "snr_trunc": torch.maximum(x_mse, eps_mse),
+                "constant": x_mse}
+    for weighting, want in expected.items():
+        torch.testing.assert_close(param.snr_weight(sigma, weighting) * x_mse, want, rtol=1e-9, atol=0)
+    assert param.snr_weight(sigma.float()).dtype == f64              # float64 whatever the levels' dtype
+    torch.testing.assert_close(param.snr_weight(t([0.1, 1.0, 3.0])), t([100.0, 1.0, 1.0]))   # default snr_trunc
+    with pytest.raises(DiffdistillError, match="unknown weighting 'p2'"):
+        param.snr_weight(sigma, "p2")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
@@ -11,15 +10,23 @@ import pytest
 import torch
 
 from diffdistill import io
+from diffdistill.diffusion import param
 from diffdistill.diffusion.denoiser import Denoiser, Precond, PrecondConfig
 from diffdistill.errors import DiffdistillError, UsageError
 from diffdistill.methods import pd
 from diffdistill.methods.base import Batch
 from diffdistill.networks.mlp import mlp_preset
 from diffdistill.samplers import sample, sample_euler
+from diffdistill.samplers.ode import ddim_step
 from diffdistill.teachers.analytic import Gaussian, ring8
+from tests.cli_util import cli_method, method_from_args, parse_distill
 
 MU, VAR = 0.3, 0.25
+
+
+def _cfg(**kw) -> pd.PDConfig:
+    """A PDConfig for a method built outside a run, which must give its round length."""
+    return pd.PDConfig(**{"round_kimg": 1.0, **kw})
 
 
 # --------------------------------------------------------------------------------------------------
@@ -69,9 +76,9 @@ def test_o14_student_step_with_the_target_lands_on_the_teachers_two_steps():
         z_teacher = vp_ddim(vp_ddim(z_t.numpy(), t, t_mid), t_mid, t_next)
         np.testing.assert_allclose(z_student.numpy(), z_teacher, rtol=0, atol=1e-10)
         # And in EDM form: the same Euler step lands on the teacher's two Euler half-steps.
-        x_mid = pd.ddim_step(x_t, teacher(x_t, sig[0]), sig[0], sig[1])
-        x_two = pd.ddim_step(x_mid, teacher(x_mid, sig[1]), sig[1], sig[2])
-        torch.testing.assert_close(pd.ddim_step(x_t, x_tilde, sig[0], sig[2]), x_two, rtol=0, atol=1e-10)
+        x_mid = ddim_step(x_t, teacher(x_t, sig[0]), sig[0], sig[1])
+        x_two = ddim_step(x_mid, teacher(x_mid, sig[1]), sig[1], sig[2])
+        torch.testing.assert_close(ddim_step(x_t, x_tilde, sig[0], sig[2]), x_two, rtol=0, atol=1e-10)
     # Final step (t'' = 0): x~ is the teacher's midpoint prediction; the official VP two-step result at
     # sigma(0) = 4.5e-5 differs from the student's step only by O(1e-5).
     z_t = torch.randn(5, 1, generator=gen, dtype=torch.float64)
@@ -133,7 +140,7 @@ class TableStudent(Denoiser):
 
 def test_o14_the_exact_affine_student_has_zero_loss():
     teacher = Gaussian([MU], math.sqrt(VAR))
-    method = pd.ProgressiveDistillation(teacher, pd.PDConfig(start_steps=8, end_steps=1),
+    method = pd.ProgressiveDistillation(teacher, _cfg(start_steps=8, end_steps=1),
                                         student=TableStudent([1.0], [0.0], [0.0]))
     t_grid, s_grid = method.grids()
     a, b = [], []
@@ -155,7 +162,7 @@ def test_o14_the_exact_affine_student_has_zero_loss():
     assert float(perturbed.detach()) > 1e-5
     # The weighting is max(SNR, 1) per example (snr_trunc).
     s = torch.tensor([0.1, 1.0, 3.0])
-    torch.testing.assert_close(pd.snr_weight(s), torch.tensor([100.0, 1.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(param.snr_weight(s), torch.tensor([100.0, 1.0, 1.0], dtype=torch.float64))
 
 
 def test_rounds_reset_copy_and_milestones(tmp_path):
@@ -203,7 +210,7 @@ def test_vp_cosine_teachers_x_v_and_both():
         backbone = _TwoHeads() if prediction == "both" else mlp_preset("tiny", 2)
         teacher = Precond(backbone, (2,), 0, PrecondConfig(kind="cosine", prediction=prediction))
         teacher.eval()
-        method = pd.ProgressiveDistillation(teacher, pd.PDConfig(start_steps=4, end_steps=1))
+        method = pd.ProgressiveDistillation(teacher, _cfg(start_steps=4, end_steps=1))
         assert method.grid == "cosine"
         assert float(method.grids()[0][0]) == pytest.approx(math.exp(10), rel=1e-9)  # alpha_1 = e^-10
         for p, q in zip(method.student.parameters(), teacher.parameters()):
@@ -215,7 +222,7 @@ def test_vp_cosine_teachers_x_v_and_both():
         assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in method.student.parameters())
     eps_teacher = Precond(mlp_preset("tiny", 2), (2,), 0, PrecondConfig(kind="cosine", prediction="eps")).eval()
     with pytest.raises(DiffdistillError, match="alpha_1"):
-        pd.ProgressiveDistillation(eps_teacher, pd.PDConfig(start_steps=4))
+        pd.ProgressiveDistillation(eps_teacher, _cfg(start_steps=4))
 
 
 def test_every_eps_teacher_is_refused():
@@ -242,15 +249,15 @@ def test_every_eps_teacher_is_refused():
                "EDM's VP ": CFGDenoiser(precond("vp", label_dim=3), 2.0).eval()}
     for what, teacher in refused.items():
         with pytest.raises(DiffdistillError, match=f"refuses this teacher, .*{what.strip()}.*use such a teacher"):
-            pd.ProgressiveDistillation(teacher, pd.PDConfig(start_steps=4))
+            pd.ProgressiveDistillation(teacher, _cfg(start_steps=4))
     for teacher in (precond("edm"), precond("cosine", "x"), precond("cosine", "v"),
                     DiscreteVPDenoiser(Net(), (2,), ddpm_alphas_cumprod(), prediction="v_prediction").eval(),
                     DiscreteVPDenoiser(Net(), (2,), ddpm_alphas_cumprod(), prediction="sample").eval()):
-        pd.ProgressiveDistillation(teacher, pd.PDConfig(start_steps=4))
+        pd.ProgressiveDistillation(teacher, _cfg(start_steps=4))
 
 
 class _Images:
-    """A stand-in for an image data set: PD's build reads only its shape."""
+    """A stand-in for an image data set: building PD reads only its shape."""
 
     shape, label_dim, name = (3, 8, 8), 0, "images"
 
@@ -268,13 +275,18 @@ def test_student_dropout_is_zero_unless_asked():
     from diffdistill.methods import common
 
     teacher = _image_teacher(0.3)
-    method = pd.build(_args(start_steps=4, end_steps=1), teacher, _Images())
+    steps = ("--start-steps", "4", "--end-steps", "1")
+    method = cli_method("pd", teacher, _Images(), *steps)
     assert common.dropout_of(method.student) == 0.0 and common.dropout_of(method.prev) == 0.0
     assert common.dropout_of(teacher) == pytest.approx(0.3)
-    kept = pd.build(_args(start_steps=4, end_steps=1, student_dropout="teacher"), teacher, _Images())
+    kept = cli_method("pd", teacher, _Images(), *steps, "--student-dropout", "teacher")
     assert common.dropout_of(kept.student) == pytest.approx(0.3)
-    assert common.dropout_of(pd.build(_args(start_steps=4, end_steps=1, student_dropout=0.1), teacher,
-                                      _Images()).student) == pytest.approx(0.1)
+    assert common.dropout_of(cli_method("pd", teacher, _Images(), *steps, "--student-dropout", "0.1").student) == \
+        pytest.approx(0.1)
+    # the Python API: the same official 0, and 'teacher' as on the command line
+    assert common.dropout_of(pd.ProgressiveDistillation(teacher, _cfg(start_steps=4)).student) == 0.0
+    api_kept = pd.ProgressiveDistillation(teacher, _cfg(start_steps=4, student_dropout="teacher"))
+    assert common.dropout_of(api_kept.student) == pytest.approx(0.3)
 
 
 def test_clip_denoised_recipe_is_honoured_by_the_sampler():
@@ -286,12 +298,13 @@ def test_clip_denoised_recipe_is_honoured_by_the_sampler():
     with torch.no_grad():                                    # a network whose x-hat leaves [-1, 1]
         w = teacher.backbone.dec["8x8_aux_conv"].weight    # (EDM's init makes the last layer ~1e-5)
         w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(1)))
-    method = pd.build(_args(start_steps=4, end_steps=1), teacher, _Images())
+    method = cli_method("pd", teacher, _Images(), "--start-steps", "4", "--end-steps", "1")
     net, recipe = method.export()
     assert recipe["clip_denoised"] is True and recipe["sampler"] == "euler"
-    assert "clip_denoised" not in pd.build(_args(start_steps=4, end_steps=1, clip_denoised=False), teacher,
-                                           _Images()).export()[1]
-    assert "clip_denoised" not in pd.ProgressiveDistillation(ring8(), pd.PDConfig(start_steps=4)).export()[1]
+    assert "clip_denoised" not in cli_method("pd", teacher, _Images(), "--start-steps", "4", "--end-steps", "1",
+                                             "--no-clip-denoised").export()[1]
+    assert "clip_denoised" not in pd.ProgressiveDistillation(ring8(), _cfg(start_steps=4)).export()[1]
+    assert pd.ProgressiveDistillation(ring8(), _cfg(start_steps=4, clip_denoised=True)).export()[1]["clip_denoised"]
     got = sample(net, [0, 1, 2], sampler=recipe["sampler"], sigmas=recipe["sigmas"],
                  clip_denoised=recipe["clip_denoised"])
     grid = torch.tensor(recipe["sigmas"], dtype=torch.float64)
@@ -317,8 +330,10 @@ def test_pd_ema_restarts_every_round_through_the_loop(tmp_path):
     from diffdistill.train.loop import TrainConfig, train
 
     torch.manual_seed(0)
-    method = pd.build(_args(start_steps=8, end_steps=2, round_kimg=0.256, pd_ema=True, lr=2e-3), ring8(),
-                      open_dataset("toy:ring8"))
+    args = parse_distill("pd", "--start-steps", "8", "--end-steps", "2", "--round-kimg", "0.256", "--pd-ema",
+                         "--lr", "2e-3", out=str(tmp_path))
+    method = method_from_args("pd", args, ring8(), open_dataset("toy:ring8"))
+    assert method.ema_targets() == {"student": method.student} and method.cfg.lr == 2e-3
     init = {k: v.clone() for k, v in method.student.state_dict().items()}
     cfg = TrainConfig(out=str(tmp_path), total_kimg=0.512, batch=64, ema_halflife_kimg=1e9, ema_rampup=None,
                       checkpoint_kimg=0, tick_kimg=0.256, progress=False, tensorboard=False, device="cpu")
@@ -335,15 +350,6 @@ def test_pd_ema_restarts_every_round_through_the_loop(tmp_path):
         torch.testing.assert_close(v, start2[k], atol=1e-7, rtol=0)      # round 2: round 2's start only
 
 
-def _args(**kw):
-    parser = argparse.ArgumentParser()
-    pd.add_arguments(parser)
-    ns = parser.parse_args([])
-    for k, v in {"out": None, "kimg": 3.0, "lr": None, **kw}.items():
-        setattr(ns, k, v)
-    return ns
-
-
 def test_bad_input():
     for start, end in ((6, 1), (4, 8), (4, 4), (0, 1)):
         with pytest.raises(UsageError):
@@ -352,16 +358,34 @@ def test_bad_input():
 
     data = open_dataset("toy:ring8")
     with pytest.raises(UsageError, match="power"):
-        pd.build(_args(start_steps=12), ring8(), data)
+        cli_method("pd", ring8(), data, "--start-steps", "12", "--kimg", "3")
     with pytest.raises(UsageError, match="needs real training data"):
-        pd.build(_args(), ring8(), None)
+        cli_method("pd", ring8(), None, "--kimg", "3")
     boundary = Precond(mlp_preset("tiny", 2), (2,), 0, PrecondConfig(kind="boundary"))
     with pytest.raises(DiffdistillError, match="consistency-style"):
-        pd.ProgressiveDistillation(boundary, pd.PDConfig(start_steps=4))
-    method = pd.build(_args(start_steps=8, end_steps=1), ring8(), data)
+        pd.ProgressiveDistillation(boundary, _cfg(start_steps=4))
+    method = cli_method("pd", ring8(), data, "--start-steps", "8", "--end-steps", "1", "--kimg", "3")
     assert method.n_rounds == 3 and method.cfg.round_kimg == pytest.approx(1.0)
     with pytest.raises(DiffdistillError, match="needs real data"):
         method.loss("student", Batch(size=4, device=torch.device("cpu")))
+    # the settings' own checks (resolve), beside the command line's generic ones: --lr 0 is refused (`build` used to
+    # replace it silently by the default 5e-5), as are a non-positive round and a negative clipping norm (which
+    # clip_grad_norm_ would turn into a sign flip); --grad-clip 0 turns clipping off
+    for options, match in ((("--lr", "0"), "--lr must be positive"), (("--lr=-1e-4",), "--lr must be positive"),
+                           (("--round-kimg", "0"), "--round-kimg must be positive"),
+                           (("--grad-clip=-1",), "--grad-clip must be positive")):
+        with pytest.raises(UsageError, match=match):
+            cli_method("pd", ring8(), data, "--start-steps", "4", *options)
+    unclipped = cli_method("pd", ring8(), data, "--start-steps", "4", "--grad-clip", "0")
+    assert unclipped.cfg.grad_clip is None and unclipped.groups()["student"].optim.grad_clip is None
+    # the Python API: the same checks; outside a run the round length must be given
+    with pytest.raises(UsageError, match="give round_kimg"):
+        pd.ProgressiveDistillation(ring8(), pd.PDConfig(start_steps=4))
+    for bad, match in ((dict(weighting="snr2"), "--weighting 'snr2'"), (dict(grid="linear"), "--grid 'linear'"),
+                       (dict(student_dropout=1.0), "--student-dropout"), (dict(lr=0.0), "--lr"),
+                       (dict(lr=float("nan")), "--lr")):
+        with pytest.raises(UsageError, match=match):
+            pd.ProgressiveDistillation(ring8(), _cfg(start_steps=4, **bad))
 
 
 def test_end_to_end_ring8_one_step_student(tmp_path):
@@ -425,7 +449,7 @@ def test_official_recipes(name, start, batch, lr, round_kimg):
     args = cli_distill.with_recipe(args, teacher)
     assert (args.batch, args.lr, args.kimg, args.round_kimg) == (batch, lr, round_kimg * math.log2(start), round_kimg)
     assert round_kimg == 50_000 * batch / 1000 and args.xflip and args.ema is None and not args.pd_ema
-    method = pd.build(args, teacher, _Images())
+    method = method_from_args("pd", args, teacher, _Images())
     c = method.cfg
     assert (c.start_steps, c.end_steps, c.betas, c.grad_clip, c.weighting) == (start, 1, (0.9, 0.999), 1.0,
                                                                              "snr_trunc")
@@ -458,7 +482,7 @@ def test_cosine_grid_for_discrete_cosine_teachers():
     teacher = DiscreteVPDenoiser(_VNet(), (2,), abar, prediction="v_prediction").eval()
     lo, hi = math.log(abar[-1] / (1 - abar[-1])), math.log(abar[0] / (1 - abar[0]))
     for grid in ("auto", "cosine"):
-        method = pd.ProgressiveDistillation(teacher, pd.PDConfig(start_steps=8, end_steps=1, grid=grid))
+        method = pd.ProgressiveDistillation(teacher, _cfg(start_steps=8, end_steps=1, grid=grid))
         assert method.grid == "cosine"
         t_grid, s_grid = method.grids()
         # closed form: sigma(u) = tan(a u + b), the angle affine from atan(sigma_0) (u = 0) to atan(sigma_999) (u = 1)
@@ -475,9 +499,9 @@ def test_cosine_grid_for_discrete_cosine_teachers():
     karras = pd.pd_sigmas(8, "karras", teacher.sigma_min, teacher.sigma_max)
     assert float((teacher.timestep(karras[:-1]) - 999 * u).abs().max()) > 100
     linear = DiscreteVPDenoiser(_VNet(), (2,), ddpm_alphas_cumprod(1000), prediction="v_prediction").eval()
-    assert pd.ProgressiveDistillation(linear, pd.PDConfig(start_steps=4, end_steps=1)).grid == "karras"
+    assert pd.ProgressiveDistillation(linear, _cfg(start_steps=4, end_steps=1)).grid == "karras"
     with pytest.raises(DiffdistillError, match="squaredcos_cap_v2"):
-        pd.ProgressiveDistillation(linear, pd.PDConfig(start_steps=4, end_steps=1, grid="cosine"))
+        pd.ProgressiveDistillation(linear, _cfg(start_steps=4, end_steps=1, grid="cosine"))
 
 
 def test_cosine_grid_for_a_diffusers_cosine_teacher(tmp_path):
@@ -493,8 +517,63 @@ def test_cosine_grid_for_a_diffusers_cosine_teacher(tmp_path):
     sched = diffusers.DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
     sched.save_pretrained(tmp_path / "scheduler")
     teacher = load_teacher(tmp_path)
-    method = pd.ProgressiveDistillation(teacher, pd.PDConfig(start_steps=4, end_steps=1))
+    method = pd.ProgressiveDistillation(teacher, _cfg(start_steps=4, end_steps=1))
     abar = sched.alphas_cumprod.double()         # diffusers' own table
     lo, hi = (float(torch.log(abar[i] / (1 - abar[i]))) for i in (-1, 0))
     assert method.grid == "cosine"
     torch.testing.assert_close(method.grids()[0], pd.pd_sigmas(4, "cosine", logsnr_range=(lo, hi)), rtol=1e-5, atol=0)
+
+
+def test_python_api_defaults_are_the_command_lines():
+    """PDConfig() resolved for a run equals the parsed `distill pd` defaults resolved for it, for an analytic and a
+    network teacher: the round length is the run's --kimg split over the rounds (before, the Python default was
+    6400 kimg whatever the run), x-hat clipping is on for images only; resolving again changes nothing."""
+    from diffdistill.api import distill_loop
+    from diffdistill.methods import get
+    from diffdistill.methods.options import config_from_namespace
+
+    spec = get("pd")
+    assert spec.config is pd.PDConfig and spec.needs_data and spec.title == "progressive distillation"
+    for teacher, kimg, clip in ((ring8(), 30.0, False), (_image_teacher(0.3), 100.0, True)):
+        argv = () if kimg == 100.0 else ("--kimg", f"{kimg:g}")     # 100 kimg: distill's default run length
+        args = parse_distill("pd", *argv)
+        loop = distill_loop(out="unused", total_kimg=args.kimg, batch=args.batch)
+        api = spec.config().resolve(teacher, loop)
+        cli = config_from_namespace(spec.config, args).resolve(teacher, loop)
+        assert api == cli
+        assert (api.start_steps, api.end_steps, api.round_kimg) == (1024, 1, kimg / 10)    # 10 halvings
+        assert (api.lr, api.betas, api.grad_clip, api.student_dropout, api.pd_ema, api.clip_denoised) == \
+            (5e-5, (0.9, 0.999), 1.0, 0.0, False, clip)
+        assert api.resolve(teacher, loop) == api and api.resolve(teacher, None) == api
+    # the run's directory gets the round table; the method keeps the resolved settings it was built with
+    args = parse_distill("pd", "--start-steps", "4", "--kimg", "2", "--student-preset", "mlp-tiny", out="runs/x")
+    from diffdistill.data import open_dataset
+
+    method = method_from_args("pd", args, ring8(), open_dataset("toy:ring8"))
+    assert str(method.run_dir) == "runs/x" and method.cfg.round_kimg == 1.0 and method.n_rounds == 2
+    tiny, toy = (sum(p.numel() for p in mlp_preset(name, 2).parameters()) for name in ("tiny", "toy"))
+    assert tiny != toy and sum(p.numel() for p in method.student.parameters()) == tiny     # --student-preset
+
+
+def test_distill_api_matches_the_cli_bit_for_bit(tmp_path, capsys):
+    """`diffdistill distill pd ...` and `diffdistill.distill("pd", ...)` train the same students, each run with its
+    own round table (the directory comes from the run's loop)."""
+    from diffdistill.api import distill, distill_loop
+    from tests.cli_util import run_cli
+
+    code, _, err = run_cli(capsys, "distill", "pd", "--teacher", "toy:ring8", "--data", "toy:ring8", "--out",
+                           tmp_path / "cli", "--kimg", "0.256", "--batch", "64", "--start-steps", "4",
+                           "--student-preset", "mlp-tiny", "--lr", "2e-3", "--no-progress", "--device", "cpu",
+                           "--grid-kimg", "0")
+    assert code == 0, err
+    run = distill("pd", "toy:ring8", data="toy:ring8", loop=distill_loop(out=str(tmp_path / "api"), total_kimg=0.256,
+                                                                         batch=64, progress=False, device="cpu",
+                                                                         final_grid=False),
+                  start_steps=4, student_preset="mlp-tiny", lr=2e-3)
+    assert run.config.round_kimg == 0.128 and not run.interrupted
+    for name in ("round-02steps", "model"):
+        a, b = io.load_snapshot(tmp_path / "cli" / name)[0], io.load_snapshot(tmp_path / "api" / name)[0]
+        assert a.sampling == b.sampling
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values())), name
+    rows = [json.loads((tmp_path / d / "rounds.json").read_text()) for d in ("cli", "api")]
+    assert rows[0] == rows[1] and [r["student_steps"] for r in rows[0]] == [2, 1]

@@ -9,16 +9,19 @@ recipe's.
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
 import torch
 
+from diffdistill import methods
 from diffdistill.cli import distill as cli_distill
 from diffdistill.cli.main import build_parser
 from diffdistill.diffusion.denoiser import Precond, PrecondConfig
 from diffdistill.methods import common
 from diffdistill.networks.unet import unet_preset
+from tests.cli_util import method_from_args
 
 torch.set_num_threads(1)
 
@@ -84,14 +87,14 @@ def test_official_recipe_on_an_edm_cifar10_teacher(name, edm_teacher, tmp_path):
     recipe, dropout, ema = OFFICIAL[name]
     assert recipe in cli_distill.method_recipes(name), f"{name} has no --recipe {recipe}"
     args = cli_distill.with_recipe(parse(name, "--recipe", recipe, *required(name, tmp_path)), edm_teacher)
-    module = cli_distill._method_module(name)
+    module = importlib.import_module(methods.REGISTRY[name])
     if name == "kd":      # building KD generates its pairs: check the student it trains and the paper's EMA
-        student = module.make_student(edm_teacher, "auto", dropout=common.resolve_dropout(args, 0.0))
+        student = module.make_student(edm_teacher, "auto", dropout=args.student_dropout)
         nets = {"student": student}
         method = module.KnowledgeDistillation.__new__(module.KnowledgeDistillation)
         method.cfg = module.KDConfig(ema_decay=float(args.ema_decay))
     else:
-        method = module.build(args, edm_teacher, Images())
+        method = method_from_args(name, args, edm_teacher, Images())
         nets = trained_networks(method)
         assert bool(method.ema_targets()) == (ema is not None)
     if ema is not None:
@@ -112,7 +115,8 @@ def test_the_users_options_win_over_the_recipe(name, edm_teacher):
     assert args.batch == 8 and args.kimg == 0.5 and args.student_dropout == 0.25 and args.recipe == recipe
     base = cli_distill.with_recipe(parse(name, "--recipe", recipe), edm_teacher)
     assert base.batch != 8 and base.kimg != 0.5      # the recipe does set them
-    assert base.student_dropout is None              # the method's official dropout unless the user says
+    # the method's official dropout unless the user says (recipes do not set it)
+    assert base.student_dropout == methods.get(name).config().student_dropout
 
 
 def test_short_recipe_depends_on_the_teacher(edm_teacher):
@@ -128,10 +132,10 @@ def test_short_recipe_depends_on_the_teacher(edm_teacher):
 def test_student_dropout_option():
     with pytest.raises(SystemExit):
         parse("kd", "--student-dropout", "1.5")
-    assert parse("kd", "--student-dropout", "teacher").student_dropout == "teacher"
-    assert common.resolve_dropout(parse("kd", "--student-dropout", "teacher"), 0.0) is None
-    assert common.resolve_dropout(parse("kd"), 0.0) == 0.0
-    assert common.resolve_dropout(parse("kd", "--student-dropout", "0.2"), 0.0) == 0.2
+    assert parse("kd", "--student-dropout", "teacher").student_dropout is None    # keep the teacher's
+    assert parse("kd").student_dropout == 0.0                                       # KD's official 0
+    assert parse("kd", "--student-dropout", "0.2").student_dropout == 0.2
+    assert parse("di").student_dropout is None                                      # DI's official: the teacher's
 
 
 def test_set_dropout_reaches_functional_and_module_dropout():
@@ -145,17 +149,17 @@ def test_set_dropout_reaches_functional_and_module_dropout():
 
 
 def test_converged_recipe_sets_the_budget_and_the_settings_at_it():
-    from diffdistill.demo.settings import CONVERGED, short_run_options
+    from diffdistill.methods.recipes import CONVERGED, short_run_settings
     from diffdistill.teachers import load_teacher
 
     ring = load_teacher("toy:ring8")
-    kimg, batch, _ = CONVERGED["ring"]["pd"]
+    kimg, batch = CONVERGED["ring"]["pd"]["total_kimg"], CONVERGED["ring"]["pd"]["batch"]
     args = cli_distill.with_recipe(parse("pd", "--recipe", "converged", "--data", "toy:ring8"), ring)
     assert (args.kimg, args.batch, args.start_steps, args.end_steps) == (kimg, batch, 64, 1)
     expected = cli_distill.with_recipe(parse("pd", "--recipe", "short", "--kimg", f"{kimg:g}", "--batch",
                                              str(batch), "--data", "toy:ring8"), ring)
-    assert args.lr == expected.lr == float(short_run_options("pd", "ring", kimg, batch)[-3])
+    assert args.lr == expected.lr == short_run_settings("pd", "ring", kimg, batch)["lr"]
     assert args.ema == expected.ema
     # the user's budget wins
     mine = cli_distill.with_recipe(parse("di", "--recipe", "converged", "--kimg", "3"), ring)
-    assert mine.kimg == 3 and mine.batch == CONVERGED["ring"]["di"][1]
+    assert mine.kimg == 3 and mine.batch == CONVERGED["ring"]["di"]["batch"]

@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
+import checkpoint_faults  # noqa: E402
 from test_loop import Points, Toy  # noqa: E402
 
 from diffdistill import io  # noqa: E402
@@ -78,7 +79,7 @@ KILLS = [
 def _killing(how: str, where) -> None:
     """In the child: arrange to be killed as (how, where) says."""
     if how == "hook":
-        os.environ[ckpt.TEST_HOOK_ENV] = where
+        checkpoint_faults.install(where)
     elif how in ("step", "term"):
         step = loop._Run.train_step
 

@@ -333,3 +333,67 @@ def test_dynamic_thresholding_is_diffusers_threshold_sample():
         torch.testing.assert_close(first[0], clip(den) + 0.25 * (x0 - base))
     torch.testing.assert_close(sample_ddpm(gauss, noise, [2.0, 0.0], dynamic_threshold=0.75, threshold_max=3.0),
                                clip(den))
+
+
+def test_single_steps_at_per_sample_levels_have_their_order_and_are_the_samplers_steps():
+    """`heun_step` / `ddim_step` at per-sample levels [B] (as PD's target and CD's teacher step take them): against
+    the exact ODE map of Gaussian data the local error of one step shrinks as h^3 (Heun) and h^2 (Euler) with the
+    step h, DDIM is the Euler step, and each row is bit-for-bit the first step of `sample_heun` / `sample_euler`."""
+    from diffdistill.samplers.ode import ddim_step, heun_step
+
+    g = Gaussian([0.3], 0.5)
+    sigma = torch.full((4,), 2.0, dtype=f64)
+    sigma_next = sigma - torch.tensor([0.1, 0.05, 0.025, 0.0125], dtype=f64)
+    x = torch.full((4, 1), 1.7, dtype=f64)
+    exact = torch.tensor([[exact_gaussian_ode(1.7, 0.3, 0.25, 2.0, float(sn))] for sn in sigma_next], dtype=f64)
+    heun, denoised = heun_step(g, x, sigma, sigma_next)
+    euler, _ = heun_step(g, x, sigma, sigma_next, second_order=False)
+    ddim = ddim_step(x, denoised, sigma, sigma_next)
+    assert torch.equal(denoised, g(x, sigma))
+    torch.testing.assert_close(ddim, euler, rtol=0, atol=1e-14)
+    err_heun, err_euler = (heun - exact).abs().flatten(), (euler - exact).abs().flatten()
+    assert all(7.5 < r < 9 for r in (err_heun[:-1] / err_heun[1:]).tolist()), err_heun
+    assert all(3.8 < r < 4.2 for r in (err_euler[:-1] / err_euler[1:]).tolist()), err_euler
+    for i in range(4):   # x / sigma * sigma = x exactly (sigma = 2), so each sampler starts from x[i]
+        grid = torch.stack([sigma[i], sigma_next[i], torch.zeros((), dtype=f64)])
+        first = []
+        sample_heun(g, x[i:i + 1] / 2, grid, callback=lambda k, y, d, out=first: out.append(y.clone()))
+        sample_euler(g, x[i:i + 1] / 2, grid, callback=lambda k, y, d, out=first: out.append(y.clone()))
+        assert torch.equal(first[0], heun[i:i + 1]) and torch.equal(first[2], ddim[i:i + 1])
+    # The clipped-DDIM form: the clipped x-hat D_c, stepped with the eps of the unclipped D (diffusers' default).
+    clipped = denoised.clamp(-0.1, 0.1)
+    r = (sigma_next / sigma)[:, None]
+    torch.testing.assert_close(ddim_step(x, clipped, sigma, sigma_next, eps_denoised=denoised),
+                               clipped + r * (x - denoised), rtol=0, atol=0)
+
+
+def test_sample_batches_follows_the_recipe_labels_by_seed_and_clamps():
+    """`sample_batches` (what eval and evaluation during training measure): a recipe's sampler and grid (the
+    denoiser's own when the recipe is empty), class labels seed % label_dim, batches of `batch`, clamping only when
+    asked. Data: one point per class, (1.5 c - 1.5) in every coordinate, which Euler and one step reach exactly."""
+    from diffdistill.diffusion.denoiser import Denoiser
+    from diffdistill.samplers import sample_batches, seed_labels
+
+    class ClassDirac(Denoiser):
+        calls = 0
+
+        def denoise(self, x, sigma, cond):
+            ClassDirac.calls += 1
+            return (1.5 * cond.argmax(1).to(x.dtype) - 1.5)[:, None].expand_as(x)
+
+    den = ClassDirac((2,), label_dim=3)
+    seeds = [4, 5, 6, 7, 8]
+    want = torch.tensor([1.5 * (s % 3) - 1.5 for s in seeds])[:, None].expand(5, 2)
+    batches = list(sample_batches(den, seeds, {"sampler": "euler", "steps": 3}, batch=2))
+    assert [len(b) for b in batches] == [2, 2, 1] and ClassDirac.calls == 3 * 3
+    torch.testing.assert_close(torch.cat(batches), want, rtol=0, atol=1e-6)
+    assert torch.equal(seed_labels(seeds, 3), torch.tensor([1, 2, 0, 1, 2]))
+    assert seed_labels(seeds, 0) is None
+    assert torch.equal(torch.cat(batches), sample(den, seeds, sampler="euler", steps=3, cond=seed_labels(seeds, 3)))
+    clamped = torch.cat(list(sample_batches(den, seeds, {"sampler": "euler", "steps": 3}, clamp=True)))
+    torch.testing.assert_close(clamped, want.clamp(-1, 1), rtol=0, atol=1e-6)
+    # no recipe: the denoiser's own (one step, one call per batch)
+    den.sampling = {"sampler": "onestep", "sigmas": [2.0, 0.0]}
+    ClassDirac.calls = 0
+    torch.testing.assert_close(torch.cat(list(sample_batches(den, seeds, {}, batch=5))), want, rtol=0, atol=1e-6)
+    assert ClassDirac.calls == 1

@@ -3,7 +3,6 @@ and O21 (ring8 keeps all eight modes). algorithms.md §6.3 and §7 C."""
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 
@@ -13,10 +12,11 @@ import torch
 from torch import nn
 
 from diffdistill.diffusion.denoiser import Denoiser, Precond
-from diffdistill.errors import DiffdistillError
+from diffdistill.errors import DiffdistillError, UsageError
 from diffdistill.methods import sid
 from diffdistill.methods.base import Batch
 from diffdistill.teachers.analytic import Gaussian, ring8
+from tests.cli_util import cli_method, method_from_args, parse_distill
 
 MU, S2 = 0.3, 0.25
 
@@ -180,7 +180,7 @@ def test_diverging_generator_stops_the_loop(tmp_path):
                     self.generator.backbone.out.bias.fill_(float("nan"))
             return super().begin_step(step, nimg)
 
-    method = Diverging(ring8(), sid.SiDConfig(mlp_hidden=32, mlp_depth=1))
+    method = Diverging(ring8(), sid.SiDConfig(mlp_hidden=32, mlp_depth=1, fake_warmup_steps=0))   # G trains at once
     cfg = TrainConfig(out=str(tmp_path / "run"), max_steps=6, batch=8, checkpoint_kimg=0.016, tick_kimg=1e9,
                       progress=False, tensorboard=False, device="cpu")
     with pytest.raises(DiffdistillError, match="'generator'.*step 3.*last good checkpoint"):
@@ -201,22 +201,18 @@ def test_bad_options_and_cli():
         tiny_sid(init_sigma=500.0)
     with pytest.raises(DiffdistillError, match="t_max"):
         tiny_sid(t_max=0.0)
-    parser = argparse.ArgumentParser()
-    sid.add_arguments(parser)
-    args = parser.parse_args(["--alpha", "1.0", "--init-sigma", "1.5"])
-    method = sid.build(args, ring8(), None)
+    with pytest.raises(UsageError, match="--t-max"):
+        cli_method("sid", ring8(), None, "--t-max", "1001")
+    method = cli_method("sid", ring8(), None, "--alpha", "1.0", "--init-sigma", "1.5")
     assert method.cfg.alpha == 1.0 and method.init_sigma == 1.5 and method.cfg.fake_warmup_steps == 300
-    assert isinstance(method.generator, Precond) and not sid.NEEDS_DATA and sid.HELP
+    spec = get_spec("sid")
+    assert isinstance(method.generator, Precond) and not spec.needs_data and spec.help
 
 
-def cli_args(*extra, teacher="toy:ring8"):
-    """`distill sid` options as the command line parses them."""
-    from diffdistill.cli.main import build_parser
+def get_spec(name):
+    from diffdistill.methods import get
 
-    argv = ["distill", "sid", "--teacher", teacher, "--out", "unused", *extra]
-    args = build_parser().parse_args(argv)
-    args.argv = argv
-    return args
+    return get(name)
 
 
 def dropout_unet_teacher(p=0.1, label_dim=0):
@@ -234,22 +230,43 @@ def test_generator_and_fake_score_keep_the_teachers_dropout():
     from diffdistill.methods import common
 
     teacher = dropout_unet_teacher(0.1)
-    method = sid.build(cli_args(), teacher, None)
+    method = cli_method("sid", teacher)
     assert common.dropout_of(method.generator) == pytest.approx(0.1)
     assert common.dropout_of(method.fake) == pytest.approx(0.1)
-    method = sid.build(cli_args("--student-dropout", "0"), teacher, None)
+    method = cli_method("sid", teacher, None, "--student-dropout", "0")
     assert common.dropout_of(method.generator) == 0.0 and common.dropout_of(method.fake) == 0.0
     assert common.dropout_of(teacher) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("kind", ["ring8", "network"])
+def test_python_api_defaults_are_the_command_lines(kind):
+    """SiDConfig() and `distill sid` without options resolve to the same settings for the same teacher and run
+    (idempotently); the analytic teacher's fresh fake score gets its 300-step warm-up in both (the Python
+    dataclass used to say 0)."""
+    from diffdistill.api import distill_loop
+    from diffdistill.methods.options import config_from_namespace
+
+    teacher = ring8() if kind == "ring8" else dropout_unet_teacher(0.1)
+    spec = get_spec("sid")
+    for loop, options in ((distill_loop("unused"), ()), (distill_loop("unused", total_kimg=3, batch=32),
+                                                         ("--kimg", "3", "--batch", "32")), (None, ())):
+        api = spec.config().resolve(teacher, loop)
+        cli = config_from_namespace(spec.config, parse_distill("sid", *options)).resolve(teacher, loop)
+        assert api == cli
+        assert api.resolve(teacher, None) == api
+    assert api.fake_warmup_steps == (300 if kind == "ring8" else 0) and api.student_dropout is None
+    assert sid.SiD(teacher).cfg == api
+    assert sid.SiD(teacher).groups()["generator"].start == api.fake_warmup_steps
 
 
 def test_adam_betas_and_ema():
     """Fake score Adam(0, 0.999) always; the generator's beta1 is --g_beta1 (default 0; FFHQ 0.9). The EMA is
     sid_train.py's --ema 0.5 Mimg with the loop's ramp-up 0.05."""
-    method = sid.build(cli_args("--gen-beta1", "0.9"), ring8(), None)
+    method = cli_method("sid", ring8(), None, "--gen-beta1", "0.9")
     groups = method.groups()
     assert groups["generator"].optim.betas == (0.9, 0.999) and groups["fake_score"].optim.betas == (0.0, 0.999)
     assert groups["generator"].optim.kind == "adam" and groups["fake_score"].optim.kind == "adam"
-    assert sid.build(cli_args(), ring8(), None).groups()["generator"].optim.betas == (0.0, 0.999)
+    assert cli_method("sid", ring8()).groups()["generator"].optim.betas == (0.0, 0.999)
     assert method.ema_default(256) == (500.0, 0.05)
 
 
@@ -259,11 +276,11 @@ def test_cifar10_recipe(label_dim, kimg):
     from diffdistill.cli import distill as cli_distill
 
     teacher = dropout_unet_teacher(0.13, label_dim)
-    args = cli_distill.with_recipe(cli_args("--recipe", "cifar10"), teacher)
+    args = cli_distill.with_recipe(parse_distill("sid", "--recipe", "cifar10"), teacher)
     assert (args.batch, args.kimg, args.ema, args.student_dropout) == (256, kimg, 500.0, None)
-    cfg = sid.build(args, teacher, None).cfg
+    cfg = method_from_args("sid", args, teacher).cfg
     assert (cfg.gen_lr, cfg.fake_lr, cfg.alpha, cfg.t_max, cfg.init_sigma) == (1e-5, 1e-5, 1.2, 800.0, 2.5)
-    assert cfg.loss_scale == 100.0 and cfg.gen_beta1 == 0.0 and cfg.gen_every == 1 and cfg.dropout == "eval"
+    assert cfg.loss_scale == 100.0 and cfg.gen_beta1 == 0.0 and cfg.gen_every == 1 and cfg.teacher_dropout == "eval"
 
 
 def test_imagenet64_recipe():
@@ -271,9 +288,9 @@ def test_imagenet64_recipe():
     from diffdistill.cli import distill as cli_distill
 
     teacher = dropout_unet_teacher(0.1, 10)
-    args = cli_distill.with_recipe(cli_args("--recipe", "imagenet64"), teacher)
+    args = cli_distill.with_recipe(parse_distill("sid", "--recipe", "imagenet64"), teacher)
     assert (args.batch, args.kimg, args.ema) == (8192, 1_000_000.0, 2000.0)
-    cfg = sid.build(args, teacher, None).cfg
+    cfg = method_from_args("sid", args, teacher).cfg
     assert (cfg.gen_lr, cfg.fake_lr, cfg.alpha, cfg.t_max, cfg.init_sigma) == (4e-6, 4e-6, 1.2, 800.0, 2.5)
     assert cfg.loss_scale == 100.0 and cfg.gen_beta1 == 0.0
 

@@ -11,11 +11,11 @@ import torch
 
 from diffdistill import io, presets
 from diffdistill.diffusion import param
+from diffdistill.diffusion.losses import edm_loss
 from diffdistill.methods.base import Batch
 from diffdistill.methods.teacher import (
     TeacherConfig,
     TeacherTraining,
-    edm_loss,
     teacher_precond,
     vp_loss,
     vp_training_sigma,
@@ -40,7 +40,7 @@ def test_edm_loss_of_the_exact_denoiser_is_one_per_element():
     gauss = Gaussian(torch.zeros(dim), 0.5)
     x = torch.randn(n, dim) * 0.5
     for sigma in (0.01, 0.3, 5.0, 80.0):
-        per_elem = edm_loss(gauss, x, sigma=torch.full((n,), sigma)) / dim
+        per_elem = edm_loss(gauss, x, torch.full((n,), sigma), sigma_data=0.5, reduction="none") / dim
         assert float(per_elem.mean()) == pytest.approx(1.0, abs=0.03), sigma
 
 
@@ -49,7 +49,7 @@ def test_edm_loss_lognormal_expectation_for_other_data_std():
     torch.manual_seed(1)
     dim, n = 8, 20000
     x = torch.randn(n, dim) * 0.3
-    per_elem = edm_loss(Gaussian(torch.zeros(dim), 0.3), x) / dim
+    per_elem = edm_loss(Gaussian(torch.zeros(dim), 0.3), x, sigma_data=0.5, reduction="none") / dim
     assert float(per_elem.mean()) == pytest.approx(0.6789, abs=0.015)
 
 

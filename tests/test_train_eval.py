@@ -14,8 +14,8 @@ from diffdistill.cli.main import main
 from diffdistill.diffusion.denoiser import Precond
 from diffdistill.io import load_snapshot, save_snapshot
 from diffdistill.metrics.features import Classifier, ClassifierConfig, save_classifier
-from diffdistill.metrics.protocol import make_train_evaluator
 from diffdistill.networks.unet import unet_preset
+from diffdistill.train.evaluate import make_train_evaluator
 from tests.cli_util import one_error_line, run_cli
 
 FID_KEY = "fid-64/digits_classifier"      # metric, samples per evaluation, feature network

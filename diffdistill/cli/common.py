@@ -15,6 +15,17 @@ import sys
 from pathlib import Path
 
 from ..errors import DiffdistillError, UsageError
+from ..validate import (
+    MAX_BATCH,
+    MAX_MAGNITUDE,
+    MAX_SAMPLES,
+    MAX_SIDE,
+    SEED_RANGE,
+    count_value,
+    device_value,
+    kimg_value,
+    seed_value,
+)
 
 # Options whose value is a length in kimg: positive, or (periodic actions) 0 to turn them off.
 POSITIVE = ("kimg", "ema", "eval_kimg")
@@ -22,75 +33,14 @@ POSITIVE = ("kimg", "ema", "eval_kimg")
 EVAL_OPTIONS = ("ref", "features", "inception", "resize", "eval_n")
 EVAL_N = 10_000                # samples per evaluation during training (--eval-n)
 PERIODIC = ("tick_kimg", "checkpoint_kimg", "snapshot_kimg", "grid_kimg")
-MAX_KIMG = 1e9                 # a length in kimg: at most 10^12 images
-MAX_MAGNITUDE = 1e30           # any number option: finite and at most this large (float32 holds 3.4e38)
-SEED_RANGE = 2**32             # seeds: 0 .. 2^32 - 1 (numpy's RandomState takes no more; the loop scales them)
-MAX_BATCH = 2**20              # a global batch of more than a million samples is a typo, not a setting
-MAX_SAMPLES = 10**7            # samples one command draws (--n, --seeds)
-MAX_SIDE = 16384               # an image side (--resolution)
 # Whole-number options of several commands (by their name), and the largest value each may take: beyond these a
 # value allocates more than any machine holds, or builds networks for hours, before anything else could refuse.
 SIZE_CAPS = {"channels": 1 << 14, "blocks": 64, "n": MAX_SAMPLES, "threads": 1024, "steps": 100_000}
-DEVICE = re.compile(r"cpu|cuda(:\d{1,3})?|mps")
 
 
 # --------------------------------------------------------------------------------------------------
-# Values of options: argparse type functions (a bad value is a one-line usage error naming the option)
-
-
-def _float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or abs(value) > MAX_MAGNITUDE:
-        raise argparse.ArgumentTypeError(f"expected a finite number of magnitude at most {MAX_MAGNITUDE:g}, "
-                                         f"got {text!r}")
-    return value
-
-
-def kimg_value(zero_ok: bool = False):
-    """A length in kimg: a finite number of magnitude at most MAX_KIMG (whether it must be positive, or may be 0
-    to turn a periodic action off, is `check_loop_arguments`'s usage error, `zero_ok` says which)."""
-    def parse(text: str) -> float:
-        value = _float(text)
-        if abs(value) > MAX_KIMG:
-            raise argparse.ArgumentTypeError(f"expected a length in kimg of at most {MAX_KIMG:g}, got {text}")
-        return value
-    parse.__name__ = "kimg"
-    return parse
-
-
-def seed_value(text: str) -> int:
-    """A seed: a whole number in [0, 2^32)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if not 0 <= value < SEED_RANGE:
-        raise argparse.ArgumentTypeError(f"expected a seed in [0, 2**32), got {text}")
-    return value
-
-
-def count_value(minimum: int = 1, maximum: int = 2**40):
-    """A whole number in [minimum, maximum]."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if not minimum <= value <= maximum:
-            raise argparse.ArgumentTypeError(f"expected a whole number in [{minimum}, {maximum}], got {text}")
-        return value
-    parse.__name__ = "count"
-    return parse
-
-
-def device_value(text: str) -> str:
-    """The name of a device: cpu, cuda, cuda:N or mps (whether this machine has it: `check_device`)."""
-    if not DEVICE.fullmatch(text):
-        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or mps, got {text!r}")
-    return text
+# Values of options (the argparse type functions are diffdistill.validate's: a bad value is a one-line usage error
+# naming the option)
 
 
 def check_device(name: str, option: str = "--device") -> None:
@@ -241,21 +191,6 @@ def refuse_existing_output(paths, force: bool) -> None:
             raise DiffdistillError(f"{p}: already exists; pass --force to overwrite it")
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python's, numpy's and torch's global generators with --seed, right before a command builds its
-    networks: so a teacher's fresh network, a student's fresh heads, discriminators and fake scores are the same
-    for the same command (the loop then reseeds every micro-batch from (seed, step, micro-batch, group)). A run
-    killed before its first checkpoint restarts from the same initialisation."""
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def check_eval_arguments(args) -> None:
     """Usage errors of the evaluation options (a missing or misnamed --ref, --metrics that do not exist, ...);
     whether the reference fits the feature network is checked when the evaluator is built."""
@@ -288,7 +223,7 @@ def training_evaluator(args, shape, has_own: bool = False):
     """The `TrainEvaluator` of `--metrics` for samples of `shape` (None without --metrics). Loads the reference and
     the feature network, so that a mismatch fails before anything is built or trained. has_own: the method
     evaluates itself (KD), so --eval-kimg alone has a meaning."""
-    from ..metrics.protocol import make_train_evaluator
+    from ..train.evaluate import make_train_evaluator
     from .eval import _default_features
 
     if args.metrics is None:

@@ -6,8 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import DiffdistillError, UsageError
 
 SPEC_HELP = ("SPEC is a folder of images (class folders SRC/<class>/... give labels), a .zip (EDM layout), "
@@ -111,6 +109,8 @@ def _size_list(counts: dict[tuple[int, int], int]) -> str:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from ..data.images import image_sizes
 
     ds = _open(args.spec, args)

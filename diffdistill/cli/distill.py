@@ -7,21 +7,20 @@ adds its own options (`add_arguments`) and builds its `Method` (`build`).
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 from ..errors import UsageError
+from ..methods import names as method_names
 from ..methods.base import Recipe
 from .common import (
     add_loop_arguments,
     check_loop_arguments,
     loop_settings,
-    seed_everything,
     training_evaluation,
     training_evaluator,
 )
 
-METHODS = ["kd", "pd", "di", "gdd", "cd", "dmd2", "sid"]
+METHODS = method_names()
 
 EXAMPLES = """\
 examples:
@@ -63,23 +62,12 @@ examples:
 """
 
 
-def dropout_value(text: str) -> float | str:
-    """--student-dropout: a probability in [0, 1) or 'teacher'."""
-    if text == "teacher":
-        return text
-    try:
-        p = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1) or 'teacher', got {text!r}") from None
-    if not 0.0 <= p < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1) or 'teacher', got {text!r}")
-    return p
-
-
 def with_recipe(args, teacher):
     """`args` re-parsed with the recipe's options placed before the user's own (so the user's win)."""
     recipe = method_recipes(args.method_module)[args.recipe]
     options = recipe.options(args, teacher) if callable(recipe.options) else recipe.options
+    if isinstance(options, dict):
+        options = recipe_argv(args.method_module, options)
     argv = list(getattr(args, "argv", None) or [])
     if "distill" not in argv:
         raise UsageError("--recipe needs the command line it was given with (call diffdistill.cli.main.main)")
@@ -91,23 +79,26 @@ def with_recipe(args, teacher):
     return new
 
 
-def _short_options(args, teacher) -> list[str]:
-    from ..demo.settings import short_run_options
+def _kind(teacher) -> str:
     from ..methods.common import is_weightless
 
-    kind = "ring" if is_weightless(teacher) else "image"
-    return short_run_options(args.method_module, kind, args.kimg, args.batch)
+    return "ring" if is_weightless(teacher) else "image"
+
+
+def _short_options(args, teacher) -> list[str]:
+    from ..methods.recipes import short_run_options
+
+    return short_run_options(args.method_module, _kind(teacher), args.kimg, args.batch)
 
 
 SHORT = Recipe(source="diffdistill's short-run settings for runs of 10^2-10^3 steps on small teachers "
-                      "(diffdistill.demo.settings; the demo and benchmarks use them)", options=_short_options)
+                      "(diffdistill.methods.recipes; the demo and benchmarks use them)", options=_short_options)
 
 
 def _converged_options(args, teacher) -> list[str]:
-    from ..demo.settings import converged_options
-    from ..methods.common import is_weightless
+    from ..methods.recipes import converged_options
 
-    return converged_options(args.method_module, "ring" if is_weightless(teacher) else "image")
+    return converged_options(args.method_module, _kind(teacher))
 
 
 CONVERGED = Recipe(source="the budget (--kimg, --batch) and settings at which the method's one-step student stopped "
@@ -118,11 +109,27 @@ CONVERGED = Recipe(source="the budget (--kimg, --batch) and settings at which th
 
 def method_recipes(name: str) -> dict[str, Recipe]:
     """The recipes of a method: its papers' (`RECIPES` of its module), `short` and `converged`."""
-    return {**getattr(_method_module(name), "RECIPES", {}), "short": SHORT, "converged": CONVERGED}
+    return {**_spec(name).recipes, "short": SHORT, "converged": CONVERGED}
 
 
-def _method_module(name: str):
-    return importlib.import_module(f"diffdistill.methods.{name}")
+def recipe_argv(name: str, options: dict) -> list[str]:
+    """A recipe's settings as `distill NAME` options: each config field by its flag, the loop's length, batch and
+    EMA as --kimg, --batch and --ema."""
+    from ..api import DATA_RECIPE_KEYS, LOOP_RECIPE_KEYS
+    from ..methods.options import flag_of
+    from ..methods.recipes import settings_argv
+
+    config = _spec(name).config
+    for key in options:
+        if key not in LOOP_RECIPE_KEYS and key not in DATA_RECIPE_KEYS and flag_of(config, key) is None:
+            raise UsageError(f"recipe of {name}: {key!r} is not a setting of {name} or of the loop")
+    return settings_argv(options)
+
+
+def _spec(name: str):
+    from ..methods import get
+
+    return get(name)
 
 
 def register(subparsers) -> None:
@@ -130,32 +137,31 @@ def register(subparsers) -> None:
                               description="Distil a teacher into a fast student with one of the methods below.",
                               epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="method", metavar="METHOD", required=True, parser_class=type(p))
-    for name in METHODS:
-        module = _method_module(name)
-        mp = sub.add_parser(name, help=module.HELP, description=module.HELP + ".", epilog=EXAMPLES,
+    from ..api import DEFAULT_BATCH, DEFAULT_KIMG
+    from ..methods.options import add_config_arguments
+
+    for name in method_names():       # the registry as it is now (methods.register adds to it)
+        spec = _spec(name)
+        ema_help = spec.ema_help or "EMA half-life of the student in kimg (default: the paper's, 500 kimg with EDM's "\
+            "ramp-up)"
+        mp = sub.add_parser(name, help=spec.help, description=spec.help + ".", epilog=EXAMPLES,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         mp.add_argument("--teacher", required=True, metavar="SPEC",
                         help="a run or snapshot of this project, a diffusers model folder, a converted EDM "
                              "teacher, toy:ring8 or gmm:PATH.json")
         mp.add_argument("--data", default=None, metavar="SPEC",
-                        help="real data" + (" (required)" if module.NEEDS_DATA else " (not needed)"))
+                        help="real data" + (" (required)" if spec.needs_data else " (not needed)"))
         mp.add_argument("--xflip", action="store_true", help="augment real images with horizontal flips")
-        add_loop_arguments(mp, kimg=100.0, batch=128, default_note="",
-                           ema_help=getattr(module, "EMA_HELP", "EMA half-life of the student in kimg (default: "
-                                            "the paper's, 500 kimg with EDM's ramp-up)"))
+        add_loop_arguments(mp, kimg=DEFAULT_KIMG, batch=DEFAULT_BATCH, default_note="", ema_help=ema_help)
         recipes = method_recipes(name)
         g = mp.add_argument_group("recipes and students")
         g.add_argument("--recipe", choices=sorted(recipes) or None, default=None,
                        help="a named set of options, placed before yours (yours win): "
                             + "; ".join(f"{k}: {r.source}" for k, r in sorted(recipes.items())))
-        g.add_argument("--student-dropout", type=dropout_value, default=None, metavar="P|teacher",
-                       help="dropout probability of the trained networks copied from the teacher, or 'teacher' "
-                            "to keep the teacher's (default: the method's official setting; "
-                            f"{getattr(module, 'DROPOUT_HELP', 'see the README')})")
-        module.add_arguments(mp)
+        add_config_arguments(mp, spec.config, spec.title or name)
         mp.set_defaults(func=run, method_module=name)
 
-    kd = _method_module("kd")
+    from ..methods import kd
     pp = subparsers.add_parser("kd-pairs", help="generate (noise, teacher sample) pairs for knowledge distillation",
                                description="Generate the (x_T, teacher(x_T)) pairs of the Denoising Student as "
                                            "resumable shards.",
@@ -175,20 +181,24 @@ def _device(args) -> str:
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def prepare(args, teacher=None):
+def prepare(args, teacher=None, callback=None):
     """Everything `distill METHOD` does before training: (args after the recipe, method, loop config, data,
-    evaluate hook). `teacher`: an already loaded teacher instead of loading `args.teacher`."""
+    evaluate hook). `teacher`: an already loaded teacher instead of loading `args.teacher`. callback: as
+    `diffdistill.distill`'s, called with ('teacher', teacher) and ('method', method)."""
+    from ..api import build_method, distill_loop, own_evaluation
     from ..data import open_dataset
+    from ..methods.options import config_from_namespace
     from ..teachers import is_analytic_spec, load_teacher
-    from ..train.loop import TrainConfig
 
     check_loop_arguments(args)
-    module = _method_module(args.method_module)
-    if module.NEEDS_DATA and args.data is None:
+    spec = _spec(args.method_module)
+    if spec.needs_data and args.data is None:
         raise UsageError(f"{args.method_module} needs real data: pass --data SPEC (a folder, .zip, .npz, digits, "
                          "toy:ring8, ...)")
     if teacher is None:
         teacher = load_teacher(args.teacher, device=_device(args))
+    if callback is not None:
+        callback("teacher", teacher)
     if args.recipe is not None:
         args = with_recipe(args, teacher)
         check_loop_arguments(args)
@@ -200,29 +210,32 @@ def prepare(args, teacher=None):
         if tuple(data.shape) != tuple(teacher.shape):
             raise UsageError(f"--data {args.data} has samples of shape {tuple(data.shape)}, the teacher "
                              f"{args.teacher} makes {tuple(teacher.shape)}")
-    own = getattr(module, "evaluate", None)
+    own, own_best = (own_evaluation if spec.best_metric else None), spec.best_metric
     evaluator = training_evaluator(args, tuple(teacher.shape), has_own=own is not None)  # before any building
-    seed_everything(args.seed)   # fresh students, heads, discriminators, fake scores: the same for the same command
-    method = module.build(args, teacher, data)
     data_spec = args.data or (args.teacher if is_analytic_spec(args.teacher) else None)
+    # The loop: --kimg, --batch and the options given; the defaults that scale with the run (20 stats lines,
+    # 4 checkpoints, RUN/samples-final.png unless --grid-kimg 0) are distill_loop's, as in the Python API.
     settings = loop_settings(args)
-    # Defaults that scale with the run: 20 stats lines, 4 checkpoints; a grid of the student's samples at the end,
-    # RUN/samples-final.png (cheap: a 1-4 step student; --grid-kimg K adds one every K kimg, 0 turns grids off).
-    settings.setdefault("tick_kimg", max(args.kimg / 20, 1e-3))
-    settings.setdefault("checkpoint_kimg", max(args.kimg / 4, 1e-3))
     settings["final_grid"] = args.grid_kimg != 0
-    cfg = TrainConfig(**settings, meta=dict(method=args.method_module, teacher=args.teacher, data=data_spec,
-                                            recipe=args.recipe))
+    cfg = distill_loop(**settings, meta=dict(method=args.method_module, teacher=args.teacher, data=data_spec,
+                                             recipe=args.recipe))
+    # the same path as diffdistill.distill: settings resolved for this teacher and run, seeded, built
+    method, _ = build_method(spec, config_from_namespace(spec.config, args), teacher, data, cfg)
+    if callback is not None:
+        callback("method", method)
     # --metrics, and a method's own model selection (KD: held-out loss), through the loop's evaluate hook
-    evaluate = training_evaluation(args, cfg, evaluator, own=own, own_best=getattr(module, "BEST_METRIC", None))
+    evaluate = training_evaluation(args, cfg, evaluator, own=own, own_best=own_best)
     return args, method, cfg, data, evaluate
 
 
-def run(args) -> int:
+def run(args, callback=None) -> int:
+    """`diffdistill distill METHOD`; callback: as `diffdistill.distill`'s (also called with ('result', result))."""
     from ..train.loop import train
 
-    args, method, cfg, data, evaluate = prepare(args)
+    args, method, cfg, data, evaluate = prepare(args, callback=callback)
     result = train(method, cfg, data, evaluate=evaluate)
+    if callback is not None:
+        callback("result", result)
     return report_result(result)
 
 
@@ -245,4 +258,6 @@ def run_pairs(args) -> int:
     from ..teachers import load_teacher
 
     teacher = load_teacher(args.teacher, device=_device(args))
-    return _method_module("kd").run_pairs(args, teacher)
+    from ..methods import kd
+
+    return kd.run_pairs(args, teacher)

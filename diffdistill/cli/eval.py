@@ -6,11 +6,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import DiffdistillError, UsageError
 from .common import refuse_existing_output
+
+if TYPE_CHECKING:
+    import torch
 
 EVAL_HELP = """\
 Evaluate a run, a snapshot or a set of images (folder, .zip, .npz).
@@ -111,6 +113,8 @@ def register(subparsers) -> None:
 
 
 def _device(name: str | None) -> torch.device:
+    import torch
+
     if name:
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -123,14 +127,12 @@ def _default_features(shape) -> str:
 def _snapshot_dir(target: str) -> Path | None:
     """The snapshot directory of a run (RUN/latest when interrupted, else RUN/model) or snapshot, or None when
     `target` is image data."""
-    from ..io import SNAPSHOT_JSON
-    from ..train.loop import run_snapshot
+    from ..io import find_snapshot
 
+    snapshot = find_snapshot(target)   # RUN/latest of an interrupted run, else RUN/model
+    if snapshot is not None:
+        return snapshot
     path = Path(target)
-    if path.is_dir() and (path / SNAPSHOT_JSON).is_file():
-        return path
-    if path.is_dir() and run_snapshot(path) is not None:
-        return run_snapshot(path)      # RUN/latest of an interrupted run, else RUN/model
     if path.is_dir() and not any(path.iterdir()):
         raise DiffdistillError(f"{path}: empty directory (not a run, a snapshot or an image folder)")
     return None
@@ -164,12 +166,14 @@ def _positive(name: str, value) -> None:
 
 
 def run_eval(args) -> int:
+    import torch
+
+    from .. import dist
     from ..io import atomic_write_json, load_snapshot
     from ..metrics import protocol
-    from ..metrics.features import compute_features, dataset_batches, load_feature_net, subset_indices
-    from ..metrics.toy import toy_metrics
+    from ..metrics.features import dataset_batches, load_feature_net, subset_indices
+    from ..samplers import sample_batches
     from ..teachers.analytic import GaussianMixture, is_analytic_spec, load_analytic
-    from ..train import dist
 
     for name in ("n", "ref_n", "kid_subsets", "kid_subset_size", "is_splits", "is_split_size", "pr_k", "batch"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
@@ -203,10 +207,8 @@ def run_eval(args) -> int:
             args.n = args.n or N_CLASSIFIER
             seeds = list(range(args.seed, args.seed + args.n))
             gmm = analytic if isinstance(analytic, GaussianMixture) else load_analytic(analytic)
-            samples = torch.cat([b.cpu() for b in protocol.generate(
-                denoiser, sampling, protocol.rank_shard(seeds), device, args.batch, clamp=False)])
-            samples = dist.all_gather_cat(samples.to(device)).cpu()
-            values = toy_metrics(gmm, samples, seed=args.seed)
+            samples = sample_batches(denoiser, protocol.rank_shard(seeds), sampling, device, args.batch, clamp=False)
+            values = protocol.evaluate_toy(samples, gmm, seed=args.seed)
             ref_name = analytic if isinstance(analytic, str) else (gmm.name or "the snapshot's own mixture")
             records = protocol.toy_records(values, seeds=seeds, ref_name=ref_name,
                                            command=_command(args, "eval", "target"), target=args.target,
@@ -236,7 +238,7 @@ def run_eval(args) -> int:
 
     if snap_path is not None:
         seeds = list(range(args.seed, args.seed + args.n))
-        images = protocol.generate(denoiser, sampling, protocol.rank_shard(seeds), device, args.batch)
+        images = sample_batches(denoiser, protocol.rank_shard(seeds), sampling, device, args.batch, clamp=True)
         source, count = str(snap_path), len(protocol.rank_shard(seeds))
         extra_info = dict(sampling=sampling)
     else:
@@ -257,12 +259,11 @@ def run_eval(args) -> int:
         source, count = args.target, len(shard)
 
     command = _command(args, "eval", "target")
-    feats, logits = compute_features(net, images, source=source, limit=count, progress=progress)
     options = protocol.MetricOptions(args.kid_subsets, args.kid_subset_size, args.is_splits, args.pr_k,
                                      args.kid_seed, args.is_split_size)
-    results = protocol.image_metrics(names, feats, logits, ref, options, source)
+    results, n = protocol.evaluate(images, names, net, ref, options, source=source, limit=count, progress=progress)
     ref_info = ref.describe() if ref is not None else None
-    records = [protocol.result_record(name, r.pop("value"), n=len(feats), seeds=seeds, ref=ref_info,
+    records = [protocol.result_record(name, r.pop("value"), n=n, seeds=seeds, ref=ref_info,
                                       feature_net=net.describe(), command=command, target=args.target,
                                       **extra_info, **r)
                for name, r in results.items()]

@@ -7,11 +7,13 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import DiffdistillError, UsageError
 from .common import refuse_existing_output
+
+if TYPE_CHECKING:
+    import torch
 
 HELP = """\
 Feature networks for FID/KID/IS/precision-recall on data sets Inception-v3 does not suit (8x8 digits, MNIST):
@@ -59,6 +61,8 @@ def register(subparsers) -> None:
 
 
 def _load_labelled(spec: str, max_n: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     from ..metrics.features import to_uint8
     from ..metrics.protocol import open_images
 

@@ -181,7 +181,9 @@ def _chosen_parsers(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         out.append(parser)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, callback=None) -> int:
+    """`diffdistill ARGV`; returns the exit status. callback: instrumentation of a `distill METHOD` run, as
+    `diffdistill.distill`'s (`callback(event, obj)` with the teacher, the method and the loop's result)."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args, extras = parser.parse_known_args(argv)
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, "threads", None) is None:   # not given (a command's own option may default to None)
                 args.threads = default_threads()
             apply_threads(args.threads)
-        result = args.func(args)
+        result = args.func(args, callback=callback) if callback is not None else args.func(args)
         return int(result or 0)
     except UsageError as e:
         if args.debug:

@@ -11,10 +11,12 @@ import argparse
 import math
 import sys
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import DiffdistillError, UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 EXAMPLES = """\
 examples:
@@ -199,36 +201,31 @@ def load_model(spec: str, device="cpu", note=None):
     """(denoiser, recipe, meta) of a run dir, a snapshot, or any teacher spec `load_teacher` accepts (then the
     meta is {} and the recipe the teacher's own `sampling`: a diffusers folder's DDIMPipeline, 50 steps).
 
-    A run dir gives `train.loop.run_snapshot`'s: RUN/latest when the run was interrupted (`note(text)` is told
-    so), else RUN/model. A training checkpoint (RUN/checkpoints/...) is refused in one line naming the snapshot to
+    Which snapshot is `io.find_snapshot`'s: for a run dir RUN/latest when the run was interrupted (`note(text)` is
+    told so), else RUN/model. A training checkpoint (RUN/checkpoints/...) is refused in one line naming the snapshot to
     use: it holds the method's whole state, and only the method knows how to export its student."""
-    from ..io import SNAPSHOT_JSON, load_snapshot
-    from ..teachers import is_analytic_spec, load_teacher
-    from ..train.loop import LATEST_DIR, run_snapshot
+    from ..io import LATEST_DIR, find_snapshot, load_snapshot
+    from ..teachers.analytic import is_analytic_spec
+    from ..teachers.load import load_teacher
 
-    path = Path(spec)
     if not is_analytic_spec(spec):
-        if path.is_file() and path.name == SNAPSHOT_JSON:
-            path = path.parent
-        if (path / SNAPSHOT_JSON).is_file():
-            return load_snapshot(path, device)
-        snap = run_snapshot(path) if path.is_dir() else None
+        snap = find_snapshot(spec)
         if snap is not None:
             loaded = load_snapshot(snap, device)
-            if snap.name == LATEST_DIR and note is not None:
+            if snap == Path(spec) / LATEST_DIR and note is not None:    # a run dir that was interrupted
                 meta = loaded[2]
                 note(f"{spec}: the run did not finish; sampling {snap} (step {meta.get('step', '?')}, "
                      f"{meta.get('kimg', '?')} kimg)")
             return loaded
-        _refuse_checkpoint(path)
+        _refuse_checkpoint(Path(spec))
     teacher = load_teacher(spec, device)
     return teacher, dict(getattr(teacher, "sampling", None) or {}), {}
 
 
 def _refuse_checkpoint(path: Path) -> None:
     """A one-line error for a training checkpoint, or for a run that has checkpoints but no snapshot yet."""
+    from ..io import run_snapshot
     from ..train.checkpoint import CHECKPOINT_DIR, list_checkpoints
-    from ..train.loop import run_snapshot
 
     rerun = "rerun the run's command to continue it (Ctrl-C then writes RUN/latest)"
     if path.name == CHECKPOINT_DIR and path.is_dir():
@@ -251,6 +248,8 @@ def labels_for(denoiser, seeds: list[int], label: int | list[int] | None, spec: 
     """Class labels: `label` for every sample; a list of labels cycled through (sample i gets
     label[i % len]), or with `per_row` one run of per_row samples per label (grid rows); else seed % label_dim
     (balanced); None when unconditional."""
+    import torch
+
     label_dim = int(getattr(denoiser, "label_dim", 0) or 0)
     if label is not None:
         classes = [label] if isinstance(label, int) else list(label)
@@ -271,6 +270,8 @@ def labels_for(denoiser, seeds: list[int], label: int | list[int] | None, spec: 
 def generate(denoiser, plan: dict, seeds: list[int], cond: torch.Tensor | None = None, device="cpu",
              batch: int = 256, progress: bool = False) -> torch.Tensor:
     """All samples [N, *shape] (CPU float32, not clamped) for the seeds, following a `sampling_plan`."""
+    import torch
+
     from ..samplers import iter_samples
 
     bar = None
@@ -313,6 +314,8 @@ def save_figure(x: torch.Tensor, path: str | Path, reference: torch.Tensor | Non
 
 
 def _device(name: str | None) -> str:
+    import torch
+
     if name is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -362,6 +365,7 @@ def _folder_labels(path: Path) -> dict[str, int]:
 
 def run(args) -> int:
     import numpy as np
+    import torch
 
     from ..io import atomic_write, atomic_write_json
     from ..metrics.features import to_uint8

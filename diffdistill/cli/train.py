@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 
+from ..api import seed_everything
 from ..errors import UsageError
 from .common import (
     add_loop_arguments,
     check_loop_arguments,
     loop_settings,
-    seed_everything,
     training_evaluation,
     training_evaluator,
 )

@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import methods as _methods
 from ..errors import DiffdistillError, UsageError
 from ..io import atomic_write_json
-from .settings import short_run_options
+from ..methods.recipes import short_run_options
 
-METHODS = ("kd", "pd", "di", "gdd", "cd", "dmd2", "sid")
+METHODS = tuple(_methods.names())     # the registry (diffdistill.methods.REGISTRY)
 MARKER = "demo-stage.json"
 TRACKS = ("ring", "digits")
 RING_EXTENT = 1.6          # ring scatter plots all show [-1.6, 1.6]^2 (the modes lie on the unit circle)

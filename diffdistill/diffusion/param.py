@@ -85,12 +85,7 @@ def x_from_both(z: Tensor, x_head: Tensor, eps_head: Tensor, alpha, sigma) -> Te
 
 
 # --------------------------------------------------------------------------------------------------
-# EDM sigma space: score and eps of a denoiser
-
-
-def score_from_denoised(x: Tensor, denoised: Tensor, sigma) -> Tensor:
-    """Tweedie: grad log p_sigma(x) = (D(x; sigma) - x) / sigma^2."""
-    return (denoised - x) / sigma**2
+# EDM sigma space: eps of a denoiser
 
 
 def eps_from_denoised(x: Tensor, denoised: Tensor, sigma) -> Tensor:
@@ -130,8 +125,39 @@ def ve_scalings(sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 
 def edm_loss_weight(sigma: Tensor, sigma_data: float = 0.5) -> Tensor:
-    """lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 = 1/c_out^2 (Karras et al. 2022, Table 1)."""
+    """lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 = 1/c_out^2 (Karras et al. 2022, Table 1).
+
+    On the x-space error, with SNR = 1/sigma^2 this is SNR + 1/sd^2: the SNR weightings below are its relatives
+    for VP losses (sd = 1 gives 'snr+1'), but EDM's weight keeps its own form and sigma_data."""
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+# --------------------------------------------------------------------------------------------------
+# SNR weightings of an x-space MSE (Salimans & Ho 2022, §4: the 'truncated SNR' and 'SNR+1' weightings)
+
+SNR_WEIGHTINGS = ("snr_trunc", "snr", "snr+1", "v_mse", "constant")
+
+
+def snr_weight(sigma: Tensor, weighting: str = "snr_trunc") -> Tensor:
+    """Per-example weight of an x-space MSE, in float64, with SNR = alpha^2/sigma_t^2 = 1/sigma^2 in EDM
+    coordinates. At a fixed z_t, ||eps - eps_hat||^2 = SNR ||x - x_hat||^2 and ||v - v_hat||^2 = (1 + SNR)
+    ||x - x_hat||^2 (Salimans & Ho 2022, §4 and Appendix), so the weightings are:
+      snr_trunc: max(SNR, 1) = max(x-MSE, eps-MSE), Salimans & Ho's 'truncated SNR' weighting;
+      snr: SNR, the eps-MSE (Ho et al. 2020's L_simple);
+      snr+1 (= v_mse): 1 + SNR, the v-MSE, Salimans & Ho's 'SNR+1' weighting;
+      constant: 1, the x-MSE.
+    """
+    snr = sigma.double() ** -2
+    if weighting == "snr_trunc":
+        return snr.clamp_min(1.0)
+    if weighting == "snr":
+        return snr
+    if weighting in ("snr+1", "v_mse"):
+        return snr + 1
+    if weighting == "constant":
+        return torch.ones_like(snr)
+    from ..errors import DiffdistillError
+    raise DiffdistillError(f"unknown weighting {weighting!r} (known: {', '.join(SNR_WEIGHTINGS)})")
 
 
 # --------------------------------------------------------------------------------------------------

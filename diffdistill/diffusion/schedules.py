@@ -97,12 +97,6 @@ def cosine_sigmas(n: int, logsnr_min: float = -20.0, logsnr_max: float = 20.0) -
     return torch.cat([torch.exp(-0.5 * cosine_logsnr(t, logsnr_min, logsnr_max)), torch.zeros(1, dtype=torch.float64)])
 
 
-def uniform_time_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0) -> Tensor:
-    """n levels uniform in sigma (the sigma(t)=t time of EDM with linear spacing), then 0."""
-    sigmas = torch.linspace(sigma_max, sigma_min, n, dtype=torch.float64)
-    return torch.cat([sigmas, sigmas.new_zeros(1)])
-
-
 def check_sigmas(sigmas: Tensor) -> Tensor:
     """Validate a sampling grid: 1-D, at least two entries, strictly descending, ending in 0."""
     sigmas = torch.as_tensor(sigmas)
@@ -133,10 +127,3 @@ def sample_vp_sigma(n: int, eps_t: float = 1e-5, generator=None, device=None) ->
     """VP training density: t ~ U(eps_t, 1), sigma = sigma_VP(t)."""
     t = torch.rand(n, generator=generator, device=device, dtype=torch.float64) * (1 - eps_t) + eps_t
     return vp_sigma(t).float()
-
-
-def sample_grid_sigma(n: int, grid: Tensor, generator=None, device=None) -> Tensor:
-    """Uniform over a discrete set of noise levels (a discrete-time teacher's table, a Karras grid)."""
-    grid = torch.as_tensor(grid)
-    idx = torch.randint(len(grid), (n,), generator=generator, device=device)
-    return grid.to(device)[idx].float()

@@ -8,6 +8,7 @@ knows nothing about any specific method.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -50,12 +51,15 @@ class Group:
 
 @dataclass(frozen=True)
 class Recipe:
-    """A named set of `distill METHOD` options (e.g. a paper's published CIFAR-10 recipe). The options are
-    placed before the user's own, so that anything given on the command line wins."""
+    """A named set of settings (e.g. a paper's published CIFAR-10 recipe), applied beneath the user's own: on the
+    command line its options are placed before the user's, in the Python API its values are overridden by the
+    caller's keyword arguments."""
 
     source: str                   # where the values come from (paper section, official script)
-    options: tuple[str, ...] | Callable  # command-line options, e.g. ("--lr", "2e-4", "--batch", "512"), or a
-    #                                      function (args, teacher) -> options for recipes that depend on the run
+    options: dict | tuple[str, ...] | Callable  # config field -> value, plus the loop's total_kimg, batch and
+    #                                 ema_halflife_kimg (e.g. dict(gen_lr=1e-5, batch=128)); or (older form)
+    #                                 command-line options; or a function (args, teacher) -> options (args is
+    #                                 None when the Python API calls it: depend on the teacher only)
 
 
 @dataclass
@@ -69,6 +73,15 @@ class Batch:
     step: int = 0                 # optimiser step counter (global, counted across accumulation)
     nimg: int = 0                 # images seen so far
     extra: bool = False           # True on a group's extra pass (`Group.extra_every`)
+
+
+def halflife_from_decay(decay: float, batch: int) -> float:
+    """The half-life (kimg) of a per-step EMA decay `decay` at `batch` images per step: B ln 0.5 / ln decay / 1000
+    (0 for decay 0: the EMA is a copy of the weights). With no ramp-up, the loop's EMA (`train.ema.ema_beta`) then
+    gives back `decay`: for `Method.ema_default` of methods whose papers give a per-step decay (KD, CD)."""
+    if not 0 <= decay < 1:
+        raise ValueError(f"an EMA decay must lie in [0, 1), got {decay}")
+    return 0.0 if decay == 0 else batch * math.log(0.5) / math.log(decay) / 1000
 
 
 class Method(nn.Module):

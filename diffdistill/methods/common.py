@@ -19,8 +19,9 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-from ..diffusion import param, schedules
+from ..diffusion import schedules
 from ..diffusion.denoiser import Denoiser, Precond, PrecondConfig
+from ..diffusion.losses import edm_loss
 from ..errors import DiffdistillError, UsageError
 from .augment import AugmentPipe, augment_dim
 
@@ -61,13 +62,17 @@ def set_dropout(module: nn.Module, p: float | None) -> int:
     return n
 
 
-def resolve_dropout(args, default: float | None) -> float | None:
-    """The dropout a method's trained copies get: `--student-dropout` (a probability, or 'teacher' = keep the
-    teacher's), else the method's official default (None = keep the teacher's)."""
-    value = getattr(args, "student_dropout", None)
-    if value is None:
-        return default
-    return None if value == "teacher" else float(value)
+def dropout_value(text: str) -> float | None:
+    """A command-line dropout setting: a probability in [0, 1), or 'teacher' (None: keep the teacher's)."""
+    if text == "teacher":
+        return None
+    try:
+        p = float(text)
+    except ValueError:
+        raise ValueError(f"expected a probability in [0, 1) or 'teacher', got {text!r}") from None
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"expected a probability in [0, 1) or 'teacher', got {text!r}")
+    return p
 
 
 def dropout_of(module: nn.Module) -> float | None:
@@ -97,33 +102,57 @@ def copy_denoiser(denoiser: Denoiser, boundary: bool = False, dropout: float | N
 
 def mlp_denoiser(shape, sigma_data: float, label_dim: int = 0, kind: str = "edm", sigma_min: float = 0.002,
                  sigma_max: float = 80.0, hidden: int = 128, depth: int = 3,
-                 input_fourier: int = 32) -> Denoiser:
+                 input_fourier: int = 32, preset: str | None = None) -> Denoiser:
     """A fresh `Precond(MLP)` for flat toy data (shape (D,)): the student/fake net of analytic teachers.
 
     Analytic teachers only: the input is lifted with `input_fourier` random Fourier frequencies (Tancik et
     al. 2020). A plain coordinate MLP's spectral bias left the one-step ring8 students blurry (fraction within
     3 std of a mode, before -> after: DI 0.77 -> 0.91, GDD 0.90 -> 0.94, DMD2 0.72 -> 0.77, SiD 0.71 -> 0.84,
     CD 0.33 -> 0.63 with its stop-grad target). Network teachers are copied and never reach here.
+    preset: a named `networks.mlp` preset (tiny, toy) instead of hidden, depth and input_fourier (a ValueError
+    names an unknown one).
     """
-    from ..networks.mlp import MLP
+    from ..networks.mlp import MLP, mlp_preset
 
     if len(shape) != 1:
         raise DiffdistillError(f"a fresh MLP student needs flat data (shape (D,)), got shape {tuple(shape)}")
-    net = MLP(dim=int(shape[0]), label_dim=label_dim, hidden=hidden, num_layers=depth,
-              input_fourier=input_fourier)
+    if preset is None:
+        net = MLP(dim=int(shape[0]), label_dim=label_dim, hidden=hidden, num_layers=depth,
+                  input_fourier=input_fourier)
+    else:
+        net = mlp_preset(preset, int(shape[0]), label_dim)
     cfg = PrecondConfig(kind=kind, sigma_data=float(sigma_data), sigma_min=sigma_min, sigma_max=sigma_max)
     return Precond(net, shape, label_dim, cfg).train()
 
 
+STUDENT_PRESETS = ("auto", "teacher", "mlp-tiny", "mlp-toy")
+
+
 def student_from_teacher(teacher: Denoiser, boundary: bool = False, hidden: int = 128,
-                         depth: int = 3, dropout: float | None = None) -> Denoiser:
-    """A trainable copy of the teacher (dropout p, None: the teacher's), or, for an analytic teacher, a fresh
-    `Precond(MLP)` of its shape."""
-    if not is_weightless(teacher):
+                         depth: int = 3, dropout: float | None = None, preset: str = "auto") -> Denoiser:
+    """The one factory of the trainable networks every method starts from (students, generators, fake scores).
+
+    preset 'teacher': a trainable copy of the teacher's network (`copy_denoiser`, with dropout p, None: the
+    teacher's); 'mlp-<name>': a fresh `Precond(MLP)` of the `networks.mlp` preset <name> (tiny, toy); 'auto':
+    the copy when the teacher has a network, else a fresh `Precond(MLP)` of width `hidden` and `depth` layers
+    (`mlp_denoiser`). Fresh MLPs take the teacher's shape, levels and sigma_data. boundary: the consistency
+    scalings, f(x, sigma_min) = x (EDM-preconditioned copies and fresh MLPs).
+    """
+    analytic = is_weightless(teacher)
+    if preset in ("auto", "teacher") and not analytic:
         return copy_denoiser(teacher, boundary=boundary, dropout=dropout)
+    if preset == "teacher":
+        raise DiffdistillError("the teacher is analytic and has no network to copy (student preset 'teacher'); "
+                               "use a fresh MLP student (mlp-toy or mlp-tiny)")
+    if preset != "auto" and not (preset.startswith("mlp-") and len(preset) > 4):
+        raise DiffdistillError(f"unknown student preset {preset!r} ({', '.join(STUDENT_PRESETS)})")
     kind = "boundary" if boundary else "edm"
-    return mlp_denoiser(teacher.shape, teacher.sigma_data, teacher.label_dim, kind, teacher.sigma_min,
-                        teacher.sigma_max, hidden=hidden, depth=depth)
+    try:
+        return mlp_denoiser(teacher.shape, teacher.sigma_data, teacher.label_dim, kind, teacher.sigma_min,
+                            teacher.sigma_max, hidden=hidden, depth=depth,
+                            preset=None if preset == "auto" else preset[4:])
+    except ValueError as e:            # an unknown networks.mlp preset
+        raise DiffdistillError(str(e)) from None
 
 
 def eps_prediction(denoiser: Denoiser, through_wrappers: bool = True) -> tuple[str, str] | None:
@@ -192,17 +221,6 @@ def sample_sigma(n: int, denoiser: Denoiser, p_mean: float = -1.2, p_std: float 
     return sigma.clamp(denoiser.sigma_min, denoiser.sigma_max)
 
 
-def edm_loss(denoiser: Denoiser, x: Tensor, sigma: Tensor, cond: Tensor | None = None,
-             sigma_data: float | None = None) -> Tensor:
-    """EDM loss lambda(sigma) ||D(x + sigma n; sigma) - x||^2, summed over pixels and averaged over the batch
-    (Karras et al. 2022, Eq. 2 with Table 1's weight; EDM's reduction, algorithms.md §1.2)."""
-    sd = denoiser.sigma_data if sigma_data is None else sigma_data
-    s = param.append_dims(sigma, x)
-    denoised = denoiser(x + s * torch.randn_like(x), sigma, cond)
-    weight = param.edm_loss_weight(s, sd)
-    return (weight * (denoised - x) ** 2).flatten(1).sum(1).mean()
-
-
 def fake_score_loss(fake: Denoiser, x_g: Tensor, cond: Tensor | None = None, p_mean: float = -1.2,
                     p_std: float = 1.2, pipe: AugmentPipe | None = None) -> Tensor:
     """Train the fake score on (detached) generator samples with the teacher's own EDM loss (DI §4.2).
@@ -243,11 +261,13 @@ def make_augment_pipe(teacher: Denoiser, fake: Denoiser, p: float | None) -> Aug
     return pipe
 
 
+AUGMENT_HELP = (f"EDM augmentation probability of the fake score's samples (0: none; default: the official "
+                f"{OFFICIAL_AUGMENT:g} when the teacher's network takes augment labels, i.e. EDM teachers trained "
+                "with it, else 0; needs image teachers)")
+
+
 def add_augment_argument(group) -> None:
-    group.add_argument("--augment", type=float, default=None, metavar="P",
-                       help=f"EDM augmentation probability of the fake score's samples (0: none; default: the "
-                            f"official {OFFICIAL_AUGMENT:g} when the teacher's network takes augment labels, i.e. EDM "
-                            "teachers trained with it, else 0; needs image teachers)")
+    group.add_argument("--augment", type=float, default=None, metavar="P", help=AUGMENT_HELP)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,8 +330,8 @@ class ScoreDistillation:
     generator group's `start` (the loop neither evaluates nor steps the generator before it)."""
 
     def _init_networks(self, teacher: Denoiser, cfg, generator: Denoiser | None, fake: Denoiser | None) -> None:
-        if cfg.dropout not in ("shared", "eval"):
-            raise DiffdistillError(f"dropout must be 'shared' or 'eval', got {cfg.dropout!r}")
+        if cfg.teacher_dropout not in ("shared", "eval"):
+            raise DiffdistillError(f"teacher_dropout must be 'shared' or 'eval', got {cfg.teacher_dropout!r}")
         if cfg.gen_every < 1:
             raise UsageError(f"gen_every must be >= 1, got {cfg.gen_every}")
         self.cfg = cfg
@@ -361,10 +381,12 @@ class ScoreDistillation:
 ANALYTIC_FAKE_WARMUP = 300  # fresh fake scores of analytic teachers fit the generator alone this many steps first
 
 
+FAKE_WARMUP_HELP = (f"steps that train only the fake score first (default 0; {ANALYTIC_FAKE_WARMUP} for analytic "
+                    "teachers, whose fake score starts as a fresh network)")
+
+
 def add_fake_warmup_argument(group) -> None:
-    group.add_argument("--fake-warmup-steps", type=int, default=None,
-                       help=f"steps that train only the fake score first (default 0; {ANALYTIC_FAKE_WARMUP} for "
-                            "analytic teachers, whose fake score starts as a fresh network)")
+    group.add_argument("--fake-warmup-steps", type=int, default=None, help=FAKE_WARMUP_HELP)
 
 
 def fake_warmup_steps(value: int | None, teacher: Denoiser) -> int:

@@ -16,58 +16,62 @@ optimiser is reset when its updates begin), standing in for "initialised from th
 
 from __future__ import annotations
 
-import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
+from .. import dist
 from ..diffusion import param
 from ..diffusion.denoiser import Denoiser
-from ..train import dist
-from . import common
+from . import MethodSpec, common
 from .base import Batch, Group, Method, OptimConfig, Recipe
+from .options import MethodConfig, option
 
-HELP = "Diff-Instruct: one-step generator by integral-KL distribution matching (data-free)"
-NEEDS_DATA = False
 EMA_HELP = ("EMA half-life of the generator in kimg (default: the official 500 kimg, i.e. --ema 0.5 Mimg, with "
             "EDM's ramp-up 0.05)")
-DROPOUT_HELP = "Diff-Instruct keeps the teacher's (generator and fake score are copies of the EDM net, dropout 0.13)"
 
 RECIPES = {
     "cifar10": Recipe(
         source="pkulwj1994/diff_instruct README.md (CIFAR-10 uncond command) with di_train.py's defaults: batch "
                "128, lr = glr = 1e-5, Adam betas (0, 0.999), init_sigma 1.0, augment 0.12, ls = sgls = 1, no LR "
                "warm-up, 200 Mimg, EMA 0.5 Mimg with ramp-up 0.05, dropout kept (0.13)",
-        options=("--batch", "128", "--gen-lr", "1e-5", "--fake-lr", "1e-5", "--betas", "0.0", "0.999",
-                 "--init-sigma", "1.0", "--augment", "0.12", "--loss-scale", "1.0", "--fake-loss-scale", "1.0",
-                 "--gen-every", "1", "--teacher-dropout", "shared", "--fake-warmup-steps", "0",
-                 "--kimg", "200000", "--ema", "500")),
+        options=dict(batch=128, gen_lr=1e-5, fake_lr=1e-5, betas=(0.0, 0.999), init_sigma=1.0, augment=0.12,
+                     loss_scale=1.0, fake_loss_scale=1.0, gen_every=1, teacher_dropout="shared", fake_warmup_steps=0,
+                     total_kimg=200000, ema_halflife_kimg=500)),
 }
 
 
 @dataclass
-class DIConfig:
-    """Diff-Instruct settings; defaults are the official CIFAR-10 recipe (§4.4)."""
+class DIConfig(MethodConfig):
+    """Diff-Instruct settings; defaults are the official CIFAR-10 recipe (Luo et al. 2023, section 4 and the
+    official di_train.py)."""
 
-    init_sigma: float = 1.0            # the generator is the denoiser at this fixed level (same at sampling)
-    gen_lr: float = 1e-5               # generator learning rate (glr)
-    fake_lr: float = 1e-5              # fake-score learning rate (lr)
-    betas: tuple[float, float] = (0.0, 0.999)  # Adam betas of both networks (beta1 = 0)
-    gen_every: int = 1                 # generator updated every k-th step, the fake score every step (1:1)
-    dropout: str = "shared"            # teacher+fake in train mode with shared dropout masks, or 'eval'
-    p_mean: float = -1.2               # lognormal noise levels of both losses (EDM)
-    p_std: float = 1.2
-    loss_scale: float = 1.0            # generator surrogate scaling (ls)
-    fake_loss_scale: float = 1.0       # fake-score loss scaling (sgls)
-    fake_warmup_steps: int = 0         # steps training only the fake score first (default: 0 for network
-                                       # teachers, 300 for analytic ones)
-    augment: float | None = None       # EDM augmentation probability of the fake score's samples; None: the
-                                       # official 0.12 when the teacher's network takes augment labels (EDM
-                                       # teachers, trained with the pipe), else 0 (none)
-    student_dropout: float | None = None  # dropout of generator and fake score (None: the teacher's, official)
-    mlp_hidden: int = 128              # fresh MLP width/depth (analytic teachers only)
-    mlp_depth: int = 3
+    init_sigma: float = option(1.0, "generator noise level, the same at sampling (default %(default)s)")
+    gen_lr: float = option(1e-5, "generator learning rate, the official glr (default %(default)s)")
+    fake_lr: float = option(1e-5, "fake-score learning rate, the official lr (default %(default)s)")
+    betas: tuple[float, float] = option((0.0, 0.999), "Adam betas of both networks (default %(default)s, official)",
+                                        metavar=("B1", "B2"))
+    gen_every: int = option(1, "update the generator every k-th step, the fake score every step (default 1 = 1:1)")
+    teacher_dropout: str = option("shared", "'shared': teacher and fake net in train mode with equal dropout "
+                                  "masks (official); 'eval': both in eval mode", choices=("shared", "eval"))
+    p_mean: float = option(-1.2, "lognormal noise levels of both losses (EDM)", cli=False)
+    p_std: float = option(1.2, "lognormal noise levels of both losses (EDM)", cli=False)
+    loss_scale: float = option(1.0, "generator loss scaling (official ls; default %(default)s)")
+    fake_loss_scale: float = option(1.0, "fake-score loss scaling (official sgls; default %(default)s)")
+    augment: float | None = option(None, common.AUGMENT_HELP, metavar="P")
+    fake_warmup_steps: int | None = option(None, common.FAKE_WARMUP_HELP)
+    student_dropout: float | None = option(None, "dropout probability of the generator and fake score copied from "
+                                           "the teacher, or 'teacher' to keep the teacher's (default: the "
+                                           "teacher's, as the official: its EDM net has dropout 0.13)",
+                                           parse=common.dropout_value, metavar="P|teacher")
+    mlp_hidden: int = option(128, "fresh MLP width (analytic teachers only)", cli=False)
+    mlp_depth: int = option(3, "fresh MLP depth (analytic teachers only)", cli=False)
+
+    def resolve(self, teacher, loop) -> DIConfig:
+        """fake_warmup_steps: 0 for network teachers (the fake score is a copy of the teacher), 300 for analytic
+        ones (a fresh network first fitted to the initial generator)."""
+        return replace(self, fake_warmup_steps=common.fake_warmup_steps(self.fake_warmup_steps, teacher))
 
 
 def di_generator_loss(teacher: Denoiser, fake: Denoiser, x_g: Tensor, cond: Tensor | None = None,
@@ -101,7 +105,7 @@ class DiffInstruct(common.ScoreDistillation, Method):
                  fake: Denoiser | None = None):
         """generator/fake: ready networks to use instead of copies of the teacher (or fresh MLPs)."""
         super().__init__()
-        cfg = cfg or DIConfig()
+        cfg = (cfg or DIConfig()).resolve(teacher, None)
         self.init_sigma = common.check_sigma(teacher, cfg.init_sigma)
         # §4.1: generator and fake score start from the teacher (fresh MLPs for analytic teachers).
         self._init_networks(teacher, cfg, generator, fake)
@@ -129,7 +133,7 @@ class DiffInstruct(common.ScoreDistillation, Method):
         if group == "generator":
             self.generator.train()
             x_g, cond = self.generate_onestep(batch.size, batch.device, grad=True)
-            loss, gap = di_generator_loss(self.teacher, self.fake, x_g, cond, None, cfg.dropout,
+            loss, gap = di_generator_loss(self.teacher, self.fake, x_g, cond, None, cfg.teacher_dropout,
                                           cfg.p_mean, cfg.p_std)
             return {"loss": cfg.loss_scale * loss, "score_gap": gap.mean().detach()}
         raise KeyError(f"unknown group {group!r}")
@@ -140,40 +144,14 @@ class DiffInstruct(common.ScoreDistillation, Method):
         return 500.0, 0.05
 
 
-# --------------------------------------------------------------------------------------------------
-# CLI hooks (cli/distill.py)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("Diff-Instruct")
-    d = DIConfig()
-    g.add_argument("--init-sigma", type=float, default=d.init_sigma,
-                   help="generator noise level (default %(default)s)")
-    g.add_argument("--gen-lr", type=float, default=d.gen_lr, help="generator lr (default %(default)s)")
-    g.add_argument("--fake-lr", type=float, default=d.fake_lr, help="fake-score lr (default %(default)s)")
-    g.add_argument("--gen-every", type=int, default=d.gen_every,
-                   help="update the generator every k-th step, the fake score every step (default 1 = 1:1)")
-    g.add_argument("--teacher-dropout", choices=["shared", "eval"], default=d.dropout,
-                   help="'shared': teacher and fake net in train mode with equal dropout masks (official); "
-                        "'eval': both in eval mode")
-    g.add_argument("--betas", type=float, nargs=2, default=d.betas, metavar=("B1", "B2"),
-                   help="Adam betas of both networks (default %(default)s, official)")
-    g.add_argument("--loss-scale", type=float, default=d.loss_scale,
-                   help="generator loss scaling (official ls; default %(default)s)")
-    g.add_argument("--fake-loss-scale", type=float, default=d.fake_loss_scale,
-                   help="fake-score loss scaling (official sgls; default %(default)s)")
-    common.add_augment_argument(g)
-    common.add_fake_warmup_argument(g)
-
-
-def build(args: argparse.Namespace, teacher: Denoiser, data=None) -> DiffInstruct:
-    warm = common.fake_warmup_steps(args.fake_warmup_steps, teacher)
-    cfg = DIConfig(init_sigma=args.init_sigma, gen_lr=args.gen_lr, fake_lr=args.fake_lr,
-                   betas=tuple(args.betas), gen_every=args.gen_every, dropout=args.teacher_dropout,
-                   loss_scale=args.loss_scale, fake_loss_scale=args.fake_loss_scale, fake_warmup_steps=warm,
-                   augment=args.augment, student_dropout=common.resolve_dropout(args, None))
+def create(cfg: DIConfig, teacher: Denoiser, data=None, loop=None) -> DiffInstruct:
     method = DiffInstruct(teacher, cfg)
     dist.print0(f"di: generator {common.count_params(method.generator):,} parameters, fake score "
                 f"{common.count_params(method.fake):,}, init sigma {method.init_sigma:g}, "
                 f"fake-score {method.augment_summary()}")
     return method
+
+
+SPEC = MethodSpec(name="di", help="Diff-Instruct: one-step generator by integral-KL distribution matching "
+                                  "(data-free)",
+                  config=DIConfig, create=create, title="Diff-Instruct", recipes=RECIPES, ema_help=EMA_HELP)

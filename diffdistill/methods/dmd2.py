@@ -18,27 +18,25 @@ in every network, and no EMA (the trained generator is what the official evaluat
 
 from __future__ import annotations
 
-import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import dist
 from ..diffusion import param
 from ..diffusion.denoiser import Denoiser, Precond
 from ..diffusion.schedules import karras_index_sigma
 from ..errors import DiffdistillError, UsageError
-from ..train import dist
-from . import common
+from ..samplers.few_step import renoise
+from . import MethodSpec, common
 from .base import Batch, Group, Method, OptimConfig, Recipe
+from .options import MethodConfig, option
 from .sid import params_frozen
 
-HELP = "DMD2: one- or few-step generator by normalised distribution matching (+ optional GAN on real data)"
-NEEDS_DATA = False   # real data only for the GAN term (--gan-weight > 0)
 EMA_HELP = ("EMA half-life of the generator in kimg (default 0: no EMA, the exported generator is the trained "
             "one, as in DMD2's train_edm.py, which keeps none)")
-DROPOUT_HELP = "DMD2: 0, as train_edm.py builds every network with dropout 0"
 
 WARMUP_STEPS = 500   # train_edm.py --warmup_step: the default LR warm-up (steps of the run's batch)
 
@@ -47,17 +45,17 @@ RECIPES = {
         source="DMD2 ImageNet-64 (tianweiy/DMD2 experiments/imagenet/imagenet_gan_classifier_genloss3e-3_"
                "diffusion1000_lr2e-6_scratch.sh, FID 1.51 at 200k iterations, and train_edm.py's defaults; "
                "needs --data for the GAN term; the official ran the networks in bf16: add --bf16)",
-        options=("--batch", "280",            # 40 per GPU x 7 GPUs
-                 "--kimg", "56000",           # 200k iterations x 280
-                 "--lr", "2e-6", "--betas", "0.9", "0.999", "--weight-decay", "0.01", "--grad-clip", "10",
-                 # warm-up: 500 scheduler steps, which accelerate advances once per process (7 per iteration):
-                 # 500 x 40 images = 20 kimg (~71 iterations)
-                 "--warmup-kimg", "20",
-                 "--gen-every", "5",           # dfake_gen_update_ratio
-                 "--dm-range", "0.02", "0.98",  # min/max_step_percent of the 1000 Karras levels
-                 "--gan-weight", "3e-3", "--cls-weight", "1e-2",
-                 "--teacher-dropout", "eval",  # dropout 0 everywhere: eval mode is the same network
-                 "--ema", "0")),
+        options=dict(batch=280,               # 40 per GPU x 7 GPUs
+                     total_kimg=56000,        # 200k iterations x 280
+                     lr=2e-6, betas=(0.9, 0.999), weight_decay=0.01, grad_clip=10.0,
+                     # warm-up: 500 scheduler steps, which accelerate advances once per process (7 per iteration):
+                     # 500 x 40 images = 20 kimg (~71 iterations)
+                     warmup_kimg=20.0,
+                     gen_every=5,             # dfake_gen_update_ratio
+                     dm_range=(0.02, 0.98),   # min/max_step_percent of the 1000 Karras levels
+                     gan_weight=3e-3, cls_weight=1e-2,
+                     teacher_dropout="eval",  # dropout 0 everywhere: eval mode is the same network
+                     ema_halflife_kimg=0)),
 }
 
 # --------------------------------------------------------------------------------------------------
@@ -176,27 +174,50 @@ class ClassifierHead(nn.Module):
 
 
 @dataclass
-class DMD2Config:
+class DMD2Config(MethodConfig):
     """DMD2 settings; defaults are the official ImageNet-64 recipe (train_edm.py, algorithms.md §6.2)."""
 
-    gen_sigmas: list[float] = field(default_factory=list)  # generator levels; [] = one step at sigma_max;
-    #                                  several = multi-step generation trained by backward simulation
-    gen_every: int = 5                 # two-time-scale rule: generator every 5th step, fake score every step
-    lr: float = 2e-6                   # learning rate of both networks (AdamW)
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.01
-    grad_clip: float = 10.0
-    warmup_kimg: float = 0.0           # linear LR warm-up of both networks, each from its first step
-    #                                    (official: 500 steps, in kimg only at run time; the CLI sets it)
-    min_frac: float = 0.02             # distribution-matching levels: Karras indices in
-    max_frac: float = 0.98             # [min_frac, max_frac] * 1000 of a 1000-level grid
-    dropout: str = "eval"              # teacher and fake score in the DM term: 'eval' | 'shared' masks
-    gan_weight: float = 0.0            # generator GAN term weight (official with GAN: 3e-3); 0 = no GAN head
-    cls_weight: float = 1e-2           # classifier term weight in the fake-score loss
-    fake_warmup_steps: int = 0         # steps training only the fake score first (analytic teachers: 300)
-    student_dropout: float | None = 0.0  # dropout of generator and fake score (official: 0; None = teacher's)
-    mlp_hidden: int = 128              # fresh MLP width/depth (analytic teachers only)
-    mlp_depth: int = 3
+    gen_sigmas: list[float] = option([], "generator levels (default: one step at the teacher's sigma_max); several "
+                                     "levels train a multi-step generator by backward simulation", metavar="SIGMA")
+    gen_every: int = option(5, "update the generator every k-th step, the fake score every step (default "
+                            "%(default)s)")
+    lr: float = option(2e-6, "learning rate of both networks (default %(default)s)")
+    betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas of both networks (default %(default)s)",
+                                        metavar=("B1", "B2"))
+    weight_decay: float = option(0.01, "AdamW weight decay of both networks (default %(default)s)")
+    grad_clip: float = option(10.0, "clip each network's gradient norm at this value (default %(default)s; 0 = off)")
+    warmup_kimg: float | None = option(None, f"linear LR warm-up of both networks (default: {WARMUP_STEPS} steps of "
+                                       "--batch, train_edm.py's --warmup_step)", metavar="KIMG")
+    dm_range: tuple[float, float] = option((0.02, 0.98), "distribution-matching levels: Karras indices in [MIN, MAX] "
+                                           "x 1000 of a 1000-level grid (default %(default)s)",
+                                           metavar=("MIN", "MAX"))
+    gan_weight: float = option(0.0, "weight of the generator's GAN term (official: 3e-3; needs --data); 0 = off")
+    cls_weight: float = option(1e-2, "weight of the classifier term in the fake-score loss (default %(default)s)")
+    teacher_dropout: str = option("eval", "teacher and fake score in the DM term: eval mode or shared dropout masks",
+                                  choices=("eval", "shared"))
+    fake_warmup_steps: int | None = option(None, common.FAKE_WARMUP_HELP)
+    student_dropout: float | None = option(0.0, "dropout probability of the generator and fake score copied from "
+                                           "the teacher, or 'teacher' to keep the teacher's (default 0, as "
+                                           "train_edm.py builds every network with dropout 0)",
+                                           parse=common.dropout_value, metavar="P|teacher")
+    mlp_hidden: int = option(128, "fresh MLP width (analytic teachers only)", cli=False)
+    mlp_depth: int = option(3, "fresh MLP depth (analytic teachers only)", cli=False)
+
+    def resolve(self, teacher, loop) -> DMD2Config:
+        """warmup_kimg: train_edm.py's WARMUP_STEPS steps of the run's batch (0 outside a run); fake_warmup_steps:
+        0 for network teachers, 300 for analytic ones (a fresh fake score first fitted to the initial
+        generator). Checks the warm-up and the distribution-matching range."""
+        lo, hi = self.dm_range
+        if not 0 <= lo <= hi <= 1:
+            raise UsageError(f"dmd2: --dm-range MIN MAX needs 0 <= MIN <= MAX <= 1, got {lo:g} {hi:g}")
+        warmup = self.warmup_kimg
+        if warmup is None:
+            warmup = 0.0 if loop is None else WARMUP_STEPS * loop.batch / 1000
+        elif warmup < 0:
+            raise UsageError(f"dmd2: --warmup-kimg must be 0 (off) or positive, got {warmup:g}")
+        return replace(self, warmup_kimg=float(warmup), dm_range=(float(lo), float(hi)),
+                       gen_sigmas=[float(s) for s in self.gen_sigmas],
+                       fake_warmup_steps=common.fake_warmup_steps(self.fake_warmup_steps, teacher))
 
 
 class DMD2(common.ScoreDistillation, Method):
@@ -208,9 +229,7 @@ class DMD2(common.ScoreDistillation, Method):
                  fake: Denoiser | None = None):
         """generator/fake: networks to use instead of copies of the teacher (fresh MLPs if analytic)."""
         super().__init__()
-        cfg = cfg or DMD2Config()
-        if not 0 <= cfg.min_frac <= cfg.max_frac <= 1:
-            raise UsageError(f"need 0 <= min_frac <= max_frac <= 1, got {cfg.min_frac}, {cfg.max_frac}")
+        cfg = (cfg or DMD2Config()).resolve(teacher, None)
         sig = [float(s) for s in cfg.gen_sigmas] or [float(teacher.sigma_max)]
         if any(b >= a for a, b in zip(sig, sig[1:])):
             raise UsageError(f"generator sigmas must be strictly descending, got {sig}")
@@ -253,8 +272,7 @@ class DMD2(common.ScoreDistillation, Method):
         with torch.no_grad():
             for j in range(steps):   # the generator's own sampler down to level sig[steps] (sample_multistep)
                 x0 = self.generator(x, sig[j], cond)
-                renoise = max(sig[j + 1] ** 2 - self.generator.sigma_min ** 2, 0.0) ** 0.5
-                x = x0 + renoise * torch.randn_like(x0)
+                x = renoise(x0, sig[j + 1], self.generator.sigma_min, torch.randn_like(x0))
         with torch.set_grad_enabled(grad):
             return self.generator(x, sig[steps], cond), cond
 
@@ -288,8 +306,8 @@ class DMD2(common.ScoreDistillation, Method):
             self.generator.train()
             x_g, cond = self.generate(batch.size, batch.device, grad=True)
             self._handoff.append((batch.step, x_g.detach(), cond))
-            sigma = dm_sigma(batch.size, self.teacher, cfg.min_frac, cfg.max_frac, device=batch.device)
-            loss, grad = dm_loss(self.teacher, self.fake, x_g, sigma, cond, dropout=cfg.dropout)
+            sigma = dm_sigma(batch.size, self.teacher, *cfg.dm_range, device=batch.device)
+            loss, grad = dm_loss(self.teacher, self.fake, x_g, sigma, cond, dropout=cfg.teacher_dropout)
             out = {"dm_loss": loss.detach(), "grad_norm": grad.flatten(1).norm(dim=1).mean()}
             if self.head is not None:   # non-saturating generator GAN term through the (frozen) fake encoder
                 with params_frozen(self.fake, self.head):
@@ -323,66 +341,17 @@ class DMD2(common.ScoreDistillation, Method):
         return {"sampler": "multistep", "sigmas": self.gen_sigmas + [0.0]}
 
 
-# --------------------------------------------------------------------------------------------------
-# CLI hooks (cli/distill.py)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("DMD2")
-    d = DMD2Config()
-    g.add_argument("--gen-sigmas", type=float, nargs="+", default=None, metavar="SIGMA",
-                   help="generator levels (default: one step at the teacher's sigma_max); several levels "
-                        "train a multi-step generator by backward simulation")
-    g.add_argument("--gen-every", type=int, default=d.gen_every,
-                   help="update the generator every k-th step, the fake score every step "
-                        "(default %(default)s)")
-    g.add_argument("--lr", type=float, default=d.lr,
-                   help="learning rate of both networks (default %(default)s)")
-    g.add_argument("--betas", type=float, nargs=2, default=list(d.betas), metavar=("B1", "B2"),
-                   help="AdamW betas of both networks (default %(default)s)")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
-                   help="AdamW weight decay of both networks (default %(default)s)")
-    g.add_argument("--grad-clip", type=float, default=d.grad_clip,
-                   help="clip each network's gradient norm at this value (default %(default)s; 0 = off)")
-    g.add_argument("--warmup-kimg", type=float, default=None, metavar="KIMG",
-                   help=f"linear LR warm-up of both networks (default: {WARMUP_STEPS} steps of --batch, "
-                        "train_edm.py's --warmup_step)")
-    g.add_argument("--dm-range", type=float, nargs=2, default=[d.min_frac, d.max_frac], metavar=("MIN", "MAX"),
-                   help="distribution-matching levels: Karras indices in [MIN, MAX] x 1000 of a 1000-level grid "
-                        "(default %(default)s)")
-    g.add_argument("--gan-weight", type=float, default=d.gan_weight,
-                   help="weight of the generator's GAN term (official: 3e-3; needs --data); 0 = off")
-    g.add_argument("--cls-weight", type=float, default=d.cls_weight,
-                   help="weight of the classifier term in the fake-score loss (default %(default)s)")
-    g.add_argument("--teacher-dropout", choices=["eval", "shared"], default=d.dropout,
-                   help="teacher and fake score in the DM term: eval mode or shared dropout masks")
-    common.add_fake_warmup_argument(g)
-
-
-def warmup_kimg(args: argparse.Namespace) -> float:
-    """--warmup-kimg, or train_edm.py's default of WARMUP_STEPS steps of the run's batch."""
-    if args.warmup_kimg is not None:
-        if args.warmup_kimg < 0:
-            raise UsageError(f"--warmup-kimg must be 0 (off) or positive, got {args.warmup_kimg:g}")
-        return float(args.warmup_kimg)
-    batch = getattr(args, "batch", None)
-    if batch is None:
-        raise UsageError("dmd2: give --warmup-kimg (its default, 500 steps, needs the batch size --batch)")
-    return WARMUP_STEPS * batch / 1000
-
-
-def build(args: argparse.Namespace, teacher: Denoiser, data=None) -> DMD2:
-    warm = common.fake_warmup_steps(args.fake_warmup_steps, teacher)
-    if args.gan_weight > 0 and data is None:
+def create(cfg: DMD2Config, teacher: Denoiser, data=None, loop=None) -> DMD2:
+    if cfg.gan_weight > 0 and data is None:
         raise UsageError("dmd2 --gan-weight > 0 trains a GAN on real data: give a data set (--data)")
-    cfg = DMD2Config(gen_sigmas=list(args.gen_sigmas or []), gen_every=args.gen_every, lr=args.lr,
-                     betas=tuple(args.betas), weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                     warmup_kimg=warmup_kimg(args), min_frac=args.dm_range[0], max_frac=args.dm_range[1],
-                     gan_weight=args.gan_weight, cls_weight=args.cls_weight, dropout=args.teacher_dropout,
-                     fake_warmup_steps=warm, student_dropout=common.resolve_dropout(args, 0.0))
     method = DMD2(teacher, cfg)
     dist.print0(f"dmd2: generator {common.count_params(method.generator):,} parameters, fake score "
                 f"{common.count_params(method.fake):,}, levels {method.gen_sigmas}, generator every "
                 f"{cfg.gen_every} steps, GAN weight {cfg.gan_weight:g}, LR warm-up {cfg.warmup_kimg:g} kimg, "
                 f"dropout {common.dropout_of(method.generator)}")
     return method
+
+
+SPEC = MethodSpec(name="dmd2", help="DMD2: one- or few-step generator by normalised distribution matching (+ optional "
+                                    "GAN on real data)",
+                  config=DMD2Config, create=create, title="DMD2", recipes=RECIPES, ema_help=EMA_HELP)

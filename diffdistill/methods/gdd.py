@@ -19,7 +19,8 @@ accumulation.
 Lazy R1 (StyleGAN2 §3.1, official `training_loop.py`): on batches 16, 32, ... (never 0) the discriminator's
 Adam takes a second step, on the R1 loss alone: r1_every * gamma/2 * mean_i ||grad_x sum_k D_k(x_i)||^2 over the
 real batch (a mean over samples, unlike the adversarial sums). That is why the discriminator's lr and beta2
-are dlr * 16/17 and 0.99^(16/17): 17 steps per 16 batches. The gamma convention is therefore the official
+are dlr * 16/17 and 0.99^(16/17): 17 steps per 16 batches (`lazy_r1_optim`, applied where the optimiser group
+is built: `disc_lr` is the official --dlr). The gamma convention is therefore the official
 one: gamma = 1e-4 weighs R1 against adversarial losses that are sums over `loss_samples` = 64 samples.
 The loop runs that second step as the discriminator group's extra pass (`Group.extra_every`).
 For analytic teachers the generator is a fresh boundary-preconditioned `Precond(MLP)`.
@@ -27,52 +28,95 @@ For analytic teachers the generator is a fresh boundary-preconditioned `Precond(
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import dist
 from ..diffusion.denoiser import Denoiser
-from ..errors import DiffdistillError
-from ..train import dist
-from . import common
+from ..errors import DiffdistillError, UsageError
+from . import MethodSpec, common
 from .base import Batch, Group, Method, OptimConfig, Recipe
 from .discriminators import KINDS, build_discriminator, onehot, r1_penalty
+from .options import MethodConfig, option
 
-HELP = "GDD / GDD-I: GAN fine-tuning of the teacher into a one-step generator (needs real images)"
-NEEDS_DATA = True
 EMA_HELP = ("EMA half-life of the generator in kimg, with EDM's ramp-up 0.05 (default: GDD's, 500 kimg = train.sh's "
             "--ema=0.5 Mimg with train.py's --ema-warmup 0.05; its ImageNet runs use 50000)")
-DROPOUT_HELP = "GDD: 0, as train.sh's --dropout=0"
 
 
 @dataclass
-class GDDConfig:
-    """GDD settings; defaults are the official CIFAR-10 recipe (train.sh, §5.5)."""
+class GDDConfig(MethodConfig):
+    """GDD settings; defaults are the official CIFAR-10 recipe (train.sh, §5.5). disc_lr and disc_betas are the
+    official --dlr and Adam betas before the lazy-R1 scaling: the discriminator's optimiser takes lr x r/(r+1) and
+    beta2^(r/(r+1)) with r = r1_every (official: 16/17), applied where its group is built (`lazy_r1_optim`)."""
 
-    gen_sigma: float | None = None     # generator level; None = the teacher's sigma_max (80 for EDM)
-    gen_lr: float = 1e-4               # generator Adam learning rate (--lr)
-    gen_betas: tuple[float, float] = (0.0, 0.99)
-    disc_lr: float = 1e-4 * 16 / 17    # discriminator lr, scaled for lazy R1 (--dlr * 16/17)
-    disc_betas: tuple[float, float] = (0.0, 0.99 ** (16 / 17))
-    r1_gamma: float = 1e-4             # R1 weight gamma in the official convention (module docstring)
-    r1_every: int = 16                 # lazy R1 interval: an R1 step on steps 16, 32, ... (0 = no R1)
-    loss_samples: int = 64             # the GAN losses are sums over this many samples (official per-GPU batch)
-    freeze: int = 0                    # GDD-I freezing level 0..3 (§5.3)
-    dropout: float | None = 0.0        # generator dropout (official --dropout=0); None = the teacher's
-    disc: str = "auto"                 # auto | projected | teacher | conv | mlp | backbone
-    disc_channels: int = 64            # width of the discriminator (heads)
-    disc_sigma: float = 0.5            # noise level at which teacher features are read
-    disc_noise: bool = False           # add that much noise to images before the teacher features
-    backbone: str | None = None        # timm:NAME | torchvision:NAME (disc = backbone)
-    backbone_weights: str | None = None  # its local weights file (safetensors, or torch read weights-only)
-    vgg_weights: str | None = None     # disc = projected: VGG16-BN weights file
-    effnet_weights: str | None = None  # disc = projected: EfficientNet-lite0 weights file
-    mlp_hidden: int = 128              # fresh MLP generator (analytic teachers only)
-    mlp_depth: int = 3
+    freeze: int = option(0, "GDD-I: freeze block convs + attention proj (1), + qkv (2), + skips (3)",
+                         choices=(0, 1, 2, 3))
+    disc: str = option("auto", "discriminator: the official projected one on frozen VGG16-BN + EfficientNet-lite0 "
+                       "features (needs --disc-vgg-weights and --disc-effnet-weights; 'auto' picks it when both are "
+                       "given), else heads on the frozen teacher encoder (auto for UNet teachers), a plain conv net, "
+                       "an MLP (auto for 2-D data), or a timm/torchvision backbone", choices=KINDS)
+    disc_vgg_weights: str | None = option(None, "--disc projected: local weights of VGG16-BN (torchvision layout)",
+                                          metavar="PATH")
+    disc_effnet_weights: str | None = option(None, "--disc projected: local weights of EfficientNet-lite0 (timm "
+                                             "tf_efficientnet_lite0)", metavar="PATH")
+    disc_backbone: str | None = option(None, "--disc backbone: timm:NAME or torchvision:NAME (needs that optional "
+                                       "package)", metavar="LIB:NAME")
+    disc_backbone_weights: str | None = option(None, "local weights of the backbone (.safetensors or a torch state "
+                                               "dict)", metavar="PATH")
+    gen_lr: float = option(1e-4, "generator lr (default %(default)s)")
+    disc_lr: float = option(1e-4, "discriminator lr before the lazy-R1 scaling x r/(r+1) (default %(default)s)")
+    r1_gamma: float = option(1e-4, "R1 weight gamma, official convention: its own step of r1_every*gamma/2*||grad||^2 "
+                             "next to GAN losses summed over --loss-samples samples (default %(default)s)")
+    r1_every: int = option(16, "lazy R1 interval: an extra discriminator step on steps r, 2r, ... (0: no R1; "
+                           "default %(default)s)")
+    loss_samples: int = option(64, "the GAN losses are sums over this many samples' losses, i.e. this x the batch "
+                               "mean (official: its per-GPU batch; default %(default)s)")
+    gen_sigma: float | None = option(None, "generator noise level (default: sigma_max)")
+    student_dropout: float | None = option(0.0, "dropout probability of the generator copied from the teacher, or "
+                                           "'teacher' to keep the teacher's (default 0, as train.sh's --dropout=0)",
+                                           parse=common.dropout_value, metavar="P|teacher")
+    gen_betas: tuple[float, float] = option((0.0, 0.99), "generator Adam betas (official)", cli=False)
+    disc_betas: tuple[float, float] = option((0.0, 0.99), "discriminator Adam betas before the lazy-R1 scaling of "
+                                             "beta2 (official)", cli=False)
+    disc_channels: int = option(64, "width of the discriminator (heads)", cli=False)
+    disc_sigma: float = option(0.5, "noise level at which teacher features are read", cli=False)
+    disc_noise: bool = option(False, "add that much noise to images before the teacher features", cli=False)
+    mlp_hidden: int = option(128, "fresh MLP generator width (analytic teachers only)", cli=False)
+    mlp_depth: int = option(3, "fresh MLP generator depth (analytic teachers only)", cli=False)
+
+    def resolve(self, teacher, loop) -> GDDConfig:
+        """gen_sigma: the teacher's sigma_max unless given; student_dropout 'teacher' (Python) kept as None (the
+        teacher's). Checks the lrs, the R1 settings, --loss-samples, --freeze, --disc and the backbone
+        discriminator's options."""
+        for flag, lr in (("--gen-lr", self.gen_lr), ("--disc-lr", self.disc_lr)):
+            if not lr >= 0:         # (NaN too)
+                raise UsageError(f"{flag} must be >= 0, got {lr:g}")
+        if self.r1_every < 0 or self.r1_gamma < 0:
+            raise UsageError(f"--r1-every and --r1-gamma must be >= 0, got {self.r1_every} and {self.r1_gamma}")
+        if self.loss_samples < 1:
+            raise UsageError(f"--loss-samples must be at least 1, got {self.loss_samples}")
+        if self.freeze not in (0, 1, 2, 3):
+            raise UsageError(f"--freeze must be 0, 1, 2 or 3, got {self.freeze}")
+        if self.disc not in KINDS:
+            raise UsageError(f"--disc must be one of {', '.join(KINDS)}, got {self.disc!r}")
+        if self.disc == "backbone" and not (self.disc_backbone and self.disc_backbone_weights):
+            raise UsageError("--disc backbone needs --disc-backbone LIB:NAME and --disc-backbone-weights PATH")
+        dropout = None if self.student_dropout == "teacher" else self.student_dropout
+        if dropout is not None and not 0 <= dropout < 1:
+            raise UsageError(f"--student-dropout must be a probability in [0, 1) or 'teacher', got {dropout!r}")
+        gen_sigma = float(teacher.sigma_max) if self.gen_sigma is None else self.gen_sigma
+        return replace(self, gen_sigma=gen_sigma, student_dropout=dropout)
+
+
+def lazy_r1_optim(lr: float, betas: tuple[float, float], r1_every: int) -> OptimConfig:
+    """The discriminator's Adam with lazy R1 (official, StyleGAN2): r1_every batches take r1_every + 1 steps, so
+    lr x r/(r+1) and beta2^(r/(r+1)) with r = r1_every (16/17 by default); unscaled when r1_every is 0."""
+    ratio = r1_every / (r1_every + 1) if r1_every else 1.0
+    return OptimConfig(lr=lr * ratio, betas=(betas[0], betas[1] ** ratio))
 
 
 def patch_softplus(logits: Tensor, sign: float, groups: Sequence[int] | None = None) -> Tensor:
@@ -113,23 +157,19 @@ class GDD(Method):
     def __init__(self, teacher: Denoiser, cfg: GDDConfig | None = None, generator: Denoiser | None = None,
                  discriminator: nn.Module | None = None):
         super().__init__()
-        cfg = cfg or GDDConfig()
-        if cfg.r1_every < 0 or cfg.r1_gamma < 0:
-            raise DiffdistillError("r1_every and r1_gamma must be >= 0")
-        if not cfg.loss_samples > 0:
-            raise DiffdistillError(f"loss_samples must be positive, got {cfg.loss_samples}")
+        cfg = (cfg or GDDConfig()).resolve(teacher, None)
         self.cfg = cfg
-        self.gen_sigma = common.check_sigma(teacher, cfg.gen_sigma if cfg.gen_sigma is not None
-                                            else teacher.sigma_max, "generator sigma")
+        self.gen_sigma = common.check_sigma(teacher, cfg.gen_sigma, "generator sigma")
         self.label_dim = teacher.label_dim
         # §5.2: the generator is the teacher with boundary scalings, evaluated at sigma_max.
         self.generator = generator if generator is not None else common.student_from_teacher(
-            teacher, boundary=True, hidden=cfg.mlp_hidden, depth=cfg.mlp_depth, dropout=cfg.dropout)
+            teacher, boundary=True, hidden=cfg.mlp_hidden, depth=cfg.mlp_depth, dropout=cfg.student_dropout)
         self.trainable, self.total = common.freeze_by_role(self.generator, cfg.freeze)
         teacher = teacher.eval().requires_grad_(False)
         self.discriminator = discriminator if discriminator is not None else build_discriminator(
             cfg.disc, teacher.shape, teacher.label_dim, teacher, cfg.disc_channels, cfg.disc_sigma,
-            cfg.disc_noise, cfg.backbone, cfg.backbone_weights, cfg.vgg_weights, cfg.effnet_weights)
+            cfg.disc_noise, cfg.disc_backbone, cfg.disc_backbone_weights, cfg.disc_vgg_weights,
+            cfg.disc_effnet_weights)
 
     def groups(self) -> dict[str, Group]:
         cfg = self.cfg
@@ -139,7 +179,8 @@ class GDD(Method):
         return {
             # Conditional: the official generator takes the labels of the real batch.
             "generator": Group(gen, OptimConfig(lr=cfg.gen_lr, betas=cfg.gen_betas), needs_data=self.label_dim > 0),
-            "discriminator": Group(disc, OptimConfig(lr=cfg.disc_lr, betas=cfg.disc_betas), needs_data=True,
+            # lr and beta2 scaled by r/(r+1) for the R1 steps (as the command line always did: by --r1-every)
+            "discriminator": Group(disc, lazy_r1_optim(cfg.disc_lr, cfg.disc_betas, cfg.r1_every), needs_data=True,
                                    extra_every=r1_every),
         }
 
@@ -210,16 +251,16 @@ class GDD(Method):
 # --------------------------------------------------------------------------------------------------
 # Recipes (Zyriix/GDD train.sh; the same settings for GDD and GDD-I, unconditional and conditional)
 
-_CIFAR10 = ("--batch", "256", "--kimg", "5000",          # --batch=256 (4 GPUs x 64), --duration=5 Mimg
-            "--gen-lr", "1e-4", "--disc-lr", "1e-4",      # --lr, --dlr (x 16/17 for lazy R1)
-            "--r1-gamma", "1e-4", "--r1-every", "16",     # --r1-gamma, training_loop's r1_interval
-            "--loss-samples", "64",                       # the per-GPU batch the losses sum over
-            "--ema", "500")                               # --ema=0.5 Mimg, ramp-up 0.05
-_IMAGENET64 = ("--batch", "512", "--kimg", "10000",      # --batch=512 (4 GPUs x 128), --duration=10 Mimg
-               "--gen-lr", "8e-6", "--disc-lr", "4e-5",
-               "--r1-gamma", "1e-4", "--r1-every", "16",
-               "--loss-samples", "128",
-               "--ema", "50000")                          # --ema=50 Mimg: the 0.05 ramp-up rules all 10 Mimg
+_CIFAR10 = dict(batch=256, total_kimg=5000,              # --batch=256 (4 GPUs x 64), --duration=5 Mimg
+                gen_lr=1e-4, disc_lr=1e-4,               # --lr, --dlr (x 16/17 for lazy R1)
+                r1_gamma=1e-4, r1_every=16,              # --r1-gamma, training_loop's r1_interval
+                loss_samples=64,                         # the per-GPU batch the losses sum over
+                ema_halflife_kimg=500)                   # --ema=0.5 Mimg, ramp-up 0.05
+_IMAGENET64 = dict(batch=512, total_kimg=10000,          # --batch=512 (4 GPUs x 128), --duration=10 Mimg
+                   gen_lr=8e-6, disc_lr=4e-5,
+                   r1_gamma=1e-4, r1_every=16,
+                   loss_samples=128,
+                   ema_halflife_kimg=50000)              # --ema=50 Mimg: the 0.05 ramp-up rules all 10 Mimg
 _OFFICIAL_DISC = ("official discriminator: projected on frozen {}; give --disc-vgg-weights and --disc-effnet-weights "
                   "for ours (VGG16-BN + EfficientNet-lite0); the official generator runs in bf16")
 
@@ -228,82 +269,36 @@ RECIPES = {
         source="GDD CIFAR-10, uncond and cond (Zyriix/GDD train.sh): batch 256 (4 GPUs x 64), lr = dlr = 1e-4, "
                "R1 gamma 1e-4 every 16, 5 Mimg, EMA 0.5 Mimg, dropout 0; "
                + _OFFICIAL_DISC.format("VGG16-BN + EfficientNet-lite0"),
-        options=_CIFAR10 + ("--freeze", "0")),
+        options=dict(_CIFAR10, freeze=0)),
     "cifar10-gddi": Recipe(source="GDD-I CIFAR-10: cifar10 with --freeze 1 (train.sh --freeze=1)",
-                           options=_CIFAR10 + ("--freeze", "1")),
+                           options=dict(_CIFAR10, freeze=1)),
     "imagenet64": Recipe(
         source="GDD ImageNet-64 (train.sh): batch 512 (4 GPUs x 128), lr 8e-6, dlr 4e-5, R1 gamma 1e-4 every 16, "
                "10 Mimg, EMA 50 Mimg, dropout 0; " + _OFFICIAL_DISC.format("DeiT-base + EfficientNet-lite0, "
                                                                            "which diffdistill lacks"),
-        options=_IMAGENET64 + ("--freeze", "0")),
+        options=dict(_IMAGENET64, freeze=0)),
     "imagenet64-gddi": Recipe(source="GDD-I ImageNet-64: imagenet64 with --freeze 1 (train.sh --freeze=1)",
-                              options=_IMAGENET64 + ("--freeze", "1")),
+                              options=dict(_IMAGENET64, freeze=1)),
 }
 
 
-# --------------------------------------------------------------------------------------------------
-# CLI hooks (cli/distill.py)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = GDDConfig()
-    g = parser.add_argument_group("GDD")
-    g.add_argument("--freeze", type=int, choices=[0, 1, 2, 3], default=d.freeze,
-                   help="GDD-I: freeze block convs + attention proj (1), + qkv (2), + skips (3)")
-    g.add_argument("--disc", choices=list(KINDS), default=d.disc,
-                   help="discriminator: the official projected one on frozen VGG16-BN + EfficientNet-lite0 "
-                        "features (needs --disc-vgg-weights and --disc-effnet-weights; 'auto' picks it when "
-                        "both are given), else heads on the frozen teacher encoder (auto for UNet teachers), "
-                        "a plain conv net, an MLP (auto for 2-D data), or a timm/torchvision backbone")
-    g.add_argument("--disc-vgg-weights", default=None, metavar="PATH",
-                   help="--disc projected: local weights of VGG16-BN (torchvision layout)")
-    g.add_argument("--disc-effnet-weights", default=None, metavar="PATH",
-                   help="--disc projected: local weights of EfficientNet-lite0 (timm tf_efficientnet_lite0)")
-    g.add_argument("--disc-backbone", default=None, metavar="LIB:NAME",
-                   help="--disc backbone: timm:NAME or torchvision:NAME (needs that optional package)")
-    g.add_argument("--disc-backbone-weights", default=None, metavar="PATH",
-                   help="local weights of the backbone (.safetensors or a torch state dict)")
-    g.add_argument("--gen-lr", type=float, default=d.gen_lr, help="generator lr (default %(default)s)")
-    g.add_argument("--disc-lr", type=float, default=1e-4,
-                   help="discriminator lr before the lazy-R1 scaling x r/(r+1) (default %(default)s)")
-    g.add_argument("--r1-gamma", type=float, default=d.r1_gamma,
-                   help="R1 weight gamma, official convention: its own step of r1_every*gamma/2*||grad||^2 "
-                        "next to GAN losses summed over --loss-samples samples (default %(default)s)")
-    g.add_argument("--r1-every", type=int, default=d.r1_every,
-                   help="lazy R1 interval: an extra discriminator step on steps r, 2r, ... (0: no R1; "
-                        "default %(default)s)")
-    g.add_argument("--loss-samples", type=int, default=d.loss_samples,
-                   help="the GAN losses are sums over this many samples' losses, i.e. this x the batch mean "
-                        "(official: its per-GPU batch; default %(default)s)")
-    g.add_argument("--gen-sigma", type=float, default=None, help="generator noise level (default: sigma_max)")
-
-
-def build(args: argparse.Namespace, teacher: Denoiser, data=None) -> GDD:
+def create(cfg: GDDConfig, teacher: Denoiser, data=None, loop=None) -> GDD:
     if data is None:
         raise DiffdistillError("gdd needs real images for its discriminator: pass --data")
     shape = tuple(getattr(data, "shape", teacher.shape))
     if shape != tuple(teacher.shape):
         raise DiffdistillError(f"data {getattr(data, 'name', '')} has samples of shape {shape}, "
                                f"the teacher {tuple(teacher.shape)}")
-    backbone = args.disc_backbone
-    if args.disc == "backbone" and not (backbone and args.disc_backbone_weights):
-        raise DiffdistillError("--disc backbone needs --disc-backbone LIB:NAME and "
-                               "--disc-backbone-weights PATH")
-    if args.r1_every < 0 or args.r1_gamma < 0:
-        raise DiffdistillError(f"--r1-every and --r1-gamma must be >= 0, got {args.r1_every} and {args.r1_gamma}")
-    if args.loss_samples < 1:
-        raise DiffdistillError(f"--loss-samples must be at least 1, got {args.loss_samples}")
-    r1_every = int(args.r1_every)
-    ratio = r1_every / (r1_every + 1) if r1_every else 1.0   # official: dlr * 16/17, beta2 0.99^(16/17)
-    cfg = GDDConfig(gen_sigma=args.gen_sigma, gen_lr=args.gen_lr, disc_lr=args.disc_lr * ratio,
-                    disc_betas=(0.0, 0.99**ratio), r1_gamma=args.r1_gamma, r1_every=r1_every,
-                    loss_samples=args.loss_samples, freeze=args.freeze, dropout=common.resolve_dropout(args, 0.0),
-                    disc=args.disc, backbone=backbone, backbone_weights=args.disc_backbone_weights,
-                    vgg_weights=args.disc_vgg_weights, effnet_weights=args.disc_effnet_weights)
     method = GDD(teacher, cfg)
-    r1 = ("no R1" if not (r1_every and cfg.r1_gamma) else
-          f"R1 gamma {cfg.r1_gamma:g} on its own step every {r1_every} steps")
+    cfg = method.cfg
+    r1 = ("no R1" if not (cfg.r1_every and cfg.r1_gamma) else
+          f"R1 gamma {cfg.r1_gamma:g} on its own step every {cfg.r1_every} steps")
     dist.print0(f"gdd: generator at sigma {method.gen_sigma:g}; {method.trainable:,} of {method.total:,} "
                 f"parameters train (freeze level {cfg.freeze}); {type(method.discriminator).__name__} with "
                 f"{common.count_params(method.discriminator):,} trainable parameters; {r1}")
     return method
+
+
+SPEC = MethodSpec(name="gdd", help="GDD / GDD-I: GAN fine-tuning of the teacher into a one-step generator (needs "
+                                   "real images)",
+                  config=GDDConfig, create=create, needs_data=True, title="GDD", recipes=RECIPES, ema_help=EMA_HELP)

@@ -1,7 +1,8 @@
 """Knowledge distillation, "Denoising Student" (Luhman & Luhman 2021; algorithms.md §2).
 
 Stage 1 (`diffdistill kd-pairs`, or the start of `distill kd`): the teacher's deterministic sampler maps unit
-noise x_T to samples y; the pairs are written in shards (`diffdistill.data.pairs`), resumably.
+noise x_T to samples y (`methods/kd_pairs.py`); the pairs are written resumably in the shards of
+`diffdistill.data.pairs`, which stage 2 reads.
 Stage 2: a one-step student, initialised from the teacher's network (without dropout: the official student
 has none), regresses y from x_T in image space. The official student (`models.py: Onestep_Model`) is
 G(z) = z - F(z, 999): the teacher's eps-network fed the unit noise z itself at the last timestep, its output
@@ -12,55 +13,133 @@ learning rate moves the output ~157x further per step. Students of other paramet
 prediction, analytic teachers' MLPs), whose output already has a gain of about 1, run as D(sigma z; sigma) at the
 fixed level sigma = the student's sigma_max. Loss: L1 (CIFAR-10) or L2, summed over pixels and averaged over the
 batch (§2.4). The loop keeps an EMA (the paper's: 0.995 per step, no ramp-up); the EMA with the best held-out
-loss is what `export` returns (§2.4's model selection), found through the loop's evaluate hook (`kd.evaluate`).
+loss is what `export` returns (§2.4's model selection), found through the loop's evaluate hook
+(`KnowledgeDistillation.evaluate`, `SPEC.best_metric`).
+
+Settings: `KDConfig`, whose pair fields (`PairsSettings`) are also the options of `diffdistill kd-pairs`.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
+import itertools
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from .. import dist
 from ..data import pairs as P
 from ..diffusion import param
-from ..diffusion.denoiser import Denoiser, Precond, PrecondConfig
-from ..errors import DiffdistillError
+from ..diffusion.denoiser import Denoiser
+from ..errors import DiffdistillError, UsageError
 from ..io import build_denoiser, register_builder
-from ..train import dist
-from ..train.ema import halflife_from_decay
-from . import common
-from .base import Batch, Group, Method, OptimConfig, Recipe
+from ..validate import MAX_BATCH, count_value, seed_value
+from . import MethodSpec, common, kd_pairs
+from .base import Batch, Group, Method, OptimConfig, Recipe, halflife_from_decay
+from .options import MethodConfig, config_from_namespace, option
 
-HELP = "Knowledge distillation (Denoising Student): a one-step student regresses the teacher's ODE samples"
-NEEDS_DATA = False
-BEST_METRIC = "heldout_loss"   # for the CLI: train(..., evaluate=kd.evaluate) with best_metric=BEST_METRIC
 EMA_HELP = ("EMA half-life of the student in kimg, with EDM's ramp-up 0.05 (default: the paper's per-step decay "
             "--ema-decay 0.995 with no ramp-up, a half-life of B ln(0.5)/ln(0.995)/1000 kimg at batch B: 70.8 kimg "
             "at 512)")
-DROPOUT_HELP = "KD: 0, as the official student (models.py: Onestep_Model) has no dropout"
+PAPER_WARMUP_KIMG = 2560.0     # the paper's LR warm-up: 5000 steps of 512 images, 10% of its 25.6 Mimg run
+
+_PAIRS = kd_pairs.PairsConfig()  # the defaults of a new pairs directory
+_EXISTING = "as the existing --pairs directory, else"
 
 
 @dataclass
-class KDConfig:
-    """Student training settings; defaults follow the CIFAR-10 recipe of §2.4 (official `get_settings`)."""
+class PairsSettings(MethodConfig):
+    """Stage 1: the (noise, teacher sample) pairs to train on, made, completed or extended as asked; the options
+    of `diffdistill kd-pairs` and, through `KDConfig`, of `distill kd`. None: as an existing pairs directory,
+    else the default of `kd_pairs.PairsConfig`."""
 
-    loss: str = "l1"                    # l1 | l2, summed over pixels, averaged over the batch (CIFAR-10: l1)
-    lr: float = 2e-4                    # Adam learning rate (CelebA 5e-5, LSUN 5e-6)
-    betas: tuple[float, float] = (0.9, 0.98)  # Adam betas (LSUN 0.98, 0.999)
-    adam_eps: float = 1e-8              # Adam epsilon (official 1e-8; Keras adds it to sqrt(v) before the bias
-    #                                     correction, torch after: the two agree once 1 - beta2^t ~ 1)
-    warmup_kimg: float = 2560.0         # linear LR warm-up (paper: 5000 steps of 512 images), then constant
-    grad_clip: float | None = None      # global-norm clipping (the paper has none)
-    sigma: float | None = None          # the fixed level the student runs at (None: the student's sigma_max)
-    ema_decay: float = 0.995            # per-step EMA decay when the loop is given no --ema (tfa MovingAverage,
-    #                                     no ramp-up; LSUN 0.9995)
-    seed: int = 0                       # order in which the training pairs are visited
-    eval_batch: int = 512               # batch size of the held-out evaluation
+    pairs: str | None = option(None, "pairs directory (`distill kd`'s default: RUN-pairs, beside the run)",
+                               metavar="DIR")
+    n_pairs: int | None = option(None, f"training pairs (default: all those of an existing --pairs directory, else "
+                                 f"{_PAIRS.n_pairs}); fewer than the directory holds uses its first N, more extends "
+                                 "it", parse=count_value(1, 2**40))
+    heldout: int | None = option(None, f"held-out pairs (default: {_EXISTING} {_PAIRS.heldout}); fewer uses the "
+                                 "first, more extends", parse=count_value(0, 2**40))
+    shard_size: int | None = option(None, f"pairs per shard of a new directory (default {_PAIRS.shard_size}; an "
+                                    "existing one keeps its own)", parse=count_value(1, 2**32))
+    pairs_sampler: str | None = option(None, "teacher sampler: ddim-quad (DDPM teachers: 100 quadratic steps from "
+                                       "index 800), ddim-uniform (50 uniform), heun (EDM, 18 steps = 35 NFE), "
+                                       "euler; auto: ddim-quad for discrete teachers, else heun (default: "
+                                       f"{_EXISTING} {_PAIRS.sampler})",
+                                       choices=("auto", "ddim-quad", "ddim-uniform", "heun", "euler"))
+    pairs_steps: int | None = option(None, f"sampler steps (0: the sampler's default; default: {_EXISTING} "
+                                     f"{_PAIRS.steps})", parse=count_value(0, 100_000))
+    target_dtype: str | None = option(None, "target storage: uint8 is the paper's (clipped to [-1,1], truncated); "
+                                      "auto: uint8 for images, float16 otherwise (default: "
+                                      f"{_EXISTING} {_PAIRS.target_dtype})", choices=("auto", "float16", "uint8"))
+    gen_batch: int = option(_PAIRS.batch, "generation batch; does not change the pairs (default %(default)s)",
+                            parse=count_value(1, MAX_BATCH))
+    pairs_seed: int | None = option(None, f"seed of the noise (default: {_EXISTING} {_PAIRS.seed})",
+                                    parse=seed_value)
+
+    def pairs_config(self) -> kd_pairs.PairsConfig:
+        """The pairs asked for (None fields: as an existing directory, else the defaults)."""
+        return kd_pairs.PairsConfig(n_pairs=self.n_pairs, heldout=self.heldout, shard_size=self.shard_size,
+                                    sampler=self.pairs_sampler, steps=self.pairs_steps,
+                                    target_dtype=self.target_dtype, batch=self.gen_batch, seed=self.pairs_seed)
+
+
+PAIR_FIELDS = tuple(f.name for f in fields(PairsSettings))
+
+
+@dataclass
+class KDConfig(PairsSettings):
+    """Knowledge distillation settings: the pairs (stage 1, `PairsSettings`) and the student's training (stage 2);
+    defaults follow the CIFAR-10 recipe of §2.4 (official `get_settings`)."""
+
+    loss: str = option("l1", "regression loss, summed over pixels and averaged over the batch (default %(default)s, "
+                       "CIFAR-10; the others l2)", choices=("l1", "l2"))
+    student_preset: str = option("auto", "auto | teacher (copy of the teacher network, the paper) | mlp-tiny | "
+                                 "mlp-toy (fresh MLP for analytic teachers); default auto: teacher when it has a "
+                                 "network")
+    lr: float = option(2e-4, "Adam learning rate (default %(default)s, CIFAR-10; CelebA 5e-5, LSUN 5e-6)")
+    betas: tuple[float, float] = option((0.9, 0.98), "Adam betas (default %(default)s, CIFAR-10 and CelebA; LSUN "
+                                        "0.98 0.999)", metavar=("B1", "B2"))
+    # Adam epsilon: the official 1e-8 (Keras adds it to sqrt(v) before the bias correction, torch after: the two
+    # agree once 1 - beta2^t ~ 1)
+    adam_eps: float = option(1e-8, "Adam epsilon (default %(default)s)")
+    ema_decay: float = option(0.995, "per-step EMA decay used when --ema is not given, no ramp-up (default "
+                              "%(default)s, CIFAR-10 and CelebA; LSUN 0.9995)")
+    warmup_kimg: float | None = option(None, f"LR warm-up, then a constant LR (default: 10%% of --kimg, at most the "
+                                       f"paper's {PAPER_WARMUP_KIMG:g} = 5000 steps of 512, which is 10%% of its "
+                                       "25.6 Mimg run)")
+    student_sigma: float | None = option(None, "fixed level of the one-step student (default: its sigma_max)")
+    student_dropout: float | None = option(0.0, "dropout probability of the student copied from the teacher, or "
+                                           "'teacher' to keep the teacher's (default: 0, as the official student, "
+                                           "models.py: Onestep_Model, has no dropout)",
+                                           parse=common.dropout_value, metavar="P|teacher")
+    grad_clip: float | None = option(None, "global-norm gradient clipping (the paper has none)", cli=False)
+    seed: int | None = option(None, "order in which the training pairs are visited (default: the run's seed, "
+                              "else 0)", cli=False)
+    eval_batch: int = option(512, "batch size of the held-out evaluation", cli=False)
+
+    def resolve(self, teacher, loop) -> KDConfig:
+        """The defaults that depend on the run (none depends on the teacher): warmup_kimg 10% of the run
+        (loop.total_kimg), at most the paper's 2560 kimg, which is also the value without a run; seed: the run's
+        (else 0); pairs: RUN-pairs beside the run directory (without a run it must be given). Checks the loss and
+        the EMA decay."""
+        if self.loss not in ("l1", "l2"):
+            raise UsageError(f"unknown KD loss {self.loss!r} (--loss l1 or l2)")
+        if not 0 <= self.ema_decay < 1:
+            raise UsageError(f"--ema-decay: the EMA decay must lie in [0, 1), got {self.ema_decay:g}")
+        warmup, seed, pairs = self.warmup_kimg, self.seed, self.pairs
+        if warmup is None:   # the paper's proportion (10% of the run), capped at its absolute length
+            warmup = min(PAPER_WARMUP_KIMG, 0.1 * loop.total_kimg) if loop is not None and loop.total_kimg \
+                else PAPER_WARMUP_KIMG
+        if seed is None:
+            seed = loop.seed if loop is not None else 0
+        if pairs is None and loop is not None:
+            pairs = default_pairs_dir(loop.out)
+        return replace(self, warmup_kimg=float(warmup), seed=int(seed),
+                       pairs=None if pairs is None else str(pairs))
 
 
 def is_vp_eps(net: Denoiser) -> bool:
@@ -108,11 +187,6 @@ def _build_paper_student(config: dict) -> PaperStudent:
     return PaperStudent(build_denoiser(config["denoiser"]), float(config["level"]))
 
 
-def predict(student: Denoiser, z: Tensor, sigma: float, cond: Tensor | None = None) -> Tensor:
-    """The one-step student from unit noise z: D(sigma z; sigma), `sample_onestep`'s map (a `PaperStudent`: G(z))."""
-    return student(sigma * z, sigma, cond)
-
-
 def regression_loss(pred: Tensor, target: Tensor, kind: str) -> Tensor:
     """Per-sample sum over pixels of |.| (l1) or (.)^2 (l2), averaged over the batch (§2.4)."""
     diff = (pred.float() - target.float()).flatten(1)
@@ -122,22 +196,19 @@ def regression_loss(pred: Tensor, target: Tensor, kind: str) -> Tensor:
 
 class KnowledgeDistillation(Method):
     """Denoising Student on the shared loop: one group, 'student', fed from a pairs directory. An eps-prediction
-    VP student is trained as the paper's G (wrapped in a `PaperStudent` at level cfg.sigma or its sigma_max)."""
+    VP student is trained as the paper's G (wrapped in a `PaperStudent` at level cfg.student_sigma or its
+    sigma_max)."""
 
     name = "kd"
 
     def __init__(self, student: Denoiser, pairs_root: str | Path, cfg: KDConfig | None = None,
                  manifest: dict | None = None):
         super().__init__()
-        self.cfg = cfg = cfg or KDConfig()
-        if cfg.loss not in ("l1", "l2"):
-            raise DiffdistillError(f"unknown KD loss {cfg.loss!r} (l1, l2)")
-        if not 0 <= cfg.ema_decay < 1:
-            raise DiffdistillError(f"the EMA decay must lie in [0, 1), got {cfg.ema_decay}")
+        self.cfg = cfg = (cfg or KDConfig()).resolve(None, None)    # checks the loss and the EMA decay
         if isinstance(student, PaperStudent):
             self.sigma = student.level
         else:
-            self.sigma = float(cfg.sigma if cfg.sigma is not None else student.sigma_max)
+            self.sigma = float(cfg.student_sigma if cfg.student_sigma is not None else student.sigma_max)
             if is_vp_eps(student):       # train the paper's G(z) = z - F(z, t_max), not sigma_max times it
                 student = PaperStudent(student, self.sigma)
         self.student = student.train().requires_grad_(True)
@@ -173,7 +244,7 @@ class KnowledgeDistillation(Method):
         z, y, cond = self.pairs.rows(self.cursor + rank * n, n)   # rank r reads its own slice of the stream
         self.cursor += world * n
         cond = None if cond is None else cond.to(batch.device)
-        pred = predict(self.student, z.to(batch.device), self.sigma, cond)
+        pred = common.generate(self.student, z.to(batch.device), self.sigma, cond)
         return {"loss": regression_loss(pred, y.to(batch.device), self.cfg.loss)}
 
     @torch.no_grad()
@@ -191,7 +262,7 @@ class KnowledgeDistillation(Method):
             for i in range(0, len(z), self.cfg.eval_batch):
                 sl = slice(i, i + self.cfg.eval_batch)
                 c = None if cond is None else cond[sl].to(device)
-                pred = predict(net, z[sl].to(device), self.sigma, c)
+                pred = common.generate(net, z[sl].to(device), self.sigma, c)
                 total += float(regression_loss(pred, y[sl].to(device), self.cfg.loss)) * len(z[sl])
         finally:
             net.train(mode)
@@ -227,95 +298,48 @@ class KnowledgeDistillation(Method):
         self.cursor = int(state.get("cursor", 0))
 
 
-def evaluate(method: KnowledgeDistillation, ema: dict[str, nn.Module] | None, nimg: int) -> dict[str, float]:
-    """The loop's evaluate hook (`train(..., evaluate=kd.evaluate)`, with best_metric='heldout_loss')."""
-    return method.evaluate(ema)
-
-
 # --------------------------------------------------------------------------------------------------
 # Students
 
 
-def mlp_student(teacher: Denoiser, preset: str) -> Denoiser:
-    """A fresh EDM-preconditioned MLP of the teacher's (flat) shape (analytic teachers have no network)."""
-    from ..networks.mlp import mlp_preset
-
-    if len(teacher.shape) != 1:
-        raise DiffdistillError(f"an MLP student needs flat data (shape (D,)), not {teacher.shape}")
-    net = mlp_preset(preset, int(teacher.shape[0]), teacher.label_dim)
-    cfg = PrecondConfig(kind="edm", sigma_data=teacher.sigma_data, sigma_min=teacher.sigma_min,
-                        sigma_max=teacher.sigma_max)
-    return Precond(net, teacher.shape, teacher.label_dim, cfg).train()
-
-
 def make_student(teacher: Denoiser, preset: str = "auto", dropout: float | None = 0.0) -> Denoiser:
-    """'teacher': a trainable deep copy of the teacher's network (§2.3) with dropout `dropout` (default 0, the
-    official student's; None keeps the teacher's); 'mlp-<preset>': a fresh Precond(MLP); 'auto': the copy when
-    the teacher has a network, else 'mlp-toy' (analytic teachers). `KnowledgeDistillation` wraps an eps-prediction
-    VP copy into the paper's `PaperStudent`."""
-    has_net = not common.is_weightless(teacher)
-    if preset == "auto":
-        preset = "teacher" if has_net else "mlp-toy"
-        if not has_net:
-            dist.print0("the teacher is analytic (no network to copy): the student is a fresh MLP (mlp-toy); "
-                        "choose another with --student-preset")
-    if preset == "teacher":
-        if not has_net:
-            raise DiffdistillError("the teacher is analytic and has no network to initialise the student "
-                                   "from; use --student-preset mlp-toy (or mlp-tiny)")
-        return common.copy_denoiser(teacher, dropout=dropout)
-    if preset.startswith("mlp-"):
-        try:
-            return mlp_student(teacher, preset[4:])
-        except ValueError as e:
-            raise DiffdistillError(str(e)) from None
-    raise DiffdistillError(f"unknown student preset {preset!r} (auto, teacher, mlp-tiny, mlp-toy)")
+    """KD's and PD's --student-preset through the one factory, `common.student_from_teacher`: 'teacher' copies
+    the teacher's network (§2.3) with dropout `dropout` (default 0, the official student's; None keeps the
+    teacher's), 'mlp-<preset>' is a fresh Precond(MLP), and 'auto' is the copy when the teacher has a network,
+    else 'mlp-toy' (analytic teachers). `KnowledgeDistillation` wraps an eps-prediction VP copy into the paper's
+    `PaperStudent`."""
+    if preset == "auto" and common.is_weightless(teacher):
+        preset = "mlp-toy"
+        dist.print0("the teacher is analytic (no network to copy): the student is a fresh MLP (mlp-toy); "
+                    "choose another with --student-preset")
+    return common.student_from_teacher(teacher, dropout=dropout, preset=preset)
 
 
 # --------------------------------------------------------------------------------------------------
-# CLI hooks: `diffdistill distill kd` (cli/distill.py) and `diffdistill kd-pairs`
+# Stage 1 and the method: `diffdistill kd-pairs`, `diffdistill distill kd` (SPEC), `diffdistill.distill("kd")`
 
 
-def _add_pair_options(g, required: bool) -> None:
-    from ..cli.common import MAX_BATCH, count_value, seed_value
-
-    d = P.PairsConfig()
-    existing = "as the existing --pairs directory, else"
-    g.add_argument("--pairs", required=required, metavar="DIR",
-                   help="pairs directory" + ("" if required else " (default: RUN-pairs, beside the run)"))
-    g.add_argument("--n-pairs", type=count_value(1, 2**40), default=None,
-                   help=f"training pairs (default: all those of an existing --pairs directory, else {d.n_pairs}); "
-                        "fewer than the directory holds uses its first N, more extends it")
-    g.add_argument("--heldout", type=count_value(0, 2**40), default=None,
-                   help=f"held-out pairs (default: {existing} {d.heldout}); fewer uses the first, more extends")
-    g.add_argument("--shard-size", type=count_value(1, 2**32), default=None,
-                   help=f"pairs per shard of a new directory (default {d.shard_size}; an existing one keeps its own)")
-    g.add_argument("--pairs-sampler", default=None,
-                   choices=["auto", "ddim-quad", "ddim-uniform", "heun", "euler"],
-                   help="teacher sampler: ddim-quad (DDPM teachers: 100 quadratic steps from index 800), "
-                        "ddim-uniform (50 uniform), heun (EDM, 18 steps = 35 NFE), euler; auto: ddim-quad "
-                        f"for discrete teachers, else heun (default: {existing} auto)")
-    g.add_argument("--pairs-steps", type=count_value(0, 100_000), default=None,
-                   help=f"sampler steps (0: the sampler's default; default: {existing} 0)")
-    g.add_argument("--target-dtype", default=None, choices=["auto", "float16", "uint8"],
-                   help="target storage: uint8 is the paper's (clipped to [-1,1], truncated); auto: uint8 "
-                        f"for images, float16 otherwise (default: {existing} auto)")
-    g.add_argument("--gen-batch", type=count_value(1, MAX_BATCH), default=d.batch,
-                   help="generation batch; does not change the pairs (default %(default)s)")
-    g.add_argument("--pairs-seed", type=seed_value, default=None,
-                   help=f"seed of the noise (default: {existing} {d.seed})")
+def default_pairs_dir(run_dir: str | Path) -> Path:
+    """RUN-pairs beside the run directory (the loop wants RUN to hold only its own files)."""
+    run_dir = Path(run_dir)
+    return run_dir.with_name(run_dir.name + "-pairs")
 
 
-def _pairs_config(args) -> P.PairsConfig:
-    """The pair options given (None: as an existing directory, else the default)."""
-    return P.PairsConfig(n_pairs=args.n_pairs, heldout=args.heldout, shard_size=args.shard_size,
-                         sampler=args.pairs_sampler, steps=args.pairs_steps, target_dtype=args.target_dtype,
-                         batch=args.gen_batch, seed=args.pairs_seed)
+def _pairs_device(teacher: Denoiser, device: str | None) -> str:
+    """Where the teacher generates its pairs: where its weights are, else `device` (the run's), else the CPU."""
+    t = next(itertools.chain(teacher.parameters(), teacher.buffers()), None)
+    return str(t.device) if t is not None else device or "cpu"
 
 
-def add_pairs_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `diffdistill kd-pairs` (besides --teacher and --device)."""
-    _add_pair_options(parser.add_argument_group("pairs"), required=True)
+def add_pairs_arguments(parser) -> None:
+    """The options of `diffdistill kd-pairs` (besides --teacher, --device, --seed, --no-progress): the fields of
+    `PairsSettings`, --pairs required."""
+    from .options import add_config_arguments
+
+    add_config_arguments(parser, PairsSettings, "pairs")
+    for action in parser._actions:
+        if action.dest == "pairs":
+            action.required = True
 
 
 def _describe_pairs(root, m: dict) -> str:
@@ -325,68 +349,34 @@ def _describe_pairs(root, m: dict) -> str:
             f"({gib:.3f} GiB), teacher {m['teacher']}, sampler {r['name']} ({len(r['sigmas']) - 1} steps)")
 
 
-def run_pairs(args: argparse.Namespace, teacher: Denoiser) -> int:
-    """`diffdistill kd-pairs`: make, complete or extend a pairs directory."""
-    device = getattr(args, "device", None) or "cpu"
-    m = P.generate_pairs(teacher, args.pairs, _pairs_config(args), device=device,
+def run_pairs(args, teacher: Denoiser) -> int:
+    """`diffdistill kd-pairs`: make, complete or extend the pairs directory --pairs."""
+    settings = config_from_namespace(PairsSettings, args)
+    m = kd_pairs.generate_pairs(teacher, settings.pairs, settings.pairs_config(),
+                         device=_pairs_device(teacher, getattr(args, "device", None)),
                          progress=not getattr(args, "no_progress", False))
-    dist.print0(_describe_pairs(args.pairs, m))
+    dist.print0(_describe_pairs(settings.pairs, m))
     return 0
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = KDConfig()
-    g = parser.add_argument_group("knowledge distillation")
-    g.add_argument("--loss", choices=["l1", "l2"], default=d.loss,
-                   help="regression loss (default %(default)s)")
-    g.add_argument("--student-preset", default="auto",
-                   help="auto | teacher (copy of the teacher network, the paper) | mlp-tiny | mlp-toy "
-                        "(fresh MLP for analytic teachers); default auto: teacher when it has a network")
-    g.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (default %(default)s, CIFAR-10)")
-    g.add_argument("--betas", type=float, nargs=2, default=d.betas, metavar=("B1", "B2"),
-                   help="Adam betas (default %(default)s, CIFAR-10 and CelebA; LSUN 0.98 0.999)")
-    g.add_argument("--adam-eps", type=float, default=d.adam_eps, help="Adam epsilon (default %(default)s)")
-    g.add_argument("--ema-decay", type=float, default=d.ema_decay,
-                   help="per-step EMA decay used when --ema is not given, no ramp-up (default %(default)s, "
-                        "CIFAR-10 and CelebA; LSUN 0.9995)")
-    g.add_argument("--warmup-kimg", type=float, default=None,
-                   help=f"LR warm-up (default: 10%% of --kimg, at most the paper's {d.warmup_kimg:g} = 5000 steps "
-                        "of 512, which is 10%% of its 25.6 Mimg run)")
-    g.add_argument("--student-sigma", type=float, default=None,
-                   help="fixed level of the one-step student (default: its sigma_max)")
-    _add_pair_options(parser.add_argument_group("pairs (stage 1)"), required=False)
-
-
-def default_pairs_dir(run_dir: str | Path) -> Path:
-    """RUN-pairs beside the run directory (the loop wants RUN to hold only its own files)."""
-    run_dir = Path(run_dir)
-    return run_dir.with_name(run_dir.name + "-pairs")
-
-
-def build(args: argparse.Namespace, teacher: Denoiser, data=None) -> KnowledgeDistillation:
-    """Stage 1 (pairs, resumable), then the stage-2 method."""
-    root = Path(args.pairs) if args.pairs else default_pairs_dir(args.out)
-    device = getattr(args, "device", None) or "cpu"
-    d = KDConfig()
-    student = make_student(teacher, args.student_preset,                  # fails early on a bad preset
-                           dropout=common.resolve_dropout(args, 0.0))
-    warmup = args.warmup_kimg
-    if warmup is None:  # the paper's proportion (10% of the run), capped at its absolute length
-        warmup = min(d.warmup_kimg, 0.1 * (getattr(args, "kimg", None) or d.warmup_kimg * 10))
-    cfg = KDConfig(loss=args.loss, lr=getattr(args, "lr", None) or d.lr,
-                   betas=tuple(getattr(args, "betas", None) or d.betas),
-                   adam_eps=getattr(args, "adam_eps", d.adam_eps), warmup_kimg=warmup, sigma=args.student_sigma,
-                   ema_decay=getattr(args, "ema_decay", d.ema_decay), seed=getattr(args, "seed", 0) or 0)
-    if not 0 <= cfg.ema_decay < 1:
-        raise DiffdistillError(f"--ema-decay must lie in [0, 1), got {cfg.ema_decay}")
-    m = P.generate_pairs(teacher, root, _pairs_config(args), device=device,
-                         progress=not getattr(args, "no_progress", False))
+def create(cfg: KDConfig, teacher: Denoiser, data=None, loop=None) -> KnowledgeDistillation:
+    """Stage 1 (the pairs of cfg.pairs made, completed or extended, resumably), then the stage-2 method. Without
+    a run (`loop` None) cfg.pairs must be given."""
+    cfg = cfg.resolve(teacher, loop)
+    if cfg.pairs is None:
+        raise UsageError("kd: give the pairs directory (pairs=DIR) when the method is built without a run")
+    root = Path(cfg.pairs)
+    student = make_student(teacher, cfg.student_preset, dropout=cfg.student_dropout)   # fails early on a bad preset
+    m = kd_pairs.generate_pairs(teacher, root, cfg.pairs_config(),
+                         device=_pairs_device(teacher, loop.device if loop is not None else None),
+                         progress=loop.progress if loop is not None else True)
     method = KnowledgeDistillation(student, root, cfg, manifest=m)
     n_params = sum(p.numel() for p in student.parameters())
     form = ("G(z) = z - F(z, t_max), the paper's" if isinstance(method.student, PaperStudent)
             else "D(sigma z; sigma)")
+    training = {k: v for k, v in asdict(cfg).items() if k not in PAIR_FIELDS}
     dist.print0(f"kd: {m['n_pairs']} pairs in {root}; student {n_params:,} parameters, {form}, at sigma "
-                f"{method.sigma:g}, dropout {common.dropout_of(student) or 0:g}; {asdict(cfg)}")
+                f"{method.sigma:g}, dropout {common.dropout_of(student) or 0:g}; {training}")
     return method
 
 
@@ -394,19 +384,17 @@ def build(args: argparse.Namespace, teacher: Denoiser, data=None) -> KnowledgeDi
 # Published recipes (official utils.py: get_settings; training.py; create_dataset.py)
 
 
-def _paper_recipe(*, loss: str, lr: str, betas: tuple[str, str], warmup_steps: int, batch: int, epochs: int,
-                  ema_decay: str, shard_size: int, heldout: int, sampler: str, steps: int) -> tuple[str, ...]:
-    """One of get_settings' entries as options: 1.024M pairs (uint8 targets), `epochs` passes over them, Adam with
+def _paper_recipe(*, loss: str, lr: float, betas: tuple[float, float], warmup_steps: int, batch: int, epochs: int,
+                  ema_decay: float, shard_size: int, heldout: int, sampler: str, steps: int) -> dict:
+    """One of get_settings' entries as settings: 1.024M pairs (uint8 targets), `epochs` passes over them, Adam with
     a linear warm-up of `warmup_steps` then a constant LR, the per-step EMA from the first step. The student's
     dropout is KD's default, 0 (the official student has none). Not expressed: the official evaluates the EMA
     once per epoch (LSUN: every 80 shards); `distill` evaluates it 10 times per run."""
     n_pairs = 1_024_000
-    return ("--loss", loss, "--lr", lr, "--betas", *betas, "--adam-eps", "1e-8",
-            "--warmup-kimg", f"{warmup_steps * batch / 1000:g}", "--batch", str(batch),
-            "--kimg", f"{epochs * n_pairs / 1000:g}", "--ema-decay", ema_decay, "--student-preset", "teacher",
-            "--n-pairs", str(n_pairs), "--heldout", str(heldout),
-            "--shard-size", str(shard_size), "--pairs-sampler", sampler, "--pairs-steps", str(steps),
-            "--target-dtype", "uint8")
+    return dict(loss=loss, lr=lr, betas=betas, adam_eps=1e-8, warmup_kimg=warmup_steps * batch / 1000, batch=batch,
+                total_kimg=epochs * n_pairs / 1000, ema_decay=ema_decay, student_preset="teacher", n_pairs=n_pairs,
+                heldout=heldout, shard_size=shard_size, pairs_sampler=sampler, pairs_steps=steps,
+                target_dtype="uint8")
 
 
 _SOURCE = ("official tcl9876/Denoising_Student: utils.py get_settings('{}'), training.py, create_dataset.py; "
@@ -414,22 +402,27 @@ _SOURCE = ("official tcl9876/Denoising_Student: utils.py get_settings('{}'), tra
 RECIPES = {
     "cifar10": Recipe(
         source=_SOURCE.format("cifar10", "DDPM's CIFAR-10 eps model"),
-        options=_paper_recipe(loss="l1", lr="2e-4", betas=("0.9", "0.98"), warmup_steps=5000, batch=512,
-                              epochs=25, ema_decay="0.995", shard_size=102_400, heldout=51_200,
+        options=_paper_recipe(loss="l1", lr=2e-4, betas=(0.9, 0.98), warmup_steps=5000, batch=512,
+                              epochs=25, ema_decay=0.995, shard_size=102_400, heldout=51_200,
                               sampler="ddim-quad", steps=100)),
     "celeba": Recipe(
         source=_SOURCE.format("celeba", "DDIM's CelebA-64 eps model"),
-        options=_paper_recipe(loss="l2", lr="5e-5", betas=("0.9", "0.98"), warmup_steps=5000, batch=512,
-                              epochs=35, ema_decay="0.995", shard_size=25_600, heldout=10_240,
+        options=_paper_recipe(loss="l2", lr=5e-5, betas=(0.9, 0.98), warmup_steps=5000, batch=512,
+                              epochs=35, ema_decay=0.995, shard_size=25_600, heldout=10_240,
                               sampler="ddim-quad", steps=100)),
     "lsun_church": Recipe(
         source=_SOURCE.format("lsun_church", "DDPM's LSUN church-256 eps model"),
-        options=_paper_recipe(loss="l2", lr="5e-6", betas=("0.98", "0.999"), warmup_steps=1000, batch=32,
-                              epochs=40, ema_decay="0.9995", shard_size=2560, heldout=2560,
+        options=_paper_recipe(loss="l2", lr=5e-6, betas=(0.98, 0.999), warmup_steps=1000, batch=32,
+                              epochs=40, ema_decay=0.9995, shard_size=2560, heldout=2560,
                               sampler="ddim-uniform", steps=50)),
     "lsun_bedroom": Recipe(
         source=_SOURCE.format("lsun_bedroom", "DDPM's LSUN bedroom-256 eps model"),
-        options=_paper_recipe(loss="l2", lr="5e-6", betas=("0.98", "0.999"), warmup_steps=1000, batch=32,
-                              epochs=50, ema_decay="0.9995", shard_size=2560, heldout=2560,
+        options=_paper_recipe(loss="l2", lr=5e-6, betas=(0.98, 0.999), warmup_steps=1000, batch=32,
+                              epochs=50, ema_decay=0.9995, shard_size=2560, heldout=2560,
                               sampler="ddim-uniform", steps=50)),
 }
+
+SPEC = MethodSpec(name="kd", help="Knowledge distillation (Denoising Student): a one-step student regresses the "
+                                  "teacher's ODE samples",
+                  config=KDConfig, create=create, title="knowledge distillation", recipes=RECIPES,
+                  ema_help=EMA_HELP, best_metric="heldout_loss")

@@ -23,42 +23,39 @@ top levels where a few-step student does most of its work.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from ..data.pairs import check_deterministic_teacher
+from .. import dist
 from ..diffusion import param, schedules
 from ..diffusion.denoiser import Denoiser, Precond
 from ..errors import DiffdistillError, UsageError
 from ..io import atomic_write, atomic_write_json
-from ..train import dist
-from . import common
+from ..samplers.ode import ddim_step
+from . import MethodSpec, common
 from .base import Batch, Group, Method, OptimConfig, Recipe
 from .kd import make_student
+from .kd_pairs import check_deterministic_teacher
+from .options import MethodConfig, option
 
-HELP = "Progressive distillation: halve the teacher's DDIM steps round by round (needs real data)"
-NEEDS_DATA = True
 WEIGHTINGS = ("snr_trunc", "snr", "snr+1", "constant")
 EMA_HELP = ("EMA half-life of the student in kimg, used only with --pd-ema (default: no EMA, as the paper's "
             "ema_decay=0; with --pd-ema: 500 kimg with EDM's ramp-up, restarted at every round)")
-DROPOUT_HELP = "PD: 0, the official student is 'same as teacher but with 0 dropout' (cifar_distill.py)"
 
 
-def _official(start: int, batch: int, lr: str) -> tuple[str, ...]:
+def _official(start: int, batch: int, lr: float) -> dict:
     """The official distillation config: 50k Adam steps per halving (kimg = 50k x batch / 1000), linear LR decay
     to 0 per round, betas (0.9, 0.999), no weight decay, grad clip 1.0, no EMA, dropout 0, snr_trunc, random
     flips, DDIM evaluation with x-hat clipped; down to 1 step."""
     rounds = int(math.log2(start))
     round_kimg = 50_000 * batch / 1000
-    return ("--start-steps", str(start), "--end-steps", "1", "--round-kimg", f"{round_kimg:g}",
-            "--kimg", f"{rounds * round_kimg:g}", "--batch", str(batch), "--lr", lr, "--betas", "0.9", "0.999",
-            "--grad-clip", "1.0", "--weighting", "snr_trunc", "--clip-denoised", "--xflip")
+    return dict(start_steps=start, end_steps=1, round_kimg=round_kimg, total_kimg=rounds * round_kimg, batch=batch,
+                lr=lr, betas=(0.9, 0.999), grad_clip=1.0, weighting="snr_trunc", clip_denoised=True, xflip=True)
 
 
 RECIPES = {
@@ -67,33 +64,80 @@ RECIPES = {
                "(13 rounds of 50k steps at batch 128 = 6400 kimg), Adam lr 5e-5 linearly to 0 per round, "
                "betas (0.9, 0.999), grad clip 1, no EMA, dropout 0, snr_trunc, x-hat clipped at evaluation; "
                "the official teacher is a VP-cosine x-prediction network (the grid is then cosine)",
-        options=_official(8192, 128, "5e-5")),
+        options=_official(8192, 128, 5e-5)),
     "imagenet64": Recipe(
         source="official diffusion_distillation/config/imagenet64_distill.py: 1024 -> 1 steps (10 rounds of 50k "
                "steps at batch 2048 = 102400 kimg), Adam lr 1e-4 linearly to 0 per round, grad clip 1, no EMA, "
                "dropout 0, snr_trunc, x-hat clipped; the official teacher is a class-conditional VP-cosine "
                "'both'-prediction network",
-        options=_official(1024, 2048, "1e-4")),
+        options=_official(1024, 2048, 1e-4)),
 }
 
 
-@dataclass
-class PDConfig:
-    """Progressive distillation settings; the CIFAR-10 recipe of §3.4 except for the step counts."""
+GRIDS = ("auto", "cosine", "karras")
 
-    start_steps: int = 1024            # the first teacher's DDIM steps, a power of 2 (paper, CIFAR-10: 8192)
-    end_steps: int = 1                 # the last student's steps, a power of 2 below start_steps
-    round_kimg: float = 6400.0         # training images per round (paper: 50k steps x 128)
-    grid: str = "auto"                 # auto (cosine for cosine-schedule teachers, else karras) | cosine | karras
-    rho: float = 7.0                   # Karras grid exponent
-    weighting: str = "snr_trunc"       # snr_trunc = max(SNR, 1) (paper) | snr | snr+1 | constant
-    lr: float = 5e-5                   # Adam learning rate, decayed linearly to 0 within each round
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: float | None = 1.0      # global-norm clipping
-    ema: bool = False                  # keep an EMA of the student (paper: no), restarted every round
-    dropout: float | None = 0.0        # the student's dropout (official: 0; None = the teacher's)
-    clip_denoised: bool | None = None  # clip x-hat to [-1, 1] when sampling the students (official: yes);
-    #                                    None = for images only
+
+@dataclass
+class PDConfig(MethodConfig):
+    """Progressive distillation settings; the CIFAR-10 recipe of §3.4 except for the step counts and the round
+    length (default: the run's --kimg split evenly over the rounds)."""
+
+    start_steps: int = option(1024, "DDIM steps of the first teacher, a power of two (default %(default)s; paper "
+                                    "8192)")
+    end_steps: int = option(1, "steps of the final student, a power of two (default %(default)s)")
+    round_kimg: float | None = option(None, "training images per round, in thousands (default: --kimg split evenly "
+                                            "over the rounds)")
+    grid: str = option("auto", "step grid: cosine logSNR (VP-cosine or diffusers squaredcos_cap_v2 teachers) or "
+                               "Karras-spaced (default auto)", choices=GRIDS)
+    rho: float = option(7.0, "Karras grid exponent", cli=False)
+    weighting: str = option("snr_trunc", "loss weighting in x space (default %(default)s = max(SNR, 1))",
+                            choices=WEIGHTINGS)
+    student_preset: str = option("auto", "auto | teacher (copy of the teacher network) | mlp-tiny | mlp-toy "
+                                         "(analytic teachers)")
+    student_dropout: float | None = option(0.0, "dropout probability of the student copied from the teacher, or "
+                                                "'teacher' to keep the teacher's (default %(default)s: the official "
+                                                "student is 'same as teacher but with 0 dropout', cifar_distill.py)",
+                                           parse=common.dropout_value, metavar="P|teacher")
+    pd_ema: bool = option(False, "export an EMA of the student, restarted every round (paper: no EMA); half-life: "
+                                 "--ema")
+    lr: float = option(5e-5, "Adam learning rate, decayed linearly to 0 in each round (default %(default)s, paper)")
+    betas: tuple[float, float] = option((0.9, 0.999), "Adam betas (default %(default)s, the official)",
+                                        metavar=("B1", "B2"))
+    grad_clip: float | None = option(1.0, "global gradient-norm clipping, 0 = off (default %(default)s, the "
+                                          "official)")
+    clip_denoised: bool | None = option(None, "the students' recipe clips x-hat to [-1, 1] at every DDIM step "
+                                              "(default: for images, as the official evaluation, "
+                                              "eval_clip_denoised=True)")
+
+    def resolve(self, teacher, loop) -> PDConfig:
+        """The settings checked, with round_kimg (None: the run's total_kimg split evenly over the rounds; it must
+        be given outside a run), clip_denoised (None: for images, i.e. teachers of shape C x H x W) and grad_clip
+        (0 = off, kept as None) filled in."""
+        check_steps(self.start_steps, self.end_steps)
+        if self.grid not in GRIDS:
+            raise UsageError(f"--grid {self.grid!r}: expected one of {', '.join(GRIDS)}")
+        if self.weighting not in WEIGHTINGS:
+            raise UsageError(f"--weighting {self.weighting!r}: expected one of {', '.join(WEIGHTINGS)}")
+        if not self.lr > 0:         # (NaN too)
+            raise UsageError(f"--lr must be positive, got {self.lr:g}")
+        if self.grad_clip is not None and not self.grad_clip >= 0:
+            raise UsageError(f"--grad-clip must be positive, or 0 for no clipping, got {self.grad_clip:g}")
+        dropout = None if self.student_dropout == "teacher" else self.student_dropout
+        if dropout is not None and not 0 <= dropout < 1:
+            raise UsageError(f"--student-dropout must be a probability in [0, 1) or 'teacher', got {dropout!r}")
+        round_kimg = self.round_kimg
+        if round_kimg is None:
+            if loop is None:
+                raise UsageError("pd: give round_kimg (--round-kimg): outside a run there is no run length "
+                                 "(--kimg) to split over the rounds")
+            if not loop.total_kimg:
+                raise UsageError("give --round-kimg or --kimg (split evenly over the rounds)")
+            round_kimg = loop.total_kimg / int(math.log2(self.start_steps // self.end_steps))
+        if not round_kimg > 0:
+            raise UsageError(f"--round-kimg must be positive, got {round_kimg:g}")
+        clip = self.clip_denoised if self.clip_denoised is not None else len(teacher.shape) == 3
+        return replace(self, round_kimg=float(round_kimg), grad_clip=self.grad_clip or None, student_dropout=dropout,
+                       clip_denoised=bool(clip))
 
 
 def is_power_of_two(n: int) -> bool:
@@ -172,11 +216,6 @@ def check_not_eps(teacher: Denoiser) -> None:
 # The target (§3.3, §3.6)
 
 
-def ddim_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
-    """Deterministic DDIM from sigma to sigma_next in EDM form: D + (sigma_next/sigma)(x - D) (§1.5)."""
-    return denoised + param.append_dims(sigma_next / sigma, x) * (x - denoised)
-
-
 @torch.no_grad()
 def pd_target(teacher: Denoiser, x_t: Tensor, sigma: Tensor, sigma_mid: Tensor, sigma_next: Tensor,
               cond: Tensor | None = None) -> Tensor:
@@ -194,20 +233,6 @@ def pd_target(teacher: Denoiser, x_t: Tensor, sigma: Tensor, sigma_mid: Tensor, 
     return torch.where(final, d2, x_tilde).to(x_t.dtype)    # final step: the teacher's midpoint x_hat
 
 
-def snr_weight(sigma: Tensor, weighting: str = "snr_trunc") -> Tensor:
-    """Per-example weight of the x-space MSE: SNR = 1/sigma^2 in EDM coordinates (§0, §3.3 step 7)."""
-    snr = sigma.double() ** -2
-    if weighting == "snr_trunc":
-        return snr.clamp_min(1.0)
-    if weighting == "snr":
-        return snr
-    if weighting == "snr+1":
-        return snr + 1
-    if weighting == "constant":
-        return torch.ones_like(snr)
-    raise DiffdistillError(f"unknown weighting {weighting!r} ({', '.join(WEIGHTINGS)})")
-
-
 # --------------------------------------------------------------------------------------------------
 # The method
 
@@ -220,12 +245,7 @@ class ProgressiveDistillation(Method):
     def __init__(self, teacher: Denoiser, cfg: PDConfig | None = None, student: Denoiser | None = None,
                  run_dir: str | Path | None = None):
         super().__init__()
-        self.cfg = cfg = cfg or PDConfig()
-        check_steps(cfg.start_steps, cfg.end_steps)
-        if cfg.weighting not in WEIGHTINGS:
-            raise DiffdistillError(f"unknown weighting {cfg.weighting!r} ({', '.join(WEIGHTINGS)})")
-        if cfg.round_kimg <= 0:
-            raise DiffdistillError(f"the round length must be positive, got {cfg.round_kimg} kimg")
+        self.cfg = cfg = (cfg or PDConfig()).resolve(teacher, None)
         check_deterministic_teacher(teacher)
         check_not_eps(teacher)
         cosine = cosine_teacher_range(teacher)
@@ -237,11 +257,11 @@ class ProgressiveDistillation(Method):
         self.grid_kw = dict(sigma_min=teacher.sigma_min, sigma_max=teacher.sigma_max, rho=cfg.rho,
                             logsnr_range=cosine or (-20.0, 20.0))
         self.teacher = teacher.eval().requires_grad_(False)           # round 0's teacher
-        # The student's dropout is PD's decision (cfg.dropout), made here for given students too.
-        student = student if student is not None else make_student(teacher, dropout=None)
-        common.set_dropout(student, cfg.dropout)
+        # The student's dropout is PD's decision (cfg.student_dropout), made here for given students too.
+        student = student if student is not None else make_student(teacher, cfg.student_preset, dropout=None)
+        common.set_dropout(student, cfg.student_dropout)
         self.student = student.train().requires_grad_(True)
-        self.clip_denoised = cfg.clip_denoised if cfg.clip_denoised is not None else len(teacher.shape) == 3
+        self.clip_denoised = cfg.clip_denoised
         # Later rounds' teacher: the previous student (same architecture, so checkpoints keep their keys).
         self.prev = copy.deepcopy(self.student).eval().requires_grad_(False)
         self.n_rounds = int(math.log2(cfg.start_steps // cfg.end_steps))
@@ -351,18 +371,18 @@ class ProgressiveDistillation(Method):
         target = pd_target(self.round_teacher(), x_t, sigma, sigma_mid, sigma_next, cond)
         pred = self.student(x_t, sigma, cond)
         x_mse = (pred.float() - target.float()).flatten(1).pow(2).mean(1)
-        loss = (snr_weight(sigma, self.cfg.weighting).float() * x_mse).mean()
+        loss = (param.snr_weight(sigma, self.cfg.weighting).float() * x_mse).mean()
         self._loss_sum += float(loss.detach())
         self._loss_n += 1
         return {"loss": loss, "x_mse": x_mse.mean().detach()}
 
     # -- export and state ----------------------------------------------------------------------------
     def ema_targets(self) -> dict[str, nn.Module]:
-        return {"student": self.student} if self.cfg.ema else {}
+        return {"student": self.student} if self.cfg.pd_ema else {}
 
     def export(self, ema: dict[str, nn.Module] | None = None) -> tuple[Denoiser, dict]:
         """The current round's student and its own DDIM (= Euler) grid."""
-        net = (ema or {}).get("student", self.student) if self.cfg.ema else self.student
+        net = (ema or {}).get("student", self.student) if self.cfg.pd_ema else self.student
         if self.round == self.n_rounds - 1 and self._loss_n:
             # The last round has no later milestone: keep its row of the table current (RUN/model).
             rows = [r for r in self.records if r["round"] != self.round + 1]
@@ -386,71 +406,26 @@ class ProgressiveDistillation(Method):
         self._nimg, self._batch = int(state.get("nimg", 0)), int(state.get("batch", 0))
 
 
-# --------------------------------------------------------------------------------------------------
-# CLI hooks (cli/distill.py)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = PDConfig()
-    g = parser.add_argument_group("progressive distillation")
-    g.add_argument("--start-steps", type=int, default=d.start_steps,
-                   help="DDIM steps of the first teacher, a power of two (default %(default)s; paper 8192)")
-    g.add_argument("--end-steps", type=int, default=d.end_steps,
-                   help="steps of the final student, a power of two (default %(default)s)")
-    g.add_argument("--round-kimg", type=float, default=None,
-                   help="training images per round, in thousands (default: --kimg split evenly over the "
-                        "rounds)")
-    g.add_argument("--grid", choices=["auto", "cosine", "karras"], default=d.grid,
-                   help="step grid: cosine logSNR (VP-cosine or diffusers squaredcos_cap_v2 teachers) or Karras-spaced "
-                   "(default auto)")
-    g.add_argument("--weighting", choices=list(WEIGHTINGS), default=d.weighting,
-                   help="loss weighting in x space (default %(default)s = max(SNR, 1))")
-    g.add_argument("--student-preset", default="auto",
-                   help="auto | teacher (copy of the teacher network) | mlp-tiny | mlp-toy (analytic "
-                        "teachers)")
-    g.add_argument("--pd-ema", action="store_true",
-                   help="export an EMA of the student, restarted every round (paper: no EMA); half-life: --ema")
-    g.add_argument("--lr", type=float, default=d.lr,
-                   help="Adam learning rate, decayed linearly to 0 in each round (default %(default)s, paper)")
-    g.add_argument("--betas", type=float, nargs=2, default=d.betas, metavar=("B1", "B2"),
-                   help="Adam betas (default %(default)s, the official)")
-    g.add_argument("--grad-clip", type=float, default=d.grad_clip,
-                   help="global gradient-norm clipping, 0 = off (default %(default)s, the official)")
-    g.add_argument("--clip-denoised", action=argparse.BooleanOptionalAction, default=None,
-                   help="the students' recipe clips x-hat to [-1, 1] at every DDIM step (default: for images, "
-                        "as the official evaluation, eval_clip_denoised=True)")
-
-
-def build(args: argparse.Namespace, teacher: Denoiser, data=None) -> ProgressiveDistillation:
+def create(cfg: PDConfig, teacher: Denoiser, data=None, loop=None) -> ProgressiveDistillation:
+    """The method of a run: real data required, the round table (rounds.json, rounds.md) in the run's directory."""
     if data is None:
         raise UsageError("progressive distillation needs real training data: give --data "
                          "(it is not data-free)")
-    check_steps(args.start_steps, args.end_steps)
     if tuple(data.shape) != tuple(teacher.shape):
         raise DiffdistillError(f"the data ({getattr(data, 'name', 'data')}) has shape {tuple(data.shape)}, "
                                f"the teacher {tuple(teacher.shape)}")
-    n_rounds = int(math.log2(args.start_steps // args.end_steps))
-    round_kimg = args.round_kimg
-    if round_kimg is None:
-        kimg = getattr(args, "kimg", None)
-        if not kimg:
-            raise UsageError("give --round-kimg or --kimg (split evenly over the rounds)")
-        round_kimg = kimg / n_rounds
-    cfg = PDConfig(start_steps=args.start_steps, end_steps=args.end_steps, round_kimg=round_kimg,
-                   grid=args.grid, weighting=args.weighting, ema=args.pd_ema,
-                   betas=tuple(getattr(args, "betas", PDConfig.betas)),
-                   grad_clip=getattr(args, "grad_clip", PDConfig.grad_clip) or None,
-                   dropout=common.resolve_dropout(args, 0.0), clip_denoised=getattr(args, "clip_denoised", None))
-    if getattr(args, "lr", None):
-        cfg.lr = args.lr
-    check_not_eps(teacher)                  # before a copy of the teacher is made
-    student = make_student(teacher, args.student_preset, dropout=None)     # cfg.dropout is applied in __init__
-    method = ProgressiveDistillation(teacher, cfg, student, run_dir=getattr(args, "out", None))
-    total = getattr(args, "kimg", None)
-    if total and total < n_rounds * round_kimg - 1e-9:
+    method = ProgressiveDistillation(teacher, cfg, run_dir=loop.out if loop is not None else None)
+    cfg, n_rounds = method.cfg, method.n_rounds
+    total = loop.total_kimg if loop is not None else None
+    if total and total < n_rounds * cfg.round_kimg - 1e-9:
         dist.print0(f"pd: warning: --kimg {total:g} covers only part of the {n_rounds} rounds of "
-                    f"{round_kimg:g} kimg")
-    dist.print0(f"pd: {n_rounds} rounds {args.start_steps} -> {args.end_steps} steps, {round_kimg:g} kimg "
-                f"each, "
-                f"grid {method.grid}; {asdict(cfg)}")
+                    f"{cfg.round_kimg:g} kimg")
+    dist.print0(f"pd: {n_rounds} rounds {cfg.start_steps} -> {cfg.end_steps} steps, {cfg.round_kimg:g} kimg "
+                f"each, grid {method.grid}; {asdict(cfg)}")
     return method
+
+
+SPEC = MethodSpec(name="pd", help="Progressive distillation: halve the teacher's DDIM steps round by round (needs "
+                                  "real data)",
+                  config=PDConfig, create=create, needs_data=True, title="progressive distillation",
+                  recipes=RECIPES, ema_help=EMA_HELP)

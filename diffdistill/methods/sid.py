@@ -17,36 +17,31 @@ rule (half-life `--ema` Mimg, ramp-up 0.05).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
+from .. import dist
 from ..diffusion import param
 from ..diffusion.denoiser import Denoiser
 from ..diffusion.schedules import karras_index_sigma
-from ..errors import DiffdistillError
-from ..train import dist
-from . import common
+from ..errors import UsageError
+from . import MethodSpec, common
 from .base import Batch, Group, Method, OptimConfig, Recipe
+from .options import MethodConfig, option
 
-HELP = "SiD: score identity distillation into a one-step generator (data-free)"
-NEEDS_DATA = False
 EMA_HELP = ("EMA half-life of the generator in kimg (default: SiD's, 500 kimg with EDM's ramp-up 0.05: "
             "run_sid.sh's --ema 0.5 Mimg; 2000 on ImageNet-64)")
-DROPOUT_HELP = "SiD: the teacher's, as sid_train.py builds every network with the EDM teacher's --dropout"
 
-_SID_COMMON = ("--alpha", "1.2", "--t-max", "800", "--init-sigma", "2.5", "--loss-scale", "100",
-               "--gen-beta1", "0")
+_SID_COMMON = dict(alpha=1.2, t_max=800.0, init_sigma=2.5, loss_scale=100.0, gen_beta1=0.0)
 
 
-def _cifar10_options(args, teacher) -> tuple[str, ...]:
+def _cifar10_options(args, teacher) -> dict:
     """run_sid.sh 'cifar10-uncond' / 'cifar10-cond': 500 Mimg, or 800 Mimg for the class-conditional teacher."""
-    kimg = "800000" if teacher.label_dim > 0 else "500000"
-    return ("--batch", "256", "--kimg", kimg, "--gen-lr", "1e-5", "--fake-lr", "1e-5", *_SID_COMMON,
-            "--ema", "500", "--augment", "0.12")
+    return dict(batch=256, total_kimg=800000 if teacher.label_dim > 0 else 500000, gen_lr=1e-5, fake_lr=1e-5,
+                **_SID_COMMON, ema_halflife_kimg=500, augment=0.12)
 
 
 RECIPES = {
@@ -58,8 +53,8 @@ RECIPES = {
         source="SiD ImageNet-64 (mingyuanzhou/SiD run_sid.sh imagenet64-cond: dropout = the teacher's 0.1, "
                "no augmentation; the official ran fp16 with Adam eps 1e-6, diffdistill fp32 (or --bf16) with "
                "eps 1e-8)",
-        options=("--batch", "8192", "--kimg", "1000000", "--gen-lr", "4e-6", "--fake-lr", "4e-6", *_SID_COMMON,
-                 "--ema", "2000", "--augment", "0")),
+        options=dict(batch=8192, total_kimg=1000000, gen_lr=4e-6, fake_lr=4e-6, **_SID_COMMON,
+                     ema_halflife_kimg=2000, augment=0.0)),
 }
 
 
@@ -114,27 +109,39 @@ def drop_nonfinite_mean(per_sample: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @dataclass
-class SiDConfig:
+class SiDConfig(MethodConfig):
     """SiD settings; defaults are the official CIFAR-10 recipe (run_sid.sh, algorithms.md §6.3)."""
 
-    init_sigma: float = 2.5            # the generator is the denoiser at this fixed level (same at sampling)
-    alpha: float = 1.2                 # the SiD loss's alpha
-    t_max: float = 800.0               # generator levels: Karras map of U(0, t_max/1000)
-    loss_scale: float = 100.0          # generator loss scaling (lsg)
-    gen_lr: float = 1e-5               # generator learning rate (glr)
-    fake_lr: float = 1e-5              # fake-score learning rate (lr)
-    betas: tuple[float, float] = (0.0, 0.999)  # Adam betas of the fake score (fixed in sid_train.py)
-    gen_beta1: float = 0.0             # the generator's Adam beta1 (--g_beta1; its beta2 is betas[1])
-    gen_every: int = 1                 # generator every k-th step, the fake score every step (1 = 1:1)
-    dropout: str = "eval"              # teacher + fake in the generator loss: 'eval' (official) | 'shared'
-    p_mean: float = -1.2               # lognormal levels of the fake-score loss (EDM)
-    p_std: float = 1.2
-    fake_warmup_steps: int = 0         # steps training only the fake score first (analytic teachers: 300)
-    student_dropout: float | None = None  # dropout of generator and fake score (None: the teacher's, official)
-    augment: float | None = None       # EDM augmentation of the fake score's samples (None: the official 0.12 when
-    #                                    the teacher's network takes augment labels, else none)
-    mlp_hidden: int = 128              # fresh MLP width/depth (analytic teachers only)
-    mlp_depth: int = 3
+    init_sigma: float = option(2.5, "generator noise level (default %(default)s)")
+    alpha: float = option(1.2, "alpha of the SiD loss (default %(default)s)")
+    t_max: float = option(800.0, "generator levels: Karras map of U(0, t_max/1000) (default %(default)s)")
+    loss_scale: float = option(100.0, "generator loss scaling (default %(default)s)")
+    gen_lr: float = option(1e-5, "generator learning rate (default %(default)s)")
+    fake_lr: float = option(1e-5, "fake-score learning rate (default %(default)s)")
+    betas: tuple[float, float] = option((0.0, 0.999), "Adam betas of the fake score (fixed in sid_train.py); "
+                                        "the generator's beta2", cli=False)
+    gen_beta1: float = option(0.0, "the generator's Adam beta1 (default %(default)s; the fake score's betas are "
+                              "0, 0.999)")
+    gen_every: int = option(1, "update the generator every k-th step, the fake score every step (default 1 = 1:1)")
+    teacher_dropout: str = option("eval", "teacher and fake score in the generator loss: eval mode (official) or "
+                                  "shared masks", choices=("eval", "shared"))
+    p_mean: float = option(-1.2, "lognormal levels of the fake-score loss (EDM)", cli=False)
+    p_std: float = option(1.2, "lognormal levels of the fake-score loss (EDM)", cli=False)
+    augment: float | None = option(None, common.AUGMENT_HELP, metavar="P")
+    fake_warmup_steps: int | None = option(None, common.FAKE_WARMUP_HELP)
+    student_dropout: float | None = option(None, "dropout probability of the generator and fake score copied from "
+                                           "the teacher, or 'teacher' to keep the teacher's (default: the "
+                                           "teacher's, as sid_train.py builds every network with the EDM "
+                                           "teacher's --dropout)", parse=common.dropout_value, metavar="P|teacher")
+    mlp_hidden: int = option(128, "fresh MLP width (analytic teachers only)", cli=False)
+    mlp_depth: int = option(3, "fresh MLP depth (analytic teachers only)", cli=False)
+
+    def resolve(self, teacher, loop) -> SiDConfig:
+        """fake_warmup_steps: 0 for network teachers (the fake score is a copy of the teacher), 300 for analytic
+        ones (a fresh network first fitted to the initial generator). Checks t_max."""
+        if not 0 < self.t_max <= 1000:
+            raise UsageError(f"sid: --t-max (t_max) must lie in (0, 1000], got {self.t_max:g}")
+        return replace(self, fake_warmup_steps=common.fake_warmup_steps(self.fake_warmup_steps, teacher))
 
 
 class SiD(common.ScoreDistillation, Method):
@@ -146,9 +153,7 @@ class SiD(common.ScoreDistillation, Method):
                  fake: Denoiser | None = None):
         """generator/fake: networks to use instead of copies of the teacher (fresh MLPs if analytic)."""
         super().__init__()
-        cfg = cfg or SiDConfig()
-        if not 0 < cfg.t_max <= 1000:
-            raise DiffdistillError(f"t_max must lie in (0, 1000], got {cfg.t_max:g}")
+        cfg = (cfg or SiDConfig()).resolve(teacher, None)
         self.init_sigma = common.check_sigma(teacher, cfg.init_sigma)
         self._init_networks(teacher, cfg, generator, fake)
 
@@ -177,51 +182,20 @@ class SiD(common.ScoreDistillation, Method):
             x_g, cond = self.generate_onestep(batch.size, batch.device, grad=True)
             sigma = sid_sigma(batch.size, self.teacher, cfg.t_max, device=batch.device)
             per_sample = sid_generator_loss(self.teacher, self.fake, x_g, sigma, cond, cfg.alpha,
-                                            dropout=cfg.dropout)
+                                            dropout=cfg.teacher_dropout)
             loss, dropped = drop_nonfinite_mean(per_sample)
             return {"loss": cfg.loss_scale * loss, "dropped": dropped}
         raise KeyError(f"unknown group {group!r}")
 
 
-# --------------------------------------------------------------------------------------------------
-# CLI hooks (cli/distill.py)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("SiD")
-    d = SiDConfig()
-    g.add_argument("--init-sigma", type=float, default=d.init_sigma,
-                   help="generator noise level (default %(default)s)")
-    g.add_argument("--alpha", type=float, default=d.alpha, help="alpha of the SiD loss (default %(default)s)")
-    g.add_argument("--t-max", type=float, default=d.t_max,
-                   help="generator levels: Karras map of U(0, t_max/1000) (default %(default)s)")
-    g.add_argument("--loss-scale", type=float, default=d.loss_scale,
-                   help="generator loss scaling (default %(default)s)")
-    g.add_argument("--gen-lr", type=float, default=d.gen_lr,
-                   help="generator learning rate (default %(default)s)")
-    g.add_argument("--fake-lr", type=float, default=d.fake_lr,
-                   help="fake-score learning rate (default %(default)s)")
-    g.add_argument("--gen-beta1", type=float, default=d.gen_beta1,
-                   help="the generator's Adam beta1 (default %(default)s; the fake score's betas are "
-                        f"{d.betas[0]:g}, {d.betas[1]:g})")
-    g.add_argument("--gen-every", type=int, default=d.gen_every,
-                   help="update the generator every k-th step, the fake score every step (default 1 = 1:1)")
-    g.add_argument("--teacher-dropout", choices=["eval", "shared"], default=d.dropout,
-                   help="teacher and fake score in the generator loss: eval mode (official) or shared masks")
-    common.add_augment_argument(g)
-    common.add_fake_warmup_argument(g)
-
-
-def build(args: argparse.Namespace, teacher: Denoiser, data=None) -> SiD:
-    warm = common.fake_warmup_steps(args.fake_warmup_steps, teacher)
-    cfg = SiDConfig(init_sigma=args.init_sigma, alpha=args.alpha, t_max=args.t_max,
-                    loss_scale=args.loss_scale, gen_lr=args.gen_lr, fake_lr=args.fake_lr,
-                    gen_beta1=args.gen_beta1, gen_every=args.gen_every, dropout=args.teacher_dropout,
-                    fake_warmup_steps=warm, student_dropout=common.resolve_dropout(args, None),
-                    augment=args.augment)
+def create(cfg: SiDConfig, teacher: Denoiser, data=None, loop=None) -> SiD:
     method = SiD(teacher, cfg)
     dist.print0(f"sid: generator {common.count_params(method.generator):,} parameters, fake score "
                 f"{common.count_params(method.fake):,}, init sigma {method.init_sigma:g}, "
                 f"alpha {cfg.alpha:g}, dropout {common.dropout_of(method.generator)}, fake-score "
                 f"{method.augment_summary()}")
     return method
+
+
+SPEC = MethodSpec(name="sid", help="SiD: score identity distillation into a one-step generator (data-free)",
+                  config=SiDConfig, create=create, title="SiD", recipes=RECIPES, ema_help=EMA_HELP)

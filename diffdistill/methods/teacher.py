@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..diffusion import param, schedules
 from ..diffusion.denoiser import Denoiser, Precond, PrecondConfig
+from ..diffusion.losses import edm_loss
 from ..errors import DiffdistillError, UsageError
 from .base import Batch, Group, Method, OptimConfig
 
@@ -77,39 +78,12 @@ def _check(cfg: TeacherConfig) -> None:
         raise DiffdistillError("the edm loss uses EDM's preconditioning; --pred applies to --loss vp only")
 
 
-def edm_loss(denoiser: Denoiser, x: Tensor, cond: Tensor | None = None, sigma: Tensor | None = None,
-             p_mean: float = -1.2, p_std: float = 1.2, sigma_data: float = 0.5) -> Tensor:
-    """EDM loss per image [B]: lambda(sigma) * sum_pixels (D(x + sigma n; sigma) - x)^2 (§1.2)."""
-    if sigma is None:
-        sigma = schedules.sample_lognormal_sigma(x.shape[0], p_mean, p_std, device=x.device)
-    s = param.append_dims(sigma, x)
-    denoised = denoiser(x + s * torch.randn_like(x), sigma, cond)
-    weight = param.edm_loss_weight(s, sigma_data)
-    return (weight * (denoised.float() - x) ** 2).flatten(1).sum(1)
-
-
 def vp_training_sigma(n: int, cfg: TeacherConfig, device=None) -> Tensor:
     """Training noise levels of the VP loss in EDM coordinates: t ~ U, sigma = exp(-logSNR(t)/2) (§3.1)."""
     if cfg.schedule == "cosine":
         u = torch.rand(n, device=device, dtype=torch.float64)
         return param.edm_from_logsnr(schedules.cosine_logsnr(u, cfg.logsnr_min, cfg.logsnr_max)).float()
     return schedules.sample_vp_sigma(n, cfg.vp_eps_t, device=device)
-
-
-def vp_weight(sigma: Tensor, weighting: str) -> Tensor:
-    """Weight on the per-example x-MSE equal to PD's loss types (§3.3 item 7), SNR = 1/sigma^2."""
-    snr = sigma.double() ** -2
-    if weighting == "snr_trunc":
-        w = snr.clamp(min=1.0)
-    elif weighting == "snr":
-        w = snr
-    elif weighting == "v_mse":
-        w = snr + 1
-    elif weighting == "constant":
-        w = torch.ones_like(snr)
-    else:
-        raise DiffdistillError(f"unknown weighting {weighting!r} (known: {', '.join(WEIGHTINGS)})")
-    return w.float()
 
 
 def vp_loss(denoiser: Denoiser, x: Tensor, cond: Tensor | None, cfg: TeacherConfig,
@@ -122,7 +96,7 @@ def vp_loss(denoiser: Denoiser, x: Tensor, cond: Tensor | None, cfg: TeacherConf
     s = param.append_dims(sigma, x)
     x_hat = denoiser(x + s * torch.randn_like(x), sigma, cond)
     x_mse = ((x_hat.float() - x) ** 2).flatten(1).mean(1)
-    return vp_weight(sigma, cfg.weighting) * x_mse
+    return param.snr_weight(sigma, cfg.weighting).float() * x_mse
 
 
 class TeacherTraining(Method):
@@ -167,8 +141,8 @@ class TeacherTraining(Method):
         cond = self._cond(batch)
         cfg = self.cfg
         if cfg.loss == "edm":
-            per_image = edm_loss(self.denoiser, batch.x, cond, p_mean=cfg.p_mean, p_std=cfg.p_std,
-                                 sigma_data=cfg.sigma_data)
+            per_image = edm_loss(self.denoiser, batch.x, None, cond, cfg.sigma_data, reduction="none",
+                                 p_mean=cfg.p_mean, p_std=cfg.p_std)
         else:
             per_image = vp_loss(self.denoiser, batch.x, cond, cfg)
         # EDM: sum over pixels, mean over images; VP: per-example means, mean over images (§1.2, §3.3).

@@ -48,7 +48,7 @@ def warn(message: str) -> None:
     """A loud warning on stderr (once, from the main rank): 'WARNING: message'."""
     import sys
 
-    from ..train.dist import print0
+    from ..dist import print0
 
     print0(f"WARNING: {message}", file=sys.stderr)
 
@@ -426,9 +426,9 @@ def compute_features(feature_net: FeatureNet, images: Iterable, *, limit: int | 
     """Features (and logits) of every image an iterable of batches yields, as float64 arrays [N, F], [N, C].
 
     Batches may be tensors [B, C, H, W] or (images, labels) tuples. Under torchrun each rank passes its own
-    shard; with `gather` the rows are concatenated across ranks in rank order (`train.dist.all_gather_cat`).
+    shard; with `gather` the rows are concatenated across ranks in rank order (`dist.all_gather_cat`).
     """
-    from ..train.dist import all_gather_cat
+    from ..dist import all_gather_cat
 
     feats, logits, count = [], [], 0
     bar = None

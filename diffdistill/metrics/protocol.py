@@ -1,13 +1,16 @@
 """The evaluation protocol shared by `diffdistill eval` and evaluation during training.
 
-Samples are generated from per-sample seeds (image k depends on seed k only), streamed through a feature
-network
-and compared with a reference; every number becomes a JSON record saying what was measured, on how many
-samples, from which seeds, against which reference file (sha256), with which feature network (weights sha256),
-by which command and when, and a label that says the protocol where numbers are read
-(`fid-10k [digits classifier, not Inception]`). A reference records the identity of the feature network that
-made it (`FeatureNet.identity`: name, weights sha256, resize, normalisation); `check_reference` refuses one made
-with another network. Subsets of data sets are seeded random draws (`features.subset_indices`, EDM's rule).
+It measures samples it is given: `evaluate(samples, ...)` takes an iterable of batches (images in [-1, 1],
+[B, C, H, W]), streams them through a feature network and compares them with a reference; `evaluate_toy`
+judges points against the analytic mixture the caller passes. Generating them (a model, its sampling recipe and
+per-sample seeds: image k depends on seed k only) is `samplers.sample_batches`, done by the callers (`cli/eval.py`,
+`train/evaluate.py`); this package imports neither samplers nor teachers. Every number becomes a JSON record
+saying what was measured, on how many samples, from which seeds, against which reference file (sha256), with
+which feature network (weights sha256), by which command and when, and a label that says the protocol where
+numbers are read (`fid-10k [digits classifier, not Inception]`). A reference records the identity of the feature
+network that made it (`FeatureNet.identity`: name, weights sha256, resize, normalisation); `check_reference`
+refuses one made with another network. Subsets of data sets are seeded random draws (`features.subset_indices`,
+EDM's rule).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import datetime
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -232,41 +235,45 @@ def image_metrics(names: Sequence[str], features: np.ndarray, logits: np.ndarray
 
 
 # --------------------------------------------------------------------------------------------------
-# Sampling a denoiser by its recipe
+# Measuring generated samples
 
 
-def seed_labels(seeds: Sequence[int], label_dim: int) -> torch.Tensor | None:
-    """Class labels of class-conditional sampling: seed % label_dim (balanced, a function of the seed)."""
-    return None if label_dim == 0 else torch.tensor([int(s) % label_dim for s in seeds], dtype=torch.long)
+def evaluate(samples: Iterable[torch.Tensor], names: Sequence[str], feature_net: FeatureNet,
+             ref: Reference | None = None, options: MetricOptions | None = None, *, source: str | None = None,
+             limit: int | None = None, progress: bool = False) -> tuple[dict[str, dict], int]:
+    """Image metrics of generated images: `samples` is an iterable of batches [B, C, H, W] in [-1, 1] (this
+    rank's shard under torchrun: the features are gathered across ranks in rank order), streamed through
+    `feature_net` (at most `limit` images). Returns ({metric: {'value': ..., extras}} as `image_metrics`, the
+    number of images measured). Sampling them is the caller's (`samplers.sample_batches`)."""
+    feats, logits = compute_features(feature_net, samples, source=source, limit=limit, progress=progress)
+    return image_metrics(names, feats, logits, ref, options, source), len(feats)
 
 
-def generate(denoiser, sampling: dict, seeds: Sequence[int], device="cpu", batch: int = 256,
-             clamp: bool = True) -> Iterator[torch.Tensor]:
-    """Sample batches following a snapshot's recipe ({"sampler", "steps"} or explicit "sigmas"; other keys are
-    sampler options), clamped to [-1, 1] for images."""
-    from ..samplers import iter_samples
+def evaluate_toy(samples: Iterable[torch.Tensor], mixture, seed: int = 0) -> dict:
+    """The exact metrics (`toy.toy_metrics`) of generated points: `samples` is an iterable of batches [B, D] (or
+    [B, *shape]; this rank's shard under torchrun, gathered across ranks in rank order), `mixture` the analytic
+    data they should follow (a `teachers.analytic.GaussianMixture`, given by the caller). `seed`: of the exact
+    reference samples."""
+    from ..dist import all_gather_cat
 
-    recipe = dict(sampling or {})
-    sampler, steps = recipe.pop("sampler", None), recipe.pop("steps", None)
-    sigmas = recipe.pop("sigmas", None)
-    labels = seed_labels(seeds, getattr(denoiser, "label_dim", 0))
-    for x in iter_samples(denoiser, list(seeds), steps=steps, sampler=sampler, sigmas=sigmas, cond=labels,
-                          device=device, batch=batch, **recipe):
-        yield x.clamp(-1, 1) if clamp else x
+    batches = [torch.as_tensor(b) for b in samples]
+    if not batches:
+        raise DiffdistillError("exact toy metrics: no samples were given")
+    return toy_metrics(mixture, all_gather_cat(torch.cat(batches)).cpu(), seed=seed)
+
+
+def is_mixture(obj) -> bool:
+    """Whether `obj` is analytic data the exact toy metrics can judge against (a GaussianMixture: exact samples,
+    log-density and mode assignment)."""
+    return all(callable(getattr(obj, name, None)) for name in ("sample", "log_prob", "mode_of"))
 
 
 def rank_shard(seeds: Sequence[int]) -> list[int]:
     """This rank's contiguous block of the seeds, so that gathering in rank order restores the seed order."""
-    from ..train.dist import rank, world_size
+    from ..dist import rank, world_size
 
     n, r, w = len(seeds), rank(), world_size()
     return list(seeds)[r * n // w:(r + 1) * n // w]
-
-
-def module_device(module) -> torch.device:
-    for t in list(module.parameters()) + list(module.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,14 +327,14 @@ def count_label(n: int) -> str:
     return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
 
 
-class TrainEvaluator:
-    """The training loop's evaluation hook, `evaluator(method, ema, nimg) -> {key: float}`, made by
-    `make_train_evaluator`.
+class TrainMetrics:
+    """The protocol of evaluation during training, made by `make_train_metrics`: which metrics, on samples from
+    which seeds, with which feature network, against which reference; `measure(samples)` gives the numbers of
+    the samples generated from those seeds. The training loop's hook that samples the student
+    (`diffdistill.train.evaluate.TrainEvaluator`) holds one.
 
-    The student is `method.export(ema)` (what RUN/best and RUN/model would hold), sampled by its own recipe from
-    the same seeds at every evaluation, split across ranks; every rank returns the same dict. Keys are the metric
-    names ('fid', 'precision', ...), or with `labelled` the protocol too: 'fid-10k/inception' (metric, number
-    of samples, feature network), so that a training log says what its numbers are.
+    Keys are the metric names ('fid', 'precision', ...), or with `labelled` the protocol too: 'fid-10k/inception'
+    (metric, number of samples, feature network), so that a training log says what its numbers are.
     """
 
     def __init__(self, names: list[str], feature_net: FeatureNet | None, ref, seeds: list[int], batch: int,
@@ -335,9 +342,14 @@ class TrainEvaluator:
         self.names, self.feature_net, self.ref, self.seeds = names, feature_net, ref, seeds
         self.batch, self.options, self.labelled = batch, options, labelled
 
+    @property
+    def toy(self) -> bool:
+        """Whether these are the exact toy metrics (points, never clamped) rather than image metrics."""
+        return "toy" in self.names
+
     def key(self, name: str) -> str:
         """The key of metric `name` ('fid', 'kid', 'is', 'precision', 'recall' or a toy scalar)."""
-        if not self.labelled or "toy" in self.names:
+        if not self.labelled or self.toy:
             return name
         return f"{name}-{count_label(len(self.seeds))}/{self.feature_net.name}"
 
@@ -351,7 +363,7 @@ class TrainEvaluator:
     def describe(self) -> dict:
         """The protocol, for config.json: metrics, their keys, n, seeds, feature network, reference."""
         keys = [k for name in self.names for k in (("precision", "recall") if name == "pr" else (name,))]
-        if "toy" in self.names:
+        if self.toy:
             return dict(metrics=["toy"], n=len(self.seeds), seeds=describe_seeds(self.seeds),
                         ref=getattr(self.ref, "name", None))
         net = self.feature_net.describe()
@@ -364,42 +376,32 @@ class TrainEvaluator:
                     kid_seed=self.options.seed, is_splits=self.options.is_convention(), pr_k=self.options.pr_k)
 
     @torch.no_grad()
-    def __call__(self, method, ema=None, nimg: int | None = None) -> dict:
-        denoiser, sampling = method.export(ema)
-        was_training = denoiser.training
-        denoiser.eval()
-        try:
-            device = module_device(denoiser)
-            toy = "toy" in self.names
-            batches = generate(denoiser, sampling, rank_shard(self.seeds), device, self.batch, clamp=not toy)
-            if toy:
-                from ..train.dist import all_gather_cat
-                samples = all_gather_cat(torch.cat([b for b in batches]).to(device)).cpu()
-                values = toy_metrics(self.ref, samples)
-                return {name: float(values[name]) for name in TOY_SCALARS}
+    def measure(self, samples: Iterable[torch.Tensor], device=None) -> dict[str, float]:
+        """{key: value} of the samples generated from `self.seeds` (this rank's `rank_shard` of them under
+        torchrun; every rank returns the same dict): an iterable of batches, images in [-1, 1] [B, C, H, W] or
+        points [B, D]. device: where the feature network runs (default: where it is)."""
+        if self.toy:
+            values = evaluate_toy(samples, self.ref)
+            return {name: float(values[name]) for name in TOY_SCALARS}
+        if device is not None:
             self.feature_net.to(device)
-            feats, logits = compute_features(self.feature_net, batches)
-            results = image_metrics(self.names, feats, logits, self.ref, self.options)
-            return {self.key(name): float(r["value"]) for name, r in results.items()}
-        finally:
-            denoiser.train(was_training)
+        results, _ = evaluate(samples, self.names, self.feature_net, self.ref, self.options)
+        return {self.key(name): float(r["value"]) for name, r in results.items()}
 
 
-def make_train_evaluator(metric: str | Sequence[str], feature_net: FeatureNet | str | None = None, ref=None,
-                         n: int = 10_000, seeds: Sequence[int] | None = None, *, batch: int = 256,
-                         inception: str | None = None, resize: str = "tf1", options: MetricOptions | None = None,
-                         shape: Sequence[int] | None = None, labelled: bool = False) -> TrainEvaluator:
-    """The evaluation hook `evaluate(method, ema, nimg) -> {name: float}` of the training loop (`TrainEvaluator`).
+def make_train_metrics(metric: str | Sequence[str], feature_net: FeatureNet | str | None = None, ref=None,
+                       n: int = 10_000, seeds: Sequence[int] | None = None, *, batch: int = 256,
+                       inception: str | None = None, resize: str = "tf1", options: MetricOptions | None = None,
+                       shape: Sequence[int] | None = None, labelled: bool = False) -> TrainMetrics:
+    """The protocol of evaluation during training (`TrainMetrics`), checked now.
 
     metric: 'fid', 'kid', 'is', 'pr' (comma-separated or a list) or 'toy'. feature_net: a `FeatureNet` or a
-    `load_feature_net` spec (with `inception`, `resize`). ref: a reference `.npz`, a data spec, a `Reference`,
-    or, for 'toy', a `GaussianMixture` or an analytic spec. Samples come from `seeds` (default 0..n-1).
-    shape: the samples' shape, checked against the feature network now. Everything that would fail at the first
-    evaluation fails here instead: a reference made with another feature network (its recorded network, or its
-    dimension), KID/PR without reference features, IS without class logits.
+    `load_feature_net` spec (with `inception`, `resize`). ref: a reference `.npz`, a data spec or a `Reference`,
+    or, for 'toy', the analytic mixture itself (a `GaussianMixture`). Samples come from `seeds` (default
+    0..n-1). shape: the samples' shape, checked against the feature network now. Everything that would fail at
+    the first evaluation fails here instead: a reference made with another feature network (its recorded
+    network, or its dimension), KID/PR without reference features, IS without class logits.
     """
-    from ..teachers.analytic import GaussianMixture, is_analytic_spec, load_analytic
-
     names = parse_metrics(metric)
     seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
     if len(seeds) < n:
@@ -409,12 +411,9 @@ def make_train_evaluator(metric: str | Sequence[str], feature_net: FeatureNet | 
     if "toy" in names:
         if names != ["toy"]:
             raise DiffdistillError("the exact 'toy' metrics cannot be combined with image metrics")
-        if isinstance(ref, str) and is_analytic_spec(ref):
-            ref = load_analytic(ref)
-        if not isinstance(ref, GaussianMixture):
-            raise DiffdistillError("the 'toy' metrics need the analytic data (a GaussianMixture or a "
-                                   "toy:/gmm: spec)")
-        return TrainEvaluator(names, None, ref, seeds, batch, options, labelled)
+        if not is_mixture(ref):
+            raise DiffdistillError("the 'toy' metrics need the analytic data (a GaussianMixture)")
+        return TrainMetrics(names, None, ref, seeds, batch, options, labelled)
     if n < 2:
         raise DiffdistillError(f"image metrics need at least 2 samples, got n={n}")
     if isinstance(feature_net, str) or feature_net is None:
@@ -436,4 +435,4 @@ def make_train_evaluator(metric: str | Sequence[str], feature_net: FeatureNet | 
             if ref.features is None:
                 raise DiffdistillError(f"{ref.source}: KID and precision/recall need the reference features "
                                        "(write the reference with `diffdistill ref-stats --save-features`)")
-    return TrainEvaluator(names, feature_net, ref, seeds, batch, options, labelled)
+    return TrainMetrics(names, feature_net, ref, seeds, batch, options, labelled)

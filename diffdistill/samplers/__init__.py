@@ -5,7 +5,9 @@ Noise comes from per-sample seeds, so image k depends on seed k only: the batch 
 level (`prior_scale`: sigma_0 z for EDM-style denoisers, z sqrt(1 + sigma_0^2) for VP-discrete teachers, as
 diffusers' pipelines do); the few-step samplers start from sigma_0 z, the input their students trained on.
 Given no sampler, steps or sigmas, they follow the denoiser's own recipe (`recipe_of`: the `sampling` attribute
-that `load_snapshot` / `load_teacher` attach from a snapshot), else Heun with 18 steps.
+that `load_snapshot` / `load_teacher` attach from a snapshot), else Heun with 18 steps. `sample_batches` samples
+by a snapshot's recipe with class labels from the seeds: the samples `diffdistill eval` and evaluation during
+training hand to `metrics.protocol.evaluate`.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ PRIOR_SAMPLERS = {"euler", "ddim", "heun", "ddpm", "dpmpp_2m"}   # integrate the
 
 __all__ = ["SAMPLERS", "call_denoiser", "default_sigmas", "get_sampler", "initial_noise_scale", "iter_samples",
            "make_noise", "nfe", "prior_scale", "recipe_of", "sample", "sample_ddim", "sample_ddpm", "sample_dpmpp_2m",
-           "sample_euler", "sample_heun", "sample_multistep", "sample_onestep"]
+           "sample_batches", "sample_euler", "sample_heun", "sample_multistep", "sample_onestep", "seed_labels"]
 
 
 def get_sampler(name: str):
@@ -156,3 +158,24 @@ def sample(denoiser, seeds: int | Sequence[int], steps: int | None = None, sampl
     """All samples for `seeds` as one CPU float32 tensor [N, *shape]. See `iter_samples`."""
     return torch.cat([b.cpu() for b in iter_samples(denoiser, seeds, steps, sampler, sigmas, cond, device,
                                                     batch, **options)])
+
+
+def seed_labels(seeds: Sequence[int], label_dim: int) -> Tensor | None:
+    """Class labels of class-conditional sampling: seed % label_dim (balanced, a function of the seed)."""
+    return None if label_dim == 0 else torch.tensor([int(s) % label_dim for s in seeds], dtype=torch.long)
+
+
+def sample_batches(denoiser, seeds: Sequence[int], recipe: dict | None = None, device="cpu", batch: int = 256,
+                   clamp: bool = False) -> Iterator[Tensor]:
+    """Sample batches (on `device`) for `seeds` following a recipe, the evaluation protocol's samples.
+
+    recipe: a snapshot's `sampling` ({"sampler", "steps"} or explicit "sigmas"; its other keys are sampler
+    options); empty or None: the denoiser's own (`iter_samples`). A class-conditional denoiser gets the labels
+    `seed_labels` (seed % label_dim). clamp: clip to [-1, 1] (images; never for points)."""
+    seeds, recipe = [int(s) for s in seeds], dict(recipe or {})
+    sampler, steps = recipe.pop("sampler", None), recipe.pop("steps", None)
+    sigmas = recipe.pop("sigmas", None)
+    labels = seed_labels(seeds, getattr(denoiser, "label_dim", 0))
+    for x in iter_samples(denoiser, seeds, steps=steps, sampler=sampler, sigmas=sigmas, cond=labels,
+                          device=device, batch=batch, **recipe):
+        yield x.clamp(-1, 1) if clamp else x

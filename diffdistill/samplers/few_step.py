@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from ..diffusion.schedules import check_sigmas
 from .ode import _start, call_denoiser, denoiser_dtype, randn_like
@@ -24,6 +25,12 @@ def sample_onestep(denoiser, noise, sigmas, *, cond=None, generator=None, callba
     return x
 
 
+def renoise(x0: Tensor, sigma: float, sigma_min: float, noise: Tensor) -> Tensor:
+    """Multistep consistency sampling's step back up to level sigma (Song et al. 2023, Alg. 1):
+    x0 + sqrt(sigma^2 - sigma_min^2) z with unit noise z (the root taken as 0 below sigma_min)."""
+    return x0 + max(sigma**2 - sigma_min**2, 0.0) ** 0.5 * noise
+
+
 @torch.no_grad()
 def sample_multistep(denoiser, noise, sigmas, *, cond=None, generator=None, callback=None):
     """Multistep consistency sampling (Song et al. 2023, Alg. 1): denoise, then re-noise to the next level.
@@ -35,7 +42,7 @@ def sample_multistep(denoiser, noise, sigmas, *, cond=None, generator=None, call
     levels = [s for s in sigmas.tolist() if s > 0]
     for i, s in enumerate(levels):
         if i > 0:
-            x = x + max(s**2 - eps**2, 0.0) ** 0.5 * randn_like(x, generator)
+            x = renoise(x, s, eps, randn_like(x, generator))
         x = call_denoiser(denoiser, x, s, cond)
         if callback is not None:
             callback(i, x, x)

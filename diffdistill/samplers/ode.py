@@ -9,10 +9,12 @@ kept in float64 (as EDM's sampler does); the denoiser is called in its own dtype
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from ..diffusion import param
 from ..diffusion.schedules import check_sigmas
 from ..errors import DiffdistillError
 
@@ -39,6 +41,41 @@ def randn_like(x: Tensor, generator=None) -> Tensor:
         return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=torch.float32) for g in generator]).to(x)
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, dtype=torch.float32, device=device).to(x)
+
+
+# --------------------------------------------------------------------------------------------------
+# Single steps of the probability-flow ODE dx/dsigma = (x - D(x; sigma))/sigma (Karras et al. 2022, §2 with
+# sigma(t) = t), at one level (a 0-dim sigma) or at per-sample levels ([B]). The samplers below and the
+# methods that step a teacher (progressive distillation's target, consistency distillation's teacher step) use
+# these, so each step is written once.
+
+
+def ddim_step(x: Tensor, denoised: Tensor, sigma: Tensor, sigma_next: Tensor,
+              eps_denoised: Tensor | None = None) -> Tensor:
+    """One deterministic DDIM step sigma -> sigma_next (Song et al. 2021, Eq. 12 with eta = 0), in EDM form:
+    D + (sigma_next/sigma)(x - D), which equals the Euler step x + (sigma_next - sigma)(x - D)/sigma and is exact
+    in floating point at huge sigma (cosine t = 1).
+
+    eps_denoised: the x-prediction D' whose eps (x - D')/sigma the step keeps, D + (sigma_next/sigma)(x - D')
+    (default: D itself); diffusers' DDIM with a clipped D keeps the network's unclipped eps."""
+    base = denoised if eps_denoised is None else eps_denoised
+    return denoised + param.append_dims(sigma_next / sigma, x) * (x - base)
+
+
+def heun_step(denoise: Callable[[Tensor, Tensor], Tensor], x: Tensor, sigma: Tensor, sigma_next: Tensor,
+              second_order: bool = True) -> tuple[Tensor, Tensor]:
+    """One step sigma -> sigma_next of Heun's method as Karras et al. 2022 (Algorithms 1-2) take it: the Euler step
+    x' = x + (sigma_next - sigma) d with d = (x - D(x; sigma))/sigma, then, with `second_order`, the trapezoidal
+    correction x + (sigma_next - sigma)(d/2 + d'/2), d' = (x' - D(x'; sigma_next))/sigma_next (needs
+    sigma_next > 0). `denoise(x, sigma)` gives D. Returns (x_next, D(x; sigma))."""
+    s, s_next = param.append_dims(sigma, x), param.append_dims(sigma_next, x)
+    denoised = denoise(x, sigma)
+    d = param.eps_from_denoised(x, denoised, s)
+    x_next = x + (s_next - s) * d
+    if second_order:
+        d2 = param.eps_from_denoised(x_next, denoise(x_next, sigma_next), s_next)
+        x_next = x + (s_next - s) * (0.5 * d + 0.5 * d2)
+    return x_next, denoised
 
 
 def _start(noise: Tensor, sigmas) -> tuple[Tensor, Tensor]:
@@ -105,8 +142,7 @@ def sample_euler(denoiser, noise, sigmas, *, cond=None, generator=None, callback
         if clip is not None:
             denoised = clip(denoised)
             base = base if clip_keeps_eps else denoised
-        # x + (s' - s)(x - D)/s, written as D + (s'/s)(x - D): exact in floating point at huge s (cosine t=1).
-        x = denoised + (sigmas[i + 1] / sigmas[i]) * (x - base)
+        x = ddim_step(x, denoised, sigmas[i], sigmas[i + 1], eps_denoised=base)
         if callback is not None:
             callback(i, x, denoised)
     return x
@@ -127,13 +163,9 @@ def sample_heun(denoiser, noise, sigmas, *, cond=None, generator=None, callback=
         t_hat = t_cur * (1 + gamma)
         if gamma > 0:
             x = x + (t_hat**2 - t_cur**2).sqrt() * s_noise * randn_like(x, generator)
-        denoised = call_denoiser(denoiser, x, t_hat, cond)
-        d = (x - denoised) / t_hat
-        x_next = x + (t_next - t_hat) * d
-        if t_next > 0:  # 2nd-order correction, skipped on the final step (algorithms.md §1.6)
-            d2 = (x_next - call_denoiser(denoiser, x_next, t_next, cond)) / t_next
-            x_next = x + (t_next - t_hat) * (0.5 * d + 0.5 * d2)
-        x = x_next
+        # the 2nd-order correction is skipped on the final step to 0 (Karras et al. 2022, Algorithm 2)
+        x, denoised = heun_step(lambda y, s: call_denoiser(denoiser, y, s, cond), x, t_hat, t_next,
+                                second_order=bool(t_next > 0))
         if callback is not None:
             callback(i, x, denoised)
     return x

@@ -23,7 +23,7 @@ a DDIM step in VP form is one Euler step on `x = z / alpha` followed by multipli
 The VP prior: diffusers (and DDPM/DDIM) start from `z_T ~ N(0, I)` at the first timestep, i.e. from
 `x_T = z_T / alpha_T = z_T sqrt(1 + sigma_T^2)` in EDM coordinates, not from EDM's `sigma_T z`. A denoiser
 with `discrete_sigmas` is such a teacher: `samplers.initial_noise_scale` gives it this start, which
-`samplers.sample` / `iter_samples` and the KD pairs (`data.pairs`) use.
+`samplers.sample` / `iter_samples` and the KD pairs (`methods.kd_pairs`) use.
 """
 
 from __future__ import annotations

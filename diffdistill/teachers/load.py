@@ -6,13 +6,13 @@ import re
 from pathlib import Path
 
 from ..errors import DiffdistillError
-from ..io import SNAPSHOT_JSON, load_snapshot
+from ..io import LATEST_DIR, MODEL_DIR, SNAPSHOT_JSON, find_snapshot, load_snapshot
 from .analytic import is_analytic_spec, load_analytic
 
 LOOKED_FOR = (
     "an analytic spec (toy:ring8, gmm:PATH.json)",
     f"a diffdistill snapshot directory ({SNAPSHOT_JSON} + model.safetensors; converted EDM teachers are snapshots)",
-    f"a run directory (model/{SNAPSHOT_JSON})",
+    f"a run directory ({MODEL_DIR}/{SNAPSHOT_JSON})",
     "a diffusers model directory (unet/config.json + scheduler/scheduler_config.json, or config.json with "
     "_class_name UNet2DModel + scheduler_config.json)",
 )
@@ -36,13 +36,14 @@ def load_teacher(spec, device="cpu"):
 
 
 def _load_path(path: Path, device):
-    if path.is_file() and path.name == SNAPSHOT_JSON:
-        path = path.parent
+    snapshot = find_snapshot(path, unfinished=False)
+    if snapshot is not None:
+        return load_snapshot(snapshot, device)[0]
     if path.is_dir():
-        if (path / SNAPSHOT_JSON).is_file():
-            return load_snapshot(path, device)[0]
-        if (path / "model" / SNAPSHOT_JSON).is_file():
-            return load_snapshot(path / "model", device)[0]
+        if find_snapshot(path) is not None:     # only RUN/latest: an interrupted run
+            raise DiffdistillError(f"{path}: the run did not finish (it has {LATEST_DIR}/, its interrupted export, "
+                                   f"but no {MODEL_DIR}/); rerun its command to finish it, or give "
+                                   f"{path / LATEST_DIR} as the teacher")
         from .diffusers import find_diffusers_model, load_diffusers
         if find_diffusers_model(path) is not None:
             teacher = load_diffusers(path, device)

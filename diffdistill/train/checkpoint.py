@@ -20,7 +20,6 @@ import errno
 import hashlib
 import json
 import os
-import signal
 import stat
 import warnings
 from pathlib import Path
@@ -34,15 +33,6 @@ from ..io import atomic_write, atomic_write_json
 CHECKPOINT_DIR = "checkpoints"
 FORMAT = "diffdistill-checkpoint-v1"
 LOCK_FILE = ".lock"
-# Test hook: "kill-mid-tensors:STEP", "kill-after-tensors:STEP" or "kill-after-json:STEP" SIGKILLs this process
-# while it writes the checkpoint of that step (half-way through the tensors file; after the tensors file, before its
-# JSON; after its JSON, before older checkpoints are pruned).
-TEST_HOOK_ENV = "DIFFDISTILL_TEST_CHECKPOINT_HOOK"
-
-
-def _hook(stage: str, step: int) -> bool:
-    spec = os.environ.get(TEST_HOOK_ENV, "")
-    return spec == f"{stage}:{step}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,21 +191,12 @@ def save_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, torch.Ten
 
     def write_tensors(tmp: Path) -> None:
         save_file(tensors, str(tmp))
-        if _hook("kill-mid-tensors", step):  # simulate a crash half-way through the write
-            size = tmp.stat().st_size
-            with open(tmp, "r+b") as f:
-                f.truncate(size // 2)
-            os.kill(os.getpid(), signal.SIGKILL)
         digest["sha256"] = _sha256(tmp)     # of the bytes as written, read back
 
     atomic_write(tensors_path, write_tensors)
-    if _hook("kill-after-tensors", step):
-        os.kill(os.getpid(), signal.SIGKILL)
     state = dict(state, format=FORMAT, step=step, tensors_file=tensors_path.name,
                  tensors_bytes=tensors_path.stat().st_size, tensors_sha256=digest["sha256"], inf_buffers=inf_buffers)
     atomic_write_json(json_path, state)
-    if _hook("kill-after-json", step):      # complete, but older checkpoints not pruned yet
-        os.kill(os.getpid(), signal.SIGKILL)
     _prune(run_dir, keep)
     return json_path
 

@@ -7,7 +7,6 @@ then p_ema <- lerp(p, p_ema, beta) after every optimiser step. Buffers are copie
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import Tensor, nn
@@ -19,14 +18,6 @@ def ema_beta(batch: int, nimg: int, halflife_kimg: float, rampup: float | None =
     if rampup is not None:
         halflife = min(halflife, rampup * nimg)
     return 0.5 ** (batch / max(halflife, 1e-8))
-
-
-def halflife_from_decay(decay: float, batch: int) -> float:
-    """The half-life (kimg) of a per-step EMA decay `decay` at `batch` images per step: B ln 0.5 / ln decay / 1000
-    (0 for decay 0: the EMA is a copy of the weights). With no ramp-up, `ema_beta` then gives back `decay`."""
-    if not 0 <= decay < 1:
-        raise ValueError(f"an EMA decay must lie in [0, 1), got {decay}")
-    return 0.0 if decay == 0 else batch * math.log(0.5) / math.log(decay) / 1000
 
 
 class EMA:

@@ -9,7 +9,7 @@ them through nan_to_num (EDM), clip, and step that group's optimiser -> EMA (EDM
 What a run directory holds for sampling: RUN/model/ (the EMA export, written when the run finishes), RUN/latest/
 (the same export, written when the run is interrupted, deleted when it finishes or starts over; so when it exists it
 is newer than RUN/model) and grids RUN/samples-kimg<kimg>.png every `grid_kimg`, RUN/samples-final.png at the end.
-`run_snapshot(RUN)` picks the snapshot a sampler should read.
+`io.run_snapshot(RUN)` picks the snapshot a sampler should read.
 
 Randomness: before every micro-batch the global torch RNG is seeded from (seed, step, global micro-batch
 index, group index), and the data order is a seeded permutation per epoch read at the position given by the
@@ -35,11 +35,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import io
+from .. import dist, io
 from ..errors import DiffdistillError
 from ..methods.base import Batch, Group, Method, OptimConfig
 from . import checkpoint as ckpt
-from . import dist
 from .ema import EMA
 from .stats import StatsWriter, peak_memory_gb, save_image_grid, save_scatter
 
@@ -81,7 +80,8 @@ class TrainConfig:
 
 # Settings that may change when a run is resumed without counting as "a different run".
 _RUNTIME_KEYS = ("resume", "force", "command", "device", "workers", "progress", "tensorboard", "final_grid")
-MODEL_DIR, LATEST_DIR = "model", "latest"  # RUN/model: a finished run's export; RUN/latest: an interrupted one's
+MODEL_DIR, LATEST_DIR = io.MODEL_DIR, io.LATEST_DIR  # RUN/model: a finished run's export; RUN/latest: an
+#                                                     interrupted one's (io.run_snapshot picks the newer)
 
 
 def run_config(method: Method, cfg: TrainConfig) -> dict:
@@ -99,15 +99,6 @@ def kimg_label(nimg: int, interval_kimg: float) -> str:
     digits (EDM's style), with the images too (kimg000000.064) when the interval is under 1 kimg, so that short
     runs do not give two outputs one name. Zero-padded: the names sort in training order."""
     return f"kimg{nimg // 1000:06d}" if interval_kimg >= 1 else f"kimg{nimg / 1000:010.3f}"
-
-
-def run_snapshot(run_dir: str | Path) -> Path | None:
-    """The snapshot a sampler should read in a run directory: RUN/latest/ when the run was interrupted (it is
-    then the newest export), else RUN/model/; None when the run has neither."""
-    for name in (LATEST_DIR, MODEL_DIR):
-        if (Path(run_dir) / name / io.SNAPSHOT_JSON).is_file():
-            return Path(run_dir) / name
-    return None
 
 
 def resolve_device(device: str | None) -> torch.device:

@@ -1,0 +1,182 @@
+"""The library's entry point for distillation: `diffdistill.distill(...)`, used from Python (a notebook, a script)
+and by `diffdistill distill METHOD` alike.
+
+    import diffdistill as dd
+    run = dd.distill("di", teacher="runs/digits", out="runs/di-digits", loop=dd.TrainConfig(
+        out="runs/di-digits", total_kimg=120, batch=64), gen_lr=1e-4, fake_lr=1e-4, init_sigma=2.5)
+    student = run.student()                       # the exported EMA generator, ready for dd.sample(...)
+
+The keyword arguments are the method's settings (`diffdistill.methods.get("di").config`'s fields, the same names
+as the command line's options without the dashes); the defaults and the teacher-dependent ones are the
+command line's, because both go through `MethodConfig.resolve`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .errors import UsageError
+from .methods.recipes import LOOP_FLAGS
+
+# The loop settings a recipe may set, with their command-line flags.
+LOOP_RECIPE_KEYS = LOOP_FLAGS
+# The data settings a recipe may set (the papers' random horizontal flips), with their command-line flags.
+DATA_RECIPE_KEYS = {"xflip": "--xflip"}
+DEFAULT_KIMG, DEFAULT_BATCH = 100.0, 128        # `distill`'s run length and batch when none is given
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators, right before a command builds its networks: so a
+    teacher's fresh network, a student's fresh heads, discriminators and fake scores are the same for the same
+    seed (the loop then reseeds every micro-batch from (seed, step, micro-batch, group)). A run killed before its
+    first checkpoint restarts from the same initialisation."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def distill_loop(out: str, total_kimg: float = DEFAULT_KIMG, batch: int = DEFAULT_BATCH, **settings):
+    """The TrainConfig of a distillation run, with the defaults that scale with its length: 20 stats lines,
+    4 checkpoints and a grid of the student's samples at the end (RUN/samples-final.png)."""
+    from .train.loop import TrainConfig
+
+    settings.setdefault("tick_kimg", max(total_kimg / 20, 1e-3))
+    settings.setdefault("checkpoint_kimg", max(total_kimg / 4, 1e-3))
+    settings.setdefault("final_grid", True)
+    return TrainConfig(out=str(out), total_kimg=total_kimg, batch=batch, **settings)
+
+
+def build_method(spec, cfg, teacher, data, loop):
+    """The method's `Method` from its settings: the teacher- and run-dependent defaults resolved, then every
+    generator seeded with the run's seed (fresh networks are the same for the same seed), then built."""
+    cfg = cfg.resolve(teacher, loop)
+    seed_everything(loop.seed)
+    return spec.create(cfg, teacher, data, loop), cfg
+
+
+def recipe_settings(spec, name: str, teacher=None, loop=None) -> dict:
+    """A recipe of `spec` as a dict of settings (config fields and the loop's LOOP_RECIPE_KEYS): one of its papers'
+    (`spec.recipes`), `converged` or `short` (the library's, methods/recipes.py: for the teacher's kind, and
+    `short` for the run's length and batch)."""
+    from .methods import common, recipes
+
+    if name in ("short", "converged"):
+        kind = "ring" if common.is_weightless(teacher) else "image"
+        if name == "converged":
+            return recipes.converged_settings(spec.name, kind)
+        kimg, batch = (loop.total_kimg, loop.batch) if loop is not None else (DEFAULT_KIMG, DEFAULT_BATCH)
+        return recipes.short_run_settings(spec.name, kind, kimg, batch)
+    if name not in spec.recipes:
+        known = ", ".join(sorted([*spec.recipes, "converged", "short"]))
+        raise UsageError(f"{spec.name} has no recipe {name!r} (known: {known})")
+    options = spec.recipes[name].options
+    if callable(options):             # a recipe that depends on the teacher (SiD's CIFAR-10 length)
+        options = options(None, teacher)
+    if not isinstance(options, dict):
+        raise UsageError(f"{spec.name} recipe {name!r} is written as command-line options: use `diffdistill "
+                         f"distill {spec.name} --recipe {name}`")
+    return dict(options)
+
+
+@dataclass
+class DistillResult:
+    """A finished (or interrupted) run: its directory, the exported student's directory (RUN/model, or
+    RUN/latest for an interrupted run), the steps and images trained and the resolved settings."""
+
+    run: Path
+    model: Path | None
+    interrupted: bool
+    step: int
+    nimg: int
+    config: object
+    best: dict | None = None
+
+    def student(self, device: str = "cpu"):
+        """The exported student, a denoiser carrying its sampling recipe (`diffdistill.sample(student, ...)`)."""
+        from .io import load_snapshot
+
+        if self.model is None:
+            raise UsageError(f"{self.run}: the run exported no student")
+        return load_snapshot(self.model, device=device)[0]
+
+
+def distill(method: str, teacher, data=None, out: str | Path | None = None, *, loop=None, recipe: str | None = None,
+            evaluate=None, callback=None, device: str | None = None, **settings) -> DistillResult:
+    """Distil `teacher` into a student with `method` on the one training loop and return the run.
+
+    teacher: a spec (a run or snapshot of this project, a diffusers folder, a converted EDM teacher, toy:ring8,
+    gmm:PATH.json) or a loaded denoiser. data: a data spec, an opened data set or None (methods that need real
+    data say so). out: the run directory (default runs/METHOD), used when `loop` is not given. loop: a
+    TrainConfig (default: `distill_loop(out)`, 100 kimg at batch 128; a recipe's length, batch and EMA apply only
+    then). recipe: one of the method's published recipes, applied beneath `settings`. evaluate: the loop's
+    evaluate hook, `evaluate(method, ema, nimg) -> {metric: value}` (e.g. to record quality during training).
+    callback: `callback(event, obj)` to instrument a run without patching the library: ('teacher', the loaded
+    teacher), ('method', the built Method), ('result', the loop's result dict), in that order.
+    settings: the method's settings by field name (e.g. gen_lr=1e-4).
+    """
+    callback = callback or _no_callback
+    from . import methods
+    from .methods.options import make_config
+    from .train.loop import train
+
+    spec = methods.get(method)
+    if loop is not None and out is not None and str(out) != str(loop.out):
+        raise UsageError(f"distill: out={out} differs from loop.out={loop.out}; give one")
+    if isinstance(teacher, (str, Path)):
+        from .teachers import load_teacher
+
+        teacher = load_teacher(str(teacher), device=(loop.device if loop else None) or device or _default_device())
+    callback("teacher", teacher)
+    overrides = recipe_settings(spec, recipe, teacher, loop) if recipe else {}
+    loop_overrides = {k: overrides.pop(k) for k in list(overrides) if k in LOOP_RECIPE_KEYS}
+    data_overrides = {k: overrides.pop(k) for k in list(overrides) if k in DATA_RECIPE_KEYS}
+    overrides.update(settings)
+    cfg = make_config(spec.config, overrides, what=f"distill {method}")
+    if loop is None:
+        loop = distill_loop(out or f"runs/{method}", device=device, **loop_overrides)
+    if spec.needs_data and data is None:
+        raise UsageError(f"{method} needs real data: pass data=SPEC (a folder, .zip, .npz, digits, toy:ring8, ...)")
+    if isinstance(data, (str, Path)):
+        from .data import open_dataset
+
+        data = open_dataset(str(data), **data_overrides)
+    if data is not None and tuple(data.shape) != tuple(teacher.shape):
+        raise UsageError(f"the data has samples of shape {tuple(data.shape)}, the teacher makes "
+                         f"{tuple(teacher.shape)}")
+    if not loop.meta:
+        loop = replace(loop, meta=dict(method=method))
+    built, cfg = build_method(spec, cfg, teacher, data, loop)
+    callback("method", built)
+    if evaluate is None and spec.best_metric is not None:
+        evaluate = own_evaluation
+        if loop.best_metric is None:
+            loop = replace(loop, best_metric=spec.best_metric, best_mode="min",
+                           eval_kimg=loop.eval_kimg or max(loop.total_kimg / 10, 1e-3))
+    result = train(built, loop, data, evaluate=evaluate)
+    callback("result", result)
+    model = result.get("model") or result.get("latest")
+    return DistillResult(run=Path(result["run_dir"]), model=Path(model) if model else None,
+                         interrupted=bool(result.get("interrupted")), step=result["step"], nimg=result["nimg"],
+                         config=cfg, best=result.get("best"))
+
+
+def _no_callback(event: str, obj) -> None:
+    pass
+
+
+def own_evaluation(method, ema, nimg):
+    """The loop's evaluate hook for a method with its own model selection (`MethodSpec.best_metric`: KD's held-out
+    loss picks the model its export returns)."""
+    return method.evaluate(ema)
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,118 @@
+"""The library's own recipes, beside each method's published ones (`MethodSpec.recipes`): `short` and
+`converged`, as dicts of settings (config fields, plus the loop's total_kimg, batch and ema_halflife_kimg).
+
+The methods' defaults are their papers' (CIFAR-10 or ImageNet runs of 10^4-10^5 steps at large batches). Runs
+of a few hundred steps on a CPU need larger learning rates and shorter warm-ups and EMA half-lives: `short` holds
+those settings, used by the methods' own tests, `diffdistill demo` and the benchmarks. Two kinds of teacher:
+
+- `ring`: the exact analytic ring (`toy:ring8`): it has no network to copy, so students are fresh MLPs;
+- `image`: a small trained image teacher (digits, MNIST, a laptop-size CIFAR-10 one): students start as copies.
+
+Only the optimisation settings live here; data, KD's pairs and PD's step counts are the caller's.
+`converged` adds the budget at which the one-step student stopped improving in the converged benchmark.
+"""
+
+from __future__ import annotations
+
+from ..errors import UsageError
+
+KINDS = ("ring", "image")
+LOOP_FLAGS = {"total_kimg": "--kimg", "batch": "--batch", "ema_halflife_kimg": "--ema"}
+
+# The converged recipes: per teacher kind and method, the budget at which the one-step student's quality stopped
+# improving in the converged benchmark (`python -m benchmarks --only converged`, BENCHMARKS.md section 4: the
+# ring, and sklearn digits with a 500-kimg teacher), and the settings beyond the short-run ones. PD starts from 64
+# teacher steps: its students cannot beat the sampler they start from (8 Euler steps of the ring teacher are 3.4x
+# the 35-NFE sliced W2). GDD on the ring is best at 400 kimg (0.041) and no better at 2000 (its best snapshot
+# 0.044, at 400 kimg, with the longer run's slower EMA).
+_PD_STEPS = dict(start_steps=64, end_steps=1)
+CONVERGED: dict[str, dict[str, dict]] = {
+    "ring": {m: dict(total_kimg=400 if m == "gdd" else 2000, batch=256, **(_PD_STEPS if m == "pd" else {}))
+             for m in ("kd", "pd", "di", "gdd", "cd", "dmd2", "sid")},
+    "image": {m: dict(total_kimg=120, batch=64, **(_PD_STEPS if m == "pd" else {}))
+              for m in ("kd", "pd", "di", "gdd", "cd", "dmd2", "sid")},
+}
+
+
+def _kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise UsageError(f"unknown teacher kind {kind!r} (known: {', '.join(KINDS)})")
+    return kind
+
+
+def short_run_settings(method: str, kind: str, kimg: float, batch: int) -> dict:
+    """The settings of a run of `kimg` thousand images at `batch`, for a teacher of kind `kind`."""
+    steps = int(kimg * 1000 / batch)
+
+    def part(x: float) -> float:                     # a fraction of the run, to 6 significant digits
+        return float(f"{x:g}")
+
+    def warmup(fraction: int, cap: int) -> int:      # fake-score warm-up: a fraction of the run, capped
+        return min(cap, steps // fraction)
+
+    if _kind(kind) == "ring":
+        settings = {
+            "kd": dict(student_preset="mlp-toy", loss="l2", warmup_kimg=part(kimg / 10), lr=2e-3),
+            "pd": dict(student_preset="mlp-toy", lr=2e-3),
+            "di": dict(gen_lr=2e-3, fake_lr=2e-3, fake_warmup_steps=warmup(4, 200), ema_halflife_kimg=part(kimg / 10)),
+            "gdd": dict(gen_lr=1e-3, disc_lr=1e-3, r1_gamma=6.4, ema_halflife_kimg=part(kimg / 10)),
+            "cd": dict(lr=1e-3, ema_halflife_kimg=part(kimg / 40)),
+            "dmd2": dict(lr=1e-3, fake_warmup_steps=warmup(8, 100), ema_halflife_kimg=part(kimg / 40), warmup_kimg=0.0),
+            "sid": dict(gen_lr=3e-4, fake_lr=1e-3, loss_scale=1.0, fake_warmup_steps=warmup(8, 100),
+                        ema_halflife_kimg=part(kimg / 40)),
+        }
+    else:
+        settings = {
+            "kd": dict(loss="l2", warmup_kimg=part(kimg / 10), lr=5e-4),
+            "pd": dict(lr=5e-4),
+            "di": dict(gen_lr=1e-4, fake_lr=1e-4, init_sigma=2.5),
+            "gdd": dict(gen_lr=1e-4, disc_lr=2e-4),
+            "cd": dict(lr=2e-4),
+            "dmd2": dict(lr=1e-4, gen_every=2, warmup_kimg=0.0),
+            "sid": dict(gen_lr=5e-5, fake_lr=1e-4, loss_scale=1.0),
+        }
+    if method not in settings:
+        raise UsageError(f"unknown method {method!r} (known: {', '.join(settings)})")
+    out = dict(settings[method])
+    # The papers' EMAs (half-lives of 10^2-10^4 steps, or 500 kimg with EDM's ramp-up) are made for long runs:
+    # short runs keep a half-life of 5% of the run unless a method's settings say otherwise.
+    out.setdefault("ema_halflife_kimg", part(0.05 * kimg))
+    return out
+
+
+def converged_settings(method: str, kind: str) -> dict:
+    """The converged recipe: its budget, its own settings and the short-run settings at that budget."""
+    budget = dict(CONVERGED[_kind(kind)][method])
+    return {**budget, **short_run_settings(method, kind, budget["total_kimg"], budget["batch"])}
+
+
+def settings_argv(settings: dict) -> list[str]:
+    """Settings as `distill METHOD` options: a config field `name` is `--name` with dashes (every method's flags
+    are its field names), the loop's as --kimg, --batch and --ema. Floats are written in their shortest exact
+    form (`repr`), so the options parse back to the same values."""
+    argv: list[str] = []
+    for key, value in settings.items():
+        flag = LOOP_FLAGS.get(key) or "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (tuple, list)):
+            argv += [flag, *(_text(v) for v in value)]
+        elif value is None:
+            raise UsageError(f"setting {key} = None cannot be written as an option")
+        else:
+            argv += [flag, _text(value)]
+    return argv
+
+
+def _text(value) -> str:
+    return f"{value:g}" if isinstance(value, float) and float(f"{value:g}") == value else str(value)
+
+
+def short_run_options(method: str, kind: str, kimg: float, batch: int) -> list[str]:
+    """`short_run_settings` as command-line options."""
+    return settings_argv(short_run_settings(method, kind, kimg, batch))
+
+
+def converged_options(method: str, kind: str) -> list[str]:
+    """`converged_settings` as command-line options."""
+    return settings_argv(converged_settings(method, kind))
