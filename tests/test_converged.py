@@ -52,6 +52,14 @@ def test_goals_of_an_image_data_set():
     # GDD's reported snapshot is its best, at 50 of 100 kimg: half of its 100k student images = 5% of 1 Mimg
     compute = goals["distillation compute of the best student at most 25% of the teacher's training images"]
     assert compute["met"] is True and "gdd: 50 kimg" in compute["value"] and "(5%)" in compute["value"]
+    # the second data set's goal: within 1.2x of the teacher (gdd 2.5 vs 1.2 x 2.2 = 2.64 met, vs 1.2 x 2.0 not)
+    second = converged.DataPlan("mnist16", "t", "m.zip", "image", students=plan.students, teacher_goal=1.2)
+    name = "best one-step student within 1.2x of the teacher's 35-NFE FID"
+    for t35, met in ((2.2, True), (2.0, False)):
+        goals = {g["goal"].split(": ", 1)[1]: g for g in converged._goals(second, {4: 20.0, 35: t35}, one_step,
+                                                                            [dict(r, dataset="mnist16")
+                                                                             for r in records], dict(kimg=1000.0))}
+        assert goals[name]["met"] is met and f"(x{2.5 / t35:.2f})" in goals[name]["value"]
 
 
 def test_goals_of_the_ring():
