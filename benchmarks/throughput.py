@@ -2,7 +2,7 @@
 training step (EDM loss, Adam) of the bare teacher network at the same batch, measured alternately.
 
 A method step here is what the loop does for it, without the loop's bookkeeping (EMA, ticks, checkpoints):
-`begin_step`, then for every group due at this step a fresh batch, `loss(group, batch)`, backward and an
+`begin_step`, then for every group due at this step a fresh batch, the group's loss (`Group.loss`), backward and an
 optimiser step (`diffdistill.train.loop.make_optimizer`). Methods with groups updated every k-th step are timed
 over a whole cycle of k steps.
 """
@@ -90,7 +90,7 @@ class Stepper:
             b = Batch(size=self.batch, device=torch.device(self.device), x=self.images[idx].to(self.device),
                       step=self.step, nimg=nimg)
             self.opts[name].zero_grad(set_to_none=True)
-            self.method.loss(name, b)["loss"].backward()
+            g.loss(b)["loss"].backward()
             self.opts[name].step()
         self.step += 1
 

@@ -40,6 +40,7 @@ _API = {
     "save_scatter": ".train.stats",
     "save_snapshot": ".io",
     "train": ".train.loop",
+    "train_teacher": ".api",
 }
 __all__ = sorted(_API)
 

@@ -13,7 +13,7 @@ command line's, because both go through `MethodConfig.resolve`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from .errors import UsageError
@@ -180,3 +180,112 @@ def _default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# --------------------------------------------------------------------------------------------------
+# Training a teacher: `diffdistill.train_teacher(...)`, the same path as `diffdistill train-teacher`
+
+
+@dataclass
+class TeacherResult(DistillResult):
+    """A finished (or interrupted) teacher run: as DistillResult, with `config` the resolved TrainTeacherConfig
+    and `teacher()` the trained EMA denoiser with its sampling recipe."""
+
+    def teacher(self, device: str = "cpu"):
+        """The trained teacher (RUN/model, or RUN/latest of an interrupted run), ready for `diffdistill.sample`
+        and as the teacher of `diffdistill.distill`."""
+        from .io import load_snapshot
+
+        if self.model is None:
+            raise UsageError(f"{self.run}: the run exported no model")
+        return load_snapshot(self.model, device=device)[0]
+
+
+def teacher_meta(settings, method, data_spec, xflip: bool) -> dict:
+    """The run description in a teacher run's config.json (the resolved settings)."""
+    cfg = method.cfg
+    return dict(data=data_spec, xflip=xflip, preset=settings.preset, loss=cfg.loss, prediction=cfg.prediction,
+                schedule=cfg.schedule, weighting=cfg.weighting, sigma_data=cfg.sigma_data,
+                label_dropout=cfg.label_dropout, lr=cfg.optim.lr, warmup_kimg=cfg.optim.warmup_kimg,
+                label_dim=method.denoiser.label_dim, sample_steps=settings.sample_steps,
+                network=settings.network_options())
+
+
+def prepare_teacher(settings, data, loop, *, data_spec=None, xflip: bool = False):
+    """Everything before a teacher trains, for `train-teacher` and `train_teacher` alike: (method, loop
+    TrainConfig, resolved settings). settings: a TrainTeacherConfig (the preset-dependent defaults are resolved
+    here, from the data's shape); data: an opened data set; loop: a TrainConfig (used as given) or a dict with
+    `out` and TrainConfig fields over the preset's loop settings. Seeds every generator with the run's seed right
+    before the network is built, so the same seed gives the same initial weights."""
+    from .methods import teacher
+    from .presets import train_config
+    from .train.loop import TrainConfig
+
+    settings = settings.resolve(shape=tuple(data.shape))
+    if not isinstance(loop, TrainConfig):
+        loop = dict(loop)
+        known = {f.name for f in fields(TrainConfig)}
+        unknown = sorted(set(loop) - known)
+        if unknown:
+            raise UsageError(f"train_teacher: unknown loop setting(s) {', '.join(unknown)} (TrainConfig fields: "
+                             f"{', '.join(sorted(known))})")
+        loop = train_config(settings.preset, str(loop.pop("out")), **loop)
+    seed_everything(loop.seed)             # the fresh network's initialisation
+    method = teacher.create(settings, data)
+    loop = replace(loop, meta=dict(teacher_meta(settings, method, data_spec, xflip), **loop.meta))
+    return method, loop, settings
+
+
+def train_teacher(data, out: str | Path | None = None, *, preset: str | None = None, loop=None, evaluate=None,
+                  callback=None, device: str | None = None, xflip: bool = False, **settings) -> TeacherResult:
+    """Train a teacher on `data` with the one training loop, as `diffdistill train-teacher` does (the same
+    defaults, the same resolved settings, the same weights for the same seed), and return the run.
+
+    data: a data spec (a folder, .zip, .npz, digits, toy:ring8, ...) or an opened data set. out: the run
+    directory (default runs/teacher). preset: toy | digits | mnist | cifar10-small | cifar10 (default: by the
+    data's shape). loop: a dict of TrainConfig fields over the preset's loop settings (e.g. dict(total_kimg=2,
+    batch=64)), or a whole TrainConfig used as given. evaluate: the loop's evaluate hook, `evaluate(method, ema,
+    nimg) -> {metric: value}` (every loop.eval_kimg, default 10 times per run). callback: `callback(event, obj)`
+    with ('method', the built TeacherTraining) and ('result', the loop's result dict). device: cpu, cuda, cuda:N
+    (with a dict loop). xflip: horizontal flips of a data spec's images.
+    settings: `train-teacher`'s options by field name (`diffdistill.methods.teacher.TrainTeacherConfig`: lr,
+    warmup, loss, pred, schedule, weighting, sigma_data, label_dropout, sample_steps, uncond, channels,
+    channel_mult, blocks, attn, dropout).
+    """
+    callback = callback or _no_callback
+    from .methods.options import make_config
+    from .methods.teacher import TrainTeacherConfig
+    from .train.loop import TrainConfig, train
+
+    if preset is not None:
+        settings["preset"] = preset
+    cfg = make_config(TrainTeacherConfig, settings, what="train_teacher")
+    cfg.check()
+    if isinstance(loop, TrainConfig):
+        if out is not None and str(out) != str(loop.out):
+            raise UsageError(f"train_teacher: out={out} differs from loop.out={loop.out}; give one")
+    else:
+        loop = dict(loop or {})
+        if out is not None and "out" in loop and str(out) != str(loop["out"]):
+            raise UsageError(f"train_teacher: out={out} differs from loop['out']={loop['out']}; give one")
+        loop.setdefault("out", str(out or "runs/teacher"))
+        if device is not None:
+            loop.setdefault("device", device)
+    data_spec = None
+    if isinstance(data, (str, Path)):
+        from .data import open_dataset
+
+        data_spec = str(data)
+        data = open_dataset(data_spec, xflip=xflip, use_labels=not cfg.uncond)
+    elif xflip:
+        raise UsageError("train_teacher: xflip applies to a data spec; open the data set with xflip=True instead")
+    method, loop, cfg = prepare_teacher(cfg, data, loop, data_spec=data_spec, xflip=xflip)
+    callback("method", method)
+    if evaluate is not None and not loop.eval_kimg:
+        loop = replace(loop, eval_kimg=max(loop.total_kimg / 10, 1e-3))
+    result = train(method, loop, data, evaluate=evaluate)
+    callback("result", result)
+    model = result.get("model") or result.get("latest")
+    return TeacherResult(run=Path(result["run_dir"]), model=Path(model) if model else None,
+                         interrupted=bool(result.get("interrupted")), step=result["step"], nimg=result["nimg"],
+                         config=cfg, best=result.get("best"))

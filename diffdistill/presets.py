@@ -1,8 +1,8 @@
 """Named presets for training a teacher: the network, the loop settings, and what each should reach.
 
 `toy` (2-D points, MLP), `digits` (sklearn 8x8 digits), `mnist` (28x28) and `cifar10` (EDM's DDPM++ recipe,
-algorithms.md §1.3). `build_network(preset, shape, label_dim)` makes the backbone; `train_config(preset, ...)`
-the loop settings.
+Karras et al. 2022; the official train.py). `build_network(preset, shape, label_dim)` makes the backbone;
+`train_config(preset, ...)` the loop settings.
 """
 
 from __future__ import annotations
@@ -39,34 +39,33 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    # 2-D toy data (toy:ring8, per-coordinate std 0.71): Heun-18 samples keep all 8 modes with fractions within
-    # ~0.015 of 1/8, and ~90% of them lie within 3 std (0.3) of a mode (the exact denoiser: 98%). About 20 s on
-    # one CPU core.
+    # 2-D toy data (toy:ring8, per-coordinate std 0.71): Heun-18 samples keep all 8 modes with fractions near
+    # 1/8, most of them within 3 std (0.3) of a mode (tests/test_teacher.py, test_toy_teacher_keeps_all_eight_modes,
+    # trains it and checks both). Quick on one CPU core.
     "toy": Preset("toy", "mlp", dict(hidden=128, num_layers=3), total_kimg=400, batch=512, lr=5e-3,
                   sigma_data=0.7, ema_halflife_kimg=20, tick_kimg=50, checkpoint_kimg=100, grid_kimg=200,
                   grid_n=1000, expect="all 8 ring modes, fractions 1/8 +- 0.015; ~90% within 0.3 of a mode"),
     # sklearn digits (8x8 grey, 1797 images, 10 classes, class-conditional): recognisable digits of the right
-    # class in the Heun-18 grid from ~50 kimg on; 150 kimg = 1172 steps. Measured on the project's 2-core machine
-    # with one torch thread and a second job beside it: 5.7 steps/s (100 kimg in 134 s), i.e. ~3.5 minutes.
+    # class in the Heun-18 grid from ~50 kimg on; 150 kimg = 1172 steps. Minutes on a CPU (a measured digits
+    # teacher, its wall time and FID: BENCHMARKS.md, section 2).
     "digits": Preset("digits", "digits", {}, total_kimg=150, batch=128, lr=2e-3, ema_halflife_kimg=20,
                      tick_kimg=20, checkpoint_kimg=50, grid_kimg=50, grid_n=100,
                      expect="recognisable digits of the right class in the Heun-18 grid"),
-    # MNIST 28x28 (1.75M parameters). Measured on 2 shared CPU cores: 200 kimg in ~2 hours (25-60 img/s) gives
-    # clean, recognisable digits; Heun-18 (35 NFE) FID 26.8 in diffdistill's own MNIST-classifier features
-    # (1000 samples against 10k held-out images; not an Inception FID), class accuracy 92%. The preset's
-    # 2 Mimg is for a GPU (not measured here).
+    # MNIST 28x28 (1.75M parameters). 200 kimg on a CPU (hours) gives clean, recognisable digits; its wall time,
+    # Heun-18 FID in diffdistill's own MNIST-classifier features (not an Inception FID) and class accuracy are in
+    # BENCHMARKS.md, section 3. The preset's 2 Mimg is for a GPU (not measured here).
     "mnist": Preset("mnist", "mnist", {}, total_kimg=2000, batch=128, lr=1e-3, warmup_kimg=50,
                     ema_halflife_kimg=50, tick_kimg=20, checkpoint_kimg=200, snapshot_kimg=500, grid_kimg=100,
                     grid_n=100, expect="clean digits; at 200 kimg own-classifier FID ~27 (Heun 18)"),
-    # 32x32 RGB (CIFAR-10) on a CPU: a 1.26M-parameter UNet (one block per level) instead of EDM's 56M. Measured
-    # on the 10k CIFAR-10 test images (xflip) on 2 shared CPU cores: 120 kimg in 82 minutes of training (19-33
-    # img/s) gives natural colours and layouts without recognisable objects; Heun-18 FID 15.0 in diffdistill's own
-    # CIFAR-10 classifier features (500 samples; not an Inception FID). The preset's 300 kimg was not run here.
+    # 32x32 RGB (CIFAR-10) on a CPU: a 1.26M-parameter UNet (one block per level) instead of EDM's 56M. Trained
+    # on the 10k CIFAR-10 test images (xflip), 120 kimg gives natural colours and layouts without recognisable
+    # objects; its wall time and Heun-18 FID in diffdistill's own CIFAR-10 classifier features (not an Inception
+    # FID) are in BENCHMARKS.md, section 3. The preset's 300 kimg was not run here.
     "cifar10-small": Preset("cifar10-small", "cifar10-small", {}, total_kimg=300, batch=128, lr=1e-3,
                             warmup_kimg=10, ema_halflife_kimg=20, tick_kimg=10, checkpoint_kimg=50,
                             grid_kimg=50, grid_n=64,
                             expect="natural colours and layouts; at 120 kimg own-classifier FID ~15 (Heun 18)"),
-    # EDM CIFAR-10 DDPM++ recipe (§1.3): batch 512, Adam lr 1e-3 with 10 Mimg warm-up, EMA half-life 500 kimg,
+    # EDM CIFAR-10 DDPM++ recipe (EDM's train.py): batch 512, Adam lr 1e-3 with 10 Mimg warm-up, EMA half-life 500 kimg,
     # dropout 0.13, 200 Mimg. EDM reports FID 1.97 (uncond) / 1.79 (cond) with 18-step Heun (35 NFE) when trained
     # with its augmentation pipeline (p=0.12), which this library does not implement: expect somewhat worse
     # (use xflip in the data spec).
@@ -94,8 +93,31 @@ NETWORK_OPTIONS = {
 
 
 def network_options(args) -> dict:
-    """The architecture options given on a command line (argparse namespace), without the unset ones."""
+    """The architecture options given on a command line (argparse namespace) or in a teacher-training config,
+    without the unset ones."""
     return {k: getattr(args, k) for k in NETWORK_OPTIONS if getattr(args, k, None) is not None}
+
+
+def default_preset(shape: tuple[int, ...]) -> str:
+    """The preset for data of sample shape `shape`: toy for points, digits up to 8x8, mnist up to 28x28, else
+    cifar10."""
+    if len(shape) == 1:
+        return "toy"
+    size = max(shape[1:])
+    return "digits" if size <= 8 else "mnist" if size <= 28 else "cifar10"
+
+
+def int_list(text: str) -> list[int]:
+    """'1,2,2' -> [1, 2, 2]; 'none' -> [] (--channel-mult, --attn). ValueError when not positive integers."""
+    if text.strip().lower() == "none":
+        return []
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"expected comma-separated positive integers (or 'none'), got {text!r}")
+    return values
 
 
 def _constructor_overrides(preset: Preset, options: dict) -> dict:

@@ -42,9 +42,9 @@ class Example(Method):
                                            hidden=self.cfg.hidden, depth=2)
 
     def groups(self) -> dict[str, Group]:
-        return {"student": Group(list(self.student.parameters()), OptimConfig(lr=self.cfg.lr))}
+        return {"student": Group(list(self.student.parameters()), OptimConfig(lr=self.cfg.lr), loss=self.student_loss)}
 
-    def loss(self, group: str, batch: Batch) -> dict[str, Tensor]:
+    def student_loss(self, batch: Batch) -> dict[str, Tensor]:
         sigma = self.cfg.sigma
         x = sigma * torch.randn(batch.size, *self.teacher.shape, device=batch.device)
         with torch.no_grad():

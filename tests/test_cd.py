@@ -130,7 +130,7 @@ def test_loss_trains_only_the_student(target, distance):
     method, teacher = make_method(target=target, distance=distance)
     assert list(method.groups()) == ["student"]
     batch = Batch(size=64, device=torch.device("cpu"), x=teacher.sample(64, torch.Generator().manual_seed(0)))
-    out = method.loss("student", batch)
+    out = method.student_loss(batch)
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
     out["loss"].backward()
     grads = [p.grad for p in method.student.parameters()]
@@ -167,7 +167,7 @@ def test_bad_input():
         make_method(sample_sigmas=[0.8, 80.0])
     method, _ = make_method()
     with pytest.raises(DiffdistillError, match="real data"):
-        method.loss("student", Batch(size=4, device=torch.device("cpu")))
+        method.student_loss(Batch(size=4, device=torch.device("cpu")))
     with pytest.raises(DiffdistillError, match="boundary"):
         cd.ConsistencyDistillation(Gaussian([MU], 0.5), student=edm_teacher_net())
     with pytest.raises(UsageError, match="positive"):
@@ -391,7 +391,7 @@ def test_cd_student_of_a_diffusers_teacher_keeps_the_boundary_condition(tmp_path
     assert common.dropout_of(student) == 0.0 and common.dropout_of(teacher) == pytest.approx(0.2)
     # one training step of the loss reaches the copied UNet
     batch = Batch(size=4, device=torch.device("cpu"), x=torch.rand(4, 3, 8, 8) * 2 - 1)
-    out = method.loss("student", batch)
+    out = method.student_loss(batch)
     out["loss"].backward()
     assert torch.isfinite(out["loss"]) and any(p.grad is not None for p in student.denoiser.model.parameters())
     # the wrapper saves and loads as a snapshot
@@ -415,7 +415,7 @@ def test_students_without_the_boundary_condition_are_refused():
     nn.init.constant_(student.denoiser.c, -1.0)
     method = cd.ConsistencyDistillation(teacher, cd.CDConfig(num_scales=2, solver="euler"), student=student)
     batch = Batch(size=256, device=torch.device("cpu"), x=teacher.sample(256, torch.Generator().manual_seed(0)))
-    assert float(method.loss("student", batch)["loss"].detach()) == pytest.approx((MU + 1) ** 2, rel=0.01)
+    assert float(method.student_loss(batch)["loss"].detach()) == pytest.approx((MU + 1) ** 2, rel=0.01)
 
 
 def test_student_dropout_defaults_to_zero():

@@ -140,7 +140,7 @@ def _run(method, steps, batch, seed=0):
             if step < g.start or step % g.every:
                 continue
             opts[name].zero_grad(set_to_none=True)
-            out = method.loss(name, Batch(size=batch, device=torch.device("cpu"), step=step))
+            out = g.loss(Batch(size=batch, device=torch.device("cpu"), step=step))
             assert torch.isfinite(out["loss"])
             out["loss"].backward()
             opts[name].step()
@@ -171,7 +171,7 @@ def test_groups_and_export():
     # only the right group receives gradients, never the teacher
     for name, params in (("fake_score", method.fake), ("generator", method.generator)):
         method.zero_grad(set_to_none=True)
-        method.loss(name, Batch(size=8, device=torch.device("cpu"), step=0))["loss"].backward()
+        method.groups()[name].loss(Batch(size=8, device=torch.device("cpu"), step=0))["loss"].backward()
         assert all(p.grad is not None for p in params.parameters())
         assert all(p.grad is None for p in method.teacher.parameters())
     net, recipe = method.export()
@@ -289,18 +289,18 @@ def test_di_fake_score_gets_augment_labels_by_default():
     assert method.augment_pipe is not None and method.augment_pipe.p == 0.12
     fake_seen, gen_seen = _spy(method.fake), _spy(method.generator)
     torch.manual_seed(0)
-    method.loss("fake_score", Batch(size=64, device=torch.device("cpu")))
+    method.fake_score_loss(Batch(size=64, device=torch.device("cpu")))
     assert len(fake_seen) == 1 and fake_seen[0].shape == (64, 9)
     labels = fake_seen[0]
     assert float((labels[:, 0] != 0).double().mean()) == pytest.approx(0.5, abs=0.2)   # x-flips: a fair coin
     assert float((labels[:, 2:] != 0).any(1).double().mean()) > 0.1                   # some geometric ones
     fake_seen.clear()
-    method.loss("generator", Batch(size=8, device=torch.device("cpu")))
+    method.generator_loss(Batch(size=8, device=torch.device("cpu")))
     assert gen_seen == [None, None] and fake_seen == [None]      # G (no grad + grad), fake in the G loss
     # --augment 0: no augmentation, no labels.
     method = DiffInstruct(_image_teacher(), DIConfig(augment=0.0))
     seen = _spy(method.fake)
-    method.loss("fake_score", Batch(size=8, device=torch.device("cpu")))
+    method.fake_score_loss(Batch(size=8, device=torch.device("cpu")))
     assert method.augment_pipe is None and seen == [None]
 
 
@@ -313,7 +313,7 @@ def test_augmentation_without_labels_and_on_flat_data():
     assert DiffInstruct(_image_teacher(augment_dim=0)).augment_pipe is None
     method = DiffInstruct(_image_teacher(augment_dim=0), DIConfig(augment=0.12))
     seen = _spy(method.fake)
-    method.loss("fake_score", Batch(size=8, device=torch.device("cpu")))
+    method.fake_score_loss(Batch(size=8, device=torch.device("cpu")))
     assert method.augment_pipe.p == 0.12 and seen == [None]
     assert DiffInstruct(Precond_with_dropout()).augment_pipe is None
     with pytest.raises(UsageError, match="image samples"):

@@ -87,7 +87,7 @@ def test_two_time_scale_groups_and_gradients():
     for name, net, other in (("fake_score", method.fake, method.generator),
                              ("generator", method.generator, method.fake)):
         method.zero_grad(set_to_none=True)
-        out = method.loss(name, batch)
+        out = groups[name].loss(batch)
         assert torch.isfinite(out["loss"])
         out["loss"].backward()
         assert all(p.grad is not None for p in net.parameters())
@@ -111,21 +111,21 @@ def test_gan_head_on_fake_features(backbone):
     groups = method.groups()
     head_ids = {id(p) for p in method.head.parameters()}
     assert head_ids <= {id(p) for p in groups["fake_score"].params} and groups["fake_score"].needs_data
-    out = method.loss("fake_score", Batch(size=8, device=CPU, x=x_real, step=0))
+    out = method.fake_score_loss(Batch(size=8, device=CPU, x=x_real, step=0))
     assert {"cls_loss", "fake_loss"} <= set(out) and torch.isfinite(out["loss"])
     method.zero_grad(set_to_none=True)
     out["loss"].backward()
     assert all(p.grad is not None for p in method.head.parameters())
     # generator step: the GAN term reaches the generator through the fake encoder, whose weights stay fixed
     method.zero_grad(set_to_none=True)
-    out = method.loss("generator", Batch(size=8, device=CPU, step=0))
+    out = method.generator_loss(Batch(size=8, device=CPU, step=0))
     assert "gan_loss" in out
     out["loss"].backward()
     assert all(p.grad is None for p in method.fake.parameters()) and all(
         p.grad is None for p in method.head.parameters())
     assert sum(float(p.grad.abs().sum()) for p in method.generator.parameters() if p.grad is not None) > 0
     with pytest.raises(DiffdistillError, match="real data"):
-        method.loss("fake_score", Batch(size=8, device=CPU, step=0))
+        method.fake_score_loss(Batch(size=8, device=CPU, step=0))
 
 
 def test_backward_simulation():

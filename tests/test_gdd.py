@@ -125,12 +125,12 @@ def test_gdd_groups_generator_and_lazy_r1():
     # official: an R1 step of its own on batches with batch_idx != 0 and batch_idx % r1_interval == 0
     assert groups["discriminator"].extra_every == 4
     x = torch.randn(4, 1, 8, 8).clamp(-1, 1)
-    out4 = method.loss("discriminator", Batch(size=4, device=CPU, x=x, step=4))
-    r1 = method.loss("discriminator", Batch(size=4, device=CPU, x=x, step=4, extra=True))
+    out4 = method.discriminator_loss(Batch(size=4, device=CPU, x=x, step=4))
+    r1 = method.discriminator_loss(Batch(size=4, device=CPU, x=x, step=4, extra=True))
     assert "r1" not in out4 and set(r1) == {"loss", "r1"}
     assert gdd.GDD(teacher, gdd.GDDConfig(r1_gamma=0.0)).groups()["discriminator"].extra_every == 0
     method.zero_grad(set_to_none=True)
-    method.loss("generator", Batch(size=4, device=CPU, step=0))["loss"].backward()
+    method.generator_loss(Batch(size=4, device=CPU, step=0))["loss"].backward()
     assert all(p.grad is not None for p in groups["generator"].params)
     assert all(p.grad is None for n, p in method.generator.named_parameters() if not p.requires_grad)
     assert all(p.grad is None for p in teacher.parameters())
@@ -190,9 +190,9 @@ def test_gan_losses_reduce_patch_logits_as_the_official_code():
     for samples in (3, 64):
         method = gdd.GDD(teacher, gdd.GDDConfig(loss_samples=samples), discriminator=FixedLogits(fake_k))
         scale = samples / 3
-        g = method.loss("generator", Batch(size=3, device=CPU, step=1))["loss"]
+        g = method.generator_loss(Batch(size=3, device=CPU, step=1))["loss"]
         assert torch.allclose(g, scale * g_ref)
-        d = method.loss("discriminator", Batch(size=3, device=CPU, x=torch.zeros(3, 2), step=1))["loss"]
+        d = method.discriminator_loss(Batch(size=3, device=CPU, x=torch.zeros(3, 2), step=1))["loss"]
         assert torch.allclose(d, scale * official_gan_losses(fake, fake)[1])
 
 
@@ -212,7 +212,7 @@ def test_r1_loss_is_the_official_lazy_r1():
     method = gdd.GDD(ring8(), gdd.GDDConfig(r1_every=16, r1_gamma=0.3), discriminator=Linear())
     batch = Batch(size=4, device=CPU, x=torch.randn(4, 2), step=16)
     batch.extra = True                                  # the loop's extra pass (Group.extra_every)
-    out = method.loss("discriminator", batch)
+    out = method.discriminator_loss(batch)
     expected = 16 * 0.3 / 2 * w.sum(0).pow(2).sum()
     assert set(out) == {"loss", "r1"} and torch.allclose(out["loss"], expected)
     out["loss"].backward()                              # pushes the weights (create_graph)
@@ -227,18 +227,17 @@ def test_lazy_r1_runs_as_its_own_discriminator_step(tmp_path):
     teacher = ring8()
     method = gdd.GDD(teacher, gdd.GDDConfig(r1_every=4, r1_gamma=0.5))
     calls = []
-    loss = method.loss
+    loss = method.discriminator_loss
 
-    def spy(group, batch):
-        out = loss(group, batch)
-        if group == "discriminator":
-            extra = batch.extra
-            calls.append((batch.step, extra, "r1" in out))
-            if extra:
-                assert torch.allclose(out["loss"], 4 * 0.5 / 2 * out["r1"])   # R1 alone
+    def spy(batch):
+        out = loss(batch)
+        extra = batch.extra
+        calls.append((batch.step, extra, "r1" in out))
+        if extra:
+            assert torch.allclose(out["loss"], 4 * 0.5 / 2 * out["r1"])   # R1 alone
         return out
 
-    method.loss = spy
+    method.discriminator_loss = spy                     # the group's loss function (Group.loss) is looked up here
     data = Points(teacher.sample(64, torch.Generator().manual_seed(0)))
     train(method, TrainConfig(out=str(tmp_path / "run"), batch=16, max_steps=9, progress=False, tensorboard=False,
                               checkpoint_kimg=0, device="cpu"), data)
@@ -393,7 +392,7 @@ def test_projected_discriminator_is_imported_only_when_asked(monkeypatch):
         method = cli_method("gdd", teacher, data, *options)
         assert isinstance(method.discriminator, Stub)
         assert seen == dict(shape=(1, 8, 8), label_dim=0, vgg="vgg.pt", effnet="effnet.pt")
-    out = method.loss("generator", Batch(size=2, device=CPU))
+    out = method.generator_loss(Batch(size=2, device=CPU))
     logits = method.discriminator(method._generate(2, CPU, None).detach())
     assert torch.isfinite(out["loss"]) and logits.shape == (2, 4)
     assert isinstance(cli_method("gdd", teacher, data).discriminator, ProjectedDiscriminator)  # no weights
@@ -405,7 +404,7 @@ def test_bad_input():
         cli_method("gdd", teacher, None)
     method = gdd.GDD(teacher)
     with pytest.raises(DiffdistillError, match="real images"):
-        method.loss("discriminator", Batch(size=2, device=CPU))
+        method.discriminator_loss(Batch(size=2, device=CPU))
     with pytest.raises(DiffdistillError, match="shape"):
         cli_method("gdd", teacher, Points(torch.zeros(4, 2)))
     # a freeze level that would freeze every parameter

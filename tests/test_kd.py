@@ -99,7 +99,7 @@ def test_loss_is_the_paper_reduction_and_the_stream_is_split_by_rank(tmp_path):
     m = KP.generate_pairs(ring8(), root, KP.PairsConfig(n_pairs=300, heldout=50, shard_size=100, steps=3, batch=64),
                          progress=False)
     method = kd.KnowledgeDistillation(kd.make_student(ring8(), "mlp-tiny"), root, kd.KDConfig(), manifest=m)
-    out = method.loss("student", Batch(size=32, device=torch.device("cpu")))
+    out = method.student_loss(Batch(size=32, device=torch.device("cpu")))
     out["loss"].backward()
     assert method.cursor == 32 and torch.isfinite(out["loss"])
     assert method.extra_state() == {"cursor": 32}
@@ -212,7 +212,7 @@ def test_ddpm_eps_student_is_the_papers_g_with_its_gradient_scale(tmp_path):
         net, recipe = method.export()
         assert float((sample_onestep(net, z, recipe["sigmas"]) - ref).abs().max()) < 1e-5
     # The gradient of the method's loss is the paper's (old code: D(sigma_max z; sigma_max), 157x the output).
-    loss = method.loss("student", Batch(size=8, device=torch.device("cpu")))["loss"]
+    loss = method.student_loss(Batch(size=8, device=torch.device("cpu")))["loss"]
     grads = torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
     ref_loss = kd.regression_loss(paper_g(), y, "l1")
     ref_grads = torch.cat([g.flatten() for g in torch.autograd.grad(ref_loss, params)])

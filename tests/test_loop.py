@@ -60,23 +60,27 @@ class Toy(Method):
         self.counter = 0                              # extra state
 
     def groups(self):
-        return {"a": Group(list(self.a.parameters()), OptimConfig(lr=1e-2), needs_data=True),
-                "b": Group(list(self.b.parameters()), OptimConfig(lr=1e-2, warmup_kimg=0.064), every=self.every_b)}
+        return {"a": Group(list(self.a.parameters()), OptimConfig(lr=1e-2), loss=self.a_loss, needs_data=True),
+                "b": Group(list(self.b.parameters()), OptimConfig(lr=1e-2, warmup_kimg=0.064), loss=self.b_loss,
+                           every=self.every_b)}
 
-    def loss(self, group, batch: Batch):
-        self.seen.append((group, batch.step, batch.size))
+    def a_loss(self, batch: Batch):
+        self.seen.append(("a", batch.step, batch.size))
         sigma = torch.rand(batch.size) + 0.1
-        if group == "a":
-            x = batch.x
-            out = self.a(self.drop(x) + sigma[:, None] * torch.randn_like(x), sigma)
-            loss = ((out - x) ** 2).sum(1).mean()
-        else:
-            x = torch.randn(batch.size, 2) * 0.3 + 1.0
-            loss = ((self.b(x + sigma[:, None] * torch.randn_like(x), sigma) - x) ** 2).sum(1).mean()
-            if self.nan_at is not None and batch.step >= self.nan_at:
-                loss = loss * float("nan")
-        if self.kill_at is not None and batch.step == self.kill_at and group == "a":
+        x = batch.x
+        out = self.a(self.drop(x) + sigma[:, None] * torch.randn_like(x), sigma)
+        loss = ((out - x) ** 2).sum(1).mean()
+        if self.kill_at is not None and batch.step == self.kill_at:
             os.kill(os.getpid(), signal.SIGINT)
+        return {"loss": loss, "sigma_mean": sigma.mean()}
+
+    def b_loss(self, batch: Batch):
+        self.seen.append(("b", batch.step, batch.size))
+        sigma = torch.rand(batch.size) + 0.1
+        x = torch.randn(batch.size, 2) * 0.3 + 1.0
+        loss = ((self.b(x + sigma[:, None] * torch.randn_like(x), sigma) - x) ** 2).sum(1).mean()
+        if self.nan_at is not None and batch.step >= self.nan_at:
+            loss = loss * float("nan")
         return {"loss": loss, "sigma_mean": sigma.mean()}
 
     def ema_targets(self):
@@ -278,6 +282,63 @@ def test_group_start_leaves_the_group_untouched_until_then(tmp_path):
     stats = [json.loads(line) for line in (tmp_path / "run2" / "stats.jsonl").read_text().splitlines()]
     lr_b = [r["lr/b"] for r in stats if "lr/b" in r]
     assert lr_b and lr_b[-1] == pytest.approx(1e-2 * (2 * 16) / 32)   # 2 of its 2 warm-up steps: the full lr
+
+
+class EveryThird(Toy):
+    """Group 'b' under AdamW with weight decay, due on steps 3, 6, ... (start 3, every 3); its loss is a closure
+    (not a method named after the group) that counts its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.b_calls: list[int] = []
+
+    def groups(self):
+        groups = super().groups()
+        b = groups["b"]
+        b.optim, b.start, b.every = OptimConfig(lr=1e-2, kind="adamw", weight_decay=0.1), 3, 3
+
+        def counted(batch):
+            self.b_calls.append(batch.step)
+            return self.b_loss(batch)
+        b.loss = counted
+        return groups
+
+
+def test_an_inactive_group_neither_computes_its_loss_nor_steps(tmp_path):
+    """The loop calls each group's own `Group.loss`, only on its due steps: before `start` and off its `every`
+    the loss function is not called, and the group's weights and optimiser state stay bit-identical (AdamW's
+    decoupled weight decay would move the weights on any step of its optimiser)."""
+    def run(steps):
+        method = EveryThird()
+        train(method, config(tmp_path, name=f"run{steps}", batch=16, batch_gpu=8, max_steps=steps, total_kimg=1),
+              Points())
+        tensors = ckpt.load_latest(tmp_path / f"run{steps}")[0]
+        return method, {k: v for k, v in tensors.items() if k.startswith("optim.b.")}
+
+    init = {k: v.clone() for k, v in tiny_denoiser(2).state_dict().items()}
+    before_start, optim_b = run(3)                      # steps 0-2: before its start
+    assert before_start.b_calls == [] and optim_b == {}
+    assert all(torch.equal(init[k], v) for k, v in before_start.b.state_dict().items())
+    assert {s for g, s, _ in before_start.seen if g == "a"} == {0, 1, 2}
+    stepped, optim_b3 = run(4)                          # step 3: its first update, 2 micro-batches
+    assert stepped.b_calls == [3, 3] and optim_b3
+    assert not all(torch.equal(init[k], v) for k, v in stepped.b.state_dict().items())
+    idle, optim_b5 = run(6)                             # steps 4, 5: off its every
+    assert idle.b_calls == [3, 3]
+    assert all(torch.equal(stepped.b.state_dict()[k], v) for k, v in idle.b.state_dict().items())
+    assert optim_b5.keys() == optim_b3.keys() and all(torch.equal(optim_b3[k], optim_b5[k]) for k in optim_b3)
+    assert {s for g, s, _ in idle.seen if g == "a"} == set(range(6))
+
+
+def test_a_group_without_a_loss_function_is_refused(tmp_path):
+    class NoLoss(Toy):
+        def groups(self):
+            groups = super().groups()
+            groups["b"].loss = None
+            return groups
+
+    with pytest.raises(DiffdistillError, match="group 'b' of method 'toy' names no loss function"):
+        train(NoLoss(), config(tmp_path, max_steps=1), Points())
 
 
 def test_reset_restarts_the_ema_of_the_network_of_that_name(tmp_path):

@@ -154,11 +154,11 @@ def test_o14_the_exact_affine_student_has_zero_loss():
     method.student = exact
     torch.manual_seed(0)
     x = teacher.sample(256).double()
-    out = method.loss("student", Batch(size=256, device=torch.device("cpu"), x=x))
+    out = method.student_loss(Batch(size=256, device=torch.device("cpu"), x=x))
     assert float(out["loss"].detach()) < 1e-20
     with torch.no_grad():
         exact.b += 0.01
-    perturbed = method.loss("student", Batch(size=256, device=torch.device("cpu"), x=x))["loss"]
+    perturbed = method.student_loss(Batch(size=256, device=torch.device("cpu"), x=x))["loss"]
     assert float(perturbed.detach()) > 1e-5
     # The weighting is max(SNR, 1) per example (snr_trunc).
     s = torch.tensor([0.1, 1.0, 3.0])
@@ -215,7 +215,7 @@ def test_vp_cosine_teachers_x_v_and_both():
         assert float(method.grids()[0][0]) == pytest.approx(math.exp(10), rel=1e-9)  # alpha_1 = e^-10
         for p, q in zip(method.student.parameters(), teacher.parameters()):
             assert torch.equal(p, q) and p is not q        # a copy of the teacher
-        loss = method.loss("student", Batch(size=32, device=torch.device("cpu"), x=x))["loss"]
+        loss = method.student_loss(Batch(size=32, device=torch.device("cpu"), x=x))["loss"]
         loss.backward()
         assert math.isfinite(float(loss.detach()))
         assert all(p.grad is None for p in teacher.parameters())
@@ -367,7 +367,7 @@ def test_bad_input():
     method = cli_method("pd", ring8(), data, "--start-steps", "8", "--end-steps", "1", "--kimg", "3")
     assert method.n_rounds == 3 and method.cfg.round_kimg == pytest.approx(1.0)
     with pytest.raises(DiffdistillError, match="needs real data"):
-        method.loss("student", Batch(size=4, device=torch.device("cpu")))
+        method.student_loss(Batch(size=4, device=torch.device("cpu")))
     # the settings' own checks (resolve), beside the command line's generic ones: --lr 0 is refused (`build` used to
     # replace it silently by the default 5e-5), as are a non-positive round and a negative clipping norm (which
     # clip_grad_norm_ would turn into a sign flip); --grad-clip 0 turns clipping off
@@ -493,7 +493,7 @@ def test_cosine_grid_for_discrete_cosine_teachers():
         # the teacher's own timesteps, uniformly: 999 u within 1% of T (the cap on beta and abar_0 < 1 aside)
         ts = teacher.timestep(t_grid[:-1])
         assert float((ts - 999 * u).abs().max()) < 10
-        loss = method.loss("student", Batch(size=16, device=torch.device("cpu"), x=ring8().sample(16)))["loss"]
+        loss = method.student_loss(Batch(size=16, device=torch.device("cpu"), x=ring8().sample(16)))["loss"]
         assert math.isfinite(float(loss))
     # Karras on the same teacher would put most of the grid at low timesteps
     karras = pd.pd_sigmas(8, "karras", teacher.sigma_min, teacher.sigma_max)

@@ -111,9 +111,9 @@ class ScaledLoss(Toy):
         super().__init__(**kw)
         self.at, self.factors = at, factors
 
-    def loss(self, group, batch):
-        out = super().loss(group, batch)
-        if group == "b" and batch.step >= self.at:
+    def b_loss(self, batch):
+        out = super().b_loss(batch)
+        if batch.step >= self.at:
             for f in self.factors:
                 out["loss"] = out["loss"] * f
         return out

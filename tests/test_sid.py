@@ -144,7 +144,7 @@ def test_groups_losses_and_export():
     for name, net, other in (("fake_score", method.fake, method.generator),
                              ("generator", method.generator, method.fake)):
         method.zero_grad(set_to_none=True)
-        out = method.loss(name, batch)
+        out = groups[name].loss(batch)
         assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
         out["loss"].backward()
         assert all(p.grad is not None for p in net.parameters())
@@ -164,7 +164,7 @@ def test_nan_samples_are_dropped():
     method = tiny_sid(fake_warmup_steps=0)
     with torch.no_grad():
         method.generator.backbone.out.bias[0] = float("nan")
-    out = method.loss("generator", Batch(size=8, device=torch.device("cpu"), step=1))
+    out = method.generator_loss(Batch(size=8, device=torch.device("cpu"), step=1))
     assert float(out["dropped"]) == 8 and not torch.isfinite(out["loss"].detach())
 
 
@@ -335,10 +335,10 @@ def test_fake_score_trains_on_augmented_samples_like_sid_cifar10():
     method = sid.SiD(_image_teacher())
     assert method.augment_pipe is not None and method.augment_pipe.p == 0.12
     seen = _spy(method.fake)
-    method.loss("fake_score", Batch(size=16, device=torch.device("cpu")))
+    method.fake_score_loss(Batch(size=16, device=torch.device("cpu")))
     assert len(seen) == 1 and seen[0].shape == (16, 9)
     seen.clear()
-    method.loss("generator", Batch(size=4, device=torch.device("cpu")))
+    method.generator_loss(Batch(size=4, device=torch.device("cpu")))
     assert seen == [None]
     assert sid.SiD(_image_teacher(), sid.SiDConfig(augment=0.0)).augment_pipe is None
     assert sid.SiD(_image_teacher(augment_dim=0)).augment_pipe is None      # a teacher trained without it

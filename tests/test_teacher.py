@@ -124,7 +124,7 @@ def test_class_labels_condition_the_network():
         batch = Batch(size=8, device=torch.device("cpu"), x=torch.randn(8, 2), cond=torch.arange(8) % 3)
         with torch.no_grad():  # the zero-initialised output layer would hide the label path
             net.out.weight.normal_()
-        method.loss("denoiser", batch)["loss"].backward()
+        method.denoiser_loss(batch)["loss"].backward()
         grad = net.map_label.weight.grad
         assert (grad is not None and float(grad.abs().sum()) > 0) == expect_grad
 

@@ -63,10 +63,10 @@ _UNKNOWN = "_diffdistill_unknown_options"
 COMPUTING = ("train-teacher", "distill", "kd-pairs", "sample", "eval", "ref-stats", "features train", "demo", "bench",
              "export")
 
-# Measured on a 2-core machine (digits teacher, `train-teacher --preset digits`): 1 thread 5.8-6.9 steps/s and
-# 2 threads 0.7-0.9 steps/s while other work ran on the machine; two runs at once 1.7-1.8 (1 thread each) against
-# 0.31-0.32 (2 threads each). OpenMP threads that share a core with other work wait on each other, and the small
-# networks a CPU trains gain little from a second thread, so one thread is the default.
+# On a 2-core machine with other work running (digits teacher, `train-teacher --preset digits`), one thread
+# trained several times faster than two, and so did two runs at once with one thread each against two threads each.
+# OpenMP threads that share a core with other work wait on each other, and the small networks a CPU trains gain
+# little from a second thread, so one thread is the default.
 THREADS_HELP = ("torch CPU threads (default: $OMP_NUM_THREADS if set, else 1: several threads gain little on the "
                 "small networks a CPU trains and are many times slower when other work shares the cores)")
 

@@ -172,7 +172,7 @@ def sampling_plan(denoiser, recipe: dict | None, steps: int | None = None,
         if sampler == "onestep":
             raise UsageError(f"the onestep sampler takes one step, not --steps {n}; use --sampler multistep")
         name = "multistep"
-    same = name == r_sampler or {name, r_sampler} == {"euler", "ddim"}    # DDIM is Euler in sigma (§1.5)
+    same = name == r_sampler or {name, r_sampler} == {"euler", "ddim"}    # DDIM = Euler (DDIM paper, §4.3)
     same_family = same or {name, r_sampler} <= few
     options = recipe if same else {}
     if r_sigmas is not None and n == r_steps and same_family:

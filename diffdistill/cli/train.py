@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from ..api import seed_everything
-from ..errors import UsageError
 from .common import (
     add_loop_arguments,
     check_loop_arguments,
@@ -42,53 +40,16 @@ Ctrl-C (or SIGTERM) finishes the current step, saves a checkpoint and stops; --r
 
 def register(subparsers) -> None:
     from ..methods import teacher
-    from ..presets import PRESETS
 
     p = subparsers.add_parser("train-teacher", help=teacher.HELP, description=teacher.HELP + ".",
                               epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, metavar="SPEC",
                    help="data set: folder, .zip, cifar-10-python.tar.gz, .npz, LMDB, digits, toy:ring8, gmm:PATH")
-    p.add_argument("--preset", choices=list(PRESETS), default=None,
-                   help="network and loop settings (default: by data shape: toy for points, digits up to 8x8, "
-                        "mnist up to 28x28, else cifar10)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the preset's)")
-    p.add_argument("--warmup", type=float, default=None, metavar="KIMG",
-                   help="linear learning-rate warm-up in kimg (default: the preset's)")
     p.add_argument("--xflip", action="store_true", help="augment images with horizontal flips")
     add_loop_arguments(p, kimg=None, batch=None, default_note="the preset's",
                        ema_help="EMA half-life in kimg (default: the preset's)")
-    g = p.add_argument_group("network (overrides of the preset's)")
-    g.add_argument("--channels", type=int, default=None,
-                   help="base channel count of a UNet (counts GroupNorm cannot split are refused up front); "
-                        "width of the MLP")
-    g.add_argument("--channel-mult", type=_int_list, default=None, metavar="M1,M2,...",
-                   help="UNet channel multiplier per resolution level, e.g. 1,2,2 (one level each)")
-    g.add_argument("--blocks", type=int, default=None, help="residual blocks per level (UNet), layers (MLP)")
-    g.add_argument("--attn", type=_int_list, default=None, metavar="R1,R2,...|none",
-                   help="UNet resolutions with self-attention, e.g. 16 or 8,16, or none")
-    g.add_argument("--dropout", type=float, default=None, help="dropout probability in the residual blocks")
-    teacher.add_arguments(p)
+    teacher.add_arguments(p)       # --preset, --lr, --loss, --channels, ...: TrainTeacherConfig's fields
     p.set_defaults(func=run)
-
-
-def _int_list(text: str) -> list[int]:
-    """'1,2,2' -> [1, 2, 2]; 'none' -> []."""
-    if text.strip().lower() == "none":
-        return []
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers (or 'none'), got {text!r}")
-    return values
-
-
-def default_preset(shape: tuple[int, ...]) -> str:
-    if len(shape) == 1:
-        return "toy"
-    size = max(shape[1:])
-    return "digits" if size <= 8 else "mnist" if size <= 28 else "cifar10"
 
 
 def network_summary(preset: str, denoiser) -> str:
@@ -111,7 +72,7 @@ def network_summary(preset: str, denoiser) -> str:
 
 def describe_network(preset: str, denoiser, shape: tuple[int, ...], device: str | None) -> None:
     """Say which network trains, before training (rank 0 only), and warn when the 56M cifar10 network would train
-    on a CPU (issue 19 measured 17.7 s per step on a 2-core CPU)."""
+    on a CPU (many seconds per step: see its CPU forward speed in BENCHMARKS.md, section 1)."""
     import os
     import sys
 
@@ -127,33 +88,21 @@ def describe_network(preset: str, denoiser, shape: tuple[int, ...], device: str 
 
 
 def run(args) -> int:
+    """`diffdistill train-teacher`: the same path as `diffdistill.train_teacher` (api.prepare_teacher)."""
+    from ..api import prepare_teacher
     from ..data import open_dataset
-    from ..methods import teacher
-    from ..presets import get_preset, network_options, train_config
+    from ..methods.options import config_from_namespace
+    from ..methods.teacher import TrainTeacherConfig
     from ..train.loop import train
 
     check_loop_arguments(args)
-    if args.lr is not None and not args.lr > 0:
-        raise UsageError(f"--lr must be positive, got {args.lr}")
-    if args.warmup is not None and not args.warmup >= 0:
-        raise UsageError(f"--warmup must be 0 (none) or positive, got {args.warmup}")
+    settings = config_from_namespace(TrainTeacherConfig, args)
+    settings.check()
     data = open_dataset(args.data, xflip=args.xflip, use_labels=not args.uncond)
-    if args.preset is None:
-        args.preset = default_preset(tuple(data.shape))
-    preset = get_preset(args.preset)
-    evaluator = training_evaluator(args, tuple(data.shape))
-    seed_everything(args.seed)             # the fresh network's initialisation too
-    method = teacher.build(args, None, data)
-    describe_network(preset.name, method.denoiser, tuple(data.shape), args.device)
-    overrides = loop_settings(args)
-    overrides.pop("out")
-    meta = dict(data=args.data, xflip=args.xflip, preset=preset.name, loss=method.cfg.loss,
-                prediction=method.cfg.prediction, schedule=method.cfg.schedule, weighting=method.cfg.weighting,
-                sigma_data=method.cfg.sigma_data, label_dropout=method.cfg.label_dropout,
-                lr=method.cfg.optim.lr, warmup_kimg=method.cfg.optim.warmup_kimg,
-                label_dim=method.denoiser.label_dim, sample_steps=args.sample_steps,
-                network=network_options(args))
-    cfg = train_config(preset, args.out, meta=meta, **overrides)
+    evaluator = training_evaluator(args, tuple(data.shape))   # a bad reference fails before anything is built
+    overrides = loop_settings(args)     # out, and the loop options given: over the preset's
+    method, cfg, settings = prepare_teacher(settings, data, overrides, data_spec=args.data, xflip=args.xflip)
+    describe_network(settings.preset, method.denoiser, tuple(data.shape), args.device)
     evaluate = training_evaluation(args, cfg, evaluator)
     result = train(method, cfg, data, evaluate=evaluate)
     from .distill import report_result

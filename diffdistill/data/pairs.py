@@ -1,6 +1,7 @@
-"""Storage of KD's (noise, teacher sample) pairs (Denoising Student, algorithms.md §2.2): the directory format,
-its manifest, and the stream of training pairs that KD reads. Making the pairs (running the teacher's sampler) is
-KD's: `diffdistill.methods.kd_pairs`. This module imports no sampler, teacher, training loop or method.
+"""Storage of KD's (noise, teacher sample) pairs (Denoising Student, Luhman & Luhman 2021; official
+create_dataset.py): the directory format, its manifest, and the stream of training pairs that KD reads.
+Making the pairs (running the teacher's sampler) is KD's: `diffdistill.methods.kd_pairs`. This module imports no
+sampler, teacher, training loop or method.
 
 A pairs directory holds `pairs.json` (the manifest: teacher fingerprint, sampler recipe, shard list) and
 shards `train-00000.safetensors`, ..., `heldout.safetensors`, each with `noise` (the unit Gaussian x_T,
@@ -62,7 +63,7 @@ def teacher_fingerprint(teacher: Denoiser) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Encoding of targets (§2.2)
+# Encoding of targets (the official create_dataset.py's)
 
 
 def encode_target(y: Tensor, kind: str) -> Tensor:

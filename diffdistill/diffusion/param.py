@@ -1,6 +1,6 @@
 """Parameterisations: VP <-> EDM coordinates, x0/eps/v/score conversions, preconditioning scalings.
 
-Each formula lives here once. Notation follows ../docs of the project (algorithms.md §0, §1.1):
+Each formula lives here once. Notation follows Salimans & Ho 2022 (VP) and Karras et al. 2022 (EDM, Table 1):
 VP coordinates  z_t = alpha_t x + sigma_t eps  (alpha^2 + sigma^2 = 1),
 EDM coordinates x_sigma = x + sigma n, with  x_sigma = z_t / alpha_t  and  sigma = sigma_t / alpha_t.
 """
@@ -27,7 +27,7 @@ def append_dims(v: Tensor | float, x: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# VP (alpha, sigma) <-> EDM sigma  (algorithms.md §0)
+# VP (alpha, sigma) <-> EDM sigma  (Karras et al. 2022, Table 1: VP scaling s = 1/sqrt(1 + sigma^2))
 
 
 def vp_from_edm(sigma: Tensor) -> tuple[Tensor, Tensor]:
@@ -165,7 +165,7 @@ def snr_weight(sigma: Tensor, weighting: str = "snr_trunc") -> Tensor:
 
 
 def cosine_time_from_edm(sigma: Tensor, logsnr_min: float = -20.0, logsnr_max: float = 20.0) -> Tensor:
-    """t of the cosine logSNR schedule that gives EDM level sigma ('inv_cos' input of PD's UNet, §3.1).
+    """t of the cosine logSNR schedule that gives EDM level sigma ('inv_cos' input of PD's official unet.py).
 
     lambda(t) = -2 log tan(a t + b); the code clips lambda to [logsnr_min, logsnr_max] and feeds
     arctan(exp(-lambda/2)) / (pi/2), which is t for the untrimmed schedule.

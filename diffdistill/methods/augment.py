@@ -1,4 +1,4 @@
-"""EDM's geometric augmentation with augment labels (Karras et al. 2022, App. F.2; algorithms.md §1.2).
+"""EDM's geometric augmentation with augment labels (Karras et al. 2022, App. F.2; official EDM `augment.py`).
 
 EDM trains its CIFAR-10 networks with a non-leaking augmentation pipeline: each image is x/y-flipped, scaled,
 rotated, anisotropically scaled and translated with probability p per transform, and the network is told what

@@ -34,10 +34,14 @@ class OptimConfig:
 
 @dataclass
 class Group:
-    """A trainable parameter group: its parameters, optimiser, and which steps update it."""
+    """A trainable parameter group: its parameters, optimiser, loss, and which steps update it."""
 
     params: list[nn.Parameter]
     optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: Callable[[Batch], dict[str, Tensor]] | None = None  # the group's loss on one (micro)batch, usually
+    #                               a bound method of the method (e.g. `self.generator_loss`): 'loss' is the
+    #                               scalar to minimise (already reduced over the batch); other scalar entries are
+    #                               logged as `group/key`. Required (the loop refuses a group without one)
     every: int = 1                # update on steps where step % every == 0 (DMD2's two-time-scale rule)
     needs_data: bool = False      # whether this group's loss uses real data
     start: int = 0                # first step of the group's updates: before it the loop neither computes its
@@ -85,17 +89,13 @@ def halflife_from_decay(decay: float, batch: int) -> float:
 
 
 class Method(nn.Module):
-    """Base class. Subclasses set `name`, build networks in __init__, and implement `groups` and `loss`."""
+    """Base class. Subclasses set `name`, build networks in __init__, and implement `groups` (each group naming
+    its loss function) and `export`."""
 
     name: str = "method"
 
     def groups(self) -> dict[str, Group]:
         """Ordered: the loop updates the groups in this order at every step where `step % every == 0`."""
-        raise NotImplementedError
-
-    def loss(self, group: str, batch: Batch) -> dict[str, Tensor]:
-        """Losses for one group on one (micro)batch. 'loss' is the scalar to minimise (already reduced over the
-        batch); other scalar entries are logged as `group/key`."""
         raise NotImplementedError
 
     def ema_targets(self) -> dict[str, nn.Module]:

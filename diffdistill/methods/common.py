@@ -3,10 +3,14 @@
 Each piece exists once here:
 - networks: a trainable copy of the teacher (`copy_denoiser`), or a fresh `Precond(MLP)` when the teacher is
   analytic and has no weights (`student_from_teacher`); a one-step generator is such a denoiser evaluated at
-  one fixed level, x_g = G(init_sigma * z; init_sigma) (`generate`, `onestep_recipe`; §4.1, §5.2);
-- the fake-score update: the teacher's own EDM loss on generator samples (`fake_score_loss`; §4.2);
-- two denoisers evaluated on the same input with the same dropout masks (`paired_denoise`; §4.3, §4.5);
-- GDD-I layer freezing by role (`freeze_by_role`; §5.3) and a trainable-parameter count.
+  one fixed level, x_g = G(init_sigma * z; init_sigma) (`generate`, `onestep_recipe`; as official Diff-Instruct
+  `di_train.py` and GDD `training/networks.py: GDDPrecond`);
+- the fake-score update: the teacher's own EDM loss on generator samples (`fake_score_loss`; official
+  Diff-Instruct `training/di_loss.py: DI_EDMLoss.__call__`);
+- two denoisers evaluated on the same input with the same dropout masks (`paired_denoise`; official
+  `DI_EDMLoss.gloss`);
+- GDD-I layer freezing by role (`freeze_by_role`; official GDD `train.py --freeze`) and a trainable-parameter
+  count.
 """
 
 from __future__ import annotations
@@ -86,8 +90,9 @@ def copy_denoiser(denoiser: Denoiser, boundary: bool = False, dropout: float | N
     """A trainable deep copy (train mode, requires_grad) of a network denoiser, with its dropout set to
     `dropout` (None: the teacher's).
 
-    boundary=True switches an EDM-preconditioned copy to the consistency/GDD scalings (§5.2), which agree with
-    EDM's at large sigma (c_skip(80) ~ 3.9e-5 either way) and make D(x, sigma_min) = x exactly.
+    boundary=True switches an EDM-preconditioned copy to the consistency/GDD scalings (Song et al. 2023; official
+    GDD `GDDPrecond`), which agree with EDM's at large sigma (c_skip(80) ~ 3.9e-5 either way) and make
+    D(x, sigma_min) = x exactly.
     """
     if is_weightless(denoiser):
         raise DiffdistillError("the teacher has no weights to copy (an analytic teacher): "
@@ -106,9 +111,9 @@ def mlp_denoiser(shape, sigma_data: float, label_dim: int = 0, kind: str = "edm"
     """A fresh `Precond(MLP)` for flat toy data (shape (D,)): the student/fake net of analytic teachers.
 
     Analytic teachers only: the input is lifted with `input_fourier` random Fourier frequencies (Tancik et
-    al. 2020). A plain coordinate MLP's spectral bias left the one-step ring8 students blurry (fraction within
-    3 std of a mode, before -> after: DI 0.77 -> 0.91, GDD 0.90 -> 0.94, DMD2 0.72 -> 0.77, SiD 0.71 -> 0.84,
-    CD 0.33 -> 0.63 with its stop-grad target). Network teachers are copied and never reach here.
+    al. 2020). A plain coordinate MLP's spectral bias left the one-step ring8 students blurry (fewer samples
+    within 3 std of a mode; the `-k ring8` tests measure that fraction, README's toy:ring8 table lists it).
+    Network teachers are copied and never reach here.
     preset: a named `networks.mlp` preset (tiny, toy) instead of hidden, depth and input_fourier (a ValueError
     names an unknown one).
     """
@@ -185,12 +190,13 @@ def check_sigma(denoiser: Denoiser, sigma: float, what: str = "init sigma") -> f
 
 
 def generate(generator: Denoiser, z: Tensor, init_sigma: float, cond: Tensor | None = None) -> Tensor:
-    """One-step generation x_g = G(init_sigma * z; init_sigma) from unit noise z (DI §4.1, GDD §5.2)."""
+    """One-step generation x_g = G(init_sigma * z; init_sigma) from unit noise z (official Diff-Instruct and GDD)."""
     return generator(init_sigma * z, init_sigma, cond)
 
 
 def onestep_recipe(init_sigma: float) -> dict:
-    """The sampling recipe of a one-step generator (must use the training init_sigma, §4.5)."""
+    """The sampling recipe of a one-step generator (must use the training init_sigma, as official Diff-Instruct
+    does for training, FID and sampling)."""
     return {"sampler": "onestep", "sigmas": [float(init_sigma), 0.0]}
 
 
@@ -212,7 +218,7 @@ def unit_noise(n: int, shape: Sequence[int], device) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
-# The fake-score update (Diff-Instruct §4.2; also DMD2 and SiD)
+# The fake-score update (Diff-Instruct, official `training/di_loss.py: DI_EDMLoss.__call__`; also DMD2 and SiD)
 
 
 def sample_sigma(n: int, denoiser: Denoiser, p_mean: float = -1.2, p_std: float = 1.2, device=None) -> Tensor:
@@ -223,11 +229,12 @@ def sample_sigma(n: int, denoiser: Denoiser, p_mean: float = -1.2, p_std: float 
 
 def fake_score_loss(fake: Denoiser, x_g: Tensor, cond: Tensor | None = None, p_mean: float = -1.2,
                     p_std: float = 1.2, pipe: AugmentPipe | None = None) -> Tensor:
-    """Train the fake score on (detached) generator samples with the teacher's own EDM loss (DI §4.2).
+    """Train the fake score on (detached) generator samples with the teacher's own EDM loss (official
+    Diff-Instruct `DI_EDMLoss.__call__`).
 
-    With an augment pipe, EDM's loss with augmentation (§1.2; official DI and SiD on CIFAR-10): draw sigma,
-    augment the clean sample, noise it, denoise with the augment labels (only when the network takes them:
-    augment_dim > 0) and compare with the augmented clean sample."""
+    With an augment pipe, EDM's loss with augmentation (Karras et al. 2022, official EDM `training/loss.py`;
+    official DI and SiD on CIFAR-10): draw sigma, augment the clean sample, noise it, denoise with the augment
+    labels (only when the network takes them: augment_dim > 0) and compare with the augmented clean sample."""
     x = x_g.detach()
     sigma = sample_sigma(x.shape[0], fake, p_mean, p_std, device=x.device)
     if pipe is None:
@@ -271,7 +278,8 @@ def add_augment_argument(group) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Two denoisers on the same input with the same dropout masks (Diff-Instruct's generator update, §4.3)
+# Two denoisers on the same input with the same dropout masks (Diff-Instruct's generator update, official
+# `training/di_loss.py: DI_EDMLoss.gloss`)
 
 
 def _rng_state(device: torch.device):
@@ -311,7 +319,8 @@ def paired_denoise(nets: Sequence[Denoiser], x: Tensor, sigma, cond: Tensor | No
 
 
 # --------------------------------------------------------------------------------------------------
-# GDD-I freezing by layer role (§5.3), on EDM SongUNet parameter names (`...block0.conv0`, `...proj`, ...)
+# GDD-I freezing by layer role (official GDD `train.py --freeze`, `training_loop.py`), on EDM SongUNet
+# parameter names (`...block0.conv0`, `...proj`, ...)
 
 FREEZE_ROLES: dict[int, tuple[str, ...]] = {
     0: (),

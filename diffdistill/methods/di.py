@@ -1,9 +1,10 @@
 """Diff-Instruct (Luo et al., NeurIPS 2023): a one-step generator by integral-KL distribution matching.
 
-Three denoisers (algorithms.md §4): the frozen teacher D_p; an online fake score D_phi trained with the
-teacher's EDM loss on generator samples (§4.2); and the generator x_g = G(init_sigma z; init_sigma) (§4.1),
-updated with the surrogate of §4.3, L = sum_pixels sg(D_phi(x_s) - D_p(x_s)) * x_g with x_s = x_g + sigma n,
-whose gradient is the IKL gradient E[sigma^2 (s_phi - s_p)^T dx_g/dtheta]. Data-free.
+Three denoisers (official pkulwj1994/diff_instruct, `di_train.py`): the frozen teacher D_p; an online fake
+score D_phi trained with the teacher's EDM loss on generator samples (official `training/di_loss.py:
+DI_EDMLoss.__call__`); and the generator x_g = G(init_sigma z; init_sigma) (`di_train.py`, --init_sigma),
+updated with the surrogate of the official `DI_EDMLoss.gloss`, L = sum_pixels sg(D_phi(x_s) - D_p(x_s)) * x_g
+with x_s = x_g + sigma n, whose gradient is the IKL gradient E[sigma^2 (s_phi - s_p)^T dx_g/dtheta]. Data-free.
 
 The fake score trains on generator samples passed through EDM's augmentation pipeline (`augment.AugmentPipe`,
 p = 0.12: `di_train.py`'s default, which the official command keeps), with the augment labels as conditioning
@@ -77,11 +78,13 @@ class DIConfig(MethodConfig):
 def di_generator_loss(teacher: Denoiser, fake: Denoiser, x_g: Tensor, cond: Tensor | None = None,
                       sigma: Tensor | float | None = None, dropout: str = "shared", p_mean: float = -1.2,
                       p_std: float = 1.2) -> tuple[Tensor, Tensor]:
-    """Diff-Instruct generator surrogate (§4.3): mean over the batch of sum_pixels sg(D_f - D_p) * x_g.
+    """Diff-Instruct generator surrogate (official `DI_EDMLoss.gloss`): mean over the batch of
+    sum_pixels sg(D_f - D_p) * x_g.
 
-    sigma: None draws EDM's lognormal levels; a float or [B] tensor fixes them (oracle O16). Returns
-    (loss, per-sample ||D_f - D_p||^2 for logging). Both denoisers run without gradients, with shared
-    dropout masks when dropout='shared'.
+    sigma: None draws EDM's lognormal levels; a float or [B] tensor fixes them (as the closed-form check of the
+    expected gradient, with 1-D Gaussian data and an affine generator, needs). Returns (loss, per-sample
+    ||D_f - D_p||^2 for logging). Both denoisers run without gradients, with shared dropout masks when
+    dropout='shared'.
     """
     n = x_g.shape[0]
     if sigma is None:
@@ -97,7 +100,8 @@ def di_generator_loss(teacher: Denoiser, fake: Denoiser, x_g: Tensor, cond: Tens
 
 
 class DiffInstruct(common.ScoreDistillation, Method):
-    """Diff-Instruct on the shared loop: groups 'fake_score' then 'generator' (§4.4's order)."""
+    """Diff-Instruct on the shared loop: groups 'fake_score' then 'generator' (the official
+    `di_training_loop.py` order)."""
 
     name = "di"
 
@@ -107,36 +111,38 @@ class DiffInstruct(common.ScoreDistillation, Method):
         super().__init__()
         cfg = (cfg or DIConfig()).resolve(teacher, None)
         self.init_sigma = common.check_sigma(teacher, cfg.init_sigma)
-        # §4.1: generator and fake score start from the teacher (fresh MLPs for analytic teachers).
+        # As official Diff-Instruct: generator and fake score start from the teacher (fresh MLPs for analytic teachers).
         self._init_networks(teacher, cfg, generator, fake)
 
     def groups(self) -> dict[str, Group]:
         cfg = self.cfg
         return {
-            "fake_score": Group(list(self.fake.parameters()), OptimConfig(lr=cfg.fake_lr, betas=cfg.betas)),
+            "fake_score": Group(list(self.fake.parameters()), OptimConfig(lr=cfg.fake_lr, betas=cfg.betas),
+                                loss=self.fake_score_loss),
             "generator": Group(list(self.generator.parameters()), OptimConfig(lr=cfg.gen_lr, betas=cfg.betas),
-                               every=cfg.gen_every, start=cfg.fake_warmup_steps),
+                               loss=self.generator_loss, every=cfg.gen_every, start=cfg.fake_warmup_steps),
         }
 
-    def loss(self, group: str, batch: Batch) -> dict[str, Tensor]:
+    def fake_score_loss(self, batch: Batch) -> dict[str, Tensor]:
         cfg = self.cfg
-        if group == "fake_score":
-            # §4.2: G in eval mode without gradients; the fake score (train mode) fits its samples.
-            x_g, cond = self.generate_onestep(batch.size, batch.device, grad=False)
-            self.fake.train()
-            if not bool(torch.isfinite(x_g).all()):
-                # The generator diverged, not the fake score: skip this update so that the generator's own
-                # (non-finite) loss, next in this step, names it.
-                return {"loss": common.zero_loss(self.fake)}
-            loss = common.fake_score_loss(self.fake, x_g, cond, cfg.p_mean, cfg.p_std, self.augment_pipe)
-            return {"loss": cfg.fake_loss_scale * loss}
-        if group == "generator":
-            self.generator.train()
-            x_g, cond = self.generate_onestep(batch.size, batch.device, grad=True)
-            loss, gap = di_generator_loss(self.teacher, self.fake, x_g, cond, None, cfg.teacher_dropout,
-                                          cfg.p_mean, cfg.p_std)
-            return {"loss": cfg.loss_scale * loss, "score_gap": gap.mean().detach()}
-        raise KeyError(f"unknown group {group!r}")
+        # As official `DI_EDMLoss.__call__`: G in eval mode without gradients; the fake score (train mode) fits
+        # its samples.
+        x_g, cond = self.generate_onestep(batch.size, batch.device, grad=False)
+        self.fake.train()
+        if not bool(torch.isfinite(x_g).all()):
+            # The generator diverged, not the fake score: skip this update so that the generator's own
+            # (non-finite) loss, next in this step, names it.
+            return {"loss": common.zero_loss(self.fake)}
+        loss = common.fake_score_loss(self.fake, x_g, cond, cfg.p_mean, cfg.p_std, self.augment_pipe)
+        return {"loss": cfg.fake_loss_scale * loss}
+
+    def generator_loss(self, batch: Batch) -> dict[str, Tensor]:
+        cfg = self.cfg
+        self.generator.train()
+        x_g, cond = self.generate_onestep(batch.size, batch.device, grad=True)
+        loss, gap = di_generator_loss(self.teacher, self.fake, x_g, cond, None, cfg.teacher_dropout,
+                                      cfg.p_mean, cfg.p_std)
+        return {"loss": cfg.loss_scale * loss, "score_gap": gap.mean().detach()}
 
     def ema_default(self, batch: int) -> tuple[float, float | None]:
         """The official EMA of G (di_training_loop.py with --ema 0.5 Mimg and ema_mu < 0): EDM's 500 kimg

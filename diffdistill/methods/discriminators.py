@@ -1,4 +1,4 @@
-"""Discriminators for GDD (algorithms.md §5.4) and other GAN terms: D(x, cond one-hot or None) -> logits [B, K].
+"""Discriminators for GDD (Zheng & Yang 2024) and other GAN terms: D(x, cond one-hot or None) -> logits [B, K].
 
 Every discriminator returns K per-patch logits per sample, as the official projected discriminator does (its
 multi-scale heads end in a 4x4 convolution over a small map: one logit per patch, all scales concatenated);
@@ -189,7 +189,8 @@ class BackboneFeatures(nn.Module):
     """Multi-scale features of a frozen ImageNet network `timm:NAME` / `torchvision:NAME`, weights from PATH.
 
     Images in [-1, 1] are mapped to [0, 1], grey is repeated to RGB, normalised with ImageNet statistics and
-    resized bilinearly to `resolution` (§5.4). timm and torchvision are optional dependencies.
+    resized bilinearly to `resolution` (as the official GDD discriminator does). timm and torchvision are
+    optional dependencies.
     """
 
     def __init__(self, spec: str, weights: str | Path, resolution: int = 224):
@@ -328,7 +329,8 @@ def build_discriminator(kind: str, shape, label_dim: int = 0, teacher: Denoiser 
 
 
 def _official_projected(shape, label_dim: int, vgg_weights: str | None, effnet_weights: str | None) -> nn.Module:
-    """The official GDD discriminator (§5.4), from `diffdistill.methods.projected`, imported only here."""
+    """The official GDD discriminator (`pg_modules/discriminator.py`), from `diffdistill.methods.projected`,
+    imported only here."""
     if len(shape) != 3:
         raise DiffdistillError(f"the projected discriminator needs images [C, H, W], got shape {shape}")
     if not (vgg_weights and effnet_weights):

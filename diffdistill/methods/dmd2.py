@@ -1,9 +1,9 @@
-"""DMD2 (Yin et al. 2024, "Improved Distribution Matching Distillation"; algorithms.md §6.2).
+"""DMD2 (Yin et al. 2024, "Improved Distribution Matching Distillation"; official main/edm/ of tianweiy/DMD2).
 
 Networks: the frozen teacher (real score) D_r; a fake score D_f trained with the EDM (denoising) loss on
 generator samples over the Karras levels; the generator x_g = G(sigma_max z; sigma_max), optionally with
 several steps trained by backward simulation (DMD2 §4.5); an optional GAN classifier head on the fake
-network's bottleneck features, trained on real data (DMD2 §4.4). The generator follows the normalised
+network's bottleneck features, trained on real data (DMD2 §4.3). The generator follows the normalised
 distribution-matching gradient (DMD Eq. 7 with DMD2's normalisation)
   grad = (D_f(x_s) - D_r(x_s)) / mean|x_g - D_r(x_s)|,   x_s = x_g + sigma n,
 through the surrogate 0.5 * mean((x_g - sg(x_g - grad))^2). The two-time-scale update rule updates the fake
@@ -81,7 +81,8 @@ def all_levels_sigma(n: int, denoiser: Denoiser, num_levels: int = 1000, device=
 
 
 # --------------------------------------------------------------------------------------------------
-# The distribution-matching gradient and its surrogate (algorithms.md §6.2, oracle O18)
+# The distribution-matching gradient and its surrogate (official edm_guidance.py; the surrogate's gradient in x_g
+# is grad / numel, checked with autograd)
 
 
 def dm_gradient(x_g: Tensor, d_real: Tensor, d_fake: Tensor) -> Tensor:
@@ -108,7 +109,7 @@ def dm_loss(teacher: Denoiser, fake: Denoiser, x_g: Tensor, sigma: Tensor, cond:
 
 
 # --------------------------------------------------------------------------------------------------
-# The GAN classifier on the fake network's bottleneck (DMD2 §4.4, "diffusion GAN")
+# The GAN classifier on the fake network's bottleneck (DMD2 §4.3, "diffusion GAN")
 
 
 class FeatureTap:
@@ -175,7 +176,7 @@ class ClassifierHead(nn.Module):
 
 @dataclass
 class DMD2Config(MethodConfig):
-    """DMD2 settings; defaults are the official ImageNet-64 recipe (train_edm.py, algorithms.md §6.2)."""
+    """DMD2 settings; defaults are the official ImageNet-64 recipe (train_edm.py, experiments/imagenet/*.sh)."""
 
     gen_sigmas: list[float] = option([], "generator levels (default: one step at the teacher's sigma_max); several "
                                      "levels train a multi-step generator by backward simulation", metavar="SIGMA")
@@ -258,9 +259,9 @@ class DMD2(common.ScoreDistillation, Method):
                                warmup_kimg=cfg.warmup_kimg, grad_clip=cfg.grad_clip)
         fake_params = list(self.fake.parameters()) + (list(self.head.parameters()) if self.head else [])
         return {
-            "generator": Group(list(self.generator.parameters()), optim(), every=cfg.gen_every,
-                               start=cfg.fake_warmup_steps),
-            "fake_score": Group(fake_params, optim(), needs_data=self.head is not None),
+            "generator": Group(list(self.generator.parameters()), optim(), loss=self.generator_loss,
+                               every=cfg.gen_every, start=cfg.fake_warmup_steps),
+            "fake_score": Group(fake_params, optim(), loss=self.fake_score_loss, needs_data=self.head is not None),
         }
 
     # -- generation, with backward simulation for multi-step generators (DMD2 §4.5) ---------------------
@@ -300,40 +301,40 @@ class DMD2(common.ScoreDistillation, Method):
         x_s = x + param.append_dims(sigma, x) * torch.randn_like(x)
         return self.head(self._tap.capture(lambda: self.fake(x_s, sigma, cond)))
 
-    def loss(self, group: str, batch: Batch) -> dict[str, Tensor]:
+    def generator_loss(self, batch: Batch) -> dict[str, Tensor]:
         cfg = self.cfg
-        if group == "generator":
-            self.generator.train()
-            x_g, cond = self.generate(batch.size, batch.device, grad=True)
-            self._handoff.append((batch.step, x_g.detach(), cond))
-            sigma = dm_sigma(batch.size, self.teacher, *cfg.dm_range, device=batch.device)
-            loss, grad = dm_loss(self.teacher, self.fake, x_g, sigma, cond, dropout=cfg.teacher_dropout)
-            out = {"dm_loss": loss.detach(), "grad_norm": grad.flatten(1).norm(dim=1).mean()}
-            if self.head is not None:   # non-saturating generator GAN term through the (frozen) fake encoder
-                with params_frozen(self.fake, self.head):
-                    gen_gan = F.softplus(-self._logits(x_g, cond)).mean()
-                loss = loss + cfg.gan_weight * gen_gan
-                out["gan_loss"] = gen_gan.detach()
-            out["loss"] = loss
-            return out
-        if group == "fake_score":
-            x_g, cond = self.fake_samples(batch)
-            self.fake.train()
-            sigma = all_levels_sigma(batch.size, self.teacher, device=batch.device)
-            # EDM loss with weight sigma^-2 + sigma_data^-2, averaged over elements as in DMD2.
-            loss = common.edm_loss(self.fake, x_g, sigma, cond) / x_g[0].numel()
-            out = {"fake_loss": loss.detach()}
-            if self.head is not None:
-                if batch.x is None:
-                    raise DiffdistillError("the DMD2 GAN term needs real data (a --data set)")
-                real_logits = self._logits(batch.x.to(x_g.dtype), batch.cond)
-                fake_logits = self._logits(x_g, cond)
-                cls = F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
-                loss = loss + cfg.cls_weight * cls
-                out["cls_loss"] = cls.detach()
-            out["loss"] = loss
-            return out
-        raise KeyError(f"unknown group {group!r}")
+        self.generator.train()
+        x_g, cond = self.generate(batch.size, batch.device, grad=True)
+        self._handoff.append((batch.step, x_g.detach(), cond))
+        sigma = dm_sigma(batch.size, self.teacher, *cfg.dm_range, device=batch.device)
+        loss, grad = dm_loss(self.teacher, self.fake, x_g, sigma, cond, dropout=cfg.teacher_dropout)
+        out = {"dm_loss": loss.detach(), "grad_norm": grad.flatten(1).norm(dim=1).mean()}
+        if self.head is not None:   # non-saturating generator GAN term through the (frozen) fake encoder
+            with params_frozen(self.fake, self.head):
+                gen_gan = F.softplus(-self._logits(x_g, cond)).mean()
+            loss = loss + cfg.gan_weight * gen_gan
+            out["gan_loss"] = gen_gan.detach()
+        out["loss"] = loss
+        return out
+
+    def fake_score_loss(self, batch: Batch) -> dict[str, Tensor]:
+        cfg = self.cfg
+        x_g, cond = self.fake_samples(batch)
+        self.fake.train()
+        sigma = all_levels_sigma(batch.size, self.teacher, device=batch.device)
+        # EDM loss with weight sigma^-2 + sigma_data^-2, averaged over elements as in DMD2.
+        loss = common.edm_loss(self.fake, x_g, sigma, cond) / x_g[0].numel()
+        out = {"fake_loss": loss.detach()}
+        if self.head is not None:
+            if batch.x is None:
+                raise DiffdistillError("the DMD2 GAN term needs real data (a --data set)")
+            real_logits = self._logits(batch.x.to(x_g.dtype), batch.cond)
+            fake_logits = self._logits(x_g, cond)
+            cls = F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+            loss = loss + cfg.cls_weight * cls
+            out["cls_loss"] = cls.detach()
+        out["loss"] = loss
+        return out
 
     def recipe(self) -> dict:
         if len(self.gen_sigmas) == 1:

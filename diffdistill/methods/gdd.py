@@ -1,13 +1,14 @@
-"""GDD and GDD-I (Zheng & Yang 2024, "Diffusion Models Are Innate One-Step Generators"; algorithms.md §5).
+"""GDD and GDD-I (Zheng & Yang 2024, "Diffusion Models Are Innate One-Step Generators"; official Zyriix/GDD).
 
 GAN fine-tuning of the teacher as a one-step generator on real data: x_g = G(sigma_max z; sigma_max) with the
-consistency boundary scalings (§5.2); non-saturating GAN loss with lazy R1 on real images (§5.4); GDD-I
-freezes the generator's block 3x3 convolutions and attention output projections (`--freeze 1`), then also qkv
-(2) and skips (3) (§5.3). The teacher is never queried for targets: it gives the initialisation and, by
+consistency boundary scalings (official `training/networks.py: GDDPrecond`); non-saturating GAN loss with lazy
+R1 on real images (official `training/loss.py`, `training_loop.py`); GDD-I freezes the generator's block 3x3
+convolutions and attention output projections (`--freeze 1`), then also qkv (2) and skips (3) (official
+`train.py --freeze`). The teacher is never queried for targets: it gives the initialisation and, by
 default, the frozen encoder features under the discriminator's trainable heads (the official discriminator,
 on frozen VGG16-BN and EfficientNet-lite0 features, is `--disc projected`).
 
-The losses reduce per-patch logits [B, K] as the official `training/loss.py` does (§5.4). Its discriminator
+The losses reduce per-patch logits [B, K] as the official `training/loss.py` does. Its discriminator
 returns a list with one row of patch logits per (sample, backbone) -- `list += tensor[B, n]` extends the list
 by rows -- and the losses are sums over that list of the mean softplus over each row's patches. So a sample
 contributes sum_backbones mean_patches softplus(+-D) (the backbones' patch counts: the discriminator's
@@ -16,12 +17,13 @@ contributes sum_backbones mean_patches softplus(+-D) (the backbones' patch count
 that factor, so that a run here weighs its terms as the official one whatever our process count and
 accumulation.
 
-Lazy R1 (StyleGAN2 §3.1, official `training_loop.py`): on batches 16, 32, ... (never 0) the discriminator's
-Adam takes a second step, on the R1 loss alone: r1_every * gamma/2 * mean_i ||grad_x sum_k D_k(x_i)||^2 over the
-real batch (a mean over samples, unlike the adversarial sums). That is why the discriminator's lr and beta2
-are dlr * 16/17 and 0.99^(16/17): 17 steps per 16 batches (`lazy_r1_optim`, applied where the optimiser group
-is built: `disc_lr` is the official --dlr). The gamma convention is therefore the official
-one: gamma = 1e-4 weighs R1 against adversarial losses that are sums over `loss_samples` = 64 samples.
+Lazy R1 (Karras et al. 2020, StyleGAN2, Sec. 3.1; official `training_loop.py`): on batches 16, 32, ... (never
+0) the discriminator's Adam takes a second step, on the R1 loss alone: r1_every * gamma/2 * mean_i
+||grad_x sum_k D_k(x_i)||^2 over the real batch (a mean over samples, unlike the adversarial sums). That is
+why the discriminator's lr and beta2 are dlr * 16/17 and 0.99^(16/17): 17 steps per 16 batches
+(`lazy_r1_optim`, applied where the optimiser group is built: `disc_lr` is the official --dlr). The gamma
+convention is therefore the official one: gamma = 1e-4 weighs R1 against adversarial losses that are sums over
+`loss_samples` = 64 samples.
 The loop runs that second step as the discriminator group's extra pass (`Group.extra_every`).
 For analytic teachers the generator is a fresh boundary-preconditioned `Precond(MLP)`.
 """
@@ -49,7 +51,7 @@ EMA_HELP = ("EMA half-life of the generator in kimg, with EDM's ramp-up 0.05 (de
 
 @dataclass
 class GDDConfig(MethodConfig):
-    """GDD settings; defaults are the official CIFAR-10 recipe (train.sh, §5.5). disc_lr and disc_betas are the
+    """GDD settings; defaults are the official CIFAR-10 recipe (train.sh). disc_lr and disc_betas are the
     official --dlr and Adam betas before the lazy-R1 scaling: the discriminator's optimiser takes lr x r/(r+1) and
     beta2^(r/(r+1)) with r = r1_every (official: 16/17), applied where its group is built (`lazy_r1_optim`)."""
 
@@ -135,22 +137,22 @@ def patch_softplus(logits: Tensor, sign: float, groups: Sequence[int] | None = N
 
 
 def generator_gan_loss(logits_fake: Tensor, samples: float = 1.0, groups: Sequence[int] | None = None) -> Tensor:
-    """Non-saturating generator loss (§5.4): `samples` x the batch mean of sum_groups mean_patches
-    softplus(-D(x_g)); with samples = the batch size it is the official sum over samples."""
+    """Non-saturating generator loss (official `training/loss.py`, --loss-type ns): `samples` x the batch mean
+    of sum_groups mean_patches softplus(-D(x_g)); with samples = the batch size it is the official sum over samples."""
     return samples * patch_softplus(logits_fake, -1.0, groups).mean()
 
 
 def discriminator_gan_loss(logits_fake: Tensor, logits_real: Tensor, samples: float = 1.0,
                            groups: Sequence[int] | None = None) -> Tensor:
     """`samples` x the batch means of softplus(D(x_g)) and softplus(-D(x_real)), reduced over the patches
-    as `patch_softplus` (§5.4)."""
+    as `patch_softplus` (official `training/loss.py`)."""
     return samples * (patch_softplus(logits_fake, 1.0, groups).mean() + patch_softplus(logits_real, -1.0, groups)
                       .mean())
 
 
 class GDD(Method):
-    """GDD on the shared loop: groups 'generator' then 'discriminator' (§5.5's order), and the discriminator's
-    lazy R1 step after them."""
+    """GDD on the shared loop: groups 'generator' then 'discriminator' (the official `training_loop.py` order),
+    and the discriminator's lazy R1 step after them."""
 
     name = "gdd"
 
@@ -161,7 +163,8 @@ class GDD(Method):
         self.cfg = cfg
         self.gen_sigma = common.check_sigma(teacher, cfg.gen_sigma, "generator sigma")
         self.label_dim = teacher.label_dim
-        # §5.2: the generator is the teacher with boundary scalings, evaluated at sigma_max.
+        # As official GDD (`GDDPrecond`): the generator is the teacher with boundary scalings, evaluated at
+        # sigma_max.
         self.generator = generator if generator is not None else common.student_from_teacher(
             teacher, boundary=True, hidden=cfg.mlp_hidden, depth=cfg.mlp_depth, dropout=cfg.student_dropout)
         self.trainable, self.total = common.freeze_by_role(self.generator, cfg.freeze)
@@ -178,10 +181,11 @@ class GDD(Method):
         r1_every = cfg.r1_every if cfg.r1_gamma else 0     # the lazy R1 step of its own (official)
         return {
             # Conditional: the official generator takes the labels of the real batch.
-            "generator": Group(gen, OptimConfig(lr=cfg.gen_lr, betas=cfg.gen_betas), needs_data=self.label_dim > 0),
+            "generator": Group(gen, OptimConfig(lr=cfg.gen_lr, betas=cfg.gen_betas), loss=self.generator_loss,
+                               needs_data=self.label_dim > 0),
             # lr and beta2 scaled by r/(r+1) for the R1 steps (as the command line always did: by --r1-every)
-            "discriminator": Group(disc, lazy_r1_optim(cfg.disc_lr, cfg.disc_betas, cfg.r1_every), needs_data=True,
-                                   extra_every=r1_every),
+            "discriminator": Group(disc, lazy_r1_optim(cfg.disc_lr, cfg.disc_betas, cfg.r1_every),
+                                   loss=self.discriminator_loss, needs_data=True, extra_every=r1_every),
         }
 
     def ema_default(self, batch: int) -> tuple[float, float | None]:
@@ -211,34 +215,32 @@ class GDD(Method):
         r1 = r1_penalty(self.discriminator, batch.x, cond_real).mean()
         return {"loss": cfg.r1_every * cfg.r1_gamma / 2 * r1, "r1": r1.detach()}
 
-    def loss(self, group: str, batch: Batch) -> dict[str, Tensor]:
-        cfg = self.cfg
-        if group == "generator":
-            cond = self._labels(batch, real=False)
-            x_g = self._generate(batch.size, batch.device, cond)
-            logits = self.discriminator(x_g, onehot(cond, self.label_dim, batch.size, batch.device))
-            if bool(torch.isfinite(x_g).all()) and not bool(torch.isfinite(logits).all()):
-                # The discriminator diverged: skip, so that its own loss (next in this step) names it.
-                return {"loss": (0.0 * x_g).sum()}
-            return {"loss": generator_gan_loss(logits, cfg.loss_samples, self._splits()),
-                    "logits_fake": logits.mean().detach()}
-        if group == "discriminator":
-            if batch.x is None:
-                raise DiffdistillError("GDD needs real images for its discriminator: pass --data")
-            if batch.extra:       # the lazy R1 step on batches r1_every, 2 r1_every, ... (Group.extra_every)
-                return self.r1_loss(batch)
-            n = batch.x.shape[0]
-            labels = self._labels(batch, real=True)
-            cond = onehot(labels, self.label_dim, n, batch.device)
-            with torch.no_grad():
-                x_g = self._generate(n, batch.device, labels)   # official: the real batch's labels
-            logits_fake = self.discriminator(x_g, cond)
-            logits_real = self.discriminator(batch.x, cond)
-            loss = discriminator_gan_loss(logits_fake, logits_real, cfg.loss_samples, self._splits())
-            out = {"logits_real": logits_real.mean().detach(), "logits_fake": logits_fake.mean().detach()}
-            out["loss"] = loss
-            return out
-        raise KeyError(f"unknown group {group!r}")
+    def generator_loss(self, batch: Batch) -> dict[str, Tensor]:
+        cond = self._labels(batch, real=False)
+        x_g = self._generate(batch.size, batch.device, cond)
+        logits = self.discriminator(x_g, onehot(cond, self.label_dim, batch.size, batch.device))
+        if bool(torch.isfinite(x_g).all()) and not bool(torch.isfinite(logits).all()):
+            # The discriminator diverged: skip, so that its own loss (next in this step) names it.
+            return {"loss": (0.0 * x_g).sum()}
+        return {"loss": generator_gan_loss(logits, self.cfg.loss_samples, self._splits()),
+                "logits_fake": logits.mean().detach()}
+
+    def discriminator_loss(self, batch: Batch) -> dict[str, Tensor]:
+        if batch.x is None:
+            raise DiffdistillError("GDD needs real images for its discriminator: pass --data")
+        if batch.extra:       # the lazy R1 step on batches r1_every, 2 r1_every, ... (Group.extra_every)
+            return self.r1_loss(batch)
+        n = batch.x.shape[0]
+        labels = self._labels(batch, real=True)
+        cond = onehot(labels, self.label_dim, n, batch.device)
+        with torch.no_grad():
+            x_g = self._generate(n, batch.device, labels)   # official: the real batch's labels
+        logits_fake = self.discriminator(x_g, cond)
+        logits_real = self.discriminator(batch.x, cond)
+        loss = discriminator_gan_loss(logits_fake, logits_real, self.cfg.loss_samples, self._splits())
+        out = {"logits_real": logits_real.mean().detach(), "logits_fake": logits_fake.mean().detach()}
+        out["loss"] = loss
+        return out
 
     def ema_targets(self) -> dict[str, nn.Module]:
         return {"generator": self.generator}

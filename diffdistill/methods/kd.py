@@ -1,4 +1,4 @@
-"""Knowledge distillation, "Denoising Student" (Luhman & Luhman 2021; algorithms.md §2).
+"""Knowledge distillation, "Denoising Student" (Luhman & Luhman 2021; official tcl9876/Denoising_Student).
 
 Stage 1 (`diffdistill kd-pairs`, or the start of `distill kd`): the teacher's deterministic sampler maps unit
 noise x_T to samples y (`methods/kd_pairs.py`); the pairs are written resumably in the shards of
@@ -6,15 +6,15 @@ noise x_T to samples y (`methods/kd_pairs.py`); the pairs are written resumably 
 Stage 2: a one-step student, initialised from the teacher's network (without dropout: the official student
 has none), regresses y from x_T in image space. The official student (`models.py: Onestep_Model`) is
 G(z) = z - F(z, 999): the teacher's eps-network fed the unit noise z itself at the last timestep, its output
-subtracted from z (§2.3). For eps-prediction VP students (DDPM/diffusers eps teachers, EDM's VPPrecond, cosine
+subtracted from z. For eps-prediction VP students (DDPM/diffusers eps teachers, EDM's VPPrecond, cosine
 eps) diffdistill trains exactly that G (`PaperStudent`): a denoiser evaluated as D(sigma_max z; sigma_max) would
 be sigma_max (z' - F(z', 999)), i.e. G with a gain of sigma_max (~157 for DDPM), under which the paper's Adam
 learning rate moves the output ~157x further per step. Students of other parameterisations (EDM, v or x
 prediction, analytic teachers' MLPs), whose output already has a gain of about 1, run as D(sigma z; sigma) at the
 fixed level sigma = the student's sigma_max. Loss: L1 (CIFAR-10) or L2, summed over pixels and averaged over the
-batch (§2.4). The loop keeps an EMA (the paper's: 0.995 per step, no ramp-up); the EMA with the best held-out
-loss is what `export` returns (§2.4's model selection), found through the loop's evaluate hook
-(`KnowledgeDistillation.evaluate`, `SPEC.best_metric`).
+batch (official `training.py`). The loop keeps an EMA (the paper's: 0.995 per step, no ramp-up); the EMA with
+the best held-out loss is what `export` returns (the official `training.py` model selection), found through the
+loop's evaluate hook (`KnowledgeDistillation.evaluate`, `SPEC.best_metric`).
 
 Settings: `KDConfig`, whose pair fields (`PairsSettings`) are also the options of `diffdistill kd-pairs`.
 """
@@ -93,7 +93,7 @@ PAIR_FIELDS = tuple(f.name for f in fields(PairsSettings))
 @dataclass
 class KDConfig(PairsSettings):
     """Knowledge distillation settings: the pairs (stage 1, `PairsSettings`) and the student's training (stage 2);
-    defaults follow the CIFAR-10 recipe of §2.4 (official `get_settings`)."""
+    defaults follow the official CIFAR-10 recipe (`utils.py: get_settings`)."""
 
     loss: str = option("l1", "regression loss, summed over pixels and averaged over the batch (default %(default)s, "
                        "CIFAR-10; the others l2)", choices=("l1", "l2"))
@@ -150,7 +150,8 @@ def is_vp_eps(net: Denoiser) -> bool:
 
 
 def paper_output(net: Denoiser, u: Tensor, level: float, cond: Tensor | None = None) -> Tensor:
-    """Denoising Student's G(u) = u - eps(u, t(level)) for an eps-prediction VP network (§2.3, `Onestep_Model`).
+    """Denoising Student's G(u) = u - eps(u, t(level)) for an eps-prediction VP network (official
+    `models.py: Onestep_Model`).
 
     The network sees the VP state u itself, i.e. x = u / alpha = u sqrt(1 + level^2) in EDM space, and its eps
     is read back from the denoiser, eps = (x - D(x; level)) / level, so the gradient reaches the eps head with
@@ -188,7 +189,7 @@ def _build_paper_student(config: dict) -> PaperStudent:
 
 
 def regression_loss(pred: Tensor, target: Tensor, kind: str) -> Tensor:
-    """Per-sample sum over pixels of |.| (l1) or (.)^2 (l2), averaged over the batch (§2.4)."""
+    """Per-sample sum over pixels of |.| (l1) or (.)^2 (l2), averaged over the batch (official `training.py`)."""
     diff = (pred.float() - target.float()).flatten(1)
     per_sample = diff.abs().sum(1) if kind == "l1" else diff.pow(2).sum(1)
     return per_sample.mean()
@@ -231,15 +232,13 @@ class KnowledgeDistillation(Method):
         c = self.cfg
         return {"student": Group(list(self.student.parameters()),
                                  OptimConfig(lr=c.lr, betas=c.betas, eps=c.adam_eps, warmup_kimg=c.warmup_kimg,
-                                             grad_clip=c.grad_clip))}
+                                             grad_clip=c.grad_clip), loss=self.student_loss)}
 
     def ema_default(self, batch: int) -> tuple[float, float | None]:
         """The paper's EMA: a per-step decay of cfg.ema_decay (0.995) from the first step, no ramp-up."""
         return halflife_from_decay(self.cfg.ema_decay, batch), None
 
-    def loss(self, group: str, batch: Batch) -> dict[str, Tensor]:
-        if group != "student":
-            raise KeyError(f"unknown group {group!r}")
+    def student_loss(self, batch: Batch) -> dict[str, Tensor]:
         n, rank, world = batch.size, dist.rank(), dist.world_size()
         z, y, cond = self.pairs.rows(self.cursor + rank * n, n)   # rank r reads its own slice of the stream
         self.cursor += world * n
@@ -270,7 +269,8 @@ class KnowledgeDistillation(Method):
 
     @torch.no_grad()
     def evaluate(self, ema: dict[str, nn.Module] | None = None, **_) -> dict[str, float]:
-        """Evaluate hook: held-out loss of the EMA (else of the student); keeps the best one (§2.4)."""
+        """Evaluate hook: held-out loss of the EMA (else of the student); keeps the best one (as official
+        `training.py`)."""
         net = (ema or {}).get("student", self.student)
         value = self.heldout_loss(net)
         if value is None:
@@ -304,10 +304,10 @@ class KnowledgeDistillation(Method):
 
 def make_student(teacher: Denoiser, preset: str = "auto", dropout: float | None = 0.0) -> Denoiser:
     """KD's and PD's --student-preset through the one factory, `common.student_from_teacher`: 'teacher' copies
-    the teacher's network (§2.3) with dropout `dropout` (default 0, the official student's; None keeps the
-    teacher's), 'mlp-<preset>' is a fresh Precond(MLP), and 'auto' is the copy when the teacher has a network,
-    else 'mlp-toy' (analytic teachers). `KnowledgeDistillation` wraps an eps-prediction VP copy into the paper's
-    `PaperStudent`."""
+    the teacher's network (official `models.py: Onestep_Model`) with dropout `dropout` (default 0, the official
+    student's; None keeps the teacher's), 'mlp-<preset>' is a fresh Precond(MLP), and 'auto' is the copy when the
+    teacher has a network, else 'mlp-toy' (analytic teachers). `KnowledgeDistillation` wraps an eps-prediction
+    VP copy into the paper's `PaperStudent`."""
     if preset == "auto" and common.is_weightless(teacher):
         preset = "mlp-toy"
         dist.print0("the teacher is analytic (no network to copy): the student is a fresh MLP (mlp-toy); "

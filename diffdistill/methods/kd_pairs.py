@@ -1,7 +1,7 @@
 """Making KD's (noise, teacher sample) pairs: stage 1 of knowledge distillation (Denoising Student,
-algorithms.md §2.1-2.2). The teacher's deterministic sampler maps unit noise x_T to samples y; the pairs are
-written in the shard format of `diffdistill.data.pairs` (which stores and reads them and knows nothing of
-teachers or samplers). Under torchrun rank r writes shards r, r+W, ...
+Luhman & Luhman 2021; official `create_dataset.py`). The teacher's deterministic sampler maps unit noise x_T
+to samples y; the pairs are written in the shard format of `diffdistill.data.pairs` (which stores and reads
+them and knows nothing of teachers or samplers). Under torchrun rank r writes shards r, r+W, ...
 
 Pair k of a shard depends on (seed, the shard's index, k) only, not on the generation batch: its noise comes
 from fixed blocks of `block` rows, each drawn whole from its own generator. So a directory serves any smaller
@@ -100,7 +100,7 @@ def check_deterministic_teacher(teacher, what: str = "teacher") -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# The teacher's sampler (§2.1)
+# The teacher's sampler (official Denoising Student `create_dataset.py`: deterministic DDIM)
 
 
 def ddpm_quadratic_sigmas(discrete_sigmas: Tensor, steps: int = 100, start: float = 0.8) -> Tensor:
@@ -131,10 +131,11 @@ def sampler_name(teacher: Denoiser, name: str | None) -> str:
 def teacher_recipe(teacher: Denoiser, cfg: PairsConfig) -> dict:
     """The deterministic sampler that makes the targets: {'name', 'sampler', 'sigmas', 'prior_scale'}.
 
-    For a discrete DDPM teacher x_T ~ N(0, I) is the VP state z at the first grid index (§2.1), i.e.
-    x = z/alpha = z sqrt(1 + sigma^2) in EDM coordinates: `prior_scale` multiplies the unit noise that the
-    sampler scales by sigmas[0]. Continuous teachers start from sigma_max * z (EDM), prior_scale = 1. The
-    factor is `samplers.prior_scale`, the one `samplers.sample` uses (the manifest keeps the value used).
+    For a discrete DDPM teacher x_T ~ N(0, I) is the VP state z at the first grid index (as in official
+    `create_dataset.py`), i.e. x = z/alpha = z sqrt(1 + sigma^2) in EDM coordinates: `prior_scale` multiplies
+    the unit noise that the sampler scales by sigmas[0]. Continuous teachers start from sigma_max * z (EDM),
+    prior_scale = 1. The factor is `samplers.prior_scale`, the one `samplers.sample` uses (the manifest keeps
+    the value used).
     """
     from ..diffusion.schedules import karras_sigmas
     from ..samplers import prior_scale
@@ -270,7 +271,7 @@ def _noise_block(m: dict, index: int, b: int, count: int) -> tuple[Tensor, Tenso
     n = min(block, count - b * block)
     g = torch.Generator().manual_seed(store.noise_seed(m["seed"], index, b))
     draw = block if whole else n
-    z = torch.randn(draw, *m["shape"], generator=g).half()          # x_T is stored as float16 (§2.2)
+    z = torch.randn(draw, *m["shape"], generator=g).half()          # x_T is stored as float16 (official)
     c = torch.randint(m["label_dim"], (draw,), generator=g) if m["label_dim"] else None
     return z[:n], None if c is None else c[:n]
 

@@ -1,24 +1,27 @@
-"""Progressive distillation (Salimans & Ho 2022; algorithms.md §3), in EDM sigma space.
+"""Progressive distillation (Salimans & Ho 2022, arXiv 2202.00512), in EDM sigma space.
 
 Each round halves the number of DDIM steps: the student (a copy of the round's teacher) learns to take in one
 step what the teacher takes in two. On a student grid of N steps, with i ~ U{0..N-1}, x_t = x + sigma_t n:
-  two teacher DDIM half-steps sigma_t -> sigma_t' -> sigma_t'' (§3.3 steps 2-3; DDIM = Euler in sigma,
-  §1.5), the target x~ = (x_t'' - r x_t) / (1 - r), r = sigma_t''/sigma_t (§3.3 step 4, = §3.6 with
-  alpha = 1), which makes one student step from x_t land on x_t''; at the final step (sigma_t'' = 0)
-  x~ = D_teacher(x_t'), the teacher's midpoint prediction (§3.3 step 5; the formula gives the same),
+  two teacher DDIM half-steps sigma_t -> sigma_t' -> sigma_t'' (Salimans & Ho 2022, Algorithm 2; DDIM = Euler
+  in sigma, Karras et al. 2022, Table 1), the target x~ = (x_t'' - r x_t) / (1 - r), r = sigma_t''/sigma_t
+  (Algorithm 2's x~ with alpha = 1, as official consistency_models `cm/karras_diffusion.py: progdist_losses`),
+  which makes one student step from x_t land on x_t''; at the final step (sigma_t'' = 0)
+  x~ = D_teacher(x_t'), the teacher's midpoint prediction (official `dpm.py: Model.training_losses`; the
+  formula gives the same),
   loss = max(SNR_t, 1) * mean (D_student(x_t) - x~)^2 per example ('snr_trunc' = max(x_mse, eps_mse)), then
-  the batch mean (§3.3 step 7).
-Grids: the cosine logSNR schedule t = k/N (§3.1) for cosine teachers (VP-cosine, or diffusers squaredcos_cap_v2),
-else a Karras-spaced grid sigma(u) = (sigma_max^(1/rho) + (1-u)(sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
-at u = k/N (§3.6); both end in 0 and the student's grid is every other level of the teacher's, so halving is exact.
+  the batch mean (official `dpm.py: Model.training_losses`).
+Grids: the cosine logSNR schedule t = k/N (official `schedules.py`) for cosine teachers (VP-cosine, or diffusers
+squaredcos_cap_v2), else a Karras-spaced grid sigma(u) = (sigma_max^(1/rho) + (1-u)(sigma_min^(1/rho) -
+sigma_max^(1/rho)))^rho at u = k/N (as `progdist_losses`); both end in 0 and the student's grid is every other
+level of the teacher's, so halving is exact.
 At each round boundary the optimiser and its linearly decaying LR are reset (`begin_step`), the finished
 student is saved (`milestone`) and becomes the next teacher (its current parameters; no EMA by default, as
 the official `ema_decay=0`; with --pd-ema the loop restarts the EMA at every round, so an exported N-step
 student holds no weights of earlier rounds). The student is "same as teacher but with 0 dropout" (official
 cifar_distill.py). The exported recipe is DDIM (euler) on the student's grid, clipping x-hat to [-1, 1] for
 images as the official evaluation does (`eval_clip_denoised=True`; eps recomputed from the clipped x-hat).
-Teachers that predict eps are refused (§3.1, §3.8): x-hat = (z - sigma eps)/alpha is ill-conditioned at the
-top levels where a few-step student does most of its work.
+Teachers that predict eps are refused (Salimans & Ho 2022 use x, v or 'both' outputs): x-hat =
+(z - sigma eps)/alpha is ill-conditioned at the top levels where a few-step student does most of its work.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ def _official(start: int, batch: int, lr: float) -> dict:
 
 RECIPES = {
     "cifar10": Recipe(
-        source="Salimans & Ho 2022 §4 / official diffusion_distillation/config/cifar_distill.py: 8192 -> 1 steps "
+        source="Salimans & Ho 2022 / official diffusion_distillation/config/cifar_distill.py: 8192 -> 1 steps "
                "(13 rounds of 50k steps at batch 128 = 6400 kimg), Adam lr 5e-5 linearly to 0 per round, "
                "betas (0.9, 0.999), grad clip 1, no EMA, dropout 0, snr_trunc, x-hat clipped at evaluation; "
                "the official teacher is a VP-cosine x-prediction network (the grid is then cosine)",
@@ -79,8 +82,8 @@ GRIDS = ("auto", "cosine", "karras")
 
 @dataclass
 class PDConfig(MethodConfig):
-    """Progressive distillation settings; the CIFAR-10 recipe of §3.4 except for the step counts and the round
-    length (default: the run's --kimg split evenly over the rounds)."""
+    """Progressive distillation settings; the official CIFAR-10 recipe (`config/cifar_distill.py`) except for the
+    step counts and the round length (default: the run's --kimg split evenly over the rounds)."""
 
     start_steps: int = option(1024, "DDIM steps of the first teacher, a power of two (default %(default)s; paper "
                                     "8192)")
@@ -188,8 +191,10 @@ def pd_sigmas(n: int, grid: str, sigma_min: float = 0.002, sigma_max: float = 80
               logsnr_range: tuple[float, float] = (-20.0, 20.0)) -> Tensor:
     """An n-step grid (float64, descending, ending in 0) at times u = 1, (n-1)/n, ..., 1/n, then 0.
 
-    cosine: sigma(u) = exp(-lambda(u)/2) of the cosine logSNR schedule (§3.1, `schedules.cosine_sigmas`);
-    karras: sigma(u) = Karras et al.'s interpolation between sigma_max (u=1) and sigma_min (u -> 0) (§3.6).
+    cosine: sigma(u) = exp(-lambda(u)/2) of the cosine logSNR schedule (Salimans & Ho 2022, official
+    `schedules.py`; here `schedules.cosine_sigmas`);
+    karras: sigma(u) = Karras et al.'s interpolation between sigma_max (u=1) and sigma_min (u -> 0) (as official
+    consistency_models `progdist_losses`).
     """
     if grid == "cosine":
         return schedules.cosine_sigmas(n, *logsnr_range)
@@ -201,19 +206,19 @@ def pd_sigmas(n: int, grid: str, sigma_min: float = 0.002, sigma_max: float = 80
 
 
 def check_not_eps(teacher: Denoiser) -> None:
-    """Refuse eps-predicting teachers (§3.1, §3.8: the paper distils x-, v- and 'both'-prediction models)."""
+    """Refuse eps-predicting teachers (Salimans & Ho 2022 distil x-, v- and 'both'-prediction models)."""
     eps = common.eps_prediction(teacher)
     if eps is not None:
         what = eps[1]
         raise DiffdistillError(f"progressive distillation refuses this teacher, {what}: its x-hat = (z - sigma "
                                "eps)/alpha multiplies eps errors by sigma/alpha (up to e^10 at alpha_1 ~ 0), at "
                                "the top levels where a 1-4 step student does most of its work, so the paper "
-                               "uses x, v or 'both' outputs (§3.1, §3.8); use such a teacher (or an "
+                               "uses x, v or 'both' outputs (Salimans & Ho 2022, Sec. 4); use such a teacher (or an "
                                "EDM-preconditioned one), or distil this one with kd, cd, di, gdd, dmd2 or sid")
 
 
 # --------------------------------------------------------------------------------------------------
-# The target (§3.3, §3.6)
+# The target (Salimans & Ho 2022, Algorithm 2; official `dpm.py`, consistency_models `progdist_losses`)
 
 
 @torch.no_grad()
@@ -221,7 +226,8 @@ def pd_target(teacher: Denoiser, x_t: Tensor, sigma: Tensor, sigma_mid: Tensor, 
               cond: Tensor | None = None) -> Tensor:
     """x~: the x-prediction that makes one DDIM step sigma -> sigma_next land on the teacher's two half-steps.
 
-    Teacher outputs are not clipped (§3.8). The combination is formed in float64 (1 - r is O(1/N)).
+    Teacher outputs are not clipped (official `dpm.py`: clip_x=False). The combination is formed in float64
+    (1 - r is O(1/N)).
     """
     d1 = teacher(x_t, sigma, cond).double()
     x_mid = ddim_step(x_t.double(), d1, sigma.double(), sigma_mid.double())
@@ -316,8 +322,8 @@ class ProgressiveDistillation(Method):
         if not any(rec["round"] == self.round + 1 for rec in self.records):
             self._finish_round(nimg)            # (when the loop did not call milestone first)
         while self.round < r:
-            # The finished student (its current parameters, §3.8) becomes the next teacher; the student
-            # continues from those same parameters, i.e. starts as a copy of its new teacher.
+            # The finished student (its current parameters: the official run has no EMA) becomes the next
+            # teacher; the student continues from those same parameters, i.e. starts as a copy of its new teacher.
             self.prev.load_state_dict(self.student.state_dict())
             self.round += 1
         self._loss_sum, self._loss_n, self._start_nimg = 0.0, 0, nimg
@@ -352,18 +358,17 @@ class ProgressiveDistillation(Method):
         c = self.cfg
         return {"student": Group(list(self.student.parameters()),
                                  OptimConfig(lr=c.lr, betas=c.betas, decay="linear", grad_clip=c.grad_clip),
-                                 needs_data=True)}
+                                 loss=self.student_loss, needs_data=True)}
 
-    def loss(self, group: str, batch: Batch) -> dict[str, Tensor]:
-        if group != "student":
-            raise KeyError(f"unknown group {group!r}")
+    def student_loss(self, batch: Batch) -> dict[str, Tensor]:
         if batch.x is None:
             raise DiffdistillError("progressive distillation needs real data (--data)")
         x = batch.x.to(batch.device)
         t_grid, _ = self.grids()
         t_grid = t_grid.to(x.device)
         n_student = self.student_steps()
-        # i ~ U{0..N-1} on the student's grid only (§3.8); k = N-1-i indexes the descending grid.
+        # i ~ U{0..N-1} on the student's grid only (Salimans & Ho 2022, Algorithm 2); k = N-1-i indexes the
+        # descending grid.
         k = torch.randint(n_student, (x.shape[0],), device=x.device)
         sigma, sigma_mid, sigma_next = (t_grid[2 * k + j].to(x.dtype) for j in range(3))
         cond = batch.cond.to(x.device) if batch.cond is not None and self.student.label_dim else None

@@ -1,4 +1,4 @@
-"""The projected discriminator of the official GDD code (algorithms.md §5.4), written here from what it computes.
+"""The projected discriminator of the official GDD code (Zheng & Yang 2024), written here from what it computes.
 
 GDD (`Zyriix/GDD: pg_modules/discriminator.py, projector.py, blocks.py, feature_networks/pretrained_builder.py`,
 set up in `training/training_loop.py`) uses the Projected GAN discriminator (Sauer et al. 2021,

@@ -1,9 +1,9 @@
-"""Score identity distillation, SiD (Zhou et al. 2024; algorithms.md §6.3): a data-free one-step generator.
+"""Score identity distillation, SiD (Zhou et al. 2024; official mingyuanzhou/SiD): a data-free one-step generator.
 
 Three denoisers, as in Diff-Instruct: the frozen teacher D_r, a fake score D_f trained with the teacher's
-EDM loss on generator samples (§4.2, `common.fake_score_loss`; EDM-augmented with p = 0.12 and augment labels
-for EDM teachers, sid_train.py's default, as in DI), and the generator
-x_g = G(init_sigma z; init_sigma).
+EDM loss on generator samples (as Diff-Instruct's `DI_EDMLoss.__call__` in the official training/di_loss.py;
+here `common.fake_score_loss`; EDM-augmented with p = 0.12 and augment labels for EDM teachers, sid_train.py's
+default, as in DI), and the generator x_g = G(init_sigma z; init_sigma).
 The generator minimises the SiD loss (Zhou et al. 2024, Eq. 23 as implemented in `training/sid_loss.py`):
   L = (y_r - y_f) . [(y_r - x_g) - alpha (y_r - y_f)] / w,   y_* = D_*(x_g + sigma n; sigma),
 with w = stop-grad(mean |x_g - y_r|), gradients flowing through x_g and, via their inputs, through both
@@ -83,7 +83,8 @@ def sid_generator_loss(teacher: Denoiser, fake: Denoiser, x_g: Tensor, sigma: Te
                        noise: Tensor | None = None, dropout: str = "eval") -> Tensor:
     """Per-sample SiD generator loss [B] (summed over pixels). `noise` (unit, like x_g) is drawn when None.
 
-    normalise=False sets w = 1 (oracle O17). The denoisers' parameters receive no gradient.
+    normalise=False sets w = 1 (as in the tests' closed-form expected gradient for 1-D Gaussian data
+    and an affine generator). The denoisers' parameters receive no gradient.
     """
     n = torch.randn_like(x_g) if noise is None else noise
     x_s = x_g + param.append_dims(sigma, x_g) * n
@@ -110,7 +111,7 @@ def drop_nonfinite_mean(per_sample: Tensor) -> tuple[Tensor, Tensor]:
 
 @dataclass
 class SiDConfig(MethodConfig):
-    """SiD settings; defaults are the official CIFAR-10 recipe (run_sid.sh, algorithms.md §6.3)."""
+    """SiD settings; defaults are the official CIFAR-10 recipe (run_sid.sh, sid_train.py)."""
 
     init_sigma: float = option(2.5, "generator noise level (default %(default)s)")
     alpha: float = option(1.2, "alpha of the SiD loss (default %(default)s)")
@@ -145,7 +146,7 @@ class SiDConfig(MethodConfig):
 
 
 class SiD(common.ScoreDistillation, Method):
-    """SiD on the shared loop: groups 'generator' and 'fake_score', updated 1:1 (§6.3)."""
+    """SiD on the shared loop: groups 'generator' and 'fake_score', updated 1:1 (sid_training_loop.py)."""
 
     name = "sid"
 
@@ -164,28 +165,29 @@ class SiD(common.ScoreDistillation, Method):
         return {
             "generator": Group(list(self.generator.parameters()),
                                OptimConfig(lr=cfg.gen_lr, betas=(cfg.gen_beta1, cfg.betas[1])),
-                               every=cfg.gen_every, start=cfg.fake_warmup_steps),
-            "fake_score": Group(list(self.fake.parameters()), OptimConfig(lr=cfg.fake_lr, betas=cfg.betas)),
+                               loss=self.generator_loss, every=cfg.gen_every, start=cfg.fake_warmup_steps),
+            "fake_score": Group(list(self.fake.parameters()), OptimConfig(lr=cfg.fake_lr, betas=cfg.betas),
+                                loss=self.fake_score_loss),
         }
 
     def ema_default(self, batch: int) -> tuple[float, float | None]:
         """sid_train.py's default --ema 0.5 (Mimg) with the training loop's ramp-up ratio 0.05 (EDM's rule)."""
         return 500.0, 0.05
 
-    def loss(self, group: str, batch: Batch) -> dict[str, Tensor]:
+    def fake_score_loss(self, batch: Batch) -> dict[str, Tensor]:
         cfg = self.cfg
-        if group == "fake_score":
-            x_g, cond = self.generate_onestep(batch.size, batch.device, grad=False)
-            self.fake.train()
-            return {"loss": common.fake_score_loss(self.fake, x_g, cond, cfg.p_mean, cfg.p_std, self.augment_pipe)}
-        if group == "generator":
-            x_g, cond = self.generate_onestep(batch.size, batch.device, grad=True)
-            sigma = sid_sigma(batch.size, self.teacher, cfg.t_max, device=batch.device)
-            per_sample = sid_generator_loss(self.teacher, self.fake, x_g, sigma, cond, cfg.alpha,
-                                            dropout=cfg.teacher_dropout)
-            loss, dropped = drop_nonfinite_mean(per_sample)
-            return {"loss": cfg.loss_scale * loss, "dropped": dropped}
-        raise KeyError(f"unknown group {group!r}")
+        x_g, cond = self.generate_onestep(batch.size, batch.device, grad=False)
+        self.fake.train()
+        return {"loss": common.fake_score_loss(self.fake, x_g, cond, cfg.p_mean, cfg.p_std, self.augment_pipe)}
+
+    def generator_loss(self, batch: Batch) -> dict[str, Tensor]:
+        cfg = self.cfg
+        x_g, cond = self.generate_onestep(batch.size, batch.device, grad=True)
+        sigma = sid_sigma(batch.size, self.teacher, cfg.t_max, device=batch.device)
+        per_sample = sid_generator_loss(self.teacher, self.fake, x_g, sigma, cond, cfg.alpha,
+                                        dropout=cfg.teacher_dropout)
+        loss, dropped = drop_nonfinite_mean(per_sample)
+        return {"loss": cfg.loss_scale * loss, "dropped": dropped}
 
 
 def create(cfg: SiDConfig, teacher: Denoiser, data=None, loop=None) -> SiD:

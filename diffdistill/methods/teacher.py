@@ -1,14 +1,16 @@
 """Training a teacher: EDM's loss (Karras et al. 2022), or PD's VP loss with eps / v / x output.
 
-- `edm` (algorithms.md §1.2): ln sigma ~ N(P_mean, P_std^2), loss = lambda(sigma) ||D(y + n; sigma) - y||^2 with
-  lambda = (sigma^2 + sd^2)/(sigma sd)^2, summed over pixels and averaged over images (EDM's reduction). The
-  network is wrapped by `Precond(kind='edm')`; the export recipe is 18-step Heun (EDM Algorithm 2).
-- `vp` (§3.1-3.2): a VP network on the cosine logSNR schedule (t ~ U(0, 1), logSNR clipped to [-20, 20]) or the
-  linear VP-SDE schedule (t ~ U(1e-5, 1)), wrapped by `Precond(kind='cosine', prediction=eps|v|x)`. Loss on the
-  x-prediction with per-example means and the weighting of `dpm.py`: snr_trunc = max(x_mse, eps_mse) =
-  max(SNR, 1) x_mse, snr = eps_mse = SNR x_mse, v_mse = (1 + SNR) x_mse, constant = x_mse (identities at a
-  fixed z_t, §0), with SNR = 1/sigma^2 in EDM coordinates. Export: DDIM (= Euler, §1.5) on the schedule's grid.
-  Progressive distillation wants a v or x teacher (§3.1).
+- `edm` (Karras et al. 2022, Table 1; EDMLoss of the official training/loss.py): ln sigma ~ N(P_mean, P_std^2),
+  loss = lambda(sigma) ||D(y + n; sigma) - y||^2 with lambda = (sigma^2 + sd^2)/(sigma sd)^2, summed over pixels
+  and averaged over images (EDM's reduction). The network is wrapped by `Precond(kind='edm')`; the export recipe is
+  18-step Heun (EDM Algorithm 2).
+- `vp` (Salimans & Ho 2022; official schedules.py and config/cifar_base.py): a VP network on the cosine logSNR
+  schedule (t ~ U(0, 1), logSNR clipped to [-20, 20]) or the linear VP-SDE schedule (t ~ U(1e-5, 1)), wrapped by
+  `Precond(kind='cosine', prediction=eps|v|x)`. Loss on the x-prediction with per-example means and the weighting
+  of `dpm.py`: snr_trunc = max(x_mse, eps_mse) = max(SNR, 1) x_mse, snr = eps_mse = SNR x_mse, v_mse =
+  (1 + SNR) x_mse, constant = x_mse (identities at a fixed z_t, Salimans & Ho 2022, §4), with SNR = 1/sigma^2 in
+  EDM coordinates. Export: DDIM (= Euler in sigma, Song, Meng & Ermon 2021, §4.3) on the schedule's grid.
+  Progressive distillation wants a v or x teacher (Salimans & Ho 2022, §4).
 Class labels from the data set condition the network when it has `label_dim > 0`.
 """
 
@@ -16,7 +18,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +28,9 @@ from ..diffusion import param, schedules
 from ..diffusion.denoiser import Denoiser, Precond, PrecondConfig
 from ..diffusion.losses import edm_loss
 from ..errors import DiffdistillError, UsageError
+from ..presets import PRESETS, default_preset, int_list, network_options
 from .base import Batch, Group, Method, OptimConfig
+from .options import MethodConfig, add_config_arguments, config_from_namespace, option
 
 HELP = "train a diffusion model (the teacher) with EDM's loss or PD's VP loss (eps, v or x output)"
 NEEDS_DATA = True
@@ -38,7 +43,7 @@ WEIGHTINGS = ("snr_trunc", "snr", "v_mse", "constant")
 
 @dataclass
 class TeacherConfig:
-    """Loss and export settings of teacher training (defaults: EDM, algorithms.md §1.2-1.3)."""
+    """Loss and export settings of teacher training (defaults: EDM's, Karras et al. 2022, Table 1)."""
 
     loss: str = "edm"                  # edm | vp
     prediction: str = "eps"            # vp loss: what the network predicts: eps | v | x
@@ -79,7 +84,7 @@ def _check(cfg: TeacherConfig) -> None:
 
 
 def vp_training_sigma(n: int, cfg: TeacherConfig, device=None) -> Tensor:
-    """Training noise levels of the VP loss in EDM coordinates: t ~ U, sigma = exp(-logSNR(t)/2) (§3.1)."""
+    """Training noise levels of the VP loss in EDM coordinates: t ~ U, sigma = exp(-logSNR(t)/2) (PD's schedules.py)."""
     if cfg.schedule == "cosine":
         u = torch.rand(n, device=device, dtype=torch.float64)
         return param.edm_from_logsnr(schedules.cosine_logsnr(u, cfg.logsnr_min, cfg.logsnr_max)).float()
@@ -90,7 +95,8 @@ def vp_loss(denoiser: Denoiser, x: Tensor, cond: Tensor | None, cfg: TeacherConf
             sigma: Tensor | None = None) -> Tensor:
     """PD's VP loss per image [B]: weight(SNR) * mean_pixels (x_hat - x)^2 with z_t = alpha x + sigma_t eps.
 
-    In EDM coordinates x_sigma = z_t / alpha_t = x + sigma eps, so the denoiser sees x + sigma eps (§0)."""
+    In EDM coordinates x_sigma = z_t / alpha_t = x + sigma eps, so the denoiser sees x + sigma eps (Karras et al.
+    2022, Table 1, VP: s(t) = alpha_t)."""
     if sigma is None:
         sigma = vp_training_sigma(x.shape[0], cfg, x.device)
     s = param.append_dims(sigma, x)
@@ -120,7 +126,7 @@ class TeacherTraining(Method):
     def groups(self) -> dict[str, Group]:
         optim = self.cfg.optim or OptimConfig(lr=1e-3)
         return {"denoiser": Group(params=[p for p in self.denoiser.parameters() if p.requires_grad],
-                                  optim=optim, needs_data=True)}
+                                  optim=optim, loss=self.denoiser_loss, needs_data=True)}
 
     def ema_targets(self) -> dict[str, nn.Module]:
         return {"denoiser": self.denoiser}
@@ -135,7 +141,7 @@ class TeacherTraining(Method):
             onehot = onehot * keep
         return onehot
 
-    def loss(self, group: str, batch: Batch) -> dict[str, Tensor]:
+    def denoiser_loss(self, batch: Batch) -> dict[str, Tensor]:
         if batch.x is None:
             raise DiffdistillError("teacher training needs real data")
         cond = self._cond(batch)
@@ -145,7 +151,8 @@ class TeacherTraining(Method):
                                  p_mean=cfg.p_mean, p_std=cfg.p_std)
         else:
             per_image = vp_loss(self.denoiser, batch.x, cond, cfg)
-        # EDM: sum over pixels, mean over images; VP: per-example means, mean over images (§1.2, §3.3).
+        # EDM: sum over pixels, mean over images (EDM's training_loop.py); VP: per-example means, mean over images
+        # (PD's dpm.py, training_losses).
         return {"loss": per_image.mean()}
 
     def sampling_recipe(self) -> dict:
@@ -163,42 +170,127 @@ class TeacherTraining(Method):
 
 
 # --------------------------------------------------------------------------------------------------
-# Command line (`diffdistill train-teacher`)
+# The settings of `diffdistill train-teacher` and `diffdistill.train_teacher` (one dataclass, the flags generated)
+
+
+@dataclass
+class TrainTeacherConfig(MethodConfig):
+    """Teacher-training settings as the command line names them (`--pred`, `--warmup`, `--channel-mult`, ...; the
+    field name is the flag without dashes). None means "the preset's" (or, for --pred, v under the vp loss);
+    `resolve` fills those in, the one place both the command line and `diffdistill.train_teacher` take them from.
+    `loss_config()` is the method's TeacherConfig."""
+
+    preset: str | None = option(None, "network and loop settings (default: by data shape: toy for points, digits up "
+                                "to 8x8, mnist up to 28x28, else cifar10)", choices=tuple(PRESETS))
+    lr: float | None = option(None, "learning rate (default: the preset's)")
+    warmup: float | None = option(None, "linear learning-rate warm-up in kimg (default: the preset's)",
+                                  metavar="KIMG")
+    loss: str = option("edm", "edm (default) or vp (PD's cosine/linear VP loss)", choices=LOSSES)
+    pred: str | None = option(None, "vp loss: network output eps | v | x (default: v; PD recommends v or x)",
+                              choices=PREDICTIONS)
+    schedule: str = option("cosine", "vp loss: noise schedule", choices=VP_SCHEDULES)
+    weighting: str = option("snr_trunc", "vp loss: loss weighting", choices=WEIGHTINGS)
+    sigma_data: float | None = option(None, "edm: data standard deviation (default: the preset's, 0.5 for images)")
+    label_dropout: float = option(0.0, "probability of training a sample unconditionally (for classifier-free "
+                                  "guidance)")
+    sample_steps: int | None = option(None, "steps of the exported sampling recipe (edm: Heun, 18; vp: DDIM, 64)")
+    uncond: bool = option(False, "ignore the data set's class labels")
+    channels: int | None = option(None, "network: base channel count of a UNet (counts GroupNorm cannot split are "
+                                  "refused up front); width of the MLP (default: the preset's)")
+    # Sequence, not list: one command-line value '1,2,2' (not nargs), parsed by int_list
+    channel_mult: Sequence[int] | None = option(None, "network: UNet channel multiplier per resolution level, e.g. "
+                                                "1,2,2 (one level each)", metavar="M1,M2,...", parse=int_list)
+    blocks: int | None = option(None, "network: residual blocks per level (UNet), layers (MLP)")
+    attn: Sequence[int] | None = option(None, "network: UNet resolutions with self-attention, e.g. 16 or 8,16, or "
+                                        "none", metavar="R1,R2,...|none", parse=int_list)
+    dropout: float | None = option(None, "network: dropout probability in the residual blocks")
+
+    def resolve(self, teacher=None, loop=None, *, shape=None) -> TrainTeacherConfig:
+        """A copy with the preset-dependent defaults filled in (preset from the data's sample `shape` when not
+        given; lr, warmup, sigma_data from the preset; pred: v for the vp loss, eps for edm) and the values
+        checked. `teacher` and `loop` are unused (this trains a teacher; the loop comes from the preset)."""
+        preset_name = self.preset
+        if preset_name is None:
+            if shape is None:
+                raise UsageError("train-teacher: no preset and no data shape to choose one from")
+            preset_name = default_preset(tuple(shape))
+        self.check()
+        preset = PRESETS[preset_name]
+        lists = {name: _int_values(name, getattr(self, name)) for name in ("channel_mult", "attn")}
+        return replace(self, preset=preset_name, **lists,
+                       lr=self.lr if self.lr is not None else preset.lr,
+                       warmup=self.warmup if self.warmup is not None else preset.warmup_kimg,
+                       sigma_data=self.sigma_data if self.sigma_data is not None else preset.sigma_data,
+                       pred=(self.pred or "v") if self.loss == "vp" else "eps")
+
+    def check(self) -> None:
+        """UsageError for a value no preset makes valid (before any data is opened)."""
+        for value, allowed, flag in ((self.loss, LOSSES, "--loss"), (self.pred, (None, *PREDICTIONS), "--pred"),
+                                     (self.schedule, VP_SCHEDULES, "--schedule"),
+                                     (self.weighting, WEIGHTINGS, "--weighting")):
+            if value not in allowed:
+                raise UsageError(f"{flag} {value!r}: expected one of {', '.join(a for a in allowed if a)}")
+        if self.loss == "edm" and self.pred not in (None, "eps"):
+            raise UsageError("--pred applies to --loss vp (EDM's preconditioning fixes the output)")
+        if self.lr is not None and not self.lr > 0:
+            raise UsageError(f"--lr must be positive, got {self.lr}")
+        if self.warmup is not None and not self.warmup >= 0:
+            raise UsageError(f"--warmup must be 0 (none) or positive, got {self.warmup}")
+        if self.sigma_data is not None and not self.sigma_data > 0:
+            raise UsageError(f"--sigma-data must be positive, got {self.sigma_data}")
+        if not 0 <= self.label_dropout <= 1:
+            raise UsageError(f"--label-dropout must lie in [0, 1], got {self.label_dropout}")
+        if self.sample_steps is not None and not self.sample_steps >= 1:
+            raise UsageError(f"--sample-steps must be at least 1, got {self.sample_steps}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise UsageError(f"unknown preset {self.preset!r} (known: {', '.join(PRESETS)})")
+
+    def network_options(self) -> dict:
+        """The architecture overrides given (channels, channel_mult, blocks, attn, dropout), without unset ones."""
+        return network_options(self)
+
+    def loss_config(self) -> TeacherConfig:
+        """The method's TeacherConfig of these (resolved) settings, with the preset's gradient clipping."""
+        cfg = self.resolve()           # idempotent; a config without a preset needs resolve(shape=...) first
+        return TeacherConfig(loss=cfg.loss, prediction=cfg.pred, schedule=cfg.schedule, weighting=cfg.weighting,
+                             sigma_data=cfg.sigma_data, label_dropout=cfg.label_dropout,
+                             sample_steps=cfg.sample_steps,
+                             optim=OptimConfig(lr=cfg.lr, warmup_kimg=cfg.warmup,
+                                               grad_clip=PRESETS[cfg.preset].grad_clip))
+
+
+def _int_values(name: str, value) -> list[int] | None:
+    """channel_mult / attn as a list of ints: from a sequence or a '1,2,2' string (the Python API)."""
+    if value is None:
+        return None
+    flag = f"--{name.replace('_', '-')}"
+    try:
+        values = int_list(value) if isinstance(value, str) else [int(v) for v in value]
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"{flag} {value!r}: {e}") from None
+    if any(v < 1 for v in values):
+        raise UsageError(f"{flag} {value!r}: expected positive integers (or none: [])")
+    return values
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("teacher loss")
-    g.add_argument("--loss", choices=LOSSES, default="edm", help="edm (default) or vp (PD's cosine/linear VP loss)")
-    g.add_argument("--pred", choices=PREDICTIONS, default=None,
-                   help="vp loss: network output eps | v | x (default: v; PD recommends v or x)")
-    g.add_argument("--schedule", choices=VP_SCHEDULES, default="cosine", help="vp loss: noise schedule")
-    g.add_argument("--weighting", choices=WEIGHTINGS, default="snr_trunc", help="vp loss: loss weighting")
-    g.add_argument("--sigma-data", type=float, default=None,
-                   help="edm: data standard deviation (default: the preset's, 0.5 for images)")
-    g.add_argument("--label-dropout", type=float, default=0.0,
-                   help="probability of training a sample unconditionally (for classifier-free guidance)")
-    g.add_argument("--sample-steps", type=int, default=None,
-                   help="steps of the exported sampling recipe (edm: Heun, 18; vp: DDIM, 64)")
-    g.add_argument("--uncond", action="store_true", help="ignore the data set's class labels")
+    """`train-teacher`'s options of TrainTeacherConfig, generated from its fields."""
+    add_config_arguments(parser, TrainTeacherConfig, "teacher training (defaults: the preset's)")
 
 
-def build(args, teacher, data) -> TeacherTraining:
-    """The method for `diffdistill train-teacher` (teacher is unused: this trains one)."""
+def create(cfg: TrainTeacherConfig, data) -> TeacherTraining:
+    """The method for settings `cfg` on `data` (an opened data set): the preset's network (with cfg's
+    architecture overrides) for the data's shape, conditioned on its labels unless cfg.uncond."""
     from .. import presets
 
     if data is None:
         raise UsageError("train-teacher needs --data")
-    if args.loss == "edm" and args.pred not in (None, "eps"):
-        raise UsageError("--pred applies to --loss vp (EDM's preconditioning fixes the output)")
-    preset = presets.get_preset(args.preset)
-    label_dim = 0 if getattr(args, "uncond", False) else int(getattr(data, "label_dim", 0) or 0)
-    network = presets.build_network(preset, tuple(data.shape), label_dim, **presets.network_options(args))
-    warmup = getattr(args, "warmup", None)
-    optim = OptimConfig(lr=args.lr if args.lr is not None else preset.lr,
-                        warmup_kimg=warmup if warmup is not None else preset.warmup_kimg,
-                        grad_clip=preset.grad_clip)
-    cfg = TeacherConfig(loss=args.loss, prediction=(args.pred or "v") if args.loss == "vp" else "eps",
-                        schedule=args.schedule, weighting=args.weighting,
-                        sigma_data=args.sigma_data or preset.sigma_data, label_dropout=args.label_dropout,
-                        sample_steps=args.sample_steps, optim=optim)
-    return TeacherTraining.from_network(network, tuple(data.shape), label_dim, cfg)
+    cfg = cfg.resolve(shape=tuple(data.shape))
+    label_dim = 0 if cfg.uncond else int(getattr(data, "label_dim", 0) or 0)
+    network = presets.build_network(cfg.preset, tuple(data.shape), label_dim, **cfg.network_options())
+    return TeacherTraining.from_network(network, tuple(data.shape), label_dim, cfg.loss_config())
+
+
+def build(args, teacher, data) -> TeacherTraining:
+    """The method for `diffdistill train-teacher`'s parsed options (teacher is unused: this trains one)."""
+    return create(config_from_namespace(TrainTeacherConfig, args), data)

@@ -309,7 +309,7 @@ def load_feature_net(spec: str, inception: str | None = None, device="cpu",
 
 
 # A classifier whose held-out accuracy is below this is a poor feature network: `features train` warns. The
-# classifiers here exist for data Inception does not suit (8x8 digits, MNIST), where small CNNs reach 98-99.5%;
+# classifiers here exist for data Inception does not suit (8x8 digits, MNIST), where small CNNs reach well above 90%;
 # below 90% the features do not separate the classes well, so FID/KID/IS from them miss what makes a sample
 # look like one class or another (train longer, or use more data; natural images want Inception).
 POOR_ACCURACY = 0.9

@@ -1,9 +1,8 @@
-"""Exact metrics for analytic data (isotropic Gaussian mixtures, `teachers/analytic.py`; algorithms.md §7
-O13).
+"""Exact metrics for analytic data (isotropic Gaussian mixtures, `teachers/analytic.py`).
 
 With the true density known, samples are judged directly, without a feature network:
 - mode shares: the fraction of samples whose most responsible mode is k, against the true weight pi_k
-  (the mode-collapse detector of O13/O21: |share_k - pi_k| within a binomial CI);
+  (a mode-collapse detector, e.g. for the reverse-KL methods DI/DMD2/SiD: |share_k - pi_k| within a binomial CI);
 - the fraction of samples within 3 standard deviations of their mode, ||x - mu_k|| <= 3 s_k; for separated
   modes its true value is P(chi^2_D <= 9) (0.98889 in 2-D);
 - the mean negative log-likelihood under the true density (its true value is the entropy H(p), estimated here

@@ -101,8 +101,8 @@ ADM_PRESETS: dict[str, dict] = {
     # Tests: 8x8, two levels, 8-channel attention heads so that attention is exercised.
     "tiny": dict(model_channels=8, channel_mult=[1, 2], channel_mult_emb=2, num_blocks=1,
                  attn_resolutions=[4], dropout=0.0, channels_per_head=8),
-    # EDM's ImageNet-64 ADM (train.py --arch=adm): 295.90M parameters (1000 classes), FID 1.36 with EDM's
-    # stochastic sampler (511 NFE).
+    # EDM's ImageNet-64 ADM (train.py --arch=adm): 295.90M parameters (1000 classes); Karras et al. 2022 report
+    # FID 1.36 with EDM's stochastic sampler (511 NFE).
     "imagenet64": dict(model_channels=192, channel_mult=[1, 2, 3, 4], channel_mult_emb=4, num_blocks=3,
                        attn_resolutions=[32, 16, 8], dropout=0.10),
 }

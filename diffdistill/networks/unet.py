@@ -4,7 +4,8 @@ Equations", App. H) and the layers it shares with the ADM network of `adm.py`.
 Checkpoint compatibility is the one thing taken from EDM (Karras et al. 2022, "Elucidating the Design Space of
 Diffusion-Based Generative Models"): module names, parameter names and tensor shapes equal those of EDM's
 networks, so `diffdistill.teachers.edm` copies an EDM checkpoint tensor by tensor and GDD-I's name-based freezing
-(algorithms.md §5.3) selects the same layers. Structure and code are written here from the papers.
+(Zheng & Yang 2024; `--freeze` of the official GDD train.py) selects the same layers. Structure and code are
+written here from the papers.
 
 Backbone convention: `forward(x_in [B,C,H,W], c_noise [B], class_labels [B,L] one-hot or None,
 augment_labels [B,A] or None) -> [B,C_out,H,W]`; `config()` returns {'name': 'unet', **constructor kwargs}.
@@ -553,8 +554,8 @@ UNET_PRESETS: dict[str, dict] = {
     # 32x32 RGB on a CPU (a laptop-sized CIFAR-10 teacher): levels 32 -> 16 -> 8, ~1.26M parameters.
     "cifar10-small": dict(model_channels=32, channel_mult=[1, 2, 2], channel_mult_emb=4, num_blocks=1,
                           attn_resolutions=[8], dropout=0.1),
-    # EDM's DDPM++ CIFAR-10 config (train.py --arch=ddpmpp, algorithms.md §1.3): 55.73M parameters
-    # (unconditional, no augment labels); FID 1.79 cond / 1.97 uncond with EDM training and 18-step Heun.
+    # EDM's DDPM++ CIFAR-10 config (EDM's train.py --arch=ddpmpp): 55.73M parameters (unconditional, no augment
+    # labels); Karras et al. 2022 report FID 1.79 cond / 1.97 uncond with EDM training and 18-step Heun.
     "cifar10": dict(model_channels=128, channel_mult=[2, 2, 2], channel_mult_emb=4, num_blocks=4,
                     attn_resolutions=[16], dropout=0.13, embedding_type="positional", channel_mult_noise=1,
                     encoder_type="standard", decoder_type="standard", resample_filter=[1, 1]),

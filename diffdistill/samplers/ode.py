@@ -125,7 +125,7 @@ def x0_clipper(clip_denoised: bool | float = False, dynamic_threshold: float | N
 def sample_euler(denoiser, noise, sigmas, *, cond=None, generator=None, callback=None,
                  clip_denoised: bool | float = False, clip_keeps_eps: bool = False,
                  dynamic_threshold: float | None = None, threshold_max: float = 1.0):
-    """Euler steps of dx/dsigma = (x - D)/sigma. Equals deterministic DDIM (algorithms.md §1.5, O7).
+    """Euler steps of dx/dsigma = (x - D)/sigma. Equals deterministic DDIM (Song, Meng & Ermon 2021, §4.3).
 
     clip_denoised: clip D to [-1, 1] (or [-c, c]) at every step. The step is then D_c + (s'/s)(x - D_c), i.e.
     eps is recomputed from the clipped x-hat: the official PD sampler (`dpm.py: _run_model(clip_x=True)`,

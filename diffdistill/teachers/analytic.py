@@ -1,4 +1,4 @@
-"""Analytic teachers: exact denoisers of Gaussians and isotropic Gaussian mixtures (algorithms.md §7 B, O13).
+"""Analytic teachers: exact denoisers of Gaussians and isotropic Gaussian mixtures (Tweedie's formula).
 
 For p = sum_k pi_k N(mu_k, s_k^2 I), the noised density is p_sigma = sum_k pi_k N(mu_k, (s_k^2 + sigma^2) I) and
 the exact denoiser is D*(x; sigma) = sum_k r_k(x) [mu_k + s_k^2/(s_k^2+sigma^2) (x - mu_k)], with the

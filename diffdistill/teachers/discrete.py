@@ -1,7 +1,7 @@
 """Discrete-time VP teachers (DDPM / DDIM checkpoints) as denoisers in EDM sigma space.
 
 A DDPM-style model predicts eps, v or x0 from `z_t = sqrt(abar_t) x + sqrt(1 - abar_t) eps` at an integer
-timestep t in 0..T-1. In EDM coordinates (algorithms.md §0) timestep t is the noise level
+timestep t in 0..T-1. In EDM coordinates (Karras et al. 2022, Table 1) timestep t is the noise level
 
     sigma_t = sqrt((1 - abar_t) / abar_t)          (so abar_t = 1 / (1 + sigma_t^2)),
 
@@ -17,7 +17,7 @@ The output is converted to x0 with `diffusion.param` (eps: Ho et al. 2020 Eq. 15
 
 Samplers can run on the teacher's own timesteps: `ddim_timesteps` reproduces diffusers'
 `DDIMScheduler.set_timesteps` (and `DDPMScheduler`'s), and `discrete_sigmas_for` turns such a timestep list into
-an EDM sigma grid ending in 0. Deterministic DDIM is then `samplers.sample_euler` on that grid (algorithms.md §1.5:
+an EDM sigma grid ending in 0. Deterministic DDIM is then `samplers.sample_euler` on that grid (DDIM paper, §4.3:
 a DDIM step in VP form is one Euler step on `x = z / alpha` followed by multiplication by alpha).
 
 The VP prior: diffusers (and DDPM/DDIM) start from `z_T ~ N(0, I)` at the first timestep, i.e. from
@@ -86,7 +86,7 @@ class DiscreteVPDenoiser(Denoiser):
         if abar.numel() < 2 or not bool(((abar > 0) & (abar < 1)).all()) or not bool((abar[1:] < abar[:-1]).all()):
             raise DiffdistillError("alphas_cumprod must be strictly decreasing with values in (0, 1) "
                                    "(a zero-terminal-SNR schedule has no finite EDM sigma at its last timestep)")
-        # sigma_t = sqrt((1 - abar_t) / abar_t): ascending in t (algorithms.md §0, oracle O4)
+        # sigma_t = sqrt((1 - abar_t) / abar_t): ascending in t (DDPM's linear betas: 0.0100005 ... 157.407)
         sigmas = ((1 - abar) / abar).sqrt()
         super().__init__(shape, float(sigmas[0]), float(sigmas[-1]), sigma_data, label_dim)
         self.model = model

@@ -6,7 +6,8 @@ constructors (tensor/storage rebuilders, OrderedDict, numpy scalars/arrays, torc
 persistence entry point `torch_utils.persistence._reconstruct_persistent_obj` is replaced by a stub that
 records the class name, the constructor arguments and the object state, and ignores the embedded source.
 From those records we rebuild our own `UNet` / `ADMUNet` and `Precond` with the same arguments, copy every
-tensor (no missing, no unexpected, equal shapes: algorithms.md §1.6) and save a safetensors + JSON snapshot.
+tensor (no missing, no unexpected, equal shapes: EDM's own `misc.copy_params_and_buffers(require_all=False)`
+silently skips mismatched names) and save a safetensors + JSON snapshot.
 The conversion happens once; training and sampling never read a pickle.
 """
 
@@ -253,7 +254,7 @@ def _as_json(value):
 
 
 def _precond_config(record: PersistentRecord, path: Path) -> PrecondConfig:
-    """Our PrecondConfig for an EDM EDMPrecond / VPPrecond / VEPrecond (algorithms.md §1.1).
+    """Our PrecondConfig for an EDM EDMPrecond / VPPrecond / VEPrecond (Karras et al. 2022, Table 1).
 
     The supported range is EDM's sampler default [0.002, 80] clamped to the wrapper's own range, as
     generate.py does (sigma_min = max(0.002, net.sigma_min), sigma_max = min(80, net.sigma_max)).
@@ -329,7 +330,8 @@ def denoiser_from_edm_pickle(path: str | Path, key: str = "ema") -> tuple[Precon
                                f"({_line(e)})") from None
     denoiser = Precond(backbone, (channels, res, res), label_dim, precond)
 
-    # Copy every tensor: EDM's `model.X` is our `backbone.X`; any mismatch is an error (algorithms.md §1.6).
+    # Copy every tensor: EDM's `model.X` is our `backbone.X`; any mismatch is an error (EDM's own copy with
+    # require_all=False would skip it silently).
     source = _module_state(top, path)
     renamed = {("backbone." + k[len("model."):] if k.startswith("model.") else k): v
                for k, v in source.items()}

@@ -1,4 +1,4 @@
-"""Exponential moving average of networks with EDM's half-life rule (algorithms.md §1.3).
+"""Exponential moving average of networks with EDM's half-life rule (official training_loop.py).
 
 beta = 0.5 ** (batch / max(h, 1e-8)),  h = min(halflife_img, rampup * nimg)  (rampup None: h = halflife_img),
 then p_ema <- lerp(p, p_ema, beta) after every optimiser step. Buffers are copied as they are.

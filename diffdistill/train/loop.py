@@ -2,9 +2,10 @@
 
 Per step: `milestone` -> `begin_step` -> for every group due this step (`step >= start` and `step % every == 0`),
 in order:
-accumulate the gradients of `batch / (batch_gpu * world)` micro-batches (averaged over ranks by DDP), pass
-them through nan_to_num (EDM), clip, and step that group's optimiser -> EMA (EDM half-life rule) -> ticks
-(stats.jsonl, TensorBoard), sample grids, snapshots, evaluation, checkpoints. Progress is counted in images.
+accumulate the gradients of the group's loss (`Group.loss`) over `batch / (batch_gpu * world)` micro-batches
+(averaged over ranks by DDP), pass them through nan_to_num (EDM), clip, and step that group's optimiser -> EMA
+(EDM half-life rule) -> ticks (stats.jsonl, TensorBoard), sample grids, snapshots, evaluation, checkpoints.
+Progress is counted in images.
 
 What a run directory holds for sampling: RUN/model/ (the EMA export, written when the run finishes), RUN/latest/
 (the same export, written when the run is interrupted, deleted when it finishes or starts over; so when it exists it
@@ -193,14 +194,16 @@ _NO_BUFFER_SYNC = (dict(forward_sync_buffers=False)
 
 
 class _LossCall(nn.Module):
-    """Routes `method.loss` through one module, so that DDP sees every network a loss touches."""
+    """Routes every group's loss (`Group.loss`) through one module's forward, so that DDP sees every network a
+    loss touches (the method is its submodule)."""
 
-    def __init__(self, method: Method):
+    def __init__(self, method: Method, groups: dict[str, Group]):
         super().__init__()
         self.method = method
+        self.losses = {name: g.loss for name, g in groups.items()}
 
     def forward(self, group: str, batch: Batch):
-        return self.method.loss(group, batch)
+        return self.losses[group](batch)
 
 
 class _StopFlag:
@@ -248,6 +251,9 @@ def _check_groups(method: Method, groups: dict[str, Group]) -> None:
             raise DiffdistillError(f"group {name!r}: start must be >= 0, got {g.start}")
         if g.extra_every < 0:
             raise DiffdistillError(f"group {name!r}: extra_every must be >= 0, got {g.extra_every}")
+        if not callable(g.loss):
+            raise DiffdistillError(f"group {name!r} of method {method.name!r} names no loss function "
+                                   f"(Group(loss=...)), got {g.loss!r}")
         for p in g.params:
             if id(p) in seen:
                 raise DiffdistillError(f"a parameter is in both groups {seen[id(p)]!r} and {name!r}")
@@ -312,7 +318,7 @@ class _Run:
             else:
                 self.restore(*loaded)
         self.stats = StatsWriter(self.run_dir, cfg.tensorboard) if self.main else None
-        self.loss_call: nn.Module = _LossCall(method)
+        self.loss_call: nn.Module = _LossCall(method, self.groups)
         if self.world > 1:
             self.loss_call = self._wrap_ddp(self.loss_call)
         self.batches = self._data_iter() if self.needs_data else None
