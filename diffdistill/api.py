@@ -123,7 +123,6 @@ def distill(method: str, teacher, data=None, out: str | Path | None = None, *, l
     callback = callback or _no_callback
     from . import methods
     from .methods.options import make_config
-    from .train.loop import train
 
     spec = methods.get(method)
     if loop is not None and out is not None and str(out) != str(loop.out):
@@ -158,12 +157,19 @@ def distill(method: str, teacher, data=None, out: str | Path | None = None, *, l
         if loop.best_metric is None:
             loop = replace(loop, best_metric=spec.best_metric, best_mode="min",
                            eval_kimg=loop.eval_kimg or max(loop.total_kimg / 10, 1e-3))
-    result = train(built, loop, data, evaluate=evaluate)
+    return _train(built, loop, data, evaluate, callback, cfg, DistillResult)
+
+
+def _train(method, loop, data, evaluate, callback, cfg, result_type):
+    """The loop, then the run as `result_type` (the exported model: RUN/model, or RUN/latest if interrupted)."""
+    from .train.loop import train
+
+    result = train(method, loop, data, evaluate=evaluate)
     callback("result", result)
     model = result.get("model") or result.get("latest")
-    return DistillResult(run=Path(result["run_dir"]), model=Path(model) if model else None,
-                         interrupted=bool(result.get("interrupted")), step=result["step"], nimg=result["nimg"],
-                         config=cfg, best=result.get("best"))
+    return result_type(run=Path(result["run_dir"]), model=Path(model) if model else None,
+                       interrupted=bool(result.get("interrupted")), step=result["step"], nimg=result["nimg"],
+                       config=cfg, best=result.get("best"))
 
 
 def _no_callback(event: str, obj) -> None:
@@ -255,7 +261,7 @@ def train_teacher(data, out: str | Path | None = None, *, preset: str | None = N
     callback = callback or _no_callback
     from .methods.options import make_config
     from .methods.teacher import TrainTeacherConfig
-    from .train.loop import TrainConfig, train
+    from .train.loop import TrainConfig
 
     if preset is not None:
         settings["preset"] = preset
@@ -283,9 +289,4 @@ def train_teacher(data, out: str | Path | None = None, *, preset: str | None = N
     callback("method", method)
     if evaluate is not None and not loop.eval_kimg:
         loop = replace(loop, eval_kimg=max(loop.total_kimg / 10, 1e-3))
-    result = train(method, loop, data, evaluate=evaluate)
-    callback("result", result)
-    model = result.get("model") or result.get("latest")
-    return TeacherResult(run=Path(result["run_dir"]), model=Path(model) if model else None,
-                         interrupted=bool(result.get("interrupted")), step=result["step"], nimg=result["nimg"],
-                         config=cfg, best=result.get("best"))
+    return _train(method, loop, data, evaluate, callback, cfg, TeacherResult)
