@@ -135,6 +135,16 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], w
 # Rebuilding denoisers from their JSON config
 
 _BUILDERS: dict[str, Callable[[dict], torch.nn.Module]] = {}
+# The library's own denoiser types: config['type'] -> "module:function" that rebuilds it, imported when a config
+# of that type is first rebuilt (so no import elsewhere has to happen first); `register_builder` adds your own.
+BUILTIN_BUILDERS = {
+    "precond": "diffdistill.networks:build_precond",
+    "boundary": "diffdistill.diffusion.denoiser:build_boundary",
+    "kd-onestep": "diffdistill.methods.kd:build_paper_student",
+    "cfg": "diffdistill.teachers.guidance:build_cfg",
+    "gmm": "diffdistill.teachers.analytic:build_gmm",
+    "diffusers": "diffdistill.teachers.diffusers:build_diffusers",
+}
 
 
 def register_builder(type_name: str):
@@ -147,12 +157,15 @@ def register_builder(type_name: str):
 
 def build_denoiser(config: dict):
     """Rebuild a denoiser (random or empty weights) from its `config()`."""
-    from . import networks, teachers  # noqa: F401  (registers builders)
-    from .methods import kd  # noqa: F401  (registers 'kd-onestep', the paper's student of eps teachers)
+    import importlib
 
     kind = config.get("type")
+    if kind not in _BUILDERS and kind in BUILTIN_BUILDERS:
+        module, name = BUILTIN_BUILDERS[kind].split(":")
+        _BUILDERS[kind] = getattr(importlib.import_module(module), name)
     if kind not in _BUILDERS:
-        raise DiffdistillError(f"unknown denoiser type {kind!r} in config (known: {sorted(_BUILDERS)})")
+        raise DiffdistillError(f"unknown denoiser type {kind!r} in config (known: "
+                               f"{sorted({*_BUILDERS, *BUILTIN_BUILDERS})})")
     return _BUILDERS[kind](config)
 
 

@@ -204,7 +204,8 @@ class BoundaryDenoiser(Denoiser):
         return dict(type="boundary", sigma_min=self.sigma_min, denoiser=self.denoiser.config())
 
 
-def _build_boundary(config: dict) -> BoundaryDenoiser:
+def build_boundary(config: dict) -> BoundaryDenoiser:
+    """A `BoundaryDenoiser` from its config (io.BUILTIN_BUILDERS['boundary'])."""
     from ..errors import DiffdistillError
     from ..io import build_denoiser
 
@@ -212,10 +213,3 @@ def _build_boundary(config: dict) -> BoundaryDenoiser:
         raise DiffdistillError("a 'boundary' denoiser config needs 'denoiser'")
     return BoundaryDenoiser(build_denoiser(config["denoiser"]), config.get("sigma_min"))
 
-
-def _register() -> None:
-    from ..io import register_builder
-    register_builder("boundary")(_build_boundary)
-
-
-_register()

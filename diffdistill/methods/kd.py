@@ -35,7 +35,7 @@ from ..data import pairs as P
 from ..diffusion import param
 from ..diffusion.denoiser import Denoiser
 from ..errors import DiffdistillError, UsageError
-from ..io import build_denoiser, register_builder
+from ..io import build_denoiser
 from ..validate import MAX_BATCH, count_value, seed_value
 from . import MethodSpec, common, kd_pairs
 from .base import Batch, Group, Method, OptimConfig, Recipe, halflife_from_decay
@@ -181,8 +181,7 @@ class PaperStudent(Denoiser):
         return dict(type="kd-onestep", level=self.level, denoiser=self.net.config())
 
 
-@register_builder("kd-onestep")
-def _build_paper_student(config: dict) -> PaperStudent:
+def build_paper_student(config: dict) -> PaperStudent:
     if "denoiser" not in config or "level" not in config:
         raise DiffdistillError("a 'kd-onestep' denoiser config needs 'denoiser' and 'level'")
     return PaperStudent(build_denoiser(config["denoiser"]), float(config["level"]))

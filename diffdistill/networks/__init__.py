@@ -40,15 +40,9 @@ def build_network(config: dict):
     return cls(**config)
 
 
-def _build_precond(config: dict):
+def build_precond(config: dict):
+    """A `Precond` denoiser from its config (io.BUILTIN_BUILDERS['precond'])."""
     from ..diffusion.denoiser import Precond, PrecondConfig
     net = build_network(config["network"])
     return Precond(net, config["shape"], config.get("label_dim", 0), PrecondConfig(**config["precond"]))
 
-
-def _register():
-    from ..io import register_builder
-    register_builder("precond")(_build_precond)
-
-
-_register()

@@ -15,7 +15,6 @@ from torch import Tensor
 
 from ..diffusion.denoiser import Denoiser
 from ..errors import DiffdistillError
-from ..io import register_builder
 from ..schema import GMM_SPEC, load_json
 
 TOY_SPECS = {"ring8": "eight isotropic 2-D Gaussians on the unit circle, std 0.1, equal weights"}
@@ -96,8 +95,7 @@ def Gaussian(mean, std, **kwargs) -> GaussianMixture:
     return GaussianMixture(torch.as_tensor(mean, dtype=torch.float64)[None], [float(std)], [1.0], **kwargs)
 
 
-@register_builder("gmm")
-def _build_gmm(config: dict) -> GaussianMixture:
+def build_gmm(config: dict) -> GaussianMixture:
     return GaussianMixture(config["means"], config["stds"], config["weights"], config.get("sigma_min", 0.002),
                            config.get("sigma_max", 80.0), config.get("name"))
 

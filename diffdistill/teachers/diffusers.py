@@ -28,7 +28,7 @@ from torch import Tensor
 from ..diffusion.schedules import ddpm_alphas_cumprod
 from ..errors import DiffdistillError
 from ..guard import check_alloc, check_finite, lexists, read_bytes, regular_file
-from ..io import BuildErrors, load_state_strict, load_tensors, register_builder, save_snapshot
+from ..io import BuildErrors, load_state_strict, load_tensors, save_snapshot
 from ..schema import DIFFUSERS_SCHEDULER, DIFFUSERS_UNET, SHARD_INDEX, check, load_json, parse_json
 from .discrete import PREDICTIONS, DiscreteVPDenoiser, ddim_timesteps, discrete_sigmas_for
 
@@ -342,8 +342,7 @@ def load_diffusers(path, device="cpu", timestep_rule: str = "nearest", null_clas
     return den.to(device).eval().requires_grad_(False)
 
 
-@register_builder("diffusers")
-def _build_diffusers(config: dict) -> DiffusersDenoiser:
+def build_diffusers(config: dict) -> DiffusersDenoiser:
     """Random-weight architecture from an embedded UNet config; or, with only `path`, the model read from it."""
     if "unet" not in config:
         if not config.get("path"):

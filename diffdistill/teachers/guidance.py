@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..diffusion.denoiser import Denoiser
 from ..errors import DiffdistillError
-from ..io import build_denoiser, register_builder
+from ..io import build_denoiser
 
 
 class CFGDenoiser(Denoiser):
@@ -42,8 +42,7 @@ class CFGDenoiser(Denoiser):
         return dict(type="cfg", scale=self.scale, denoiser=self.denoiser.config())
 
 
-@register_builder("cfg")
-def _build_cfg(config: dict) -> CFGDenoiser:
+def build_cfg(config: dict) -> CFGDenoiser:
     if "denoiser" not in config or "scale" not in config:
         raise DiffdistillError("a 'cfg' denoiser config needs 'denoiser' and 'scale'")
     return CFGDenoiser(build_denoiser(config["denoiser"]), float(config["scale"]))
