@@ -531,7 +531,8 @@ def _note(plan: DataPlan, teacher: dict | None) -> str:
              f"({fmt(teacher.get('kimg')) if teacher else '?'} kimg). ")
     quality = (f"Quality: sliced W2 of {plan.n_eval:,} samples to exact samples, every {fmt(plan.eval_kimg)} kimg "
                "(snapshots)" if plan.kind == "ring" else
-               f"Quality: FID of {plan.n_eval:,} samples in {plan.features}-classifier features (not Inception) "
+               f"Quality: FID of {plan.n_eval:,} samples in the features of {_features_name(plan.features)} "
+               "(not Inception) "
                f"against the whole data set, measured during training every {fmt(plan.eval_kimg)} kimg "
                "(`--metrics fid`)")
     recipe = ("`diffdistill distill METHOD --recipe converged` (the short-run settings at the converged budgets"
@@ -542,6 +543,11 @@ def _note(plan: DataPlan, teacher: dict | None) -> str:
             "the snapshot with the best value during training; 'reported': best for the GAN-like methods (GDD, "
             "DMD2, as their papers select), last for the others. Teacher evals = images through the teacher "
             "(KD: its pairs; GDD: none); student updates = optimiser steps of the exported network x batch.")
+
+
+def _features_name(spec: str) -> str:
+    """A feature network spec as the report names it: 'the digits classifier', or the classifier file's name."""
+    return f"the {spec} classifier" if "/" not in spec and "." not in spec else f"the classifier {Path(spec).name}"
 
 
 # What holds back a goal not met, as measured when the recipes were chosen (2026-12-02, CPU): shown beside the goal
