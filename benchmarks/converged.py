@@ -293,11 +293,6 @@ def _eval_curve(run_dir: Path) -> list[tuple[float, float]]:
     return out
 
 
-def _best_kimg(run_dir: Path) -> float | None:
-    meta = json.loads((run_dir / "best" / "model.json").read_text()).get("meta", {})
-    return meta.get("kimg")
-
-
 def _scorer(ctx: Context, plan: DataPlan):
     from .quality import ImageScorer, ToyScorer
 

@@ -273,10 +273,6 @@ AUGMENT_HELP = (f"EDM augmentation probability of the fake score's samples (0: n
                 "with it, else 0; needs image teachers)")
 
 
-def add_augment_argument(group) -> None:
-    group.add_argument("--augment", type=float, default=None, metavar="P", help=AUGMENT_HELP)
-
-
 # --------------------------------------------------------------------------------------------------
 # Two denoisers on the same input with the same dropout masks (Diff-Instruct's generator update, official
 # `training/di_loss.py: DI_EDMLoss.gloss`)
@@ -392,10 +388,6 @@ ANALYTIC_FAKE_WARMUP = 300  # fresh fake scores of analytic teachers fit the gen
 
 FAKE_WARMUP_HELP = (f"steps that train only the fake score first (default 0; {ANALYTIC_FAKE_WARMUP} for analytic "
                     "teachers, whose fake score starts as a fresh network)")
-
-
-def add_fake_warmup_argument(group) -> None:
-    group.add_argument("--fake-warmup-steps", type=int, default=None, help=FAKE_WARMUP_HELP)
 
 
 def fake_warmup_steps(value: int | None, teacher: Denoiser) -> int:

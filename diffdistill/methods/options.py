@@ -171,8 +171,3 @@ def make_config(cls, overrides: dict, what: str = "") -> MethodConfig:
                          f"(known: {', '.join(sorted(known))})")
     hints = _hints(cls)
     return cls(**{k: _convert(hints[k], v) for k, v in overrides.items()})
-
-
-def config_dict(cfg: MethodConfig) -> dict:
-    """The settings as a JSON-able dict (tuples as lists)."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
