@@ -60,28 +60,28 @@ def build_method(spec, cfg, teacher, data, loop):
     return spec.create(cfg, teacher, data, loop), cfg
 
 
-def recipe_settings(spec, name: str, teacher=None, loop=None) -> dict:
+def recipe_sources(spec) -> dict[str, str]:
+    """The recipes of a method, name -> where its values come from: its papers' and the library's."""
+    from .methods.recipes import LIBRARY
+
+    return {**{name: r.source for name, r in spec.recipes.items()}, **LIBRARY}
+
+
+def recipe_settings(spec, name: str, teacher=None, kimg: float = DEFAULT_KIMG, batch: int = DEFAULT_BATCH) -> dict:
     """A recipe of `spec` as a dict of settings (config fields and the loop's LOOP_RECIPE_KEYS): one of its papers'
     (`spec.recipes`), `converged` or `short` (the library's, methods/recipes.py: for the teacher's kind, and
-    `short` for the run's length and batch)."""
+    `short` for a run of `kimg` at `batch`). The command line and the Python API both read recipes here."""
     from .methods import common, recipes
 
-    if name in ("short", "converged"):
+    if name in recipes.LIBRARY:
         kind = "ring" if common.is_weightless(teacher) else "image"
         if name == "converged":
             return recipes.converged_settings(spec.name, kind)
-        kimg, batch = (loop.total_kimg, loop.batch) if loop is not None else (DEFAULT_KIMG, DEFAULT_BATCH)
         return recipes.short_run_settings(spec.name, kind, kimg, batch)
     if name not in spec.recipes:
-        known = ", ".join(sorted([*spec.recipes, "converged", "short"]))
-        raise UsageError(f"{spec.name} has no recipe {name!r} (known: {known})")
+        raise UsageError(f"{spec.name} has no recipe {name!r} (known: {', '.join(sorted(recipe_sources(spec)))})")
     options = spec.recipes[name].options
-    if callable(options):             # a recipe that depends on the teacher (SiD's CIFAR-10 length)
-        options = options(None, teacher)
-    if not isinstance(options, dict):
-        raise UsageError(f"{spec.name} recipe {name!r} is written as command-line options: use `diffdistill "
-                         f"distill {spec.name} --recipe {name}`")
-    return dict(options)
+    return dict(options(teacher) if callable(options) else options)   # callable: SiD's CIFAR-10 length
 
 
 @dataclass
@@ -132,7 +132,8 @@ def distill(method: str, teacher, data=None, out: str | Path | None = None, *, l
 
         teacher = load_teacher(str(teacher), device=(loop.device if loop else None) or device or _default_device())
     callback("teacher", teacher)
-    overrides = recipe_settings(spec, recipe, teacher, loop) if recipe else {}
+    run = dict(kimg=loop.total_kimg, batch=loop.batch) if loop is not None else {}
+    overrides = recipe_settings(spec, recipe, teacher, **run) if recipe else {}
     loop_overrides = {k: overrides.pop(k) for k in list(overrides) if k in LOOP_RECIPE_KEYS}
     data_overrides = {k: overrides.pop(k) for k in list(overrides) if k in DATA_RECIPE_KEYS}
     overrides.update(settings)

@@ -112,7 +112,7 @@ def test_recipes_are_settings_for_both_ways_in(tmp_path):
 
     ring = ring8()
     spec = methods.get("di")
-    short = recipe_settings(spec, "short", ring, distill_loop(out="o", total_kimg=12.8, batch=64))
+    short = recipe_settings(spec, "short", ring, kimg=12.8, batch=64)
     assert short["gen_lr"] == 2e-3 and short["fake_warmup_steps"] == 50 and short["ema_halflife_kimg"] == 1.28
     paper = recipe_settings(spec, "cifar10")
     assert paper["gen_lr"] == 1e-5 and paper["batch"] == 128 and paper["total_kimg"] == 200000

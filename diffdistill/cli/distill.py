@@ -11,7 +11,6 @@ import sys
 
 from ..errors import UsageError
 from ..methods import names as method_names
-from ..methods.base import Recipe
 from .common import (
     add_loop_arguments,
     check_loop_arguments,
@@ -64,10 +63,10 @@ examples:
 
 def with_recipe(args, teacher):
     """`args` re-parsed with the recipe's options placed before the user's own (so the user's win)."""
-    recipe = method_recipes(args.method_module)[args.recipe]
-    options = recipe.options(args, teacher) if callable(recipe.options) else recipe.options
-    if isinstance(options, dict):
-        options = recipe_argv(args.method_module, options)
+    from ..api import recipe_settings
+
+    settings = recipe_settings(_spec(args.method_module), args.recipe, teacher, args.kimg, args.batch)
+    options = recipe_argv(args.method_module, settings)
     argv = list(getattr(args, "argv", None) or [])
     if "distill" not in argv:
         raise UsageError("--recipe needs the command line it was given with (call diffdistill.cli.main.main)")
@@ -79,37 +78,12 @@ def with_recipe(args, teacher):
     return new
 
 
-def _kind(teacher) -> str:
-    from ..methods.common import is_weightless
+def method_recipes(name: str) -> dict[str, str]:
+    """The recipes of a method, name -> where its values come from: its papers' (`MethodSpec.recipes`), `short`
+    and `converged`."""
+    from ..api import recipe_sources
 
-    return "ring" if is_weightless(teacher) else "image"
-
-
-def _short_options(args, teacher) -> list[str]:
-    from ..methods.recipes import short_run_options
-
-    return short_run_options(args.method_module, _kind(teacher), args.kimg, args.batch)
-
-
-SHORT = Recipe(source="diffdistill's short-run settings for runs of 10^2-10^3 steps on small teachers "
-                      "(diffdistill.methods.recipes; the demo and benchmarks use them)", options=_short_options)
-
-
-def _converged_options(args, teacher) -> list[str]:
-    from ..methods.recipes import converged_options
-
-    return converged_options(args.method_module, _kind(teacher))
-
-
-CONVERGED = Recipe(source="the budget (--kimg, --batch) and settings at which the method's one-step student stopped "
-                          "improving on the ring or sklearn digits (BENCHMARKS.md section 4); your --kimg/--batch "
-                          "win, the short-run settings stay those of the recipe's budget",
-                   options=_converged_options)
-
-
-def method_recipes(name: str) -> dict[str, Recipe]:
-    """The recipes of a method: its papers' (`RECIPES` of its module), `short` and `converged`."""
-    return {**_spec(name).recipes, "short": SHORT, "converged": CONVERGED}
+    return recipe_sources(_spec(name))
 
 
 def recipe_argv(name: str, options: dict) -> list[str]:
@@ -157,7 +131,7 @@ def register(subparsers) -> None:
         g = mp.add_argument_group("recipes and students")
         g.add_argument("--recipe", choices=sorted(recipes) or None, default=None,
                        help="a named set of options, placed before yours (yours win): "
-                            + "; ".join(f"{k}: {r.source}" for k, r in sorted(recipes.items())))
+                            + "; ".join(f"{k}: {source}" for k, source in sorted(recipes.items())))
         add_config_arguments(mp, spec.config, spec.title or name)
         mp.set_defaults(func=run, method_module=name)
 

@@ -60,10 +60,9 @@ class Recipe:
     caller's keyword arguments."""
 
     source: str                   # where the values come from (paper section, official script)
-    options: dict | tuple[str, ...] | Callable  # config field -> value, plus the loop's total_kimg, batch and
-    #                                 ema_halflife_kimg (e.g. dict(gen_lr=1e-5, batch=128)); or (older form)
-    #                                 command-line options; or a function (args, teacher) -> options (args is
-    #                                 None when the Python API calls it: depend on the teacher only)
+    options: dict | Callable      # config field -> value, plus the loop's total_kimg, batch and ema_halflife_kimg
+    #                               and the data's xflip (e.g. dict(gen_lr=1e-5, batch=128)); or a function
+    #                               teacher -> such a dict, for a recipe that depends on the teacher
 
 
 @dataclass

@@ -17,6 +17,14 @@ from __future__ import annotations
 from ..errors import UsageError
 
 KINDS = ("ring", "image")
+# The library's recipes, offered for every method beside its papers' (`--recipe NAME`), with where they come from.
+LIBRARY = {
+    "short": "diffdistill's short-run settings for runs of 10^2-10^3 steps on small teachers "
+             "(diffdistill.methods.recipes; the demo and benchmarks use them)",
+    "converged": "the budget (--kimg, --batch) and settings at which the method's one-step student stopped "
+                 "improving on the ring, sklearn digits or MNIST-16 (BENCHMARKS.md section 4); your --kimg/--batch "
+                 "win, the short-run settings stay those of the recipe's budget",
+}
 LOOP_FLAGS = {"total_kimg": "--kimg", "batch": "--batch", "ema_halflife_kimg": "--ema"}
 
 # The converged recipes: per teacher kind and method, the budget at which the one-step student's quality stopped

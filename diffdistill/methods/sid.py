@@ -38,7 +38,7 @@ EMA_HELP = ("EMA half-life of the generator in kimg (default: SiD's, 500 kimg wi
 _SID_COMMON = dict(alpha=1.2, t_max=800.0, init_sigma=2.5, loss_scale=100.0, gen_beta1=0.0)
 
 
-def _cifar10_options(args, teacher) -> dict:
+def _cifar10_options(teacher) -> dict:
     """run_sid.sh 'cifar10-uncond' / 'cifar10-cond': 500 Mimg, or 800 Mimg for the class-conditional teacher."""
     return dict(batch=256, total_kimg=800000 if teacher.label_dim > 0 else 500000, gen_lr=1e-5, fake_lr=1e-5,
                 **_SID_COMMON, ema_halflife_kimg=500, augment=0.12)
