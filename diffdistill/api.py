@@ -158,14 +158,20 @@ def distill(method: str, teacher, data=None, out: str | Path | None = None, *, l
         if loop.best_metric is None:
             loop = replace(loop, best_metric=spec.best_metric, best_mode="min",
                            eval_kimg=loop.eval_kimg or max(loop.total_kimg / 10, 1e-3))
-    return _train(built, loop, data, evaluate, callback, cfg, DistillResult)
+    return _train(built, loop, data, evaluate, callback, cfg, DistillResult, spec=spec)
 
 
-def _train(method, loop, data, evaluate, callback, cfg, result_type):
-    """The loop, then the run as `result_type` (the exported model: RUN/model, or RUN/latest if interrupted)."""
-    from .train.loop import train
+def _train(method, loop, data, evaluate, callback, cfg, result_type, spec=None):
+    """The loop (a method's own driver when its spec has one), then the run as `result_type` (the exported
+    model: RUN/model, or RUN/latest if interrupted)."""
+    if spec is not None:
+        from .methods import run_method
 
-    result = train(method, loop, data, evaluate=evaluate)
+        result = run_method(spec, method, loop, data, evaluate)
+    else:
+        from .train.loop import train
+
+        result = train(method, loop, data, evaluate=evaluate)
     callback("result", result)
     model = result.get("model") or result.get("latest")
     return result_type(run=Path(result["run_dir"]), model=Path(model) if model else None,

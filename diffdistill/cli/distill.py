@@ -204,10 +204,10 @@ def prepare(args, teacher=None, callback=None):
 
 def run(args, callback=None) -> int:
     """`diffdistill distill METHOD`; callback: as `diffdistill.distill`'s (also called with ('result', result))."""
-    from ..train.loop import train
+    from ..methods import run_method
 
     args, method, cfg, data, evaluate = prepare(args, callback=callback)
-    result = train(method, cfg, data, evaluate=evaluate)
+    result = run_method(_spec(args.method_module), method, cfg, data, evaluate=evaluate)
     if callback is not None:
         callback("result", result)
     return report_result(result)

@@ -33,6 +33,9 @@ class MethodSpec:
 
     create(cfg, teacher, data, loop) builds the `Method` from settings already resolved
     (`cfg.resolve(teacher, loop)`); `data` is the opened real data set or None, `loop` the run's TrainConfig.
+    run(method, loop, data, evaluate) trains it and returns the loop's result dict: None means one call of the
+    loop (`train.loop.train`); a method whose training is several loops, or a loop over data it makes itself,
+    gives its own driver.
     """
 
     name: str
@@ -44,6 +47,16 @@ class MethodSpec:
     recipes: dict = field(default_factory=dict)  # name -> base.Recipe (the papers' published settings)
     ema_help: str | None = None                # the `--ema` help when the method's EMA differs from EDM's
     best_metric: str | None = None             # the method's own model selection: a metric of method.evaluate(ema)
+    run: Callable | None = None                # its training driver (None: one call of the loop)
+
+
+def run_method(spec: MethodSpec, method, loop, data, evaluate=None) -> dict:
+    """Train a built method as its spec says: its own driver, or one call of the loop. Returns the loop's result."""
+    if spec.run is not None:
+        return spec.run(method, loop, data, evaluate)
+    from ..train.loop import train
+
+    return train(method, loop, data, evaluate=evaluate)
 
 
 def names() -> list[str]:
