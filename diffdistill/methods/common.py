@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +28,7 @@ from ..diffusion.denoiser import Denoiser, Precond, PrecondConfig
 from ..diffusion.losses import edm_loss
 from ..errors import DiffdistillError, UsageError
 from .augment import AugmentPipe, augment_dim
+from .options import MethodConfig, option
 
 # --------------------------------------------------------------------------------------------------
 # Networks
@@ -326,12 +327,50 @@ FREEZE_ROLES: dict[int, tuple[str, ...]] = {
 }
 
 
+ANALYTIC_FAKE_WARMUP = 300  # fresh fake scores of analytic teachers fit the generator alone this many steps first
+
+
+FAKE_WARMUP_HELP = (f"steps that train only the fake score first (default 0; {ANALYTIC_FAKE_WARMUP} for analytic "
+                    "teachers, whose fake score starts as a fresh network)")
+
+
+def fake_warmup_steps(value: int | None, teacher: Denoiser) -> int:
+    """--fake-warmup-steps, defaulting to 0 for network teachers (the fake score is a copy of the teacher)."""
+    if value is not None:
+        return value
+    return ANALYTIC_FAKE_WARMUP if is_weightless(teacher) else 0
+
+
+
+def student_dropout_option(default: float | None, why: str):
+    """The `student_dropout` field of a score-distillation config, with the method's default and its reason."""
+    return option(default, "dropout probability of the generator and fake score copied from the teacher, or "
+                  f"'teacher' to keep the teacher's (default: {why})", parse=dropout_value, metavar="P|teacher")
+
+
+@dataclass
+class ScoreDistillationConfig(MethodConfig):
+    """The settings of `ScoreDistillation`'s frame, shared by Diff-Instruct, SiD and DMD2 (each sets its own
+    `student_dropout` default). `resolve` gives the fake-score warm-up its teacher-dependent default; a
+    subclass that resolves more calls it."""
+
+    student_dropout: float | None = student_dropout_option(None, "the teacher's")
+    fake_warmup_steps: int | None = option(None, FAKE_WARMUP_HELP)
+    mlp_hidden: int = option(128, "fresh MLP width (analytic teachers only)", cli=False)
+    mlp_depth: int = option(3, "fresh MLP depth (analytic teachers only)", cli=False)
+
+    def resolve(self, teacher, loop):
+        """fake_warmup_steps: 0 for network teachers (the fake score is a copy of the teacher),
+        ANALYTIC_FAKE_WARMUP for analytic ones (a fresh network first fitted to the initial generator)."""
+        return replace(self, fake_warmup_steps=fake_warmup_steps(self.fake_warmup_steps, teacher))
+
+
 class ScoreDistillation:
     """The frame shared by Diff-Instruct, SiD and DMD2 (mixed into their `Method`): a frozen teacher, a one-step
     generator and an online fake score, each a copy of the teacher (fresh MLPs for analytic teachers) with
     dropout `cfg.student_dropout` (None: the teacher's); the fake score's augmentation (`cfg.augment`, DI and
-    SiD; DMD2 has none); an EMA of the generator. `cfg` needs dropout, student_dropout, gen_every,
-    fake_warmup_steps, mlp_hidden and mlp_depth. The fake-score warm-up is the
+    SiD; DMD2 has none); an EMA of the generator. `cfg` is a `ScoreDistillationConfig` with teacher_dropout and
+    gen_every. The fake-score warm-up is the
     generator group's `start` (the loop neither evaluates nor steps the generator before it)."""
 
     def _init_networks(self, teacher: Denoiser, cfg, generator: Denoiser | None, fake: Denoiser | None) -> None:
@@ -381,20 +420,6 @@ class ScoreDistillation:
 
     def export(self, ema: dict[str, nn.Module] | None = None) -> tuple[Denoiser, dict]:
         return (ema or {}).get("generator", self.generator), self.recipe()
-
-
-ANALYTIC_FAKE_WARMUP = 300  # fresh fake scores of analytic teachers fit the generator alone this many steps first
-
-
-FAKE_WARMUP_HELP = (f"steps that train only the fake score first (default 0; {ANALYTIC_FAKE_WARMUP} for analytic "
-                    "teachers, whose fake score starts as a fresh network)")
-
-
-def fake_warmup_steps(value: int | None, teacher: Denoiser) -> int:
-    """--fake-warmup-steps, defaulting to 0 for network teachers (the fake score is a copy of the teacher)."""
-    if value is not None:
-        return value
-    return ANALYTIC_FAKE_WARMUP if is_weightless(teacher) else 0
 
 
 def count_params(module: nn.Module, trainable_only: bool = True) -> int:

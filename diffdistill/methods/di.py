@@ -17,7 +17,7 @@ optimiser is reset when its updates begin), standing in for "initialised from th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -27,7 +27,7 @@ from ..diffusion import param
 from ..diffusion.denoiser import Denoiser
 from . import MethodSpec, common
 from .base import Batch, Group, Method, OptimConfig, Recipe
-from .options import MethodConfig, option
+from .options import option
 
 EMA_HELP = ("EMA half-life of the generator in kimg (default: the official 500 kimg, i.e. --ema 0.5 Mimg, with "
             "EDM's ramp-up 0.05)")
@@ -44,7 +44,7 @@ RECIPES = {
 
 
 @dataclass
-class DIConfig(MethodConfig):
+class DIConfig(common.ScoreDistillationConfig):
     """Diff-Instruct settings; defaults are the official CIFAR-10 recipe (Luo et al. 2023, section 4 and the
     official di_train.py)."""
 
@@ -61,18 +61,8 @@ class DIConfig(MethodConfig):
     loss_scale: float = option(1.0, "generator loss scaling (official ls; default %(default)s)")
     fake_loss_scale: float = option(1.0, "fake-score loss scaling (official sgls; default %(default)s)")
     augment: float | None = option(None, common.AUGMENT_HELP, metavar="P")
-    fake_warmup_steps: int | None = option(None, common.FAKE_WARMUP_HELP)
-    student_dropout: float | None = option(None, "dropout probability of the generator and fake score copied from "
-                                           "the teacher, or 'teacher' to keep the teacher's (default: the "
-                                           "teacher's, as the official: its EDM net has dropout 0.13)",
-                                           parse=common.dropout_value, metavar="P|teacher")
-    mlp_hidden: int = option(128, "fresh MLP width (analytic teachers only)", cli=False)
-    mlp_depth: int = option(3, "fresh MLP depth (analytic teachers only)", cli=False)
-
-    def resolve(self, teacher, loop) -> DIConfig:
-        """fake_warmup_steps: 0 for network teachers (the fake score is a copy of the teacher), 300 for analytic
-        ones (a fresh network first fitted to the initial generator)."""
-        return replace(self, fake_warmup_steps=common.fake_warmup_steps(self.fake_warmup_steps, teacher))
+    student_dropout: float | None = common.student_dropout_option(
+        None, "the teacher's, as the official: its EDM net has dropout 0.13")
 
 
 def di_generator_loss(teacher: Denoiser, fake: Denoiser, x_g: Tensor, cond: Tensor | None = None,

@@ -32,7 +32,7 @@ from ..errors import DiffdistillError, UsageError
 from ..samplers.few_step import renoise
 from . import MethodSpec, common
 from .base import Batch, Group, Method, OptimConfig, Recipe
-from .options import MethodConfig, option
+from .options import option
 from .sid import params_frozen
 
 EMA_HELP = ("EMA half-life of the generator in kimg (default 0: no EMA, the exported generator is the trained "
@@ -175,7 +175,7 @@ class ClassifierHead(nn.Module):
 
 
 @dataclass
-class DMD2Config(MethodConfig):
+class DMD2Config(common.ScoreDistillationConfig):
     """DMD2 settings; defaults are the official ImageNet-64 recipe (train_edm.py, experiments/imagenet/*.sh)."""
 
     gen_sigmas: list[float] = option([], "generator levels (default: one step at the teacher's sigma_max); several "
@@ -196,18 +196,13 @@ class DMD2Config(MethodConfig):
     cls_weight: float = option(1e-2, "weight of the classifier term in the fake-score loss (default %(default)s)")
     teacher_dropout: str = option("eval", "teacher and fake score in the DM term: eval mode or shared dropout masks",
                                   choices=("eval", "shared"))
-    fake_warmup_steps: int | None = option(None, common.FAKE_WARMUP_HELP)
-    student_dropout: float | None = option(0.0, "dropout probability of the generator and fake score copied from "
-                                           "the teacher, or 'teacher' to keep the teacher's (default 0, as "
-                                           "train_edm.py builds every network with dropout 0)",
-                                           parse=common.dropout_value, metavar="P|teacher")
-    mlp_hidden: int = option(128, "fresh MLP width (analytic teachers only)", cli=False)
-    mlp_depth: int = option(3, "fresh MLP depth (analytic teachers only)", cli=False)
+    student_dropout: float | None = common.student_dropout_option(
+        0.0, "0, as train_edm.py builds every network with dropout 0")
 
     def resolve(self, teacher, loop) -> DMD2Config:
         """warmup_kimg: train_edm.py's WARMUP_STEPS steps of the run's batch (0 outside a run); fake_warmup_steps:
         0 for network teachers, 300 for analytic ones (a fresh fake score first fitted to the initial
-        generator). Checks the warm-up and the distribution-matching range."""
+        generator; `ScoreDistillationConfig.resolve`). Checks the warm-up and the distribution-matching range."""
         lo, hi = self.dm_range
         if not 0 <= lo <= hi <= 1:
             raise UsageError(f"dmd2: --dm-range MIN MAX needs 0 <= MIN <= MAX <= 1, got {lo:g} {hi:g}")
@@ -216,9 +211,8 @@ class DMD2Config(MethodConfig):
             warmup = 0.0 if loop is None else WARMUP_STEPS * loop.batch / 1000
         elif warmup < 0:
             raise UsageError(f"dmd2: --warmup-kimg must be 0 (off) or positive, got {warmup:g}")
-        return replace(self, warmup_kimg=float(warmup), dm_range=(float(lo), float(hi)),
-                       gen_sigmas=[float(s) for s in self.gen_sigmas],
-                       fake_warmup_steps=common.fake_warmup_steps(self.fake_warmup_steps, teacher))
+        return replace(super().resolve(teacher, loop), warmup_kimg=float(warmup), dm_range=(float(lo), float(hi)),
+                       gen_sigmas=[float(s) for s in self.gen_sigmas])
 
 
 class DMD2(common.ScoreDistillation, Method):

@@ -18,7 +18,7 @@ rule (half-life `--ema` Mimg, ramp-up 0.05).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,7 @@ from ..diffusion.schedules import karras_index_sigma
 from ..errors import UsageError
 from . import MethodSpec, common
 from .base import Batch, Group, Method, OptimConfig, Recipe
-from .options import MethodConfig, option
+from .options import option
 
 EMA_HELP = ("EMA half-life of the generator in kimg (default: SiD's, 500 kimg with EDM's ramp-up 0.05: "
             "run_sid.sh's --ema 0.5 Mimg; 2000 on ImageNet-64)")
@@ -110,7 +110,7 @@ def drop_nonfinite_mean(per_sample: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @dataclass
-class SiDConfig(MethodConfig):
+class SiDConfig(common.ScoreDistillationConfig):
     """SiD settings; defaults are the official CIFAR-10 recipe (run_sid.sh, sid_train.py)."""
 
     init_sigma: float = option(2.5, "generator noise level (default %(default)s)")
@@ -129,20 +129,14 @@ class SiDConfig(MethodConfig):
     p_mean: float = option(-1.2, "lognormal levels of the fake-score loss (EDM)", cli=False)
     p_std: float = option(1.2, "lognormal levels of the fake-score loss (EDM)", cli=False)
     augment: float | None = option(None, common.AUGMENT_HELP, metavar="P")
-    fake_warmup_steps: int | None = option(None, common.FAKE_WARMUP_HELP)
-    student_dropout: float | None = option(None, "dropout probability of the generator and fake score copied from "
-                                           "the teacher, or 'teacher' to keep the teacher's (default: the "
-                                           "teacher's, as sid_train.py builds every network with the EDM "
-                                           "teacher's --dropout)", parse=common.dropout_value, metavar="P|teacher")
-    mlp_hidden: int = option(128, "fresh MLP width (analytic teachers only)", cli=False)
-    mlp_depth: int = option(3, "fresh MLP depth (analytic teachers only)", cli=False)
+    student_dropout: float | None = common.student_dropout_option(
+        None, "the teacher's, as sid_train.py builds every network with the EDM teacher's --dropout")
 
     def resolve(self, teacher, loop) -> SiDConfig:
-        """fake_warmup_steps: 0 for network teachers (the fake score is a copy of the teacher), 300 for analytic
-        ones (a fresh network first fitted to the initial generator). Checks t_max."""
+        """The fake-score warm-up (`ScoreDistillationConfig.resolve`); checks t_max."""
         if not 0 < self.t_max <= 1000:
             raise UsageError(f"sid: --t-max (t_max) must lie in (0, 1000], got {self.t_max:g}")
-        return replace(self, fake_warmup_steps=common.fake_warmup_steps(self.fake_warmup_steps, teacher))
+        return super().resolve(teacher, loop)
 
 
 class SiD(common.ScoreDistillation, Method):
