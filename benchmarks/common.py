@@ -198,3 +198,102 @@ def same_ident(old: dict, new: dict) -> bool:
         return False
     return all(canonical_command(old[k]) == canonical_command(v) if k == "command" and isinstance(v, str)
                and isinstance(old[k], str) else old[k] == v for k, v in new.items())
+
+
+# --------------------------------------------------------------------------------------------------
+# Training through the Python API (`diffdistill.distill`, `diffdistill.train_teacher`) with dicts of settings,
+# recorded as the equivalent `diffdistill` command (cached runs are recognised by that command).
+
+# Options a benchmark gives a run beside the method's (or the teacher's) settings: TrainConfig fields, and the
+# evaluation during training (`--metrics fid --ref REF.npz --features NET --eval-kimg K --eval-n N`).
+LOOP_KEYS = ("total_kimg", "batch", "ema_halflife_kimg", "snapshot_kimg", "grid_kimg", "tick_kimg", "checkpoint_kimg",
+             "resume")
+EVAL_KEYS = ("metrics", "ref", "features", "eval_kimg", "eval_n")
+
+
+def command_of(head: list[str], options: dict) -> str:
+    """'diffdistill HEAD OPTIONS': `options` (a dict in command-line order, keys the settings' names: the data
+    spec, config fields, LOOP_KEYS, EVAL_KEYS) as the options of that command."""
+    from diffdistill.methods.recipes import settings_argv
+
+    return " ".join(["diffdistill", *head, *settings_argv(options)])
+
+
+def _split(options: dict) -> tuple[dict, dict, dict]:
+    """(settings, loop, evaluation) of a dict of options (the data spec, if any, is the caller's)."""
+    settings = {k: v for k, v in options.items() if k not in LOOP_KEYS and k not in EVAL_KEYS}
+    loop = {k: v for k, v in options.items() if k in LOOP_KEYS}
+    evaluation = {k: v for k, v in options.items() if k in EVAL_KEYS}
+    if evaluation and not {"metrics", "ref", "features", "eval_n"} <= set(evaluation):
+        raise DiffdistillError(f"evaluation during training needs metrics, ref, features and eval_n (got "
+                               f"{', '.join(evaluation)})")
+    return settings, loop, evaluation
+
+
+def with_metrics(evaluation: dict, shape, total_kimg: float | None = None, own_best: str | None = None):
+    """(TrainConfig fields, evaluate hook) of `evaluation` (metrics measured during training on samples of
+    `shape`), as `distill` and `train-teacher --metrics ...` set them up: every eval_kimg (default: 10 times in
+    `total_kimg`), RUN/best by the first metric (else by the method's own `own_best`), the protocol in the meta of
+    config.json; a method with its own model selection (KD) evaluates itself first."""
+    from diffdistill.api import own_evaluation
+    from diffdistill.train.evaluate import make_train_evaluator
+
+    eval_kimg = evaluation.get("eval_kimg") or (max(total_kimg / 10, 1e-3) if total_kimg else None)
+    if not eval_kimg:
+        raise DiffdistillError("evaluation during training: give eval_kimg (the run's length is the preset's)")
+    evaluator = make_train_evaluator(evaluation["metrics"], evaluation["features"], evaluation["ref"],
+                                     n=evaluation["eval_n"], resize="tf1", shape=shape, labelled=True)
+    best = evaluator.best()
+    best_metric, best_mode = best if best is not None else (own_best, "min")
+    fields = dict(eval_kimg=eval_kimg, best_metric=best_metric, best_mode=best_mode,
+                  meta=dict(eval=evaluator.describe()))
+    if own_best is None:
+        return fields, evaluator
+
+    def evaluate(method, ema, nimg):
+        return {**(own_evaluation(method, ema, nimg) or {}), **evaluator(method, ema, nimg)}
+
+    return fields, evaluate
+
+
+def distill_run(method: str, teacher: str, data: str | None, out, options: dict, *, device: str | None = None,
+                command: str = "", callback=None):
+    """`diffdistill.distill(method, teacher, data, ...)` with `options` (the method's settings, LOOP_KEYS and
+    EVAL_KEYS by name): the run that `diffdistill distill METHOD --teacher TEACHER --data DATA --out OUT --seed 0
+    --no-progress OPTIONS` makes (the same config.json, the same weights); returns its `DistillResult`."""
+    from dataclasses import replace
+
+    import diffdistill as dd
+    from diffdistill import api, methods
+    from diffdistill.teachers import is_analytic_spec
+
+    settings, loop, evaluation = _split(options)
+    meta = dict(method=method, teacher=teacher, data=data or (teacher if is_analytic_spec(teacher) else None),
+                recipe=None)
+    cfg = api.distill_loop(str(out), **loop, seed=0, device=device, progress=False, command=command, meta=meta,
+                           final_grid=loop.get("grid_kimg") != 0)
+    evaluate = None
+    if evaluation:        # the evaluator is made for the teacher's samples, so the teacher is loaded first
+        teacher = dd.load_teacher(teacher, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        fields, evaluate = with_metrics(evaluation, tuple(teacher.shape), cfg.total_kimg,
+                                        methods.get(method).best_metric)
+        cfg = replace(cfg, **dict(fields, meta=dict(cfg.meta, **fields["meta"])))
+    return dd.distill(method, teacher, data, loop=cfg, evaluate=evaluate, callback=callback, **settings)
+
+
+def train_teacher_run(data: str, out, options: dict, *, device: str | None = None, command: str = "",
+                      xflip: bool = False):
+    """`diffdistill.train_teacher(data, ...)` with `options` (TrainTeacherConfig's fields, LOOP_KEYS and
+    EVAL_KEYS by name): the run of `diffdistill train-teacher --data DATA --out OUT --seed 0 --no-progress
+    OPTIONS`; returns its `TeacherResult`."""
+    import diffdistill as dd
+
+    settings, loop, evaluation = _split(options)
+    loop = dict(loop, out=str(out), seed=0, progress=False, command=command)
+    if device is not None:
+        loop["device"] = device
+    evaluate = None
+    if evaluation:        # the evaluator is made for the data's shape
+        fields, evaluate = with_metrics(evaluation, tuple(dd.open_dataset(data).shape), loop.get("total_kimg"))
+        loop.update(fields)
+    return dd.train_teacher(data, loop=loop, evaluate=evaluate, xflip=xflip, **settings)

@@ -1,8 +1,9 @@
 """Converged students (issue 20): every method trained until its one-step quality stops improving, on data a CPU
 trains in a working session, against its teacher and each other.
 
-For each data set the runner makes, through the library's own commands (`diffdistill train-teacher`,
-`diffdistill distill METHOD`, `diffdistill ref-stats`, `diffdistill features train`), the teacher, then every
+For each data set the runner makes, through the library's Python API (`diffdistill.train_teacher`,
+`diffdistill.distill`, each recorded as the equivalent `diffdistill` command, by which a finished job is reused)
+and its commands without one (`diffdistill dataset convert`, `features train`, `ref-stats`), the teacher, then every
 method's student at its `converged` budget with the quality measured during training (FID against kimg for image
 data: `--metrics fid`; sliced W2 of snapshots for the ring), and reports:
 
@@ -31,10 +32,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from diffdistill import methods
-from diffdistill.cli.main import main as cli_main
 from diffdistill.errors import DiffdistillError
+from diffdistill.methods.recipes import settings_argv
 
-from .common import Context, fmt, goal, same_ident, table
+from .common import Context, command_of, fmt, goal, same_ident, table, train_teacher_run
 
 METHODS = methods.names()          # the registry (diffdistill.methods.REGISTRY)
 GAN_LIKE = ("gdd", "dmd2")          # model selection by the best FID snapshot, as their papers do
@@ -44,11 +45,11 @@ RESULTS_DIR = "converged"           # figures and grids, under benchmarks/result
 
 @dataclass(frozen=True)
 class StudentPlan:
-    """A method's converged budget on one data set (the short-run recipe at this kimg and batch, plus options)."""
+    """A method's converged budget on one data set (the short-run recipe at this kimg and batch, plus settings)."""
 
     kimg: float
     batch: int
-    options: tuple = ()
+    options: dict = field(default_factory=dict)     # the method's settings beyond the recipe's, by name
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,8 @@ class DataPlan:
     title: str
     data: str                        # the data spec (after preparation)
     kind: str                        # 'ring' | 'image'
-    teacher_argv: tuple = ()         # train-teacher options beyond --data/--out (image data)
+    teacher: dict = field(default_factory=dict)   # image data: `train_teacher`'s settings and loop (preset,
+                                                  # total_kimg, snapshot_kimg)
     features: str | None = None      # feature network spec (image data)
     prepare: tuple = ()              # CLI commands (argv tuples, {work}/{shared} filled in) that make the data
                                      # and the feature network, each skipped once its last argument exists
@@ -71,17 +73,17 @@ class DataPlan:
 def _students(kimg: float, batch: int, pd_start: int) -> dict:
     """The same budget for every method (quick runs, the second data set)."""
     out = {m: StudentPlan(kimg, batch) for m in METHODS}
-    out["pd"] = StudentPlan(kimg, batch, ("--start-steps", str(pd_start), "--end-steps", "1"))
+    out["pd"] = StudentPlan(kimg, batch, dict(start_steps=pd_start, end_steps=1))
     return out
 
 
 def _converged(kind: str) -> dict:
     """The library's converged recipes (`diffdistill distill METHOD --recipe converged`)."""
-    from diffdistill.methods.recipes import CONVERGED, settings_argv
+    from diffdistill.methods.recipes import CONVERGED
 
     def plan(budget: dict) -> StudentPlan:
         own = {k: v for k, v in budget.items() if k not in ("total_kimg", "batch")}
-        return StudentPlan(budget["total_kimg"], budget["batch"], tuple(settings_argv(own)))
+        return StudentPlan(budget["total_kimg"], budget["batch"], own)
 
     return {m: plan(CONVERGED[kind][m]) for m in METHODS}
 
@@ -94,8 +96,8 @@ def plans(ctx: Context) -> list[DataPlan]:
                     students=_students(50, 256, 8) if q else _converged("ring"))
     digits = DataPlan("digits", "digits (sklearn 8x8, class-conditional): FID of digits-classifier features",
                       "digits", "image",
-                      teacher_argv=("--preset", "digits", "--kimg", "20" if q else "500", "--snapshot-kimg",
-                                    "10" if q else "100"), features="digits",
+                      teacher=dict(preset="digits", total_kimg=20 if q else 500, snapshot_kimg=10 if q else 100),
+                      features="digits",
                       n_eval=500 if q else 2000, eval_kimg=1 if q else 10, kd_pairs=2000 if q else 10000,
                       students=_students(4, 64, 8) if q else _converged("image"))
     # MNIST at 16x16 with the digits network (0.2M parameters): at 28x28 the `mnist` preset trains at 25-60 img/s
@@ -106,8 +108,7 @@ def plans(ctx: Context) -> list[DataPlan]:
     mnist = DataPlan("mnist16", "MNIST at 16x16 (training split, 60,000 images, LANCZOS-resized): FID of "
                      "diffdistill's own MNIST-16 classifier features (not Inception)",
                      "{work}/mnist16.zip", "image",
-                     teacher_argv=("--preset", "digits", "--kimg", "10" if q else "400", "--snapshot-kimg",
-                                   "5" if q else "100"),
+                     teacher=dict(preset="digits", total_kimg=10 if q else 400, snapshot_kimg=5 if q else 100),
                      features=clf, n_eval=500 if q else 2000, eval_kimg=1 if q else 6,
                      kd_pairs=1000 if q else 10000,
                      prepare=(("dataset", "convert", "{shared}/mnist.npz", "--resolution", "16x16",
@@ -177,18 +178,21 @@ def job_teacher(ctx: Context, plan: DataPlan) -> dict:
 
     run_dir = ctx.work / f"{plan.name}-teacher"
     ref = ctx.work / f"{plan.name}-ref.npz"
-    # --resume: a rerun continues the run even where only paths in its config differ (e.g. another checkout)
-    argv = ["train-teacher", "--data", plan.data, *plan.teacher_argv, "--out", str(run_dir), "--no-progress",
-            "--seed", "0", "--resume", "--metrics", "fid", "--ref", str(ref), "--features", plan.features,
-            "--eval-kimg", str(10 * plan.eval_kimg), "--eval-n", str(plan.n_eval)]
-    ident = dict(command="diffdistill " + " ".join(argv))
+    # resume: a rerun continues the run even where only paths in its config differ (e.g. another checkout)
+    options = dict(resume=True, metrics="fid", ref=str(ref), features=plan.features, eval_kimg=10 * plan.eval_kimg,
+                   eval_n=plan.n_eval)
+    command = command_of(["train-teacher", "--data", plan.data, *settings_argv(plan.teacher), "--out", str(run_dir),
+                          "--no-progress", "--seed", "0"], options)
+    ident = dict(command=command)
     record = _cached(run_dir / "bench-job.json", ident, ctx.reuse)
     if record is not None:
         return record
     if not ctx.reuse:
         shutil.rmtree(run_dir, ignore_errors=True)
-    ctx.log(f"converged {plan.name}: diffdistill {' '.join(argv)}")
-    _cli(argv)                       # a rerun of the same command resumes from the newest checkpoint
+    ctx.log(f"converged {plan.name}: {command}")
+    # a rerun of the same command resumes from the newest checkpoint
+    if train_teacher_run(plan.data, run_dir, {**plan.teacher, **options}, command=command).interrupted:
+        raise DiffdistillError(f"{command}: stopped before the end")
     compute = _run_compute(run_dir)
     return _save(run_dir / "bench-job.json", dict(ident=ident, run=str(run_dir), curve=_eval_curve(run_dir),
                                                   **compute))
@@ -216,22 +220,22 @@ def job_teacher_rows(ctx: Context, plan: DataPlan, teacher: str) -> dict:
 
 def job_student(ctx: Context, plan: DataPlan, method: str, teacher: str) -> dict:
     """One method's converged student: its run, its quality curve, the last and the best snapshot."""
-    from diffdistill.methods.recipes import short_run_options
+    from diffdistill.methods.recipes import short_run_settings
 
-    from .quality import _load, distill, method_extra, student_recipes
+    from .quality import _load, distill, method_options, student_recipes
 
     sp = plan.students[method]
     run_dir = ctx.work / f"{plan.name}-{method}"
-    extra = method_extra(method, plan.data, plan.kd_pairs, pd_steps=None) + list(sp.options)
-    extra += short_run_options(method, plan.kind, sp.kimg, sp.batch)
+    options = {**method_options(method, plan.data, plan.kd_pairs, pd_steps=None), **sp.options,
+               **short_run_settings(method, plan.kind, sp.kimg, sp.batch)}
     if plan.kind == "ring":
-        extra += ["--snapshot-kimg", f"{plan.eval_kimg:g}", "--grid-kimg", "0"]
+        options.update(snapshot_kimg=plan.eval_kimg, grid_kimg=0)
     else:
         ref = ctx.work / f"{plan.name}-ref.npz"
-        extra += ["--metrics", "fid", "--ref", str(ref), "--features", plan.features,
-                  "--eval-kimg", f"{plan.eval_kimg:g}", "--eval-n", str(plan.n_eval)]
+        options.update(metrics="fid", ref=str(ref), features=plan.features, eval_kimg=plan.eval_kimg,
+                       eval_n=plan.n_eval)
     path = run_dir / "bench-student.json"
-    run = distill(ctx, method, teacher, run_dir, sp.kimg, sp.batch, extra)
+    run = distill(ctx, method, teacher, run_dir, sp.kimg, sp.batch, options)
     ident = dict(command=run["command"], teacher_id=run["teacher_id"], n=plan.n_eval)
     record = _cached(path, ident, ctx.reuse)
     if record is not None:
@@ -276,6 +280,9 @@ def job_student(ctx: Context, plan: DataPlan, method: str, teacher: str) -> dict
 
 
 def _cli(argv: list[str]) -> None:
+    """A command without a Python API (`dataset convert`, `features train`, `ref-stats`)."""
+    from diffdistill.cli.main import main as cli_main
+
     if cli_main(argv) != 0:
         raise DiffdistillError(f"diffdistill {' '.join(argv)} failed")
 
@@ -522,7 +529,7 @@ def _figure(ctx: Context, plan: DataPlan, curves: dict, hlines: dict, unit: str)
 def _note(plan: DataPlan, teacher: dict | None) -> str:
     budgets = ", ".join(f"{m} {fmt(s.kimg)} kimg" for m, s in plan.students.items())
     where = ("Teacher: the exact analytic denoiser (no training). " if plan.kind == "ring" else
-             f"Teacher: `diffdistill train-teacher --data {plan.data} {' '.join(plan.teacher_argv)}` "
+             f"Teacher: `diffdistill train-teacher --data {plan.data} {' '.join(settings_argv(plan.teacher))}` "
              f"({fmt(teacher.get('kimg')) if teacher else '?'} kimg). ")
     quality = (f"Quality: sliced W2 of {plan.n_eval:,} samples to exact samples, every {fmt(plan.eval_kimg)} kimg "
                "(snapshots)" if plan.kind == "ring" else

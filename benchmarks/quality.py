@@ -1,11 +1,11 @@
 """Quality against NFE (issue 9, part 2): the teacher at 1-35 NFE and every method's student (1 step, and 2 and 4
 where the method allows), with the training compute each took.
 
-Students are made through the library's own command line (`diffdistill distill METHOD ...`, i.e.
-`diffdistill.cli.main.main`). To count the teacher's evaluations and read the loop's result without changing the
-library, the runner wraps `diffdistill.teachers.load_teacher` (a forward hook on the loaded teacher that counts
-only calls of that very module, not of copies made from it) and `diffdistill.train.loop.train` (records the method
-and the loop's result) for the duration of one command.
+Students are made through the library's Python API (`diffdistill.distill(method, teacher, data, loop=...,
+**settings)`, with dicts of settings), and each is recorded as the equivalent command (`diffdistill distill METHOD
+...`), by which a finished run is recognised and reused. To count the teacher's evaluations and read the loop's
+result, the runner passes `distill` a callback: it puts a forward hook on the loaded teacher (counting only calls of
+that very module, not of copies made from it) and records the built method and the loop's result.
 """
 
 from __future__ import annotations
@@ -20,15 +20,14 @@ import numpy as np
 import torch
 
 from diffdistill import methods
-from diffdistill.cli.main import main as cli_main
 from diffdistill.diffusion.schedules import karras_sigmas
 from diffdistill.errors import DiffdistillError
 from diffdistill.io import atomic_write_json, load_snapshot
-from diffdistill.methods.recipes import short_run_options
+from diffdistill.methods.recipes import short_run_settings
 from diffdistill.samplers import sample_batches
 from diffdistill.teachers import is_analytic_spec
 
-from .common import Context, fmt, goal, same_ident, table
+from .common import Context, command_of, distill_run, fmt, goal, same_ident, table, train_teacher_run
 
 METHODS = methods.names()          # the registry (diffdistill.methods.REGISTRY)
 TEACHER_NFE = [1, 2, 4, 8, 18, 35]
@@ -56,8 +55,8 @@ class TeacherCounter:
 
 
 class Instrument:
-    """The callback of `diffdistill distill` (`cli.distill.run(args, callback=...)`): counts the teacher's images and
-    records the method and the loop's result."""
+    """The callback of `diffdistill.distill(..., callback=...)`: counts the teacher's images and records the method
+    and the loop's result."""
 
     def __init__(self, counter: TeacherCounter):
         self.counter, self.seen = counter, {}
@@ -97,14 +96,17 @@ def teacher_id(teacher: str) -> str:
 
 
 def distill(ctx: Context, method: str, teacher: str, run_dir: Path, kimg: float, batch: int,
-            extra: list[str]) -> dict:
-    """Run `diffdistill distill METHOD` from scratch, or reuse a finished run of the very same command and
-    teacher weights under --work (unless --rerun); returns its compute and the snapshot paths."""
-    argv = ["distill", method, "--teacher", teacher, "--out", str(run_dir), "--kimg", f"{kimg:g}",
-            "--batch", str(batch), "--no-progress", "--seed", "0", *extra]
-    if ctx.device != "cpu":
-        argv += ["--device", ctx.device]
-    ident = dict(command="diffdistill " + " ".join(argv), teacher_id=teacher_id(teacher))
+            options: dict) -> dict:
+    """Distil `teacher` with `method` for `kimg` at `batch` from scratch (`diffdistill.distill`), or reuse a
+    finished run of the very same command and teacher weights under --work (unless --rerun); returns its compute
+    and the snapshot paths. options: by name and in command-line order, the data spec (`data`), the method's
+    settings, loop settings and evaluation during training (`common.LOOP_KEYS`, `common.EVAL_KEYS`); the record's
+    command is `diffdistill distill METHOD --teacher ... OPTIONS`."""
+    device = ctx.device if ctx.device != "cpu" else None
+    command = command_of(["distill", method, "--teacher", teacher, "--out", str(run_dir), "--kimg", f"{kimg:g}",
+                          "--batch", str(batch), "--no-progress", "--seed", "0"],
+                         {**options, **({"device": device} if device else {})})
+    ident = dict(command=command, teacher_id=teacher_id(teacher))
     record = run_dir / RUN_RECORD
     if ctx.reuse and record.is_file() and (run_dir / "model" / "model.json").is_file():
         old = json.loads(record.read_text())
@@ -116,14 +118,17 @@ def distill(ctx: Context, method: str, teacher: str, run_dir: Path, kimg: float,
     counter = TeacherCounter()
     t0 = time.perf_counter()
     instrument = Instrument(counter)
+    settings = {k: v for k, v in options.items() if k != "data"}
     try:
-        rc = cli_main(argv, callback=instrument)
+        result = distill_run(method, teacher, options.get("data"), run_dir,
+                             dict(settings, total_kimg=kimg, batch=batch), device=device, command=command,
+                             callback=instrument)
     finally:
         instrument.close()
     seen = instrument.seen
     wall = time.perf_counter() - t0
-    if rc != 0 or "result" not in seen:
-        raise DiffdistillError(f"diffdistill {' '.join(argv)} exited with {rc}")
+    if result.interrupted or "result" not in seen:
+        raise DiffdistillError(f"{command}: stopped at step {result.step} before the end")
     steps = int(seen["result"]["step"])
     snaps = {"model": run_dir / "model"}
     snaps.update({p.name: p for p in sorted(run_dir.glob("round-*steps")) if (p / "model.json").is_file()})
@@ -159,7 +164,7 @@ def student_recipes(method: str, run: dict, den, sampling: dict) -> list[tuple[i
         for n in (2, 4):
             levels = multistep_levels(den, n)
             out.append((n, f"own run, --gen-sigmas ({n} levels)",
-                        dict(train=["--gen-sigmas", *[f"{v:.6g}" for v in levels]])))
+                        dict(train=dict(gen_sigmas=[float(f"{v:.6g}") for v in levels]))))
     else:
         out += [(n, "one-step method", None) for n in (2, 4)]
     return out
@@ -251,17 +256,17 @@ class ImageScorer:
 # One data set: teacher rows, then every method's student rows
 
 
-def method_extra(method: str, data: str, kd_pairs: int, pd_steps: tuple | None = (8, 1)) -> list[str]:
+def method_options(method: str, data: str, kd_pairs: int, pd_steps: tuple | None = (8, 1)) -> dict:
     """Per-method options: real data where the method needs it; the pair set of KD; PD's rounds (`pd_steps`
     = start and end steps; None: the caller's)."""
-    extra = []
+    options: dict = {}
     if method in ("pd", "gdd", "cd"):
-        extra += ["--data", data]
+        options["data"] = data
     if method == "kd":
-        extra += ["--n-pairs", str(kd_pairs), "--heldout", str(kd_pairs // 10), "--shard-size", str(kd_pairs // 2)]
+        options.update(n_pairs=kd_pairs, heldout=kd_pairs // 10, shard_size=kd_pairs // 2)
     if method == "pd" and pd_steps is not None:
-        extra += ["--start-steps", str(pd_steps[0]), "--end-steps", str(pd_steps[1])]
-    return extra
+        options.update(start_steps=pd_steps[0], end_steps=pd_steps[1])
+    return options
 
 
 def dataset_rows(ctx: Context, name: str, teacher: str, data: str, scorer, kimg: float, batch: int,
@@ -288,9 +293,9 @@ def dataset_rows(ctx: Context, name: str, teacher: str, data: str, scorer, kimg:
     for method in methods:
         run_dir = ctx.work / ("quick" if ctx.quick else "full") / f"{name}-{method}"
         kind = "ring" if is_analytic_spec(teacher) else "image"
-        extra = method_extra(method, data, kd_pairs) + short_run_options(method, kind, kimg, batch)
+        options = {**method_options(method, data, kd_pairs), **short_run_settings(method, kind, kimg, batch)}
         try:
-            run = distill(ctx, method, teacher, run_dir, kimg, batch, extra)
+            run = distill(ctx, method, teacher, run_dir, kimg, batch, options)
         except Exception as e:  # one method failing must not lose the others' rows: record it in the table
             rows.append(_failed_row(ctx, name, method, e, runs))
             continue
@@ -305,7 +310,7 @@ def dataset_rows(ctx: Context, name: str, teacher: str, data: str, scorer, kimg:
             elif "train" in recipe:
                 try:
                     cost = distill(ctx, method, teacher, run_dir.with_name(f"{run_dir.name}-{steps}step"), kimg,
-                                   batch, extra + recipe["train"])
+                                   batch, {**options, **recipe["train"]})
                 except Exception as e:
                     rows.append(_failed_row(ctx, name, f"{method} {steps}-step", e, runs))
                     continue
@@ -347,18 +352,19 @@ def _load(path: str):
 
 
 def digits_teacher(ctx: Context) -> tuple[str, dict]:
-    """The digits teacher: --digits-teacher, else `train-teacher --preset digits` (reused once finished)."""
+    """The digits teacher: --digits-teacher, else `diffdistill.train_teacher(preset='digits')` (reused once
+    finished)."""
     if ctx.teachers.get("digits"):
         path = Path(ctx.teachers["digits"])
         return str(path), _run_compute(path)
     kimg = 10 if ctx.quick else 100
     run_dir = ctx.work / f"digits-teacher-{kimg}kimg"
     if not (run_dir / "model" / "model.json").is_file():
-        argv = ["train-teacher", "--data", "digits", "--preset", "digits", "--out", str(run_dir), "--kimg",
-                str(kimg), "--no-progress"]
-        ctx.log(f"quality digits: training the teacher: diffdistill {' '.join(argv)}")
-        if cli_main(argv) != 0:
-            raise DiffdistillError(f"diffdistill {' '.join(argv)} failed")
+        command = command_of(["train-teacher", "--data", "digits", "--preset", "digits", "--out", str(run_dir)],
+                             dict(total_kimg=kimg, progress=False))
+        ctx.log(f"quality digits: training the teacher: {command}")
+        if train_teacher_run("digits", run_dir, dict(preset="digits", total_kimg=kimg), command=command).interrupted:
+            raise DiffdistillError(f"{command}: stopped before the end")
     return str(run_dir), _run_compute(run_dir)
 
 

@@ -1,9 +1,9 @@
 """Quality against NFE on real images (issue 9, part 2): MNIST and the CIFAR-10 test split from ../shared/data,
 scored with diffdistill's own classifier features (not Inception: these are not comparable with published FIDs).
 
-For each data set the runner makes (or reuses, under --work) three things through the library's own commands:
-the teacher (`diffdistill train-teacher`, or an existing run given by --mnist-teacher / --cifar10-teacher), the
-feature network (`diffdistill features train` on the same labelled data) and the reference features (up to
+For each data set the runner makes (or reuses, under --work) three things: the teacher (`diffdistill.train_teacher`,
+or an existing run given by --mnist-teacher / --cifar10-teacher), the feature network (the command `diffdistill
+features train` on the same labelled data, which has no Python API yet) and the reference features (up to
 `n_ref` images of a seeded random split, disjoint from the real images of the noise-floor row); then the
 teacher rows at 1-35 NFE and every method's students, as in `benchmarks.quality`.
 Budgets depend on the device: a CPU gets a laptop-sized run (hours in all), a GPU a longer one; --quick is a
@@ -20,7 +20,7 @@ from pathlib import Path
 from diffdistill.cli.main import main as cli_main
 from diffdistill.errors import DiffdistillError
 
-from .common import Context, fmt, not_run, table
+from .common import Context, command_of, fmt, not_run, table, train_teacher_run
 from .quality import COLUMNS, COST_NOTE, METHODS, ImageScorer, _run_compute, dataset_rows
 
 
@@ -74,17 +74,22 @@ def _cli(argv: list[str], ctx: Context, what: str) -> None:
 
 
 def teacher_for(ctx: Context, data: RealData, path: Path, budget: Budget) -> tuple[str, dict]:
-    """The given teacher (--<name>-teacher), else `train-teacher --preset` under --work (reused once finished)."""
+    """The given teacher (--<name>-teacher), else `diffdistill.train_teacher(preset=...)` under --work (reused once
+    finished)."""
     given = ctx.teachers.get(data.name)
     if given:
         return given, _run_compute(Path(given))
     run_dir = ctx.work / f"{data.name}-teacher-{budget.teacher_kimg:g}kimg"
     if not (run_dir / "model" / "model.json").is_file():
-        argv = ["train-teacher", "--data", str(path), "--preset", data.preset, "--out", str(run_dir), "--kimg",
-                f"{budget.teacher_kimg:g}", "--no-progress"] + (["--xflip"] if data.xflip else [])
-        if ctx.device != "cpu":
-            argv += ["--device", ctx.device]
-        _cli(argv, ctx, f"{data.name} teacher")
+        device = ctx.device if ctx.device != "cpu" else None
+        command = command_of(["train-teacher", "--data", str(path), "--preset", data.preset, "--out", str(run_dir)],
+                             dict(total_kimg=budget.teacher_kimg, progress=False,
+                                  **({"xflip": True} if data.xflip else {}), **({"device": device} if device else {})))
+        ctx.log(f"quality_real: {data.name} teacher: {command}")
+        result = train_teacher_run(str(path), run_dir, dict(preset=data.preset, total_kimg=budget.teacher_kimg),
+                                   device=device, command=command, xflip=data.xflip)
+        if result.interrupted:
+            raise DiffdistillError(f"{command}: stopped before the end")
     return str(run_dir), _run_compute(run_dir)
 
 

@@ -1,5 +1,5 @@
 """Smoke test of the benchmark runner's plumbing (no timing assertions): alternation order, records, the
-report, the CLI wrapper, and the instrumented `distill` run that the quality benchmark uses."""
+report, the CLI wrapper, and the instrumented `distill` run (the Python API) that the quality benchmark uses."""
 
 from __future__ import annotations
 
@@ -80,10 +80,14 @@ def test_teacher_counter_ignores_copies():
     assert (counter.calls, counter.images) == (1, 3)
 
 
-def test_distill_through_the_cli_is_measured(tmp_path):
+def test_distill_through_the_api_is_measured(tmp_path):
     ctx = Context(work=tmp_path)
-    extra = ["--n-pairs", "256", "--heldout", "0", "--shard-size", "256"]
-    run = distill(ctx, "kd", "toy:ring8", tmp_path / "kd", kimg=0.256, batch=64, extra=extra)
+    run = distill(ctx, "kd", "toy:ring8", tmp_path / "kd", kimg=0.256, batch=64,
+                  options=dict(n_pairs=256, heldout=0, shard_size=256))
+    # recorded (and recognised on a rerun) as the command a user would type, as when it ran through the CLI
+    assert run["command"] == (f"diffdistill distill kd --teacher toy:ring8 --out {tmp_path / 'kd'} --kimg 0.256 "
+                              "--batch 64 --no-progress --seed 0 --n-pairs 256 --heldout 0 --shard-size 256")
+    assert (tmp_path / "kd" / "command.txt").read_text().strip() == run["command"]
     assert run["steps"] == 4 and run["student_updates"] == 4 and run["kimg"] == pytest.approx(0.256)
     # the pairs: 256 teacher samples by EDM's Heun with 18 steps = 35 evaluations each, plus the few of the
     # pairs module's determinism check (students, copies of nothing here, are not counted)

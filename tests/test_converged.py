@@ -111,3 +111,66 @@ def test_a_subset_run_keeps_the_other_data_sets_of_the_record(tmp_path):
     assert [g["goal"] for g in out["goals"]] == ["ring goal", "new digits goal"]
     assert out["results"]["runs"] == [dict(dataset="ring", method="kd"), dict(dataset="digits", method="gdd")]
     assert converged._with_unselected(Context(results=tmp_path), ["digits"], new) == new   # a full run: as is
+
+
+def test_the_api_runs_are_the_runs_of_their_recorded_commands(tmp_path):
+    """A teacher and a student made through the Python API with the benchmark's dicts (evaluation during training
+    included: the teacher's FID; KD's own model selection beside FID) are the runs their recorded commands make:
+    the same config.json, the same weights, the same evaluations."""
+    import shlex
+
+    import torch
+    from safetensors.torch import load_file
+
+    from benchmarks.common import command_of, distill_run, train_teacher_run
+    from benchmarks.quality import method_options
+    from diffdistill.cli.main import main as cli_main
+    from diffdistill.methods.recipes import short_run_settings
+
+    ref = tmp_path / "ref.npz"
+    assert cli_main(["ref-stats", "digits", "--features", "digits", "--n", "200", "--out", str(ref),
+                     "--no-progress"]) == 0
+    evaluation = dict(metrics="fid", ref=str(ref), features="digits", eval_kimg=0.032, eval_n=8)
+    runs = {}
+    for way in ("api", "cli"):
+        root = tmp_path / way
+        teacher = root / "teacher"
+        options = dict(preset="digits", total_kimg=0.032, batch=16, snapshot_kimg=0.016, grid_kimg=0, resume=True,
+                       **evaluation)
+        command = command_of(["train-teacher", "--data", "digits", "--out", str(teacher), "--no-progress",
+                              "--seed", "0"], options)
+        runs[way] = [teacher]
+        if way == "api":
+            assert not train_teacher_run("digits", teacher, options, command=command).interrupted
+        else:
+            assert cli_main(shlex.split(command)[1:]) == 0
+        for method in ("kd",):
+            out = root / method
+            options = {**method_options(method, "digits", 16), **short_run_settings(method, "image", 0.032, 16),
+                       **evaluation}
+            command = command_of(["distill", method, "--teacher", str(teacher), "--out", str(out), "--kimg", "0.032",
+                                  "--batch", "16", "--no-progress", "--seed", "0"], options)
+            runs[way].append(out)
+            if way == "api":
+                result = distill_run(method, str(teacher), None, out, dict(options, total_kimg=0.032, batch=16),
+                                     command=command)
+                assert not result.interrupted and result.best is not None
+            else:
+                assert cli_main(shlex.split(command)[1:]) == 0
+    for api, cli in zip(runs["api"], runs["cli"]):
+        def read(path, root):
+            return path.read_text().replace(str(root), "ROOT")
+
+        assert json.loads(read(api / "config.json", tmp_path / "api")) == \
+            json.loads(read(cli / "config.json", tmp_path / "cli")), api.name
+        assert read(api / "command.txt", tmp_path / "api") == read(cli / "command.txt", tmp_path / "cli")
+        evals = {p: [(r["kimg"], {k: v for k, v in r.items() if k.startswith("eval/")})
+                     for r in map(json.loads, (p / "stats.jsonl").read_text().splitlines())
+                     if any(k.startswith("eval/fid") for k in r)] for p in (api, cli)}
+        assert evals[api] == evals[cli] and evals[api], api.name
+        for snap in ("model", "best"):
+            files = sorted(f.name for f in (api / snap).glob("*.safetensors"))
+            assert files and files == sorted(f.name for f in (cli / snap).glob("*.safetensors")), (api.name, snap)
+            for name in files:
+                a, c = (load_file(p / snap / name) for p in (api, cli))
+                assert a.keys() == c.keys() and all(torch.equal(v, c[k]) for k, v in a.items()), (api.name, name)

@@ -1,10 +1,12 @@
 """`diffdistill demo` at its tiny test size: the report has a row for the teacher and every method, a failing
-method becomes a row with its error, finished stages are reused on a rerun, and the page is self-contained."""
+method becomes a row with its error, finished stages are reused on a rerun, and the page is self-contained; each
+stage (a call of the Python API) is the same run as the command the report shows for it."""
 
 from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -162,3 +164,79 @@ def test_short_run_options_parse_for_every_method(kind):
             assert parsed == (list(value) if isinstance(value, tuple) else value), (method, key)
     with pytest.raises(UsageError, match="teacher kind"):
         short_run_options("kd", "video", 1.0, 8)
+
+
+def _stages(tmp_path, profile: str, **kwargs):
+    from diffdistill.demo.pipeline import PROFILES, DemoConfig, build_stages
+
+    cfg = DemoConfig(out=str(tmp_path), profile=profile, tracks=("ring", "digits"), **kwargs)
+    return build_stages(cfg, PROFILES[profile], tmp_path / "runs")
+
+
+@pytest.mark.parametrize("profile", ["tiny", "default"])
+def test_a_stage_command_parses_to_the_settings_the_demo_gives_the_api(tmp_path, profile):
+    """The command the report shows for a stage, parsed by the real CLI parser, is the method config (or the
+    teacher's settings) and the loop that the demo hands to `diffdistill.distill` / `train_teacher`."""
+    from diffdistill.api import distill_loop
+    from diffdistill.cli.common import loop_settings
+    from diffdistill.cli.main import build_parser
+    from diffdistill.methods import get
+    from diffdistill.methods.options import config_from_namespace, make_config
+    from diffdistill.methods.teacher import TrainTeacherConfig
+    from diffdistill.presets import train_config
+
+    stages = _stages(tmp_path, profile, device="cpu", progress=False)
+    assert {s.method for s in stages} == {"teacher", *METHODS}
+    assert ("ring-teacher" in {s.key for s in stages}) == (profile == "default")
+    for stage in stages:
+        args = build_parser().parse_args(stage.argv)
+        args.argv = stage.argv
+        assert shlex.split(stage.command)[1:] == stage.argv and args.data == stage.data
+        cls = TrainTeacherConfig if stage.method == "teacher" else get(stage.method).config
+        assert config_from_namespace(cls, args) == make_config(cls, stage.settings), stage.key
+        parsed = loop_settings(args)
+        assert parsed.pop("command") == stage.command
+        assert {k: parsed[k] for k in stage.loop} == stage.loop, stage.key
+        if stage.method == "teacher":
+            preset = stage.settings["preset"]
+            assert train_config(preset, **parsed) == train_config(preset, **stage.loop), stage.key
+        else:
+            assert args.teacher == stage.teacher and args.method_module == stage.method
+            assert distill_loop(**parsed) == distill_loop(**stage.loop), stage.key
+    # the settings are the library's short-run recipe and the demo's plumbing, the recipe's EMA in the loop
+    kd = next(s for s in stages if s.key == "digits-kd")
+    from diffdistill.methods.recipes import short_run_settings
+
+    recipe = short_run_settings("kd", "image", kd.loop["total_kimg"], kd.loop["batch"])
+    assert kd.loop["ema_halflife_kimg"] == recipe.pop("ema_halflife_kimg")
+    assert kd.settings == dict(n_pairs=kd.settings["n_pairs"], heldout=kd.settings["heldout"],
+                               shard_size=kd.settings["shard_size"], gen_batch=512, **recipe)
+
+
+@pytest.mark.parametrize("key", ["ring-kd", "ring-pd", "digits-teacher"])
+def test_a_stage_is_the_same_run_as_its_command(tmp_path, key):
+    """A stage run through the Python API and its command run by `diffdistill` give the same config.json and the
+    same weights (one stage of the tiny demo, two optimiser steps)."""
+    import torch
+
+    from diffdistill.demo.pipeline import run_stage
+    from diffdistill.io import load_snapshot
+
+    runs = {}
+    for name in ("api", "cli"):
+        stage = next(s for s in _stages(tmp_path / name, "tiny", device="cpu", progress=False) if s.key == key)
+        if name == "api":
+            result = run_stage(stage, threads=1)
+            assert result["ok"] and not result["reused"], result
+        else:
+            assert main(stage.argv) == 0
+        runs[name] = stage.run_dir
+    config = {n: json.loads((r / "config.json").read_text().replace(str(tmp_path / n), "ROOT"))
+              for n, r in runs.items()}
+    assert config["api"] == config["cli"]
+    assert config["api"]["meta"].get("data") == ("digits" if key == "digits-teacher" else "toy:ring8")
+    assert (runs["api"] / "command.txt").read_text().strip() == \
+        (runs["cli"] / "command.txt").read_text().strip().replace(str(tmp_path / "cli"), str(tmp_path / "api"))
+    nets = {n: load_snapshot(r / "model")[0].state_dict() for n, r in runs.items()}
+    assert nets["api"].keys() == nets["cli"].keys()
+    assert all(torch.equal(v, nets["cli"][k]) for k, v in nets["api"].items())

@@ -16,7 +16,7 @@ sampling and training time, a plot of quality against NFE, and sample grids.
 
 Quality: on digits, FID with the shipped digits classifier's features (not Inception) against the data set; on
 the ring, the exact metrics (modes covered, fraction within 3 std, sliced Wasserstein distance).
-Each stage runs the same command a user would type (listed in the report) in DIR/runs/PROFILE/STAGE;
+Each stage is the same run as a command a user would type (listed in the report), in DIR/runs/PROFILE/STAGE;
 rerunning the demo reuses finished stages and resumes interrupted ones. A failing method becomes a row with
 its error.
 """

@@ -19,7 +19,7 @@ then, in Python (exported/di-ddpm/diffdistill_export.json holds the call that sa
 
 def _run_diffusers(args) -> int:
     from ..export import export_diffusers
-    from .sample import load_model
+    from ..sampling import load_model
 
     student, recipe, meta = load_model(args.run, "cpu", note=print)
     info = export_diffusers(student, recipe, args.out, force=args.force, check=args.check, source=args.run,

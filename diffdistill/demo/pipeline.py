@@ -1,10 +1,10 @@
 """The demo's stages: teachers, one distillation per method, evaluations, and the report.
 
-Each training stage is the command a user would type (`diffdistill train-teacher ...`, `diffdistill distill
-METHOD ...`), parsed by the real CLI parser and run by the real command function, in this process. A stage
-that finished leaves `demo-stage.json` in its run directory and is reused when the demo is rerun with the same
-settings; an interrupted one resumes from its newest checkpoint (the loop's own resumption). A failing stage
-becomes a row with its error in the report; the demo goes on.
+Each training stage is a call of the Python API (`diffdistill.train_teacher(...)`, `diffdistill.distill(...)`)
+with dicts of settings; the report shows it as the equivalent command a user would type (`Stage.command`: the
+same run, the same config.json). A stage that finished leaves `demo-stage.json` in its run directory and is
+reused when the demo is rerun with the same settings; an interrupted one resumes from its newest checkpoint (the
+loop's own resumption). A failing stage becomes a row with its error in the report; the demo goes on.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from .. import methods as _methods
 from ..errors import DiffdistillError, UsageError
 from ..io import atomic_write_json
-from ..methods.recipes import short_run_options
+from ..methods.recipes import LOOP_FLAGS, settings_argv, short_run_settings
 
 METHODS = tuple(_methods.names())     # the registry (diffdistill.methods.REGISTRY)
 MARKER = "demo-stage.json"
@@ -91,14 +91,44 @@ class DemoConfig:
 
 @dataclass
 class Stage:
-    """One training command of the demo."""
+    """One training run of the demo, as the Python API takes it: `diffdistill.train_teacher(data, loop=loop,
+    **settings)` for a teacher, `diffdistill.distill(method, teacher, data, loop=distill_loop(**loop),
+    **settings)` for a student. `argv` is the same run as the `diffdistill` command a user would type."""
 
     key: str                            # e.g. 'digits-kd'
     track: str                          # 'ring' | 'digits'
     method: str                         # 'teacher' or a method name
-    argv: list[str]                     # the `diffdistill` command line
+    teacher: str | None                 # the teacher spec of a distillation (None for a teacher)
+    data: str | None                    # the data spec (None: the method needs none)
+    loop: dict                          # TrainConfig fields: out, total_kimg, batch, seed, ...
+    settings: dict                      # the method's settings by field name (a teacher: TrainTeacherConfig's)
     run_dir: Path
     result: dict = field(default_factory=dict)
+
+    @property
+    def config_class(self):
+        """The dataclass `settings` are fields of."""
+        if self.method == "teacher":
+            from ..methods.teacher import TrainTeacherConfig
+
+            return TrainTeacherConfig
+        return _methods.get(self.method).config
+
+    @property
+    def argv(self) -> list[str]:
+        """The `diffdistill` command line of this run (without the program name): each setting by its option,
+        the loop's by theirs (`--kimg`, `--batch`, `--ema`, ...)."""
+        from ..methods.options import flag_of
+
+        for key in self.settings:
+            if flag_of(self.config_class, key) is None:
+                raise UsageError(f"demo stage {self.key}: {key!r} is not an option of the {self.method} command")
+        unknown = sorted(set(self.loop) - set(LOOP_OPTIONS))
+        if unknown or self.loop.get("progress", False):
+            raise UsageError(f"demo stage {self.key}: loop settings {unknown or ['progress=True']} have no option")
+        head = ["train-teacher"] if self.method == "teacher" else ["distill", self.method, "--teacher", self.teacher]
+        data = ["--data", self.data] if self.data is not None else []
+        return [*head, *data, *settings_argv(self.loop), *settings_argv(self.settings)]
 
     @property
     def command(self) -> str:
@@ -107,37 +137,41 @@ class Stage:
         return shlex.join(["diffdistill", *self.argv])
 
 
+# The TrainConfig fields a stage's loop may set: those that `settings_argv` writes as the loop options of
+# `train-teacher` and `distill` (progress only as False: --no-progress).
+LOOP_OPTIONS = ("out", "total_kimg", "batch", "ema_halflife_kimg", "seed", "max_steps", "device", "progress")
+
+
 # --------------------------------------------------------------------------------------------------
-# The stages: the commands a user would type
+# The stages: what each run is given
 
 
-def _loop_argv(run_dir: Path, kimg: float, batch: int, profile: Profile, cfg: DemoConfig) -> list[str]:
-    argv = ["--out", str(run_dir), "--kimg", f"{kimg:g}", "--batch", str(batch), "--seed", "0"]
+def _loop(run_dir: Path, kimg: float, batch: int, profile: Profile, cfg: DemoConfig) -> dict:
+    loop = dict(out=str(run_dir), total_kimg=float(kimg), batch=int(batch), seed=0)
     if profile.max_steps is not None:
-        argv += ["--max-steps", str(profile.max_steps)]
+        loop["max_steps"] = profile.max_steps
     if cfg.device:
-        argv += ["--device", cfg.device]
+        loop["device"] = cfg.device
     if not cfg.progress:
-        argv += ["--no-progress"]
-    return argv
+        loop["progress"] = False
+    return loop
 
 
-def _method_plumbing(method: str, track: str, profile: Profile) -> list[str]:
-    """What a method needs besides its optimisation settings (`short_run_options`): real data, KD's pairs,
-    PD's step counts."""
+def _method_plumbing(method: str, track: str, profile: Profile) -> tuple[str | None, dict]:
+    """What a method needs besides its optimisation settings (`short_run_settings`): (its real data, KD's pairs
+    and PD's step counts)."""
     data = "toy:ring8" if track == "ring" else "digits"
     n_pairs = profile.kd_pairs if track == "digits" or profile.max_steps else 20_000
-    return {
-        "kd": ["--n-pairs", str(n_pairs), "--heldout", str(max(n_pairs // 8, 8)), "--shard-size", str(n_pairs),
-               "--gen-batch", "2048" if track == "ring" else "512"],
-        "pd": ["--data", data, "--start-steps", str(profile.pd_start_steps), "--end-steps", "1"],
-        "gdd": ["--data", data],
-        "cd": ["--data", data],
-    }.get(method, [])
+    settings = {
+        "kd": dict(n_pairs=n_pairs, heldout=max(n_pairs // 8, 8), shard_size=n_pairs,
+                   gen_batch=2048 if track == "ring" else 512),
+        "pd": dict(start_steps=profile.pd_start_steps, end_steps=1),
+    }.get(method, {})
+    return (data if method in ("pd", "gdd", "cd") else None), settings
 
 
 def build_stages(cfg: DemoConfig, profile: Profile, root: Path) -> list[Stage]:
-    """Every training command of the demo, teachers first."""
+    """Every training run of the demo, teachers first."""
     stages: list[Stage] = []
     tracks = cfg.tracks or profile.tracks
     for track in tracks:
@@ -145,25 +179,26 @@ def build_stages(cfg: DemoConfig, profile: Profile, root: Path) -> list[Stage]:
             teacher_spec = "toy:ring8"
             if profile.toy_teacher_kimg > 0:
                 run = root / "ring-teacher"
-                argv = ["train-teacher", "--data", "toy:ring8", "--preset", "toy",
-                        *_loop_argv(run, profile.toy_teacher_kimg, 512, profile, cfg)]
-                stages.append(Stage("ring-teacher", track, "teacher", argv, run))
+                stages.append(Stage("ring-teacher", track, "teacher", None, "toy:ring8",
+                                    _loop(run, profile.toy_teacher_kimg, 512, profile, cfg), dict(preset="toy"), run))
             kimg, batch = profile.ring_steps * profile.ring_batch / 1000, profile.ring_batch
         elif track == "digits":
             run = root / "digits-teacher"
-            argv = ["train-teacher", "--data", "digits", "--preset", "digits",
-                    *_loop_argv(run, profile.digits_teacher_kimg, profile.digits_batch, profile, cfg)]
-            stages.append(Stage("digits-teacher", track, "teacher", argv, run))
+            stages.append(Stage("digits-teacher", track, "teacher", None, "digits",
+                                _loop(run, profile.digits_teacher_kimg, profile.digits_batch, profile, cfg),
+                                dict(preset="digits"), run))
             teacher_spec = str(run)
             kimg, batch = profile.digits_kimg, profile.digits_batch
         else:
             raise UsageError(f"unknown demo data set {track!r} (known: {', '.join(TRACKS)})")
         for method in cfg.methods:
             run = root / f"{track}-{method}"
-            argv = ["distill", method, "--teacher", teacher_spec, *_loop_argv(run, kimg, batch, profile, cfg),
-                    *_method_plumbing(method, track, profile),
-                    *short_run_options(method, "ring" if track == "ring" else "image", kimg, batch)]
-            stages.append(Stage(f"{track}-{method}", track, method, argv, run))
+            data, settings = _method_plumbing(method, track, profile)
+            recipe = short_run_settings(method, "ring" if track == "ring" else "image", kimg, batch)
+            loop = _loop(run, kimg, batch, profile, cfg)
+            loop.update({k: recipe.pop(k) for k in list(recipe) if k in LOOP_FLAGS})   # the recipe's EMA
+            stages.append(Stage(f"{track}-{method}", track, method, teacher_spec, data, loop,
+                                {**settings, **recipe}, run))
     return stages
 
 
@@ -186,7 +221,7 @@ def _threads(count: int | None):
         torch.set_num_threads(old)
 
 
-# Options that change how a stage runs, not what it computes (and the values they take).
+# Options that change how a stage runs, not what it computes (and the values they take after them).
 RUNTIME_OPTIONS = {"--no-progress": 0, "--device": 1}
 
 
@@ -211,12 +246,26 @@ def _read_marker(path: Path) -> dict:
     return old if isinstance(old, dict) else {}
 
 
+def train_stage(stage: Stage):
+    """Train one stage through the Python API; returns its `DistillResult` / `TeacherResult`. The loop records
+    `stage.command` as the run's command, and a distillation's config.json the description `distill METHOD`
+    gives it (method, teacher and data specs), so that the shown command continues the same run."""
+    from .. import api
+    from ..teachers import is_analytic_spec
+
+    loop = dict(stage.loop, command=stage.command)
+    if stage.method == "teacher":
+        return api.train_teacher(stage.data, loop=loop, **stage.settings)
+    data_spec = stage.data or (stage.teacher if is_analytic_spec(stage.teacher) else None)
+    loop = api.distill_loop(**loop, meta=dict(method=stage.method, teacher=stage.teacher, data=data_spec,
+                                              recipe=None))
+    return api.distill(stage.method, stage.teacher, stage.data, loop=loop, **stage.settings)
+
+
 def run_stage(stage: Stage, threads: int | None = None) -> dict:
     """Run one stage, or reuse its finished run; returns {ok, seconds, reused, error, finished}.
 
     `seconds` adds up every session of the run (an interrupted stage resumes from its newest checkpoint)."""
-    from ..cli.main import build_parser
-
     marker = stage.run_dir / MARKER
     old = _read_marker(marker)
     same = old.get("settings") == stage_settings(stage.argv)
@@ -231,22 +280,16 @@ def run_stage(stage: Stage, threads: int | None = None) -> dict:
                                            seconds=spent + time.perf_counter() - start, finished=finished,
                                            command=stage.command))
 
-    args = build_parser().parse_args(stage.argv)
-    args.argv = list(stage.argv)
     start = time.perf_counter()
     error = None
     try:
         with _threads(threads):
-            code = args.func(args)
-        if code == 130:              # Ctrl-C/SIGTERM: the loop saved a checkpoint; stop the demo too
+            result = train_stage(stage)
+        if result.interrupted:       # Ctrl-C/SIGTERM: the loop saved a checkpoint; stop the demo too
             raise KeyboardInterrupt
-        if code:
-            error = f"stopped with exit status {code}"
     except KeyboardInterrupt:
         record(None)
         raise
-    except SystemExit as e:          # argparse inside a command
-        error = f"exit status {e.code}"
     except Exception as e:           # any failure of one method becomes a row of the report
         error = _one_line(e)
     seconds = spent + time.perf_counter() - start
@@ -357,7 +400,7 @@ class Evaluator:
         return self._digits
 
     def evaluate(self, job: Job) -> dict:
-        from ..cli.sample import generate, labels_for, load_model, sampling_plan
+        from ..sampling import generate, labels_for, load_model, sampling_plan, save_figure
 
         row = dict(track=job.track, model=job.model, method=job.method, spec=job.spec,
                    train_seconds=job.train_seconds)
@@ -373,8 +416,6 @@ class Evaluator:
             row["ms_per_sample"] = 1000 * row["sample_seconds"] / len(self.seeds)
             name = f"{job.track}-{_slug(job.model)}-{plan['sampler']}{row['steps']}.png"
             image = self.out / "images" / name
-            from ..cli.sample import save_figure
-
             if job.track == "ring":
                 from ..metrics import toy_metrics
 
