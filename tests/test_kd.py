@@ -23,7 +23,7 @@ from diffdistill.networks.mlp import mlp_preset
 from diffdistill.samplers import sample, sample_onestep
 from diffdistill.teachers.analytic import Gaussian, GaussianMixture, ring8
 from diffdistill.train.ema import ema_beta
-from diffdistill.train.loop import TrainConfig, train
+from diffdistill.train.loop import TrainConfig
 from tests.cli_util import method_from_args, parse_distill
 
 MU, VAR = 0.3, 0.25
@@ -31,6 +31,11 @@ MU, VAR = 0.3, 0.25
 
 def quiet(out, **kw) -> TrainConfig:
     return TrainConfig(out=str(out), checkpoint_kimg=0, progress=False, tensorboard=False, device="cpu", **kw)
+
+
+def pairs_batch(pairs: P.PairsDataset, indices) -> dict[str, torch.Tensor]:
+    """Items `indices` of a pairs data set stacked field by field, as the loop's DataLoader hands them over."""
+    return torch.utils.data.default_collate([pairs[i] for i in indices])
 
 
 def vp_ddim_map(z_T: float) -> float:
@@ -74,23 +79,24 @@ def test_o15_regression_optimum_is_the_teachers_affine_ddim_map(tmp_path):
     root = tmp_path / "pairs"
     m = KP.generate_pairs(teacher, root, KP.PairsConfig(n_pairs=4000, heldout=500, shard_size=2000), progress=False)
     assert m["recipe"]["name"] == "ddim-quad"
-    z, y, _ = P.PairStream(root, m).rows(0, 4000)
+    every = pairs_batch(P.PairsDataset(root, m), range(4000))
+    z, y = every["noise"], every["target"]
     slope, intercept = np.polyfit(z[:, 0].double().numpy(), y[:, 0].double().numpy(), 1)
     assert slope == pytest.approx(a_star, abs=2e-3) and intercept == pytest.approx(b_star, abs=2e-3)
     # The KD method (L2) trained through the loop converges to that map.
     method = kd.KnowledgeDistillation(AffineStudent(157.4), root, kd.KDConfig(loss="l2", lr=0.05, warmup_kimg=0),
                                       manifest=m)
-    train(method, quiet(tmp_path / "run", total_kimg=64, batch=128, ema_halflife_kimg=0, tick_kimg=64),
-          evaluate=own_evaluation)
+    kd.train_on_pairs(method, quiet(tmp_path / "run", total_kimg=64, batch=128, ema_halflife_kimg=0, tick_kimg=64),
+                      evaluate=own_evaluation)
     a, b = float(method.student.a.detach()), float(method.student.b.detach())
     assert a == pytest.approx(a_star, abs=1e-2) and b == pytest.approx(b_star, abs=1e-2), (a, b, a_star, b_star)
     # The loss at the exact map is the fp16 storage floor, below that of a perturbed map.
-    held = method.pairs.heldout()
+    held = P.read_heldout(root, m)
     exact = kd.regression_loss(a_star * held[0] + b_star, held[1], "l2")
     assert float(exact) < 1e-6 < float(kd.regression_loss((a_star + 0.01) * held[0] + b_star, held[1], "l2"))
 
 
-def test_loss_is_the_paper_reduction_and_the_stream_is_split_by_rank(tmp_path):
+def test_loss_is_the_paper_reduction_on_the_batch_pairs(tmp_path):
     pred = torch.tensor([[1.0, -2.0], [0.5, 0.0]])
     target = torch.zeros(2, 2)
     assert float(kd.regression_loss(pred, target, "l1")) == pytest.approx((3 + 0.5) / 2)
@@ -99,14 +105,145 @@ def test_loss_is_the_paper_reduction_and_the_stream_is_split_by_rank(tmp_path):
     m = KP.generate_pairs(ring8(), root, KP.PairsConfig(n_pairs=300, heldout=50, shard_size=100, steps=3, batch=64),
                          progress=False)
     method = kd.KnowledgeDistillation(kd.make_student(ring8(), "mlp-tiny"), root, kd.KDConfig(), manifest=m)
-    out = method.student_loss(Batch(size=32, device=torch.device("cpu")))
+    fields = pairs_batch(method.pairs, range(40, 72))
+    out = method.student_loss(Batch(size=32, device=torch.device("cpu"), fields=fields))
     out["loss"].backward()
-    assert method.cursor == 32 and torch.isfinite(out["loss"])
-    assert method.extra_state() == {"cursor": 32}
+    with torch.no_grad():
+        ref = kd.regression_loss(common.generate(method.student, fields["noise"], method.sigma), fields["target"], "l1")
+    assert float(out["loss"]) == float(ref) and torch.isfinite(out["loss"])
+    assert method.groups()["student"].needs_data and not hasattr(method, "cursor")
     net, recipe = method.export()
     assert net is method.student and recipe == {"sampler": "onestep", "sigmas": [80.0, 0.0]}
     assert own_evaluation(method, None, 0)["heldout_loss"] == float(method.best_loss)
     assert method.export()[0] is method.best                 # after an evaluation: the best so far
+
+
+# --------------------------------------------------------------------------------------------------
+# The pairs are the loop's data set: its order, each rank's and micro-batch's slice, resumption
+
+
+class RecordingKD(kd.KnowledgeDistillation):
+    """KD that records the noise of every micro-batch its loss gets, as (step, noise)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: list[tuple[int, torch.Tensor]] = []
+
+    def student_loss(self, batch):
+        self.seen.append((batch.step, batch.fields["noise"].clone()))
+        return super().student_loss(batch)
+
+
+def _recording_kd(root, m) -> RecordingKD:
+    torch.manual_seed(0)
+    return RecordingKD(kd.make_student(ring8(), "mlp-tiny"), root, kd.KDConfig(lr=1e-3, warmup_kimg=0), manifest=m)
+
+
+def _stream(seen_by_rank: list[list], world: int, index_of: dict) -> list[int]:
+    """The pair indices the losses saw, in stream order: step by step, micro-batch a of rank r at a * world + r
+    (the loop calls the loss once per micro-batch, in order)."""
+    out = []
+    for step in sorted({s for seen in seen_by_rank for s, _ in seen}):
+        micro = [[z for s, z in seen if s == step] for seen in seen_by_rank]
+        for a in range(len(micro[0])):
+            for r in range(world):
+                out += [index_of[tuple(row)] for row in micro[r][a].tolist()]
+    return out
+
+
+def _kd_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
+    import os
+
+    import torch.distributed as tdist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    try:
+        method = _recording_kd(root, P.verify_pairs(root))
+        kd.train_on_pairs(method, quiet(out, max_steps=5, batch=16, batch_gpu=4, seed=3))
+        torch.save(method.seen, f"{out}-seen{rank}.pt")
+    finally:
+        if tdist.is_initialized():
+            tdist.destroy_process_group()
+
+
+def test_every_training_pair_is_seen_once_per_epoch_on_any_split(tmp_path):
+    """40 training pairs (shards of 16, 16, 8; held-out pairs never trained on), batch 16 for 5 steps = 2 epochs,
+    the second epoch starting mid-step: one process accumulating 4 micro-batches of 4 (with a DataLoader worker)
+    and two gloo processes accumulating 2 each see the same stream, every pair once in each epoch, in a new order
+    in the second."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    root = tmp_path / "p"
+    m = KP.generate_pairs(ring8(), root, KP.PairsConfig(n_pairs=40, heldout=8, shard_size=16, steps=2), progress=False)
+    noise = {s["name"]: P.load_shard(root, m, s["name"])["noise"].float() for s in m["shards"]}
+    train_noise = torch.cat([noise[s["name"]] for s in m["shards"] if s["name"] != P.HELDOUT])
+    index_of = {tuple(row): i for i, row in enumerate(train_noise.tolist())}
+    assert len(index_of) == 40 and not set(map(tuple, noise[P.HELDOUT].tolist())) & set(index_of)
+    single = _recording_kd(root, m)
+    kd.train_on_pairs(single, quiet(tmp_path / "one", max_steps=5, batch=16, batch_gpu=4, seed=3, workers=1))
+    assert [len(z) for _, z in single.seen] == [4] * 20
+    stream = _stream([single.seen], 1, index_of)
+    assert len(stream) == 80 and sorted(stream[:40]) == sorted(stream[40:]) == list(range(40))
+    assert stream[:40] != stream[40:]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_kd_worker, args=(2, port, str(root), str(tmp_path / "ddp")), nprocs=2, join=True,
+                       start_method="fork")
+    seen = [torch.load(tmp_path / f"ddp-seen{r}.pt") for r in range(2)]
+    assert [len(z) for _, z in seen[0]] == [4] * 10 and len(seen[1]) == 10
+    assert _stream(seen, 2, index_of) == stream
+
+
+def test_a_steps_loss_is_the_closed_form_loss_of_its_pairs(tmp_path):
+    """A fixed affine student (lr 0) z -> 0.7 z - 0.2 on uint8 targets: the loss logged for each step is the mean
+    over the step's pairs (positions step * 16 ... of the loop's order: 40 pairs, so step 2 spans two epochs) of
+    |0.7 z - 0.2 - y|, with z and y read from the shards on disk and y decoded by hand."""
+    from safetensors.torch import load_file
+
+    from diffdistill.train.loop import StreamSampler
+
+    root = tmp_path / "p"
+    m = KP.generate_pairs(Gaussian([MU], VAR**0.5), root, KP.PairsConfig(n_pairs=40, heldout=0, shard_size=16,
+                          steps=2, sampler="euler", target_dtype="uint8"), progress=False)
+    shards = [load_file(P.shard_path(root, s["name"])) for s in m["shards"]]
+    z = torch.cat([t["noise"] for t in shards]).double()[:, 0]
+    y = torch.cat([t["target"] for t in shards]).double()[:, 0] / 127.5 - 1
+    student = AffineStudent(157.4)
+    with torch.no_grad():
+        student.a.fill_(0.7)
+        student.b.fill_(-0.2)
+    a, b = float(student.a), float(student.b)                         # 0.7 and -0.2 in float32
+    method = kd.KnowledgeDistillation(student, root, kd.KDConfig(loss="l1", lr=0.0, warmup_kimg=0), manifest=m)
+    kd.train_on_pairs(method, quiet(tmp_path / "run", max_steps=5, batch=16, batch_gpu=8, seed=5, tick_kimg=0.016,
+                                    ema_halflife_kimg=0))
+    logged = [r["student/loss"] for r in map(json.loads, (tmp_path / "run" / "stats.jsonl").read_text().splitlines())
+              if "student/loss" in r]
+    order = iter(StreamSampler(40, 5, 0, 16, 16, 1, 1, 0))             # each step's 16 pairs, all micro-batches
+    expected = []
+    for _ in range(5):
+        i = torch.tensor(next(order))
+        expected.append(float((a * z[i] + b - y[i]).abs().mean()))
+    assert len(logged) == 5 and logged == pytest.approx(expected, rel=1e-6)
+    assert (float(student.a), float(student.b)) == (a, b)                  # lr 0: the student is fixed
+
+
+def test_a_non_finite_pair_is_named_by_its_index(tmp_path):
+    """A pair whose target is NaN (a shard rewritten with a valid checksum) stops the run naming that pair."""
+    root = tmp_path / "p"
+    m = KP.generate_pairs(ring8(), root, KP.PairsConfig(n_pairs=32, heldout=0, shard_size=16, steps=2), progress=False)
+    spec = m["shards"][1]
+    tensors = P.load_shard(root, m, spec["name"])
+    tensors["target"][5, 1] = float("nan")                                  # pair 16 + 5 = 21
+    P.write_shard(root, m, spec, tensors)
+    method = kd.KnowledgeDistillation(kd.make_student(ring8(), "mlp-tiny"), root, kd.KDConfig(), manifest=m)
+    with pytest.raises(DiffdistillError, match=r"non-finite loss in group 'student'.*items \[21\] of the training "
+                                               r"data the data set hold NaN or inf"):
+        kd.train_on_pairs(method, quiet(tmp_path / "run", max_steps=2, batch=32, batch_gpu=8))
 
 
 def test_students():
@@ -156,9 +293,9 @@ def test_end_to_end_ring8_one_step_student(tmp_path):
     assert m["recipe"]["name"] == "heun" and len(m["recipe"]["sigmas"]) == 19      # 35 NFE
     method = kd.KnowledgeDistillation(kd.make_student(teacher, "mlp-toy"), root,
                                       kd.KDConfig(loss="l2", lr=2e-3, warmup_kimg=10), manifest=m)
-    result = train(method, quiet(tmp_path / "run", total_kimg=100, batch=256, ema_halflife_kimg=10,
-                                 eval_kimg=25, best_metric=kd.SPEC.best_metric, tick_kimg=25),
-                   evaluate=own_evaluation)
+    result = kd.SPEC.run(method, quiet(tmp_path / "run", total_kimg=100, batch=256, ema_halflife_kimg=10,
+                                       eval_kimg=25, best_metric=kd.SPEC.best_metric, tick_kimg=25),
+                         None, own_evaluation)
     evals = [json.loads(line) for line in (tmp_path / "run" / "stats.jsonl").read_text().splitlines()]
     losses = [r["eval/heldout_loss"] for r in evals if "eval/heldout_loss" in r]
     assert len(losses) == 4 and float(method.best_loss) == pytest.approx(min(losses))
@@ -200,7 +337,8 @@ def test_ddpm_eps_student_is_the_papers_g_with_its_gradient_scale(tmp_path):
     assert isinstance(method.student, kd.PaperStudent)
     assert method.sigma == teacher.sigma_max == float(teacher.discrete_sigmas[-1])      # t_max = 999
     unet = method.student.net.model
-    z, y, _ = method.pairs.rows(0, 8)
+    fields = pairs_batch(method.pairs, range(8))
+    z, y = fields["noise"], fields["target"]
     params = list(unet.parameters())
 
     def paper_g():  # the reference: the UNet itself, fed z at timestep 999, subtracted from z
@@ -212,7 +350,7 @@ def test_ddpm_eps_student_is_the_papers_g_with_its_gradient_scale(tmp_path):
         net, recipe = method.export()
         assert float((sample_onestep(net, z, recipe["sigmas"]) - ref).abs().max()) < 1e-5
     # The gradient of the method's loss is the paper's (old code: D(sigma_max z; sigma_max), 157x the output).
-    loss = method.student_loss(Batch(size=8, device=torch.device("cpu")))["loss"]
+    loss = method.student_loss(Batch(size=8, device=torch.device("cpu"), fields=fields))["loss"]
     grads = torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
     ref_loss = kd.regression_loss(paper_g(), y, "l1")
     ref_grads = torch.cat([g.flatten() for g in torch.autograd.grad(ref_loss, params)])
@@ -372,11 +510,11 @@ def test_python_api_defaults_are_the_command_lines(tmp_path, teacher, kimg, warm
     cli = config_from_namespace(kd.SPEC.config, parse_distill("kd", "--kimg", str(kimg), out=out)).resolve(teacher,
                                                                                                             loop)
     assert api == cli
-    assert (api.warmup_kimg, api.seed, api.pairs, api.student_dropout) == (warmup, 3, out + "-pairs", 0.0)
+    assert (api.warmup_kimg, api.pairs, api.student_dropout) == (warmup, out + "-pairs", 0.0)
     assert (api.loss, api.lr, api.betas, api.adam_eps, api.ema_decay) == ("l1", 2e-4, (0.9, 0.98), 1e-8, 0.995)
     assert api.resolve(teacher, None) == api == api.resolve(teacher, loop)          # idempotent
-    # Without a run: the paper's warm-up, seed 0 and no pairs directory (create asks for one).
-    assert kd.KDConfig().resolve(teacher, None) == kd.KDConfig(warmup_kimg=2560.0, seed=0)
+    # Without a run: the paper's warm-up and no pairs directory (create asks for one).
+    assert kd.KDConfig().resolve(teacher, None) == kd.KDConfig(warmup_kimg=2560.0)
 
 
 def test_settings_are_checked_and_a_run_free_method_needs_its_pairs(tmp_path, capsys):
@@ -391,7 +529,7 @@ def test_settings_are_checked_and_a_run_free_method_needs_its_pairs(tmp_path, ca
                       student_preset="mlp-tiny", student_dropout=None)
     method = kd.create(cfg, ring8())
     assert method.pairs.m["n_pairs"] == 16 and (tmp_path / "p" / "pairs.json").is_file()
-    assert method.cfg == kd.KDConfig(**{**vars(cfg), "pairs": str(tmp_path / "p"), "warmup_kimg": 2560.0, "seed": 0})
+    assert method.cfg == kd.KDConfig(**{**vars(cfg), "pairs": str(tmp_path / "p"), "warmup_kimg": 2560.0})
     assert "kd: 16 pairs in" in capsys.readouterr().out
 
 

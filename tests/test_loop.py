@@ -1,5 +1,5 @@
-"""The one training loop: EMA rule, LR schedule, data stream, groups (every / reset / milestone), NaN stop,
-stats, grids, snapshots, evaluation, run-directory rules and SIGINT handling. Tiny CPU models only."""
+"""The one training loop: EMA rule, LR schedule, data stream, groups (every / reset), stages, NaN stop, stats,
+grids, snapshots, evaluation, run-directory rules and SIGINT handling. Tiny CPU models only."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from diffdistill.methods.base import Batch, Group, Method, OptimConfig
 from diffdistill.networks.mlp import MLP
 from diffdistill.train import checkpoint as ckpt
 from diffdistill.train.ema import EMA, ema_beta
-from diffdistill.train.loop import StreamSampler, TrainConfig, lr_at, split_batch, train
+from diffdistill.train.loop import Stage, StreamSampler, TrainConfig, lr_at, split_batch, train
 
 torch.set_num_threads(1)
 
@@ -50,14 +50,13 @@ class Toy(Method):
 
     name = "toy"
 
-    def __init__(self, every_b=2, reset_b_at=None, milestone_at=None, nan_at=None, kill_at=None):
+    def __init__(self, every_b=2, reset_b_at=None, nan_at=None, kill_at=None):
         super().__init__()
         self.a, self.b = tiny_denoiser(1), tiny_denoiser(2)
         self.drop = nn.Dropout(0.2)
-        self.every_b, self.reset_b_at, self.milestone_at = every_b, reset_b_at, milestone_at
+        self.every_b, self.reset_b_at = every_b, reset_b_at
         self.nan_at, self.kill_at = nan_at, kill_at
         self.seen: list[tuple[str, int, int]] = []   # (group, step, batch size)
-        self.counter = 0                              # extra state
 
     def groups(self):
         return {"a": Group(list(self.a.parameters()), OptimConfig(lr=1e-2), loss=self.a_loss, needs_data=True),
@@ -90,17 +89,7 @@ class Toy(Method):
         return (ema["a"] if ema else self.a), {"sampler": "euler", "steps": 4}
 
     def begin_step(self, step, nimg):
-        self.counter += 1
         return {"b"} if step == self.reset_b_at else set()
-
-    def milestone(self, step, nimg):
-        return f"round-{step}" if step == self.milestone_at else None
-
-    def extra_state(self):
-        return {"counter": self.counter}
-
-    def load_extra_state(self, state):
-        self.counter = state["counter"]
 
 
 def config(tmp_path, name="run", **kw) -> TrainConfig:
@@ -236,20 +225,61 @@ def test_batch_sizes_reach_the_method(tmp_path):
     assert a_calls == [(0, 4)] * 4 + [(1, 4)] * 4  # 4 accumulation rounds of 4
 
 
-def test_reset_milestone_and_extra_state(tmp_path):
-    method = Toy(reset_b_at=4, milestone_at=6)
+def test_reset_and_an_old_checkpoints_extra_state(tmp_path):
+    method = Toy(reset_b_at=4)
     train(method, config(tmp_path, max_steps=8), Points())
     run = tmp_path / "run"
-    assert (run / "round-6" / "model.json").is_file()
-    meta = io.load_snapshot(run / "round-6")[2]
-    assert meta["step"] == 6  # saved before step 6 ran
     tensors, state = ckpt.load_latest(run)
     assert state["origins"]["b"] == 4 * 16 and state["origins"]["a"] == 0
     # Adam's step count of group b restarted at the reset: b ran on steps 4 and 6 since
     b_steps = [v for k, v in tensors.items() if k.startswith("optim.b.") and k.endswith(".step")]
     a_steps = [v for k, v in tensors.items() if k.startswith("optim.a.") and k.endswith(".step")]
     assert float(b_steps[0]) == 2.0 and float(a_steps[0]) == 8.0
-    assert state["extra_state"] == {"counter": 8}
+    # a checkpoint of an older version, with the method's `extra_state`, still resumes (the key is ignored)
+    assert "extra_state" not in state
+    js = ckpt.list_checkpoints(run)[0][1]
+    js.write_text(json.dumps(dict(state, extra_state={"counter": 8})))
+    assert train(Toy(reset_b_at=4), config(tmp_path, max_steps=10, resume=True), Points())["step"] == 10
+
+
+def _lines(run):
+    return [{k: v for k, v in json.loads(x).items() if k not in ("time", "it_per_s", "img_per_s")}
+            for x in (run / "stats.jsonl").read_text().splitlines()]
+
+
+class ResetAll(Toy):
+    def begin_step(self, step, nimg):
+        return {"a", "b"} if step in (3, 7) else set()
+
+
+def test_stages_continue_one_run(tmp_path):
+    """Three calls of `train` as stages ending at steps 3 and 7 and the run's end (10), each with fresh optimisers,
+    LR schedules and EMA, are one run that resets every group at steps 3 and 7: the same tensors and stats.jsonl
+    (the tick across a stage's end included), plus each stage's export; a rerun skips the stages finished before
+    and restores only a checkpoint written during a stage."""
+    ref = config(tmp_path, "ref", keep_checkpoints=9)
+    train(ResetAll(), ref, Points())
+    cfg = config(tmp_path, keep_checkpoints=9)
+    run, method, stage = tmp_path / "run", Toy(), None
+    for end, export in ((3, "first"), (7, None), (None, "last")):
+        stage = Stage(end=end, export=export, after=stage)
+        result = train(method, cfg, Points(), stage=stage)
+        assert result["step"] == (end or 10) and (result["model"] is not None) == (end is None)
+    assert _lines(run) == _lines(tmp_path / "ref")                      # ticks at 3, 6, 9 and 10 in both
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [10, 8, 7, 4, 3]  # every 4 steps, and each stage's end
+    got, want = ckpt.load_latest(run)[0], ckpt.load_latest(tmp_path / "ref")[0]
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert io.load_snapshot(run / "first")[2]["step"] == 3 and io.load_snapshot(run / "last")[2]["step"] == 10
+    assert (run / "command.txt").read_text().count("\n") == 1           # RUN is prepared by the first stage only
+    # a rerun: the newest checkpoint (4) lies in the second stage: the first is skipped, the second resumes from it
+    for p in ckpt.list_checkpoints(run)[:3]:
+        p[1].unlink()
+    seen, stage = Toy(), None
+    for end in (3, 7, None):
+        stage = Stage(end=end, after=stage)
+        train(seen, cfg, Points(), stage=stage)
+        assert stage.skipped == (end == 3)
+    assert sorted({s for _, s, _ in seen.seen}) == [4, 5, 6, 7, 8, 9]
 
 
 class LateStart(Toy):

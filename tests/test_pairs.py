@@ -148,13 +148,16 @@ def test_resume_after_a_kill_and_a_damaged_shard(tmp_path, monkeypatch):
     raw = bytearray(good)
     raw[-7] ^= 0xFF
     path.write_bytes(bytes(raw))
-    stream = P.PairStream(root, m)
     with pytest.raises(DiffdistillError, match="train-00001.safetensors: checksum mismatch"):
-        for pos in range(0, 500, 100):
-            stream.rows(pos, 100)
+        P.load_shard(root, m, "train-00001")
     path.write_bytes(good[: len(good) // 2])           # truncated
     with pytest.raises(DiffdistillError, match="train-00001.safetensors: unreadable"):
         P.load_shard(root, m, "train-00001")
+    pairs = P.PairsDataset(root, m)
+    assert pairs[0]["noise"].shape == (2,)             # shard 0 reads; shard 1's rows name the file
+    with pytest.raises(DiffdistillError, match=r"train-00001.safetensors: unreadable \(tensor 'noise' lies at .*"
+                                               r"outside the file\); rerun `diffdistill kd-pairs`"):
+        pairs[250]
     remade.clear()
     logged = []
     KP.generate_pairs(teacher, root, cfg, progress=False, log=logged.append)
@@ -225,23 +228,65 @@ def test_uint8_targets_follow_the_paper():
     assert KP.resolve_target_dtype(KP.PairsConfig(), (2,)) == "float16"
 
 
-def test_stream_visits_every_pair_once_per_epoch(tmp_path):
+def test_the_training_pairs_are_a_data_set_read_from_the_shards(tmp_path):
+    """Item i of `PairsDataset` is the i-th training row of the shards in manifest order (the held-out shard is not
+    in it), as float32 noise and target in data units; a batched read equals the items one by one; pickled (to a
+    DataLoader worker) it maps the shards again; a view of fewer pairs stops at them."""
+    import pickle
+
+    from safetensors.torch import load_file
+
     root = tmp_path / "p"
     m = KP.generate_pairs(ring8(), root, KP.PairsConfig(**SMALL), progress=False)
-    stream = P.PairStream(root, m, seed=1)
-    z, y, c = stream.rows(0, 500)
-    assert c is None and z.shape == (500, 2) and y.dtype == torch.float32
-    everything = torch.cat([P.load_shard(root, m, f"train-{i:05d}")["noise"].float() for i in range(3)])
-    key = lambda t: sorted(map(tuple, t.tolist()))  # noqa: E731
-    assert key(z) == key(everything)                 # a permutation of all training pairs
-    z2 = torch.cat([stream.rows(p, n)[0] for p, n in ((0, 130), (130, 270), (400, 100))])
-    assert torch.equal(z, z2)                        # position-addressed: chunking does not matter
-    assert len(stream._cache) <= 2                   # memory: at most two shards
-    z3 = stream.rows(500, 500)[0]
-    assert key(z3) == key(z) and not torch.equal(z3, z)  # next epoch: same pairs, new order
-    held = stream.heldout()
-    assert held[0].shape == (100, 2)
+    pairs = P.PairsDataset(root, m)
+    disk = [load_file(P.shard_path(root, f"train-{i:05d}")) for i in range(3)]   # 200, 200, 100 rows
+    noise, target = (torch.cat([d[k] for d in disk]).float() for k in ("noise", "target"))
+    assert len(pairs) == 500 and pairs.shape == (2,) and pairs.label_dim == 0
+    items = [pairs[i] for i in range(500)]
+    assert all(set(it) == {"noise", "target"} and it["noise"].dtype == it["target"].dtype == torch.float32
+               for it in items)
+    assert torch.equal(torch.stack([it["noise"] for it in items]), noise)
+    assert torch.equal(torch.stack([it["target"] for it in items]), target)
+    held = load_file(P.shard_path(root, P.HELDOUT))
+    assert not set(map(tuple, held["noise"].float().tolist())) & set(map(tuple, noise.tolist()))
+    ids = [499, 3, 250, 199, 200, 3]                                           # any order, across shards, repeats
+    for it, i in zip(pairs.__getitems__(ids), ids):
+        assert torch.equal(it["noise"], noise[i]) and torch.equal(it["target"], target[i])
+    with pytest.raises(IndexError):
+        pairs[500]
+    with pytest.raises(IndexError):
+        pairs.__getitems__([0, -1])
+    again = pickle.loads(pickle.dumps(pairs))
+    assert pairs._maps and not again._maps and torch.equal(again[321]["noise"], noise[321])
+    view = P.PairsDataset(root, P.manifest_view(m, 300, 50))                  # shard 1 trimmed to 100 of 200 rows
+    assert len(view) == 300 and torch.equal(view[299]["target"], target[299])
+    with pytest.raises(IndexError):
+        view[300]
+    z, y, c = P.read_heldout(root, m)
+    assert c is None and torch.equal(z, held["noise"].float()) and torch.equal(y, held["target"].float())
+    assert P.read_heldout(root, P.manifest_view(m, 300, 0)) is None
     assert json.loads((root / "pairs.json").read_text())["teacher"] == P.teacher_fingerprint(ring8())
+
+
+def test_uint8_targets_and_labels_of_a_data_set(tmp_path):
+    """A class-conditional teacher's pairs carry int64 labels; uint8 targets are decoded as y / 127.5 - 1."""
+    from safetensors.torch import load_file
+
+    from diffdistill.networks.mlp import mlp_preset
+
+    torch.manual_seed(0)
+    teacher = Precond(mlp_preset("tiny", 2, label_dim=3), (2,), 3, PrecondConfig()).eval().requires_grad_(False)
+    root = tmp_path / "p"
+    m = KP.generate_pairs(teacher, root, KP.PairsConfig(n_pairs=20, heldout=4, shard_size=8, steps=2,
+                                                        target_dtype="uint8"), progress=False)
+    pairs = P.PairsDataset(root, m)
+    disk = [load_file(P.shard_path(root, f"train-{i:05d}")) for i in range(3)]
+    cond, target = torch.cat([d["cond"] for d in disk]), torch.cat([d["target"] for d in disk])
+    assert pairs.label_dim == 3 and target.dtype == torch.uint8 and len(cond) == 20
+    batch = torch.utils.data.default_collate([pairs[i] for i in range(20)])   # what the loop's DataLoader makes
+    assert batch["cond"].dtype == torch.int64 and torch.equal(batch["cond"], cond)
+    assert torch.equal(batch["target"], target.float() / 127.5 - 1)
+    assert P.read_heldout(root, m)[2].shape == (4,)
 
 
 def _generated_rows(monkeypatch) -> list[tuple[int, int]]:
@@ -272,10 +317,11 @@ def test_a_directory_serves_smaller_requests_and_extends_for_larger_ones(tmp_pat
     assert json.loads((tmp_path / "big" / "pairs.json").read_text())["n_pairs"] == 500   # the directory is kept
     fresh = KP.generate_pairs(teacher, tmp_path / "fresh", KP.PairsConfig(**dict(SMALL, n_pairs=300, heldout=50,
                                                                                 batch=7)), progress=False)
-    a, b = P.PairStream(tmp_path / "big", view, seed=2), P.PairStream(tmp_path / "fresh", fresh, seed=2)
-    for x, y in zip(a.rows(0, 450), b.rows(0, 450)):                 # across an epoch boundary
-        assert (x is None and y is None) or torch.equal(x, y)
-    for x, y in zip(a.heldout(), b.heldout()):
+    a, b = P.PairsDataset(tmp_path / "big", view), P.PairsDataset(tmp_path / "fresh", fresh)
+    assert len(a) == len(b) == 300
+    for i in range(300):
+        assert all(torch.equal(a[i][k], b[i][k]) for k in ("noise", "target"))
+    for x, y in zip(P.read_heldout(tmp_path / "big", view), P.read_heldout(tmp_path / "fresh", fresh)):
         assert (x is None and y is None) or torch.equal(x, y)
     # Larger: the 300 + 50 directory grows to 500 + 100, computing only the 250 missing pairs.
     calls.clear()

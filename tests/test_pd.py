@@ -165,31 +165,144 @@ def test_o14_the_exact_affine_student_has_zero_loss():
     torch.testing.assert_close(param.snr_weight(s), torch.tensor([100.0, 1.0, 1.0], dtype=torch.float64))
 
 
-def test_rounds_reset_copy_and_milestones(tmp_path):
+def test_round_start_copy_and_boundaries():
     teacher = ring8()
-    method = pd.ProgressiveDistillation(teacher, pd.PDConfig(start_steps=8, end_steps=2, round_kimg=1.0),
-                                        run_dir=tmp_path)
+    method = pd.ProgressiveDistillation(teacher, pd.PDConfig(start_steps=8, end_steps=2, round_kimg=1.0))
     assert method.n_rounds == 2 and method.student_steps() == 4 and method.round_teacher() is teacher
-    assert method.lr_schedule_kimg("student") == 1.0
-    assert method.milestone(0, 0) is None and method.begin_step(0, 0) == set()
+    assert method.groups()["student"].optim.decay_kimg == 1.0       # the linear decay ends with the round
+    # round r starts at the first step whose image count reaches r * 1000: ceil(1000 r / batch)
+    assert method.round_starts(64) == [16, 32] and method.round_starts(100) == [10, 20]
+    assert method.round_starts(3000) == [1, 1]                       # a round shorter than a batch: no step
     with torch.no_grad():
         for p in method.student.parameters():
             p.add_(0.1)
-    assert method.milestone(4, 1024) == "round-04steps"
-    assert method.begin_step(4, 1024) == {"student"}
+    method.loss_sum += torch.tensor([3.0, 2.0], dtype=torch.float64)
+    method.start_round(1)
     assert method.round == 1 and method.student_steps() == 2 and method.round_teacher() is method.prev
+    assert method.loss_sum.tolist() == [0.0, 0.0]
     for p, q in zip(method.prev.parameters(), method.student.parameters()):
         assert torch.equal(p, q) and p is not q and not p.requires_grad
     net, recipe = method.export()
     assert recipe == {"sampler": "euler", "sigmas": pd.pd_sigmas(2, "karras").tolist()}
-    rows = json.loads((tmp_path / "rounds.json").read_text())
-    assert [r["student_steps"] for r in rows] == [4]
-    assert "| 1 | 8 | 4 |" in (tmp_path / "rounds.md").read_text()
-    # Resumption: the round and the table come back with the extra state.
-    fresh = pd.ProgressiveDistillation(teacher, pd.PDConfig(start_steps=8, end_steps=2, round_kimg=1.0))
-    fresh.load_state_dict(method.state_dict())
-    fresh.load_extra_state(json.loads(json.dumps(method.extra_state())))
-    assert fresh.round == 1 and fresh.records == method.records
+
+
+def _two_rounds(out, **kw):
+    """A PD method of two rounds of 4 steps (8 -> 4 -> 2 on the ring, batch 64) and its loop settings."""
+    from diffdistill.train.loop import TrainConfig
+
+    torch.manual_seed(0)
+    method = pd.ProgressiveDistillation(ring8(), pd.PDConfig(start_steps=8, end_steps=2, round_kimg=0.25, lr=2e-3,
+                                                             student_preset="mlp-tiny"))
+    cfg = TrainConfig(**{**dict(out=str(out), total_kimg=0.5, batch=64, ema_halflife_kimg=0, checkpoint_kimg=0.128,
+                                tick_kimg=0.064, progress=False, tensorboard=False, device="cpu"), **kw})
+    return method, cfg
+
+
+def _same_run(a, b, table=True):
+    """The two runs' final checkpoints (weights, optimiser), snapshots and round tables are identical."""
+    from diffdistill.train import checkpoint as ckpt
+
+    ta, tb = ckpt.load_latest(a)[0], ckpt.load_latest(b)[0]
+    assert set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+    for name in ("round-04steps", "model"):
+        sa, sb = io.load_snapshot(a / name)[0].state_dict(), io.load_snapshot(b / name)[0].state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+    assert not table or (a / "rounds.json").read_text() == (b / "rounds.json").read_text()
+
+
+def test_the_driver_is_one_loop_call_per_round(tmp_path):
+    """pd.run equals round 1 alone, then round 2 on a new method whose student is round 1's snapshot, continuing
+    the run's step and image counts (`Stage`): bit-identical weights and optimiser state. The round table: a row
+    per round, its mean loss the mean of the per-step losses in stats.jsonl (a tick every step)."""
+    from diffdistill.data import open_dataset
+    from diffdistill.train.loop import Stage, train
+
+    data = open_dataset("toy:ring8")
+    method, cfg = _two_rounds(tmp_path / "driver")
+    result = pd.run(method, cfg, data)
+    assert result["step"] == 8 and result["model"] and method.round == 1
+    first, cfg2 = _two_rounds(tmp_path / "parts")
+    first.start_round(0)
+    stage = Stage(end=4, export="round-04steps")
+    train(first, cfg2, data, stage=stage)
+    student = io.load_snapshot(tmp_path / "parts" / "round-04steps")[0]
+    second = pd.ProgressiveDistillation(ring8(), first.cfg, student=student)
+    second.start_round(1)
+    train(second, cfg2, data, stage=Stage(after=stage))
+    _same_run(tmp_path / "driver", tmp_path / "parts", table=False)
+    rows = json.loads((tmp_path / "driver" / "rounds.json").read_text())
+    stats = (tmp_path / "driver" / "stats.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["student/loss"] for line in stats]
+    assert len(losses) == 8
+    assert [{k: v for k, v in r.items() if k != "mean_loss"} for r in rows] == [
+        dict(round=1, teacher_steps=8, student_steps=4, start_kimg=0.0, end_kimg=0.256, snapshot="round-04steps"),
+        dict(round=2, teacher_steps=4, student_steps=2, start_kimg=0.256, end_kimg=0.512, snapshot="round-02steps")]
+    assert [r["mean_loss"] for r in rows] == pytest.approx([np.mean(losses[:4]), np.mean(losses[4:])], rel=1e-12)
+    assert "| 2 | 4 | 2 | 0.256-0.512 |" in (tmp_path / "driver" / "rounds.md").read_text()
+
+
+def test_export_writes_nothing(tmp_path, monkeypatch):
+    """export() has no side effects (it used to write the last round's row of the table, which then stayed as the
+    first evaluation or grid of that round left it): the run directory and the working directory are unchanged."""
+    from diffdistill.data import open_dataset
+
+    method, cfg = _two_rounds(tmp_path / "run")
+    pd.run(method, cfg, open_dataset("toy:ring8"))
+    monkeypatch.chdir(tmp_path)
+
+    def tree():
+        return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in tmp_path.rglob("*")}
+
+    before = tree()
+    for _ in range(2):
+        assert method.export()[1]["sampler"] == "euler"
+    assert tree() == before
+
+
+def test_a_run_stopped_in_round_2_resumes_bit_identically(tmp_path, monkeypatch):
+    """Stopped by SIGINT inside round 2 (RUN/latest, the run's result says interrupted), or killed after round 1's
+    last checkpoint but before its snapshot: the same call again ends as the uninterrupted run, bit for bit."""
+    import os
+    import signal
+
+    from diffdistill.data import open_dataset
+
+    data = open_dataset("toy:ring8")
+    pd.run(*_two_rounds(tmp_path / "ref"), data)
+    loss = pd.ProgressiveDistillation.student_loss
+
+    def sigint_at_step_5(self, batch):
+        if batch.step == 5 and not sigint_at_step_5.sent:
+            sigint_at_step_5.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss(self, batch)
+
+    sigint_at_step_5.sent = False
+    monkeypatch.setattr(pd.ProgressiveDistillation, "student_loss", sigint_at_step_5)
+    result = pd.run(*_two_rounds(tmp_path / "int"), data)
+    assert result["interrupted"] and result["step"] == 6 and (tmp_path / "int" / "latest" / "model.json").is_file()
+    assert [r["round"] for r in json.loads((tmp_path / "int" / "rounds.json").read_text())] == [1]
+    assert not pd.run(*_two_rounds(tmp_path / "int"), data)["interrupted"]
+    _same_run(tmp_path / "ref", tmp_path / "int")
+    assert not (tmp_path / "int" / "latest").exists()
+
+    class Killed(Exception):
+        pass
+
+    save = io.save_snapshot
+
+    def killed_at_round_1s_snapshot(path, *args, **kw):
+        if path.name == "round-04steps":
+            raise Killed
+        return save(path, *args, **kw)
+
+    monkeypatch.setattr(io, "save_snapshot", killed_at_round_1s_snapshot)
+    with pytest.raises(Killed):
+        pd.run(*_two_rounds(tmp_path / "kill"), data)
+    monkeypatch.setattr(io, "save_snapshot", save)
+    assert not (tmp_path / "kill" / "round-04steps").exists()
+    pd.run(*_two_rounds(tmp_path / "kill"), data)
+    _same_run(tmp_path / "ref", tmp_path / "kill")
 
 
 class _TwoHeads(torch.nn.Module):
@@ -327,7 +440,7 @@ def test_pd_ema_restarts_every_round_through_the_loop(tmp_path):
     that round's start, i.e. it holds nothing of earlier rounds (before the loop restarted the EMA at a group
     reset, every round's EMA was the round-0 initialisation)."""
     from diffdistill.data import open_dataset
-    from diffdistill.train.loop import TrainConfig, train
+    from diffdistill.train.loop import TrainConfig
 
     torch.manual_seed(0)
     args = parse_distill("pd", "--start-steps", "8", "--end-steps", "2", "--round-kimg", "0.256", "--pd-ema",
@@ -337,7 +450,7 @@ def test_pd_ema_restarts_every_round_through_the_loop(tmp_path):
     init = {k: v.clone() for k, v in method.student.state_dict().items()}
     cfg = TrainConfig(out=str(tmp_path), total_kimg=0.512, batch=64, ema_halflife_kimg=1e9, ema_rampup=None,
                       checkpoint_kimg=0, tick_kimg=0.256, progress=False, tensorboard=False, device="cpu")
-    train(method, cfg, data=open_dataset("toy:ring8"))
+    pd.run(method, cfg, open_dataset("toy:ring8"))
     round1, _, _ = io.load_snapshot(tmp_path / "round-04steps")
     round2, recipe, _ = io.load_snapshot(tmp_path / "model")
     assert len(recipe["sigmas"]) == 3
@@ -405,15 +518,15 @@ def test_end_to_end_ring8_one_step_student(tmp_path):
 def _end_to_end(tmp_path):
     from diffdistill.data import open_dataset
     from diffdistill.methods.kd import make_student
-    from diffdistill.train.loop import TrainConfig, train
+    from diffdistill.train.loop import TrainConfig
 
     torch.manual_seed(0)
     teacher = ring8()
     pcfg = pd.PDConfig(start_steps=16, end_steps=1, round_kimg=22.5, lr=2e-3)
-    method = pd.ProgressiveDistillation(teacher, pcfg, make_student(teacher, "mlp-toy"), run_dir=tmp_path)
+    method = pd.ProgressiveDistillation(teacher, pcfg, make_student(teacher, "mlp-toy"))
     cfg = TrainConfig(out=str(tmp_path), total_kimg=90, batch=64, ema_halflife_kimg=0, checkpoint_kimg=0,
                       tick_kimg=22.5, progress=False, tensorboard=False, device="cpu")
-    result = train(method, cfg, data=open_dataset("toy:ring8"))
+    result = pd.run(method, cfg, open_dataset("toy:ring8"))
     rows = json.loads((tmp_path / "rounds.json").read_text())
     assert [r["student_steps"] for r in rows] == [8, 4, 2, 1]
     fractions = {}
@@ -457,7 +570,7 @@ def test_official_recipes(name, start, batch, lr, round_kimg):
     assert method.export()[1]["clip_denoised"] is True
     optim = method.groups()["student"].optim
     assert (optim.lr, optim.decay, optim.warmup_kimg, optim.weight_decay) == (lr, "linear", 0.0, 0.0)
-    assert method.lr_schedule_kimg("student") == round_kimg
+    assert optim.decay_kimg == round_kimg
 
 
 class _VNet(torch.nn.Module):
@@ -545,12 +658,12 @@ def test_python_api_defaults_are_the_command_lines():
         assert (api.lr, api.betas, api.grad_clip, api.student_dropout, api.pd_ema, api.clip_denoised) == \
             (5e-5, (0.9, 0.999), 1.0, 0.0, False, clip)
         assert api.resolve(teacher, loop) == api and api.resolve(teacher, None) == api
-    # the run's directory gets the round table; the method keeps the resolved settings it was built with
+    # the method keeps the resolved settings it was built with
     args = parse_distill("pd", "--start-steps", "4", "--kimg", "2", "--student-preset", "mlp-tiny", out="runs/x")
     from diffdistill.data import open_dataset
 
     method = method_from_args("pd", args, ring8(), open_dataset("toy:ring8"))
-    assert str(method.run_dir) == "runs/x" and method.cfg.round_kimg == 1.0 and method.n_rounds == 2
+    assert method.cfg.round_kimg == 1.0 and method.n_rounds == 2
     tiny, toy = (sum(p.numel() for p in mlp_preset(name, 2).parameters()) for name in ("tiny", "toy"))
     assert tiny != toy and sum(p.numel() for p in method.student.parameters()) == tiny     # --student-preset
 

@@ -1,7 +1,7 @@
 """Checkpoints and resumption: N steps == k steps + kill + resume + N-k steps, bit for bit (on CPU).
 
-The kill-and-resume trials run the real commands (`train-teacher` and `distill gdd/di/pd` on toy:ring8) in forked
-children and kill them at 8 points each (32 in all): before the first checkpoint, half-way through a checkpoint's
+The kill-and-resume trials run the real commands (`train-teacher` and `distill gdd/di/pd/kd` on toy:ring8) in forked
+children and kill them at 8 points each (40 in all): before the first checkpoint, half-way through a checkpoint's
 tensors, after its tensors but before its JSON, after its JSON but before older ones are pruned, during a step,
 by SIGTERM (a checkpoint at an odd step and RUN/latest), and while RUN/model is written. Rerunning the same command
 after every kill and once more at the end gives the uninterrupted run's every tensor (weights, EMA, optimiser
@@ -59,9 +59,14 @@ COMMANDS = {
     "teacher": ["train-teacher", "--data", "toy:ring8", "--preset", "toy"],
     "gdd": ["distill", "gdd", "--teacher", "toy:ring8", "--data", "toy:ring8"],
     "di": ["distill", "di", "--teacher", "toy:ring8"],
-    # two rounds of 4 steps (8 -> 4 -> 2 steps): milestone snapshots and optimiser/EMA resets on the way
+    # two rounds of 4 steps (8 -> 4 -> 2 steps), one loop call (stage) each: round snapshots, a fresh optimiser
+    # and EMA per round, a checkpoint at each round's end
     "pd": ["distill", "pd", "--teacher", "toy:ring8", "--data", "toy:ring8", "--start-steps", "8", "--end-steps", "2",
            "--round-kimg", "0.064"],
+    # the loop streams KD's 40 training pairs (RUN-pairs) as its data set: 12 steps of 16 cross 4 epoch ends, two
+    # of them mid-step; its own model selection (held-out loss, the best EMA) runs every 2 steps
+    "kd": ["distill", "kd", "--teacher", "toy:ring8", "--n-pairs", "40", "--heldout", "8", "--shard-size", "16",
+           "--pairs-steps", "2", "--eval-kimg", "0.032"],
 }
 # (how, where, checkpoints on disk afterwards): each kill resumes from what the one before left.
 KILLS = [

@@ -1,5 +1,6 @@
 """Storage of KD's (noise, teacher sample) pairs (Denoising Student, Luhman & Luhman 2021; official
-create_dataset.py): the directory format, its manifest, and the stream of training pairs that KD reads.
+create_dataset.py): the directory format, its manifest, the data set of training pairs that KD's training loop
+streams (`PairsDataset`) and the held-out pairs (`read_heldout`).
 Making the pairs (running the teacher's sampler) is KD's: `diffdistill.methods.kd_pairs`. This module imports no
 sampler, teacher, training loop or method.
 
@@ -8,8 +9,8 @@ shards `train-00000.safetensors`, ..., `heldout.safetensors`, each with `noise` 
 float16), `target` (the teacher's deterministic sample from it: float16, or the paper's truncated uint8) and,
 for class-conditional teachers, `cond` (int64 labels). Each shard is written atomically with its teacher
 fingerprint and a checksum in its metadata (`write_shard`), so generation resumes at the first missing shard and
-a damaged shard is found (`read_shard`) and regenerated. Memory is bounded by one shard (two while reading across
-a shard boundary).
+a damaged shard is found (`read_shard`) and regenerated. Generation holds one shard in memory; training reads
+rows memory-mapped (`PairsDataset`).
 
 Pair k of a shard depends on (seed, the shard's index, k) only: its noise comes from fixed blocks of `block`
 rows, each drawn whole from a generator seeded by `noise_seed(seed, index, block number)`. Directories made
@@ -26,6 +27,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -197,7 +199,7 @@ def load_shard(root: str | Path, m: dict, name: str) -> dict[str, Tensor]:
 
 
 def noise_seed(*parts: int) -> int:
-    """A 56-bit generator seed from integers (the noise blocks' and the stream's permutations')."""
+    """A 56-bit generator seed from integers (the noise blocks')."""
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:7], "little")
 
 
@@ -245,68 +247,102 @@ def verify_pairs(root: str | Path, teacher: Denoiser | None = None) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------
-# Reading: a deterministic, resumable stream of training batches
+# Reading: the training pairs as a data set the training loop streams, and the held-out pairs
 
 
-class PairStream:
-    """Training pairs in a reproducible order, at most two shards in memory.
+_NUMPY = {"F16": np.float16, "U8": np.uint8, "I64": np.int64}
 
-    Epoch e visits the training shards in a permutation drawn from (seed, e) and each shard's rows in a
-    permutation from (seed, e, shard); `rows(p, n)` returns stream positions p..p+n-1, so a trainer only needs
-    to remember an integer cursor to resume exactly.
+
+def map_shard(root: str | Path, m: dict, name: str) -> dict[str, np.memmap]:
+    """The tensors of shard `name` memory-mapped read-only ({'noise', 'target', 'cond'?}, each [stored rows, ...]),
+    from the safetensors header (8-byte little-endian length, JSON header, data), which must name the tensors,
+    dtypes and shapes the manifest `m` implies. Nothing is read until a row is used; the checksum is not checked
+    here (`read_shard` does, when `generate_pairs` runs at the start of `distill kd`)."""
+    spec = next(s for s in m["shards"] if s["name"] == name)
+    path = shard_path(root, name)
+    rows, dim = spec.get("stored", spec["count"]), list(m["shape"])
+    want = {"noise": ("F16", [rows, *dim]), "target": ("U8" if m["target_dtype"] == "uint8" else "F16", [rows, *dim])}
+    if m["label_dim"]:
+        want["cond"] = ("I64", [rows])
+    rerun = "rerun `diffdistill kd-pairs` (or `distill kd`) with the same options to regenerate it"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= size - 8:
+                raise ValueError(f"a header of {n} bytes in a file of {size}")
+            header = json.loads(f.read(n))
+        maps = {}
+        for k, (dtype, shape) in want.items():
+            info = header.get(k) if isinstance(header, dict) else None
+            if not isinstance(info, dict) or info.get("dtype") != dtype or info.get("shape") != shape:
+                got = (info.get("dtype"), info.get("shape")) if isinstance(info, dict) else None
+                raise ValueError(f"tensor {k!r} is {got}, expected {dtype} {shape}")
+            begin, end = info["data_offsets"]
+            nbytes = math.prod(shape) * np.dtype(_NUMPY[dtype]).itemsize
+            if end - begin != nbytes or begin < 0 or 8 + n + end > size:
+                raise ValueError(f"tensor {k!r} lies at bytes {begin}..{end} of the data, outside the file")
+            maps[k] = np.memmap(path, dtype=_NUMPY[dtype], mode="r", offset=8 + n + begin, shape=tuple(shape))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DiffdistillError(f"{path}: unreadable ({e}); {rerun}") from None
+    return maps
+
+
+class PairsDataset(torch.utils.data.Dataset):
+    """The training pairs of a pairs directory (not the held-out ones: `read_heldout`) as a map-style data set,
+    which the training loop streams like any other (its seeded permutation per epoch, each rank and micro-batch
+    its own slice, resumed at the images seen).
+
+    Item i is the i-th training pair in the order of the manifest's shards: a dict {'noise': the unit noise
+    float32 [*shape], 'target': the teacher's sample float32 [*shape] in data units (`decode_target`), 'cond':
+    its int64 label [] (class-conditional pairs only)}; the loop hands such fields to the method as
+    `Batch.fields`. Rows are read from the shards memory-mapped (`map_shard`, each shard on its first use in
+    each process, so DataLoader workers map their own): memory holds no shard, only the rows being read (the
+    page cache keeps what it can).
     """
 
-    def __init__(self, root: str | Path, manifest: dict | None = None, seed: int = 0):
+    def __init__(self, root: str | Path, manifest: dict | None = None):
         self.root = Path(root)
         self.m = manifest or read_manifest(root)
         self.train = [s for s in self.m["shards"] if s["name"] != HELDOUT]
-        self.n = sum(s["count"] for s in self.train)
-        self.seed = seed
-        self._cache: dict[str, dict[str, Tensor]] = {}
-        self._order: tuple[int, list[int], list[int]] | None = None
+        self.starts = [0]
+        for s in self.train:
+            self.starts.append(self.starts[-1] + s["count"])
+        self.shape, self.label_dim = tuple(self.m["shape"]), int(self.m["label_dim"])
+        self._maps: dict[int, dict[str, np.memmap]] = {}
 
-    def shard(self, name: str) -> dict[str, Tensor]:
-        if name not in self._cache:
-            if len(self._cache) >= 2:
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[name] = load_shard(self.root, self.m, name)
-        return self._cache[name]
+    def __len__(self) -> int:
+        return self.starts[-1]
 
-    def _epoch(self, e: int) -> tuple[list[int], list[int]]:
-        if self._order is None or self._order[0] != e:
-            g = torch.Generator().manual_seed(noise_seed(self.seed, e))
-            order = torch.randperm(len(self.train), generator=g)
-            starts, acc = [], 0
-            for k in order.tolist():
-                starts.append(acc)
-                acc += self.train[k]["count"]
-            self._order = (e, order.tolist(), starts)
-        return self._order[1], self._order[2]
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return self.__getitems__([i])[0]
 
-    def rows(self, position: int, n: int) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(noise float32, target float32 in data units, cond int64 or None) at stream positions."""
-        parts: list[dict[str, Tensor]] = []
-        while n > 0:
-            e, off = divmod(position, self.n)
-            order, starts = self._epoch(e)
-            j = max(i for i, s in enumerate(starts) if s <= off)
-            spec = self.train[order[j]]
-            local = off - starts[j]
-            take = min(n, spec["count"] - local)
-            perm = torch.randperm(spec["count"], generator=torch.Generator().manual_seed(
-                noise_seed(self.seed, e, order[j])))[local:local + take]
-            data = self.shard(spec["name"])
-            parts.append({k: v[perm] for k, v in data.items()})
-            position += take
-            n -= take
-        noise = torch.cat([p["noise"] for p in parts]).float()
-        target = decode_target(torch.cat([p["target"] for p in parts]))
-        cond = torch.cat([p["cond"] for p in parts]) if "cond" in parts[0] else None
-        return noise, target, cond
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Tensor]]:
+        """Items `indices` (the DataLoader's batched read): the rows of each shard are read in one go."""
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and not (0 <= idx.min() and idx.max() < len(self)):
+            raise IndexError(f"a pair index outside 0..{len(self) - 1}")
+        out: list = [None] * len(idx)
+        shard = np.searchsorted(self.starts, idx, side="right") - 1
+        for j in np.unique(shard).tolist():
+            if j not in self._maps:
+                self._maps[j] = map_shard(self.root, self.m, self.train[j]["name"])
+            at = np.nonzero(shard == j)[0]
+            rows = {k: torch.from_numpy(v.view(np.ndarray)[idx[at] - self.starts[j]])   # a copy of those rows
+                    for k, v in self._maps[j].items()}
+            rows["noise"], rows["target"] = rows["noise"].float(), decode_target(rows["target"])
+            for a, row in zip(at.tolist(), zip(*(v.unbind(0) for v in rows.values()))):
+                out[a] = dict(zip(rows, row))
+        return out
 
-    def heldout(self) -> tuple[Tensor, Tensor, Tensor | None] | None:
-        """The held-out shard (noise, target, cond), or None when there is none."""
-        if not any(s["name"] == HELDOUT for s in self.m["shards"]):
-            return None
-        data = load_shard(self.root, self.m, HELDOUT)
-        return data["noise"].float(), decode_target(data["target"]), data.get("cond")
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_maps": {}}     # a worker process maps the shards itself
+
+
+def read_heldout(root: str | Path, m: dict) -> tuple[Tensor, Tensor, Tensor | None] | None:
+    """The held-out shard of the manifest `m` as (noise float32, target float32 in data units, cond int64 or None),
+    checked against its checksum; None when there is none."""
+    if not any(s["name"] == HELDOUT for s in m["shards"]):
+        return None
+    data = load_shard(root, m, HELDOUT)
+    return data["noise"].float(), decode_target(data["target"]), data.get("cond")

@@ -28,7 +28,9 @@ class OptimConfig:
     weight_decay: float = 0.0
     kind: str = "adam"            # adam | adamw | radam
     warmup_kimg: float = 0.0      # linear warm-up over this many thousand images
-    decay: str = "constant"       # constant | linear (to 0 at the end of the run, or of each `reset`)
+    decay: str = "constant"       # constant | linear (to 0 at the end of the run, or `decay_kimg` after its
+    #                               origin: the run's start, the group's `start` or its last reset)
+    decay_kimg: float | None = None
     grad_clip: float | None = None  # global-norm clipping; None = off
 
 
@@ -43,7 +45,7 @@ class Group:
     #                               scalar to minimise (already reduced over the batch); other scalar entries are
     #                               logged as `group/key`. Required (the loop refuses a group without one)
     every: int = 1                # update on steps where step % every == 0 (DMD2's two-time-scale rule)
-    needs_data: bool = False      # whether this group's loss uses real data
+    needs_data: bool = False      # whether this group's loss uses the data set's items (`Batch`)
     start: int = 0                # first step of the group's updates: before it the loop neither computes its
     #                               loss nor steps its optimiser (a warm-up of the other groups), and its LR
     #                               schedule (warm-up, decay) counts from there
@@ -67,12 +69,17 @@ class Recipe:
 
 @dataclass
 class Batch:
-    """What the loop hands to a method: real data when the method needs it, else only size and device."""
+    """What the loop hands to a method: this micro-batch's items of the data set when the group needs data
+    (`Group.needs_data`), else only size and device. A data set of (x, label) items (images, points: every
+    method but KD) fills `x` and `cond`; one whose items are dicts of tensors (KD's pairs,
+    `data.pairs.PairsDataset`) fills `fields` instead."""
 
     size: int
     device: torch.device
     x: Tensor | None = None       # real images/points in [-1, 1] (float32), [B, *shape]
     cond: Tensor | None = None    # int class labels [B], or None
+    fields: dict[str, Tensor] = field(default_factory=dict)  # the items' fields, each stacked [B, ...] and on
+    #                               the device, dtypes unchanged (KD: 'noise', 'target', and 'cond' if labelled)
     step: int = 0                 # optimiser step counter (global, counted across accumulation)
     nimg: int = 0                 # images seen so far
     extra: bool = False           # True on a group's extra pass (`Group.extra_every`)
@@ -108,28 +115,13 @@ class Method(nn.Module):
 
     def export(self, ema: dict[str, nn.Module] | None = None) -> tuple[Denoiser, dict]:
         """The sampler-ready student (the EMA copy when given) and its sampling recipe, e.g.
-        {'sampler': 'onestep', 'sigmas': [80.0, 0.0]}."""
+        {'sampler': 'onestep', 'sigmas': [80.0, 0.0]}. No side effects: the loop calls it for every snapshot,
+        grid and evaluation. The state of a method is its modules' state dict (parameters and buffers): that is
+        what checkpoints hold."""
         raise NotImplementedError
 
     def begin_step(self, step: int, nimg: int) -> set[str]:
-        """Called before every step. Return the names of groups whose optimiser and LR schedule must be reset
-        (progressive distillation, at the start of each halving round); the EMA of the network of the same
-        name in `ema_targets` restarts from its current weights too."""
+        """Called before every step (CD's target EMA, DMD2's hand-off). Return the names of groups whose optimiser
+        and LR schedule must be reset; the EMA of the network of the same name in `ema_targets` restarts from its
+        current weights too."""
         return set()
-
-    def lr_schedule_kimg(self, group: str) -> float | None:
-        """Optional: the length (kimg) over which a 'linear' decay of `group` reaches 0, counted from its last
-        reset (progressive distillation: one round). None = the whole run."""
-        return None
-
-    def milestone(self, step: int, nimg: int) -> str | None:
-        """Called before `begin_step`. A non-None tag makes the loop save `export()` as the snapshot RUN/<tag>
-        (progressive distillation: the finished student of each round, e.g. 'round-04steps')."""
-        return None
-
-    def extra_state(self) -> dict:
-        """Method state beyond module parameters/buffers to checkpoint (JSON-serialisable)."""
-        return {}
-
-    def load_extra_state(self, state: dict) -> None:
-        pass

@@ -2,7 +2,9 @@
 
 Stage 1 (`diffdistill kd-pairs`, or the start of `distill kd`): the teacher's deterministic sampler maps unit
 noise x_T to samples y (`methods/kd_pairs.py`); the pairs are written resumably in the shards of
-`diffdistill.data.pairs`, which stage 2 reads.
+`diffdistill.data.pairs`, which stage 2 trains on: the loop streams the training pairs as its data set
+(`data.pairs.PairsDataset`, given to it by `SPEC.run`, so KD takes no --data) in its seeded order, a new
+permutation of all the pairs every epoch; the method's loss gets them as `Batch.fields`.
 Stage 2: a one-step student, initialised from the teacher's network (without dropout: the official student
 has none), regresses y from x_T in image space. The official student (`models.py: Onestep_Model`) is
 G(z) = z - F(z, 999): the teacher's eps-network fed the unit noise z itself at the last timestep, its output
@@ -117,29 +119,23 @@ class KDConfig(PairsSettings):
                                            "models.py: Onestep_Model, has no dropout)",
                                            parse=common.dropout_value, metavar="P|teacher")
     grad_clip: float | None = option(None, "global-norm gradient clipping (the paper has none)", cli=False)
-    seed: int | None = option(None, "order in which the training pairs are visited (default: the run's seed, "
-                              "else 0)", cli=False)
     eval_batch: int = option(512, "batch size of the held-out evaluation", cli=False)
 
     def resolve(self, teacher, loop) -> KDConfig:
         """The defaults that depend on the run (none depends on the teacher): warmup_kimg 10% of the run
-        (loop.total_kimg), at most the paper's 2560 kimg, which is also the value without a run; seed: the run's
-        (else 0); pairs: RUN-pairs beside the run directory (without a run it must be given). Checks the loss and
-        the EMA decay."""
+        (loop.total_kimg), at most the paper's 2560 kimg, which is also the value without a run; pairs: RUN-pairs
+        beside the run directory (without a run it must be given). Checks the loss and the EMA decay."""
         if self.loss not in ("l1", "l2"):
             raise UsageError(f"unknown KD loss {self.loss!r} (--loss l1 or l2)")
         if not 0 <= self.ema_decay < 1:
             raise UsageError(f"--ema-decay: the EMA decay must lie in [0, 1), got {self.ema_decay:g}")
-        warmup, seed, pairs = self.warmup_kimg, self.seed, self.pairs
+        warmup, pairs = self.warmup_kimg, self.pairs
         if warmup is None:   # the paper's proportion (10% of the run), capped at its absolute length
             warmup = min(PAPER_WARMUP_KIMG, 0.1 * loop.total_kimg) if loop is not None and loop.total_kimg \
                 else PAPER_WARMUP_KIMG
-        if seed is None:
-            seed = loop.seed if loop is not None else 0
         if pairs is None and loop is not None:
             pairs = default_pairs_dir(loop.out)
-        return replace(self, warmup_kimg=float(warmup), seed=int(seed),
-                       pairs=None if pairs is None else str(pairs))
+        return replace(self, warmup_kimg=float(warmup), pairs=None if pairs is None else str(pairs))
 
 
 def is_vp_eps(net: Denoiser) -> bool:
@@ -195,9 +191,10 @@ def regression_loss(pred: Tensor, target: Tensor, kind: str) -> Tensor:
 
 
 class KnowledgeDistillation(Method):
-    """Denoising Student on the shared loop: one group, 'student', fed from a pairs directory. An eps-prediction
-    VP student is trained as the paper's G (wrapped in a `PaperStudent` at level cfg.student_sigma or its
-    sigma_max)."""
+    """Denoising Student on the shared loop: one group, 'student', whose data set is the training pairs of a
+    pairs directory (`self.pairs`, a `PairsDataset`: `SPEC.run` trains on it); the held-out pairs pick the best
+    EMA. An eps-prediction VP student is trained as the paper's G (wrapped in a `PaperStudent` at level
+    cfg.student_sigma or its sigma_max)."""
 
     name = "kd"
 
@@ -212,7 +209,7 @@ class KnowledgeDistillation(Method):
             if is_vp_eps(student):       # train the paper's G(z) = z - F(z, t_max), not sigma_max times it
                 student = PaperStudent(student, self.sigma)
         self.student = student.train().requires_grad_(True)
-        self.pairs = P.PairStream(pairs_root, manifest or P.verify_pairs(pairs_root), seed=cfg.seed)
+        self.pairs = P.PairsDataset(pairs_root, manifest or P.verify_pairs(pairs_root))
         shape = tuple(self.pairs.m["shape"])
         if shape != tuple(student.shape):
             raise DiffdistillError(f"{pairs_root}: pairs of shape {shape} do not fit a student of shape "
@@ -220,7 +217,6 @@ class KnowledgeDistillation(Method):
         # The EMA with the best held-out loss so far (a frozen copy, so checkpoints carry it).
         self.best = copy.deepcopy(student).eval().requires_grad_(False)
         self.register_buffer("best_loss", torch.tensor(math.inf, dtype=torch.float64))
-        self.cursor = 0                 # position in the pair stream (global, across ranks)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -231,24 +227,22 @@ class KnowledgeDistillation(Method):
         c = self.cfg
         return {"student": Group(list(self.student.parameters()),
                                  OptimConfig(lr=c.lr, betas=c.betas, eps=c.adam_eps, warmup_kimg=c.warmup_kimg,
-                                             grad_clip=c.grad_clip), loss=self.student_loss)}
+                                             grad_clip=c.grad_clip), loss=self.student_loss, needs_data=True)}
 
     def ema_default(self, batch: int) -> tuple[float, float | None]:
         """The paper's EMA: a per-step decay of cfg.ema_decay (0.995) from the first step, no ramp-up."""
         return halflife_from_decay(self.cfg.ema_decay, batch), None
 
     def student_loss(self, batch: Batch) -> dict[str, Tensor]:
-        n, rank, world = batch.size, dist.rank(), dist.world_size()
-        z, y, cond = self.pairs.rows(self.cursor + rank * n, n)   # rank r reads its own slice of the stream
-        self.cursor += world * n
-        cond = None if cond is None else cond.to(batch.device)
-        pred = common.generate(self.student, z.to(batch.device), self.sigma, cond)
-        return {"loss": regression_loss(pred, y.to(batch.device), self.cfg.loss)}
+        """The regression loss on the micro-batch's pairs (`Batch.fields` of the `PairsDataset`)."""
+        pairs = batch.fields
+        pred = common.generate(self.student, pairs["noise"], self.sigma, pairs.get("cond"))
+        return {"loss": regression_loss(pred, pairs["target"], self.cfg.loss)}
 
     @torch.no_grad()
     def heldout_loss(self, net: Denoiser) -> float | None:
         """The loss of `net` on the held-out shard (None when the pairs have none)."""
-        held = self.pairs.heldout()
+        held = P.read_heldout(self.pairs.root, self.pairs.m)
         if held is None:
             return None
         z, y, cond = held
@@ -289,12 +283,6 @@ class KnowledgeDistillation(Method):
         else:
             net = (ema or {}).get("student", self.student)
         return net, {"sampler": "onestep", "sigmas": [self.sigma, 0.0]}
-
-    def extra_state(self) -> dict:
-        return {"cursor": self.cursor}
-
-    def load_extra_state(self, state: dict) -> None:
-        self.cursor = int(state.get("cursor", 0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -356,6 +344,14 @@ def run_pairs(args, teacher: Denoiser) -> int:
                          progress=not getattr(args, "no_progress", False))
     dist.print0(_describe_pairs(settings.pairs, m))
     return 0
+
+
+def train_on_pairs(method: KnowledgeDistillation, loop, data=None, evaluate=None) -> dict:
+    """`SPEC.run`: one call of the loop on the method's training pairs (`method.pairs`); KD takes no real data, so
+    `data` is not used. Returns the loop's result."""
+    from ..train.loop import train
+
+    return train(method, loop, method.pairs, evaluate=evaluate)
 
 
 def create(cfg: KDConfig, teacher: Denoiser, data=None, loop=None) -> KnowledgeDistillation:
@@ -424,4 +420,4 @@ RECIPES = {
 SPEC = MethodSpec(name="kd", help="Knowledge distillation (Denoising Student): a one-step student regresses the "
                                   "teacher's ODE samples",
                   config=KDConfig, create=create, title="knowledge distillation", recipes=RECIPES,
-                  ema_help=EMA_HELP, best_metric="heldout_loss")
+                  ema_help=EMA_HELP, best_metric="heldout_loss", run=train_on_pairs)

@@ -14,12 +14,13 @@ Grids: the cosine logSNR schedule t = k/N (official `schedules.py`) for cosine t
 squaredcos_cap_v2), else a Karras-spaced grid sigma(u) = (sigma_max^(1/rho) + (1-u)(sigma_min^(1/rho) -
 sigma_max^(1/rho)))^rho at u = k/N (as `progdist_losses`); both end in 0 and the student's grid is every other
 level of the teacher's, so halving is exact.
-At each round boundary the optimiser and its linearly decaying LR are reset (`begin_step`), the finished
-student is saved (`milestone`) and becomes the next teacher (its current parameters; no EMA by default, as
-the official `ema_decay=0`; with --pd-ema the loop restarts the EMA at every round, so an exported N-step
-student holds no weights of earlier rounds). The student is "same as teacher but with 0 dropout" (official
-cifar_distill.py). The exported recipe is DDIM (euler) on the student's grid, clipping x-hat to [-1, 1] for
-images as the official evaluation does (`eval_clip_denoised=True`; eps recomputed from the clipped x-hat).
+The rounds are `run`, the method's driver: one call of the loop per round (a `train.loop.Stage`), each with a
+fresh optimiser and its own linear LR decay over the round; the finished student is saved as RUN/round-NNsteps
+and becomes the next teacher (its current parameters; no EMA by default, as the official `ema_decay=0`; with
+--pd-ema each round has its own EMA, so an exported N-step student holds no weights of earlier rounds). The
+student is "same as teacher but with 0 dropout" (official cifar_distill.py). The exported recipe is DDIM (euler)
+on the student's grid, clipping x-hat to [-1, 1] for images as the official evaluation does
+(`eval_clip_denoised=True`; eps recomputed from the clipped x-hat).
 Teachers that predict eps are refused (Salimans & Ho 2022 use x, v or 'both' outputs): x-hat =
 (z - sigma eps)/alpha is ill-conditioned at the top levels where a few-step student does most of its work.
 """
@@ -27,6 +28,7 @@ Teachers that predict eps are refused (Salimans & Ho 2022 use x, v or 'both' out
 from __future__ import annotations
 
 import copy
+import json
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -244,12 +246,11 @@ def pd_target(teacher: Denoiser, x_t: Tensor, sigma: Tensor, sigma_mid: Tensor, 
 
 
 class ProgressiveDistillation(Method):
-    """Rounds of halving on the shared loop; one group, 'student', reset at every round."""
+    """One round of halving at a time (`start_round`); one group, 'student'. `run` trains the rounds."""
 
     name = "pd"
 
-    def __init__(self, teacher: Denoiser, cfg: PDConfig | None = None, student: Denoiser | None = None,
-                 run_dir: str | Path | None = None):
+    def __init__(self, teacher: Denoiser, cfg: PDConfig | None = None, student: Denoiser | None = None):
         super().__init__()
         self.cfg = cfg = (cfg or PDConfig()).resolve(teacher, None)
         check_deterministic_teacher(teacher)
@@ -272,10 +273,7 @@ class ProgressiveDistillation(Method):
         self.prev = copy.deepcopy(self.student).eval().requires_grad_(False)
         self.n_rounds = int(math.log2(cfg.start_steps // cfg.end_steps))
         self.round = 0
-        self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.records: list[dict] = []
-        self._loss_sum, self._loss_n, self._start_nimg = 0.0, 0, 0
-        self._nimg, self._batch = 0, 0          # the image count at the last begin_step, and the batch
+        self.register_buffer("loss_sum", torch.zeros(2, dtype=torch.float64))   # this round's: sum of losses, count
 
     # -- rounds --------------------------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -298,66 +296,32 @@ class ProgressiveDistillation(Method):
         t = pd_sigmas(self.teacher_steps(r), self.grid, **self.grid_kw)
         return t, t[::2]
 
-    def round_of(self, nimg: int) -> int:
-        return min(int(nimg // (self.cfg.round_kimg * 1000)), self.n_rounds - 1)
-
-    def lr_schedule_kimg(self, group: str) -> float:
-        """The loop's LR schedule length after each reset: the linear decay reaches 0 at the round's end."""
-        return self.cfg.round_kimg
-
-    def milestone(self, step: int, nimg: int) -> str | None:
-        """The finished round's tag when `nimg` has passed its end (the last round: once, if the loop asks
-        after the final step; otherwise the last student is RUN/model)."""
-        ended = nimg >= (self.round + 1) * self.cfg.round_kimg * 1000
-        if ended and not any(r["round"] == self.round + 1 for r in self.records):
-            self._finish_round(nimg)
-            return f"round-{self.student_steps():02d}steps"
-        return None
-
-    def begin_step(self, step: int, nimg: int) -> set[str]:
-        self._batch, self._nimg = nimg - self._nimg, nimg
-        r = self.round_of(nimg)
-        if r == self.round:
-            return set()
-        if not any(rec["round"] == self.round + 1 for rec in self.records):
-            self._finish_round(nimg)            # (when the loop did not call milestone first)
-        while self.round < r:
-            # The finished student (its current parameters: the official run has no EMA) becomes the next
-            # teacher; the student continues from those same parameters, i.e. starts as a copy of its new teacher.
+    def start_round(self, r: int) -> None:
+        """Make this the method of round r (0-based). From round 1 on, the student as it is now (the previous
+        round's, its current parameters: the official run has no EMA) becomes the teacher, and the student
+        continues from those same parameters, i.e. starts as a copy of its new teacher."""
+        if r > 0:
             self.prev.load_state_dict(self.student.state_dict())
-            self.round += 1
-        self._loss_sum, self._loss_n, self._start_nimg = 0.0, 0, nimg
-        dist.print0(f"pd: round {self.round + 1}/{self.n_rounds}: {self.teacher_steps()} -> "
-                    f"{self.student_steps()} steps")
-        return {"student"}
+        self.round = r
+        self.loss_sum.zero_()
 
-    def _finish_round(self, nimg: int, snapshot: str | None = None) -> None:
-        rec = dict(round=self.round + 1, teacher_steps=self.teacher_steps(),
-                   student_steps=self.student_steps(),
-                   start_kimg=self._start_nimg / 1000, end_kimg=nimg / 1000,
-                   mean_loss=self._loss_sum / self._loss_n if self._loss_n else None,
-                   snapshot=snapshot or f"round-{self.student_steps():02d}steps")
-        self.records = [r for r in self.records if r["round"] != rec["round"]] + [rec]
-        self.write_rounds()
-
-    def write_rounds(self) -> None:
-        """rounds.json and rounds.md in the run directory (rank 0)."""
-        if self.run_dir is None or not dist.is_main():
-            return
-        atomic_write_json(self.run_dir / "rounds.json", self.records)
-        lines = ["| round | teacher steps | student steps | kimg | mean loss | snapshot |",
-                 "|---|---|---|---|---|---|"]
-        for r in self.records:
-            loss = "-" if r["mean_loss"] is None else f"{r['mean_loss']:.4g}"
-            lines.append(f"| {r['round']} | {r['teacher_steps']} | {r['student_steps']} | "
-                         f"{r['start_kimg']:g}-{r['end_kimg']:g} | {loss} | {r['snapshot']} |")
-        atomic_write(self.run_dir / "rounds.md", lambda p: p.write_text("\n".join(lines) + "\n"))
+    def round_starts(self, batch: int) -> list[int]:
+        """The first step of rounds 1..n_rounds (the last: where the last round's nominal length ends) at `batch`
+        images per step: the first step whose image count reaches r * round_kimg."""
+        starts = []
+        for r in range(1, self.n_rounds + 1):
+            need = r * self.cfg.round_kimg * 1000
+            s = math.ceil(need / batch)
+            s -= (s - 1) * batch >= need                # (exact, whatever the rounding of the division)
+            starts.append(s + (s * batch < need))
+        return starts
 
     # -- loss ----------------------------------------------------------------------------------------
     def groups(self) -> dict[str, Group]:
         c = self.cfg
         return {"student": Group(list(self.student.parameters()),
-                                 OptimConfig(lr=c.lr, betas=c.betas, decay="linear", grad_clip=c.grad_clip),
+                                 OptimConfig(lr=c.lr, betas=c.betas, decay="linear", decay_kimg=c.round_kimg,
+                                             grad_clip=c.grad_clip),
                                  loss=self.student_loss, needs_data=True)}
 
     def student_loss(self, batch: Batch) -> dict[str, Tensor]:
@@ -377,8 +341,7 @@ class ProgressiveDistillation(Method):
         pred = self.student(x_t, sigma, cond)
         x_mse = (pred.float() - target.float()).flatten(1).pow(2).mean(1)
         loss = (param.snr_weight(sigma, self.cfg.weighting).float() * x_mse).mean()
-        self._loss_sum += float(loss.detach())
-        self._loss_n += 1
+        self.loss_sum += torch.tensor([float(loss.detach()), 1.0], dtype=torch.float64, device=self.loss_sum.device)
         return {"loss": loss, "x_mse": x_mse.mean().detach()}
 
     # -- export and state ----------------------------------------------------------------------------
@@ -388,38 +351,75 @@ class ProgressiveDistillation(Method):
     def export(self, ema: dict[str, nn.Module] | None = None) -> tuple[Denoiser, dict]:
         """The current round's student and its own DDIM (= Euler) grid."""
         net = (ema or {}).get("student", self.student) if self.cfg.pd_ema else self.student
-        if self.round == self.n_rounds - 1 and self._loss_n:
-            # The last round has no later milestone: keep its row of the table current (RUN/model).
-            rows = [r for r in self.records if r["round"] != self.round + 1]
-            if len(rows) == len(self.records):
-                self._finish_round(self._nimg + self._batch, snapshot="model")
         recipe = {"sampler": "euler", "sigmas": self.grids()[1].tolist()}
         if self.clip_denoised:
             recipe["clip_denoised"] = True        # the official evaluation (eval_clip_denoised=True)
         return net, recipe
 
-    def extra_state(self) -> dict:
-        return dict(round=self.round, records=self.records, loss_sum=self._loss_sum, loss_n=self._loss_n,
-                    start_nimg=self._start_nimg, nimg=self._nimg, batch=self._batch)
 
-    def load_extra_state(self, state: dict) -> None:
-        self.round = int(state.get("round", 0))
-        self.records = list(state.get("records", []))
-        self._loss_sum = float(state.get("loss_sum", 0.0))
-        self._loss_n = int(state.get("loss_n", 0))
-        self._start_nimg = int(state.get("start_nimg", 0))
-        self._nimg, self._batch = int(state.get("nimg", 0)), int(state.get("batch", 0))
+def run(method: ProgressiveDistillation, loop, data, evaluate=None) -> dict:
+    """PD's driver (`MethodSpec.run`): the rounds, one call of the loop each (`train.loop.Stage`) on the method set
+    to that round (`start_round`); returns the last call's result. Round r runs from the first step whose image
+    count reaches r * round_kimg to that of the next round, the last one to the run's end (past its nominal end at
+    LR 0: the decay ends with the round's length); rounds the run does not reach are not run. A finished round's
+    student is RUN/round-NNsteps, the run's last one RUN/model. RUN/rounds.json and rounds.md (rank 0) get a row
+    per round when it ends; those finished by an earlier session of the run (a rerun after a kill) are kept."""
+    from ..train.loop import Stage, run_steps, train
+
+    total, starts = run_steps(loop), [0, *method.round_starts(loop.batch)]
+    run_dir, rows, stage = Path(loop.out), [], None
+    for r in range(method.n_rounds):
+        if r > 0 and starts[r] >= total:
+            break
+        end = starts[r + 1] if r < method.n_rounds - 1 else total
+        method.start_round(r)
+        snapshot = f"round-{method.student_steps():02d}steps" if starts[r + 1] <= total else None
+        dist.print0(f"pd: round {r + 1}/{method.n_rounds}: {method.teacher_steps()} -> {method.student_steps()} "
+                    "steps")
+        stage = Stage(end=end, export=snapshot, after=stage)
+        result = train(method, loop, data, evaluate, stage=stage)
+        if result["interrupted"]:
+            break
+        if stage.skipped:       # finished by an earlier session: its row as that session wrote it
+            rows += [row for row in _read_rows(run_dir) if row.get("round") == r + 1][:1]
+            continue
+        loss_sum, n = method.loss_sum.tolist()
+        rows.append(dict(round=r + 1, teacher_steps=method.teacher_steps(), student_steps=method.student_steps(),
+                         start_kimg=starts[r] * loop.batch / 1000, end_kimg=result["nimg"] / 1000,
+                         mean_loss=loss_sum / n if n else None, snapshot=snapshot or "model"))
+        if dist.is_main():
+            write_rounds(run_dir, rows)
+    return result
+
+
+def _read_rows(run_dir: Path) -> list[dict]:
+    try:
+        rows = json.loads((run_dir / "rounds.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [row for row in rows if isinstance(row, dict)] if isinstance(rows, list) else []
+
+
+def write_rounds(run_dir: Path, rows: list[dict]) -> None:
+    """RUN/rounds.json and RUN/rounds.md: a row per round."""
+    atomic_write_json(run_dir / "rounds.json", rows)
+    lines = ["| round | teacher steps | student steps | kimg | mean loss | snapshot |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        loss = "-" if r.get("mean_loss") is None else f"{r['mean_loss']:.4g}"
+        lines.append(f"| {r['round']} | {r['teacher_steps']} | {r['student_steps']} | "
+                     f"{r['start_kimg']:g}-{r['end_kimg']:g} | {loss} | {r['snapshot']} |")
+    atomic_write(run_dir / "rounds.md", lambda p: p.write_text("\n".join(lines) + "\n"))
 
 
 def create(cfg: PDConfig, teacher: Denoiser, data=None, loop=None) -> ProgressiveDistillation:
-    """The method of a run: real data required, the round table (rounds.json, rounds.md) in the run's directory."""
+    """The method of a run: real data required."""
     if data is None:
         raise UsageError("progressive distillation needs real training data: give --data "
                          "(it is not data-free)")
     if tuple(data.shape) != tuple(teacher.shape):
         raise DiffdistillError(f"the data ({getattr(data, 'name', 'data')}) has shape {tuple(data.shape)}, "
                                f"the teacher {tuple(teacher.shape)}")
-    method = ProgressiveDistillation(teacher, cfg, run_dir=loop.out if loop is not None else None)
+    method = ProgressiveDistillation(teacher, cfg)
     cfg, n_rounds = method.cfg, method.n_rounds
     total = loop.total_kimg if loop is not None else None
     if total and total < n_rounds * cfg.round_kimg - 1e-9:
@@ -433,4 +433,4 @@ def create(cfg: PDConfig, teacher: Denoiser, data=None, loop=None) -> Progressiv
 SPEC = MethodSpec(name="pd", help="Progressive distillation: halve the teacher's DDIM steps round by round (needs "
                                   "real data)",
                   config=PDConfig, create=create, needs_data=True, title="progressive distillation",
-                  recipes=RECIPES, ema_help=EMA_HELP)
+                  recipes=RECIPES, ema_help=EMA_HELP, run=run)

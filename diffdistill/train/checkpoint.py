@@ -2,7 +2,7 @@
 
 A checkpoint is two files in RUN/checkpoints/: `ckpt-<step>.safetensors` (every tensor: the method's state dict,
 the EMA, optimiser state tensors under flat names) and `ckpt-<step>.json` (step, nimg, RNG states as lists,
-optimiser non-tensor state, `method.extra_state()`, the config, the size and sha256 of the tensors file). Both
+optimiser non-tensor state, the config, the size and sha256 of the tensors file). Both
 are written atomically (temp file, fsync, rename) and the JSON is written last. Only finite state is written: a
 NaN or inf anywhere (weights, EMA, optimiser state) is refused before anything is written or pruned, so the
 checkpoints on disk are always the last finite ones. A checkpoint without its JSON, whose JSON disagrees with

@@ -1,7 +1,6 @@
 """The one training loop: method-blind (the contract is diffdistill.methods.base.Method).
 
-Per step: `milestone` -> `begin_step` -> for every group due this step (`step >= start` and `step % every == 0`),
-in order:
+Per step: `begin_step` -> for every group due this step (`step >= start` and `step % every == 0`), in order:
 accumulate the gradients of the group's loss (`Group.loss`) over `batch / (batch_gpu * world)` micro-batches
 (averaged over ranks by DDP), pass them through nan_to_num (EDM), clip, and step that group's optimiser -> EMA
 (EDM half-life rule) -> ticks (stats.jsonl, TensorBoard), sample grids, snapshots, evaluation, checkpoints.
@@ -11,6 +10,11 @@ What a run directory holds for sampling: RUN/model/ (the EMA export, written whe
 (the same export, written when the run is interrupted, deleted when it finishes or starts over; so when it exists it
 is newer than RUN/model) and grids RUN/samples-kimg<kimg>.png every `grid_kimg`, RUN/samples-final.png at the end.
 `io.run_snapshot(RUN)` picks the snapshot a sampler should read.
+
+A run can be several calls of `train`, one per `Stage` of a longer schedule (a method's own driver: progressive
+distillation's rounds), each with fresh optimisers, LR schedules and EMA: the counters, training time, best
+evaluation and unfinished tick continue from the previous stage, so seeds, data order and stats.jsonl are those of
+one run that resets every group at the stages' starts.
 
 Randomness: before every micro-batch the global torch RNG is seeded from (seed, step, global micro-batch
 index, group index), and the data order is a seeded permutation per epoch read at the position given by the
@@ -85,6 +89,32 @@ MODEL_DIR, LATEST_DIR = io.MODEL_DIR, io.LATEST_DIR  # RUN/model: a finished run
 #                                                     interrupted one's (io.run_snapshot picks the newer)
 
 
+@dataclass
+class Stage:
+    """A call of `train` as one stage of a longer schedule in one run directory, the same TrainConfig each time.
+
+    A stage starts with fresh optimisers, LR schedules (counted from its start) and EMA. A later stage (`after`: the
+    previous one) continues where that one ended (steps and images, so per-step seeds, data order and stats.jsonl's
+    kimg are global; training time, best evaluation, the unfinished tick) and does not prepare RUN again. It trains
+    up to the global step `end` (None: the run's end), checkpoints, and saves its export as RUN/<export> when given;
+    only the stage that reaches the run's end writes the final tick, evaluation and grid and RUN/model. Of RUN's
+    newest checkpoint a stage restores only one written during it (after its start): an earlier stage's is not
+    restored into a later one, and one written after its end means that an earlier session finished this stage:
+    `train` then does nothing and sets `skipped`.
+    """
+
+    end: int | None = None
+    export: str | None = None
+    after: Stage | None = None
+    skipped: bool = False                                  # set by `train`
+    carry: dict | None = field(default=None, repr=False)   # set by `train`: where the next stage continues from
+
+
+def run_steps(cfg: TrainConfig) -> int:
+    """The run's length in optimiser steps: max_steps, else total_kimg in batches (rounded up)."""
+    return cfg.max_steps if cfg.max_steps is not None else math.ceil(cfg.total_kimg * 1000 / cfg.batch)
+
+
 def run_config(method: Method, cfg: TrainConfig) -> dict:
     """What config.json records and a rerun compares."""
     train = {k: v for k, v in asdict(cfg).items() if k not in _RUNTIME_KEYS and k != "meta"}
@@ -137,9 +167,12 @@ def make_optimizer(params: list[nn.Parameter], oc: OptimConfig) -> torch.optim.O
 
 def lr_at(oc: OptimConfig, nimg_after: int, origin: int, end: int) -> float:
     """Learning rate of a step that brings the image count to `nimg_after`: linear warm-up over warmup_kimg from
-    the schedule origin (start or last reset), then constant or linear decay to 0 at `end` images."""
+    the schedule origin (start or last reset), then constant or linear decay to 0 at `end` images (`decay_kimg`
+    after the origin when set)."""
     lr = oc.lr
     done = nimg_after - origin
+    if oc.decay_kimg is not None:
+        end = origin + int(round(oc.decay_kimg * 1000))
     if oc.warmup_kimg > 0:
         lr *= min(done / (oc.warmup_kimg * 1000), 1.0)
     if oc.decay == "linear":
@@ -267,7 +300,7 @@ def _check_groups(method: Method, groups: dict[str, Group]) -> None:
 class _Run:
     """State of one call of `train` (kept in an object so that the pieces stay short)."""
 
-    def __init__(self, method: Method, cfg: TrainConfig, data, evaluate):
+    def __init__(self, method: Method, cfg: TrainConfig, data, evaluate, stage: Stage | None = None):
         self.method, self.cfg, self.data, self.evaluate = method, cfg, data, evaluate
         self.device = resolve_device(cfg.device)
         dist.init_from_env(str(self.device))
@@ -282,23 +315,31 @@ class _Run:
             raise DiffdistillError(f"method {method.name!r} trains on real data: give a data set (--data)")
         if cfg.best_mode not in ("min", "max"):
             raise DiffdistillError(f"best_mode must be 'min' or 'max', got {cfg.best_mode!r}")
-        self.total_steps = cfg.max_steps if cfg.max_steps is not None else \
-            math.ceil(cfg.total_kimg * 1000 / cfg.batch)
+        self.total_steps = run_steps(cfg)
+        self.stage = stage or Stage()
+        self.start = 0 if self.stage.after is None else self.stage_end(self.stage.after)
+        self.end = self.stage_end(self.stage)
         self.step, self.nimg = 0, 0
+        self.tick = None                # an unfinished tick of the previous stage: (sums, time, step, nimg)
         # Training seconds: those of earlier sessions of this run (from its checkpoint) plus this session's.
         self.seconds_before, self.session_start = 0.0, time.time()
         self.origins = {name: 0 for name in self.groups}
         self.best: dict | None = None
         self.lock: ckpt.RunLock | None = None
 
+    def stage_end(self, stage: Stage) -> int:
+        return self.total_steps if stage.end is None else min(stage.end, self.total_steps)
+
     # -- set-up -----------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg, method = self.cfg, self.method
-        resume = False
+        first = self.stage.after is None
+        resume = not first             # a later stage: RUN is this run's already
         if self.main:   # RUN is locked while this run holds it (only rank 0 locks); no links inside are followed
             self.lock = ckpt.RunLock(self.run_dir)
-            resume = ckpt.prepare_run_dir(self.run_dir, run_config(method, cfg), cfg.command, cfg.resume,
-                                          cfg.force)
+            if first:
+                resume = ckpt.prepare_run_dir(self.run_dir, run_config(method, cfg), cfg.command, cfg.resume,
+                                              cfg.force)
         resume = bool(dist.broadcast_int(int(resume), self.device))
         if self.main and not resume:   # a new run (or one started over): an older run's RUN/latest is stale
             _remove_snapshot(self.run_dir / LATEST_DIR)
@@ -311,12 +352,23 @@ class _Run:
         targets = method.ema_targets()
         halflife, rampup = ema_settings(method, cfg)
         self.ema = EMA(targets, halflife, rampup) if targets else None
-        if resume:
-            loaded = ckpt.load_latest(self.run_dir, say=_say)
-            if loaded is None:
-                dist.print0(f"{self.run_dir}: no checkpoint to resume from; starting at step 0")
-            else:
-                self.restore(*loaded)
+        loaded = ckpt.load_latest(self.run_dir, say=_say) if resume else None
+        if loaded is None and first and resume:
+            dist.print0(f"{self.run_dir}: no checkpoint to resume from; starting at step 0")
+        step = -1 if loaded is None else loaded[1]["step"]
+        if self.end < self.total_steps and step > self.end:     # an earlier session finished this stage
+            self.stage.skipped = True
+            return
+        if loaded is not None and (first or step > self.start):
+            self.restore(*loaded)
+        elif not first:                 # continue the previous stage
+            c = self.stage.after.carry
+            if c is None:
+                raise DiffdistillError(f"{self.run_dir}: stage ending at step {self.end} follows a stage that did "
+                                       "not finish in this session and has no checkpoint after it")
+            self.step, self.nimg, self.seconds_before, self.best, self.tick = \
+                c["step"], c["nimg"], c["seconds"], c["best"], c["tick"]
+            self.origins = {name: self.nimg for name in self.groups}
         self.stats = StatsWriter(self.run_dir, cfg.tensorboard) if self.main else None
         self.loss_call: nn.Module = _LossCall(method, self.groups)
         if self.world > 1:
@@ -354,8 +406,7 @@ class _Run:
             tensors.update(t)
             optim_json[name] = info
         state = dict(nimg=self.nimg, seconds=self.seconds(), origins=self.origins, best=self.best, optim=optim_json,
-                     rng=ckpt.rng_state(), extra_state=self.method.extra_state(),
-                     config=run_config(self.method, self.cfg), world=self.world)
+                     rng=ckpt.rng_state(), config=run_config(self.method, self.cfg), world=self.world)
         return tensors, state
 
     def restore(self, tensors: dict, state: dict) -> None:
@@ -377,8 +428,7 @@ class _Run:
         self.seconds_before = float(state.get("seconds", 0.0))
         self.origins.update({k: int(v) for k, v in state.get("origins", {}).items() if k in self.origins})
         self.best = state.get("best")
-        ckpt.set_rng_state(state.get("rng", {}))
-        self.method.load_extra_state(state.get("extra_state", {}))
+        ckpt.set_rng_state(state.get("rng", {}))       # (an older checkpoint's `extra_state` is ignored)
         dist.print0(f"resuming {self.run_dir} at step {self.step} ({self.nimg / 1000:g} kimg)")
 
     def buffer_names(self) -> set[str]:
@@ -493,7 +543,9 @@ class _Run:
         for a in range(self.accum):
             torch.manual_seed(step_seed(cfg.seed, self.step, a * self.world + self.rank, seed_index))
             batch = Batch(size=self.batch_gpu, device=self.device, step=self.step, nimg=self.nimg, extra=extra)
-            if micro[a] is not None and group.needs_data:
+            if isinstance(micro[a], dict) and group.needs_data:   # items of named fields (KD's pairs)
+                batch.fields = {k: v.to(self.device, non_blocking=True) for k, v in micro[a].items()}
+            elif micro[a] is not None and group.needs_data:      # (x, label) items: images, points
                 x, labels = micro[a]
                 batch.x = x.to(self.device, torch.float32, non_blocking=True)
                 labels = torch.as_tensor(labels)
@@ -528,8 +580,12 @@ class _Run:
             for a, mb in enumerate(micro):
                 if mb is None:
                     continue
-                x = torch.as_tensor(mb[0])
-                rows = (~torch.isfinite(x.reshape(len(x), -1))).any(1).nonzero().flatten().tolist()
+                bad = None
+                for x in (mb.values() if isinstance(mb, dict) else [mb[0]]):   # named fields, else x of (x, label)
+                    x = torch.as_tensor(x)
+                    row_bad = (~torch.isfinite(x.reshape(len(x), -1))).any(1)
+                    bad = row_bad if bad is None else bad | row_bad
+                rows = bad.nonzero().flatten().tolist()
                 if rows:
                     sampler = StreamSampler(len(self.data), self.cfg.seed, self.nimg, self.cfg.batch,
                                             self.batch_gpu, self.accum, self.world, self.rank)
@@ -544,29 +600,22 @@ class _Run:
     # -- one step ---------------------------------------------------------------------------------
     def train_step(self, sums: dict) -> None:
         method, cfg = self.method, self.cfg
-        tag = method.milestone(self.step, self.nimg)
-        if tag and self.main:
-            self.save_snapshot(tag)
         for name in method.begin_step(self.step, self.nimg):
             if name not in self.groups:
                 raise DiffdistillError(f"begin_step reset unknown group {name!r} (groups: {list(self.groups)})")
             self.optims[name] = make_optimizer(self.groups[name].params, self.groups[name].optim)
             self.origins[name] = self.nimg
             if self.ema is not None and name in self.ema.modules:
-                self.ema.reset(name)          # e.g. PD: a new round's EMA holds no weights of earlier rounds
+                self.ema.reset(name)
         for name, group in self.groups.items():
             if group.start and self.step == group.start:
                 self.origins[name] = self.nimg  # a group that starts late: its LR schedule counts from here
         micro = [next(self.batches) for _ in range(self.accum)] if self.needs_data else [None] * self.accum
         nimg_after = self.nimg + cfg.batch
-        schedule_kimg = getattr(method, "lr_schedule_kimg", None)
         for gi, (name, group) in enumerate(self.groups.items()):
             if self.step < group.start or self.step % group.every:
                 continue
-            end = self.total_steps * cfg.batch
-            if callable(schedule_kimg) and schedule_kimg(name) is not None:
-                end = self.origins[name] + int(round(schedule_kimg(name) * 1000))
-            lr = lr_at(group.optim, nimg_after, self.origins[name], end)
+            lr = lr_at(group.optim, nimg_after, self.origins[name], self.total_steps * cfg.batch)
             sums[f"lr/{name}"] = (torch.tensor(lr, dtype=torch.float64), 1)
             self._group_pass(name, group, gi, lr, micro, sums, extra=False)
             if group.extra_every and self.step > group.start and self.step % group.extra_every == 0:
@@ -587,9 +636,11 @@ class _Run:
     def _run(self) -> dict:
         cfg = self.cfg
         self.setup()
-        self.session_start = tick_time = time.time()
-        tick_step, tick_nimg = self.step, self.nimg
-        sums: dict = {}
+        if self.stage.skipped:
+            return dict(run_dir=str(self.run_dir), step=self.step, nimg=self.nimg, interrupted=False, best=self.best,
+                        model=None, latest=None, rank=self.rank)
+        self.session_start = time.time()
+        sums, tick_time, tick_step, tick_nimg = self.tick or ({}, self.session_start, self.step, self.nimg)
         interrupted, last_ckpt_step = False, self.step
         bar = None
         if self.main and cfg.progress:
@@ -600,7 +651,7 @@ class _Run:
             torch.cuda.reset_peak_memory_stats(self.device)
         with _StopFlag() as stop:
             try:
-                while self.step < self.total_steps:
+                while self.step < self.end:
                     if dist.any_true(stop.set, self.device) if self.world > 1 else stop.set:
                         interrupted = True
                         break
@@ -643,15 +694,18 @@ class _Run:
                 result["latest"] = str(self.save_snapshot(LATEST_DIR, meta=dict(interrupted=True)))
             dist.barrier()
         else:
-            tag = self.method.milestone(self.step, self.nimg)  # the last round's milestone (PD's 1-step student)
+            final = self.end >= self.total_steps
             if self.main:
-                if tag:
-                    self.save_snapshot(tag)
-                if cfg.grid_kimg or cfg.final_grid:
+                if self.stage.export:
+                    self.save_snapshot(self.stage.export)
+                if final and (cfg.grid_kimg or cfg.final_grid):
                     self.save_grid(self.run_dir / "samples-final.png")
-                result["model"] = str(self.save_snapshot(MODEL_DIR))
-                _remove_snapshot(self.run_dir / LATEST_DIR)   # RUN/model supersedes it
+                if final:
+                    result["model"] = str(self.save_snapshot(MODEL_DIR))
+                    _remove_snapshot(self.run_dir / LATEST_DIR)   # RUN/model supersedes it
             dist.barrier()
+            self.stage.carry = dict(step=self.step, nimg=self.nimg, seconds=self.seconds(), best=self.best,
+                                    tick=(sums, tick_time, tick_step, tick_nimg))
         if self.stats is not None:
             self.stats.close()
         return result
@@ -718,13 +772,15 @@ def _say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
 
-def train(method: Method, cfg: TrainConfig, data=None, evaluate=None) -> dict:
+def train(method: Method, cfg: TrainConfig, data=None, evaluate=None, stage: Stage | None = None) -> dict:
     """Train `method` with the loop settings `cfg`; returns {run_dir, step, nimg, interrupted, best, model, latest,
     rank}: `model` (RUN/model) on rank 0 of a finished run, `latest` (RUN/latest) on rank 0 of an interrupted one,
     else None; `rank` is this process's (only rank 0 writes files).
 
-    data: a map-style data set (`ds[i] -> (x, label)`, `ds.label_dim`) when a group needs real data.
+    data: a map-style data set when a group needs data: `ds[i] -> (x, label)` with `ds.label_dim` (images, points:
+    `Batch.x`, `Batch.cond`), or `ds[i] -> {field: tensor}` (KD's pairs: `Batch.fields`).
     evaluate: optional `evaluate(method, ema_modules, nimg) -> {metric: value}`, called every `eval_kimg`.
     RUN/model/ receives the sampler-ready export of the EMA at the end, RUN/latest/ when the run is interrupted.
+    stage: this call as one `Stage` of a longer schedule (None: the whole run).
     """
-    return _Run(method, cfg, data, evaluate).run()
+    return _Run(method, cfg, data, evaluate, stage).run()
