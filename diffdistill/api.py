@@ -127,9 +127,13 @@ def distill(method: str, teacher, data=None, out: str | Path | None = None, *, l
     spec = methods.get(method)
     if loop is not None and out is not None and str(out) != str(loop.out):
         raise UsageError(f"distill: out={out} differs from loop.out={loop.out}; give one")
+    teacher_spec = str(teacher) if isinstance(teacher, (str, Path)) else None
+    data_spec = str(data) if isinstance(data, (str, Path)) else None
     if isinstance(teacher, (str, Path)):
-        from .teachers import load_teacher
+        from .teachers import is_analytic_spec, load_teacher
 
+        if data is None and is_analytic_spec(teacher_spec):
+            data_spec = teacher_spec           # as the command line records it: the analytic teacher's distribution
         teacher = load_teacher(str(teacher), device=(loop.device if loop else None) or device or _default_device())
     callback("teacher", teacher)
     run = dict(kimg=loop.total_kimg, batch=loop.batch) if loop is not None else {}
@@ -149,8 +153,8 @@ def distill(method: str, teacher, data=None, out: str | Path | None = None, *, l
     if data is not None and tuple(data.shape) != tuple(teacher.shape):
         raise UsageError(f"the data has samples of shape {tuple(data.shape)}, the teacher makes "
                          f"{tuple(teacher.shape)}")
-    if not loop.meta:
-        loop = replace(loop, meta=dict(method=method))
+    if not loop.meta:       # config.json's run description, as `diffdistill distill` writes it (specs given as text)
+        loop = replace(loop, meta=dict(method=method, teacher=teacher_spec, data=data_spec, recipe=recipe))
     built, cfg = build_method(spec, cfg, teacher, data, loop)
     callback("method", built)
     if evaluate is None and spec.best_metric is not None:

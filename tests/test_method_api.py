@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -103,6 +104,9 @@ def test_distill_api_matches_the_cli_bit_for_bit(tmp_path, capsys):
     a, b = load_snapshot(tmp_path / "cli" / "model")[0], run.student()
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert run.config.fake_warmup_steps == 4 and run.config.gen_lr == 2e-3
+    # and describe the run alike in config.json (method, teacher, data: the analytic teacher's distribution)
+    meta = [json.loads((tmp_path / d / "config.json").read_text())["meta"] for d in ("cli", "api")]
+    assert meta[0] == meta[1] == dict(method="di", teacher="toy:ring8", data="toy:ring8", recipe=None)
 
 
 def test_recipes_are_settings_for_both_ways_in(tmp_path):
