@@ -29,7 +29,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     try:
-        result = train(Toy(every_b=2, reset_b_at=3), _config(out), Points(n=40))
+        result = train(Toy(every_b=2), _config(out), Points(n=40))
         assert result["step"] == 6
     finally:
         if tdist.is_initialized():
@@ -44,7 +44,7 @@ def _free_port() -> int:
 
 def test_two_gloo_processes_equal_one(tmp_path):
     single = tmp_path / "single"
-    train(Toy(every_b=2, reset_b_at=3), _config(single), Points(n=40))
+    train(Toy(every_b=2), _config(single), Points(n=40))
     expected, _ = ckpt.load_latest(single)
 
     ddp = tmp_path / "ddp"

@@ -133,9 +133,7 @@ def _run(method, steps, batch, seed=0):
     groups = method.groups()
     opts = {k: torch.optim.Adam(g.params, lr=g.optim.lr, betas=g.optim.betas) for k, g in groups.items()}
     for step in range(steps):
-        for name in method.begin_step(step, step * batch):
-            opts[name] = torch.optim.Adam(groups[name].params, lr=groups[name].optim.lr,
-                                          betas=groups[name].optim.betas)
+        method.begin_step(step, step * batch)
         for name, g in groups.items():
             if step < g.start or step % g.every:
                 continue

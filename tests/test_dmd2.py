@@ -186,7 +186,7 @@ def test_fake_score_trains_on_the_generator_turns_samples(tmp_path, monkeypatch)
     class Spy(dmd2.DMD2):
         def begin_step(self, step, nimg):
             self.now = step
-            return super().begin_step(step, nimg)
+            super().begin_step(step, nimg)
 
         def generate(self, n, device, grad):
             x, cond = super().generate(n, device, grad)

@@ -1,4 +1,4 @@
-"""The one training loop: EMA rule, LR schedule, data stream, groups (every / reset), stages, NaN stop, stats,
+"""The one training loop: EMA rule, LR schedule, data stream, groups (every / start), stages, NaN stop, stats,
 grids, snapshots, evaluation, run-directory rules and SIGINT handling. Tiny CPU models only."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from diffdistill.methods.base import Batch, Group, Method, OptimConfig
 from diffdistill.networks.mlp import MLP
 from diffdistill.train import checkpoint as ckpt
 from diffdistill.train.ema import EMA, ema_beta
-from diffdistill.train.loop import Stage, StreamSampler, TrainConfig, lr_at, split_batch, train
+from diffdistill.train.loop import Stage, StreamSampler, TrainConfig, lr_at, split_batch, step_seed, train
 
 torch.set_num_threads(1)
 
@@ -50,11 +50,11 @@ class Toy(Method):
 
     name = "toy"
 
-    def __init__(self, every_b=2, reset_b_at=None, nan_at=None, kill_at=None):
+    def __init__(self, every_b=2, nan_at=None, kill_at=None):
         super().__init__()
         self.a, self.b = tiny_denoiser(1), tiny_denoiser(2)
         self.drop = nn.Dropout(0.2)
-        self.every_b, self.reset_b_at = every_b, reset_b_at
+        self.every_b = every_b
         self.nan_at, self.kill_at = nan_at, kill_at
         self.seen: list[tuple[str, int, int]] = []   # (group, step, batch size)
 
@@ -87,9 +87,6 @@ class Toy(Method):
 
     def export(self, ema=None):
         return (ema["a"] if ema else self.a), {"sampler": "euler", "steps": 4}
-
-    def begin_step(self, step, nimg):
-        return {"b"} if step == self.reset_b_at else set()
 
 
 def config(tmp_path, name="run", **kw) -> TrainConfig:
@@ -144,7 +141,7 @@ def test_lr_schedule_warmup_and_linear_decay():
     assert lr_at(oc, 500, 0, 10_000) == pytest.approx(0.5 * (1 - 500 / 10_000))
     assert lr_at(oc, 5000, 0, 10_000) == pytest.approx(0.5)
     assert lr_at(oc, 10_000, 0, 10_000) == 0.0
-    # after a reset at 10k images the schedule starts again from that origin
+    # from an origin at 10k images (a later stage's start) the schedule starts again
     assert lr_at(oc, 10_250, 10_000, 20_000) == pytest.approx(0.25 * (1 - 250 / 10_000))
     assert lr_at(OptimConfig(lr=3.0), 123, 0, 1000) == 3.0
 
@@ -225,21 +222,35 @@ def test_batch_sizes_reach_the_method(tmp_path):
     assert a_calls == [(0, 4)] * 4 + [(1, 4)] * 4  # 4 accumulation rounds of 4
 
 
-def test_reset_and_an_old_checkpoints_extra_state(tmp_path):
-    method = Toy(reset_b_at=4)
+def test_begin_step_is_a_notice_whose_return_is_ignored(tmp_path):
+    """The loop calls `begin_step(step, nimg)` before every step and ignores what it returns: nothing is reset (an
+    older contract rebuilt the optimisers of returned groups); an old checkpoint's `extra_state` key is ignored."""
+    class Notices(Toy):
+        def __init__(self):
+            super().__init__()
+            self.notices = []
+
+        def begin_step(self, step, nimg):
+            self.notices.append((step, nimg))
+            return {"a", "b"}          # a group reset of the older contract: no effect now
+
+    method = Notices()
     train(method, config(tmp_path, max_steps=8), Points())
+    assert method.notices == [(s, 16 * s) for s in range(8)]
     run = tmp_path / "run"
     tensors, state = ckpt.load_latest(run)
-    assert state["origins"]["b"] == 4 * 16 and state["origins"]["a"] == 0
-    # Adam's step count of group b restarted at the reset: b ran on steps 4 and 6 since
+    assert state["origins"] == {"a": 0, "b": 0}
+    # Adam's step counts: a on every step (8), b on steps 0, 2, 4, 6 (4)
     b_steps = [v for k, v in tensors.items() if k.startswith("optim.b.") and k.endswith(".step")]
     a_steps = [v for k, v in tensors.items() if k.startswith("optim.a.") and k.endswith(".step")]
-    assert float(b_steps[0]) == 2.0 and float(a_steps[0]) == 8.0
+    assert float(b_steps[0]) == 4.0 and float(a_steps[0]) == 8.0
     # a checkpoint of an older version, with the method's `extra_state`, still resumes (the key is ignored)
     assert "extra_state" not in state
     js = ckpt.list_checkpoints(run)[0][1]
     js.write_text(json.dumps(dict(state, extra_state={"counter": 8})))
-    assert train(Toy(reset_b_at=4), config(tmp_path, max_steps=10, resume=True), Points())["step"] == 10
+    resumed = Notices()
+    assert train(resumed, config(tmp_path, max_steps=10, resume=True), Points())["step"] == 10
+    assert resumed.notices == [(8, 128), (9, 144)]
 
 
 def _lines(run):
@@ -247,39 +258,119 @@ def _lines(run):
             for x in (run / "stats.jsonl").read_text().splitlines()]
 
 
-class ResetAll(Toy):
+class Vector(nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(w))
+
+
+class Quadratic(Method):
+    """One vector w under Adam (LR warm-up over 2 steps, linear decay to the run's end), loss
+    0.5 * mean_i ||w - (x_i + 0.1 n_i)||^2 over the batch's points x_i, with noise n_i drawn after the loop's per-step
+    seed: every step is known in closed form (`quadratic_by_hand`). The export is a fixed tiny denoiser."""
+
+    name = "quadratic"
+
+    def __init__(self):
+        super().__init__()
+        self.q = Vector([1.0, -2.0])
+        self.den = tiny_denoiser(1).requires_grad_(False)
+        self.notices: list[int] = []
+
+    def groups(self):
+        oc = OptimConfig(lr=0.1, warmup_kimg=0.032, decay="linear")
+        return {"w": Group([self.q.w], oc, loss=self.w_loss, needs_data=True)}
+
+    def w_loss(self, batch: Batch):
+        target = batch.x + 0.1 * torch.randn_like(batch.x)
+        return {"loss": 0.5 * ((self.q.w - target) ** 2).sum(1).mean()}
+
     def begin_step(self, step, nimg):
-        return {"a", "b"} if step in (3, 7) else set()
+        self.notices.append(step)
+
+    def ema_targets(self):
+        return {"q": self.q}
+
+    def export(self, ema=None):
+        return self.den, {"sampler": "euler", "steps": 4}
+
+
+def quadratic_by_hand(cfg: TrainConfig, data: Points, stage_ends: list[int]) -> dict:
+    """A run of `Quadratic` in stages ending at `stage_ends` (the last: the run's end), written out: the data order
+    is the concatenation of the permutations torch.randperm(n, seed * 1_000_003 + epoch) read from the run's start,
+    the noise follows torch.manual_seed(step_seed(seed, step, 0, 0)), and every stage starts a fresh torch Adam, an
+    LR schedule whose origin is the stage's first image, and an EMA copy of the weights at its start."""
+    n, batch, total = len(data), cfg.batch, stage_ends[-1] * cfg.batch
+    order = torch.cat([torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + e))
+                       for e in range((total + n - 1) // n)])
+    assert cfg.ema_rampup is None
+    beta = 0.5 ** (batch / (cfg.ema_halflife_kimg * 1000))
+    w = nn.Parameter(torch.tensor([1.0, -2.0]))
+    losses, lrs, step = [], [], 0
+    for end in stage_ends:
+        opt, origin, ema = torch.optim.Adam([w], lr=0.1), step * batch, w.detach().clone()
+        while step < end:
+            x = data.x[order[step * batch:(step + 1) * batch]]
+            torch.manual_seed(step_seed(cfg.seed, step, 0, 0))
+            target = x + 0.1 * torch.randn_like(x)
+            done = (step + 1) * batch - origin
+            lr = 0.1 * min(done / 32, 1.0) * max(0.0, 1 - done / (total - origin))
+            opt.param_groups[0]["lr"] = lr
+            opt.zero_grad()
+            loss = 0.5 * ((w - target) ** 2).sum(1).mean()
+            loss.backward()
+            opt.step()
+            ema = w.detach().lerp(ema, beta)
+            losses.append(float(loss.detach()))
+            lrs.append(lr)
+            step += 1
+    state = opt.state[w]
+    return dict(w=w.detach(), ema=ema, losses=losses, lrs=lrs, adam_step=float(state["step"]),
+                exp_avg=state["exp_avg"], exp_avg_sq=state["exp_avg_sq"])
 
 
 def test_stages_continue_one_run(tmp_path):
-    """Three calls of `train` as stages ending at steps 3 and 7 and the run's end (10), each with fresh optimisers,
-    LR schedules and EMA, are one run that resets every group at steps 3 and 7: the same tensors and stats.jsonl
-    (the tick across a stage's end included), plus each stage's export; a rerun skips the stages finished before
-    and restores only a checkpoint written during a stage."""
-    ref = config(tmp_path, "ref", keep_checkpoints=9)
-    train(ResetAll(), ref, Points())
-    cfg = config(tmp_path, keep_checkpoints=9)
-    run, method, stage = tmp_path / "run", Toy(), None
+    """Three calls of `train` as stages ending at steps 3 and 7 and the run's end (10) give the run written out by
+    hand (`quadratic_by_hand`): each stage with a fresh Adam, LR schedule and EMA, the data order and per-step
+    seeds of the whole run, and stats.jsonl's kimg, losses and LRs continuing globally (the tick across a stage's
+    end included), plus each stage's export; a rerun skips the stages finished before and restores only a
+    checkpoint written during a stage."""
+    cfg = config(tmp_path, keep_checkpoints=9, seed=5, ema_rampup=None)
+    data = Points(n=40)                                  # 160 images: 4 epochs, two of them ending mid-step
+    want = quadratic_by_hand(cfg, data, [3, 7, 10])
+    run, method, stage = tmp_path / "run", Quadratic(), None
     for end, export in ((3, "first"), (7, None), (None, "last")):
         stage = Stage(end=end, export=export, after=stage)
-        result = train(method, cfg, Points(), stage=stage)
+        result = train(method, cfg, data, stage=stage)
         assert result["step"] == (end or 10) and (result["model"] is not None) == (end is None)
-    assert _lines(run) == _lines(tmp_path / "ref")                      # ticks at 3, 6, 9 and 10 in both
+    assert method.notices == list(range(10))
+    torch.testing.assert_close(method.q.w.detach(), want["w"])
+    tensors, state = ckpt.load_latest(run)
+    assert state["step"] == 10 and state["origins"] == {"w": 7 * 16}
+    torch.testing.assert_close(tensors["ema.q.w"], want["ema"])
+    assert float(tensors["optim.w.0.step"]) == want["adam_step"] == 3.0                 # the last stage's 3 steps
+    torch.testing.assert_close(tensors["optim.w.0.exp_avg"], want["exp_avg"])
+    torch.testing.assert_close(tensors["optim.w.0.exp_avg_sq"], want["exp_avg_sq"])
+    lines = _lines(run)                                  # a tick every 48 images and at the end: global kimg
+    assert [r["step"] for r in lines] == [3, 6, 9, 10]
+    assert [r["kimg"] for r in lines] == pytest.approx([0.048, 0.096, 0.144, 0.16])
+    for r, (a, b) in zip(lines, [(0, 3), (3, 6), (6, 9), (9, 10)]):        # steps 6-8 span the second stage's end
+        assert r["w/loss"] == pytest.approx(np.mean(want["losses"][a:b]), rel=1e-6)
+        assert r["lr/w"] == pytest.approx(want["lrs"][b - 1], rel=1e-12)          # the tick's last LR
     assert [s for s, _ in ckpt.list_checkpoints(run)] == [10, 8, 7, 4, 3]  # every 4 steps, and each stage's end
-    got, want = ckpt.load_latest(run)[0], ckpt.load_latest(tmp_path / "ref")[0]
-    assert all(torch.equal(got[k], want[k]) for k in want)
     assert io.load_snapshot(run / "first")[2]["step"] == 3 and io.load_snapshot(run / "last")[2]["step"] == 10
     assert (run / "command.txt").read_text().count("\n") == 1           # RUN is prepared by the first stage only
     # a rerun: the newest checkpoint (4) lies in the second stage: the first is skipped, the second resumes from it
     for p in ckpt.list_checkpoints(run)[:3]:
         p[1].unlink()
-    seen, stage = Toy(), None
+    again, stage = Quadratic(), None
     for end in (3, 7, None):
         stage = Stage(end=end, after=stage)
-        train(seen, cfg, Points(), stage=stage)
+        train(again, cfg, data, stage=stage)
         assert stage.skipped == (end == 3)
-    assert sorted({s for _, s, _ in seen.seen}) == [4, 5, 6, 7, 8, 9]
+    assert again.notices == [4, 5, 6, 7, 8, 9]
+    torch.testing.assert_close(again.q.w.detach(), want["w"])
+    torch.testing.assert_close(ckpt.load_latest(run)[0]["ema.q.w"], want["ema"])
 
 
 class LateStart(Toy):
@@ -369,28 +460,6 @@ def test_a_group_without_a_loss_function_is_refused(tmp_path):
 
     with pytest.raises(DiffdistillError, match="group 'b' of method 'toy' names no loss function"):
         train(NoLoss(), config(tmp_path, max_steps=1), Points())
-
-
-def test_reset_restarts_the_ema_of_the_network_of_that_name(tmp_path):
-    """A group reset (PD's new round) restarts the EMA of the same-named network from its current weights."""
-    seen = {}
-
-    class ResetA(Toy):
-        def begin_step(self, step, nimg):
-            if step == 3:
-                seen.update({k: v.clone() for k, v in self.a.state_dict().items()})
-                return {"a"}
-            return set()
-
-    method = ResetA()
-    init = {k: v.clone() for k, v in method.a.state_dict().items()}
-    # a half-life far longer than the run: the EMA barely moves from where it (re)starts
-    train(method, config(tmp_path, max_steps=4, ema_halflife_kimg=1e6, ema_rampup=None), Points())
-    tensors, _ = ckpt.load_latest(tmp_path / "run")
-    ema = {k[len("ema.a."):]: v for k, v in tensors.items() if k.startswith("ema.a.")}
-    floats = [k for k in ema if ema[k].is_floating_point()]
-    assert all(torch.allclose(ema[k], seen[k], atol=1e-6) for k in floats)      # restarted at step 3's weights
-    assert any(not torch.allclose(ema[k], init[k], atol=1e-4) for k in floats)   # not the initial weights
 
 
 def test_method_ema_default_when_the_loop_gives_none(tmp_path):

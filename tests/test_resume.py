@@ -37,7 +37,7 @@ STEPS = 10
 
 
 def run_config(out, **kw) -> TrainConfig:
-    # batch 16, checkpoint every 32 images = every 2 steps; group b every 2nd step, reset at step 5
+    # batch 16, checkpoint every 32 images = every 2 steps; group b every 2nd step
     base = dict(out=str(out), max_steps=STEPS, total_kimg=1.0, batch=16, batch_gpu=8, ema_halflife_kimg=0.05,
                 tick_kimg=0.032, checkpoint_kimg=0.032, keep_checkpoints=3, seed=7, tensorboard=False,
                 progress=False)
@@ -46,7 +46,7 @@ def run_config(out, **kw) -> TrainConfig:
 
 
 def make_method() -> Toy:
-    return Toy(every_b=2, reset_b_at=5)
+    return Toy(every_b=2)
 
 
 # --------------------------------------------------------------------------------------------------

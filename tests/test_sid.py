@@ -178,7 +178,7 @@ def test_diverging_generator_stops_the_loop(tmp_path):
             if step == 3:
                 with torch.no_grad():
                     self.generator.backbone.out.bias.fill_(float("nan"))
-            return super().begin_step(step, nimg)
+            super().begin_step(step, nimg)
 
     method = Diverging(ring8(), sid.SiDConfig(mlp_hidden=32, mlp_depth=1, fake_warmup_steps=0))   # G trains at once
     cfg = TrainConfig(out=str(tmp_path / "run"), max_steps=6, batch=8, checkpoint_kimg=0.016, tick_kimg=1e9,
@@ -193,7 +193,6 @@ def test_fake_warmup_is_the_generator_groups_start():
     method = tiny_sid(fake_warmup_steps=10)
     groups = method.groups()
     assert groups["generator"].start == 10 and groups["fake_score"].start == 0
-    assert method.begin_step(10, 0) == set()
 
 
 def test_bad_options_and_cli():

@@ -29,7 +29,8 @@ class OptimConfig:
     kind: str = "adam"            # adam | adamw | radam
     warmup_kimg: float = 0.0      # linear warm-up over this many thousand images
     decay: str = "constant"       # constant | linear (to 0 at the end of the run, or `decay_kimg` after its
-    #                               origin: the run's start, the group's `start` or its last reset)
+    #                               origin: the start of the run or of its `train.loop.Stage`, or the group's
+    #                               `start`)
     decay_kimg: float | None = None
     grad_clip: float | None = None  # global-norm clipping; None = off
 
@@ -120,8 +121,8 @@ class Method(nn.Module):
         what checkpoints hold."""
         raise NotImplementedError
 
-    def begin_step(self, step: int, nimg: int) -> set[str]:
-        """Called before every step (CD's target EMA, DMD2's hand-off). Return the names of groups whose optimiser
-        and LR schedule must be reset; the EMA of the network of the same name in `ema_targets` restarts from its
-        current weights too."""
-        return set()
+    def begin_step(self, step: int, nimg: int) -> None:
+        """A notice before every optimiser step: `step` steps and `nimg` images are done (CD's target EMA update,
+        DMD2's hand-off list). The loop ignores any return value; it never resets a group's optimiser, LR schedule
+        or EMA during a call of `train` (a method that needs that runs the loop once per `train.loop.Stage`, as
+        progressive distillation's rounds do)."""

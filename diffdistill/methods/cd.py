@@ -307,7 +307,7 @@ class ConsistencyDistillation(Method):
             return super().ema_default(batch)
         return halflife_from_decay(self.cfg.ema_decay, batch), None
 
-    def begin_step(self, step: int, nimg: int) -> set[str]:
+    def begin_step(self, step: int, nimg: int) -> None:
         # Target EMA theta^- <- mu theta^- + (1 - mu) theta after every update (Song et al. 2023, Alg. 2).
         if self.target_net is not None and step > 0:
             with torch.no_grad():
@@ -315,7 +315,6 @@ class ConsistencyDistillation(Method):
                     p_t.lerp_(p.detach(), 1 - self.cfg.target_ema)
                 for b_t, b in zip(self.target_net.buffers(), self.student.buffers()):
                     b_t.copy_(b)
-        return set()
 
     def student_loss(self, batch: Batch) -> dict[str, Tensor]:
         if batch.x is None:

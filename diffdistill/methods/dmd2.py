@@ -276,9 +276,8 @@ class DMD2(common.ScoreDistillation, Method):
         test_folder_edm.py evaluates the trained generator's weights."""
         return 0.0, None
 
-    def begin_step(self, step: int, nimg: int) -> set[str]:
+    def begin_step(self, step: int, nimg: int) -> None:
         self._handoff.clear()
-        return super().begin_step(step, nimg)
 
     def fake_samples(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
         """The fake score's samples of this step: the generator turn's own (in order of its micro-batches),

@@ -42,11 +42,6 @@ class EMA:
                 b_ema.copy_(b)
         return beta
 
-    @torch.no_grad()
-    def reset(self, name: str) -> None:
-        """Restart the EMA of one network from its current weights."""
-        self.modules[name].load_state_dict(self.targets[name].state_dict())
-
     def state_dict(self) -> dict[str, Tensor]:
         """Flat {'<target>.<key>': tensor}."""
         return {f"{name}.{k}": v for name, m in self.modules.items() for k, v in m.state_dict().items()}

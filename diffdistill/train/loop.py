@@ -1,10 +1,10 @@
 """The one training loop: method-blind (the contract is diffdistill.methods.base.Method).
 
-Per step: `begin_step` -> for every group due this step (`step >= start` and `step % every == 0`), in order:
-accumulate the gradients of the group's loss (`Group.loss`) over `batch / (batch_gpu * world)` micro-batches
-(averaged over ranks by DDP), pass them through nan_to_num (EDM), clip, and step that group's optimiser -> EMA
-(EDM half-life rule) -> ticks (stats.jsonl, TensorBoard), sample grids, snapshots, evaluation, checkpoints.
-Progress is counted in images.
+Per step: `begin_step` (a notice to the method; its return value is ignored) -> for every group due this step
+(`step >= start` and `step % every == 0`), in order: accumulate the gradients of the group's loss (`Group.loss`) over
+`batch / (batch_gpu * world)` micro-batches (averaged over ranks by DDP), pass them through nan_to_num (EDM), clip,
+and step that group's optimiser -> EMA (EDM half-life rule) -> ticks (stats.jsonl, TensorBoard), sample grids,
+snapshots, evaluation, checkpoints. Progress is counted in images.
 
 What a run directory holds for sampling: RUN/model/ (the EMA export, written when the run finishes), RUN/latest/
 (the same export, written when the run is interrupted, deleted when it finishes or starts over; so when it exists it
@@ -13,8 +13,9 @@ is newer than RUN/model) and grids RUN/samples-kimg<kimg>.png every `grid_kimg`,
 
 A run can be several calls of `train`, one per `Stage` of a longer schedule (a method's own driver: progressive
 distillation's rounds), each with fresh optimisers, LR schedules and EMA: the counters, training time, best
-evaluation and unfinished tick continue from the previous stage, so seeds, data order and stats.jsonl are those of
-one run that resets every group at the stages' starts.
+evaluation and unfinished tick continue from the previous stage, so per-step seeds, data order and stats.jsonl's
+kimg are those of one run. A stage's start is the only place where the loop restarts optimisers, LR schedules and
+EMA.
 
 Randomness: before every micro-batch the global torch RNG is seeded from (seed, step, global micro-batch
 index, group index), and the data order is a seeded permutation per epoch read at the position given by the
@@ -167,8 +168,8 @@ def make_optimizer(params: list[nn.Parameter], oc: OptimConfig) -> torch.optim.O
 
 def lr_at(oc: OptimConfig, nimg_after: int, origin: int, end: int) -> float:
     """Learning rate of a step that brings the image count to `nimg_after`: linear warm-up over warmup_kimg from
-    the schedule origin (start or last reset), then constant or linear decay to 0 at `end` images (`decay_kimg`
-    after the origin when set)."""
+    the schedule origin (the start of the run or stage, or the group's `start`), then constant or linear decay to 0
+    at `end` images (`decay_kimg` after the origin when set)."""
     lr = oc.lr
     done = nimg_after - origin
     if oc.decay_kimg is not None:
@@ -600,13 +601,7 @@ class _Run:
     # -- one step ---------------------------------------------------------------------------------
     def train_step(self, sums: dict) -> None:
         method, cfg = self.method, self.cfg
-        for name in method.begin_step(self.step, self.nimg):
-            if name not in self.groups:
-                raise DiffdistillError(f"begin_step reset unknown group {name!r} (groups: {list(self.groups)})")
-            self.optims[name] = make_optimizer(self.groups[name].params, self.groups[name].optim)
-            self.origins[name] = self.nimg
-            if self.ema is not None and name in self.ema.modules:
-                self.ema.reset(name)
+        method.begin_step(self.step, self.nimg)     # a notice; any return value is ignored
         for name, group in self.groups.items():
             if group.start and self.step == group.start:
                 self.origins[name] = self.nimg  # a group that starts late: its LR schedule counts from here
