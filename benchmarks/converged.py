@@ -228,6 +228,7 @@ def job_student(ctx: Context, plan: DataPlan, method: str, teacher: str) -> dict
     run_dir = ctx.work / f"{plan.name}-{method}"
     options = {**method_options(method, plan.data, plan.kd_pairs, pd_steps=None), **sp.options,
                **short_run_settings(method, plan.kind, sp.kimg, sp.batch)}
+    options.update(sp.options)          # the plan's own settings win (the converged GDD's on images), in place
     if plan.kind == "ring":
         options.update(snapshot_kimg=plan.eval_kimg, grid_kimg=0)
     else:
@@ -537,7 +538,8 @@ def _note(plan: DataPlan, teacher: dict | None) -> str:
                "(not Inception) "
                f"against the whole data set, measured during training every {fmt(plan.eval_kimg)} kimg "
                "(`--metrics fid`)")
-    recipe = ("`diffdistill distill METHOD --recipe converged` (the short-run settings at the converged budgets"
+    recipe = ("`diffdistill distill METHOD --recipe converged` (the short-run settings at the converged budgets, "
+              "with the recipe's own settings where it has them, `methods/recipes.py` CONVERGED"
               if plan.students == _converged(plan.kind) else
               "`diffdistill distill METHOD --recipe short` at these budgets (this data set's own")
     return (where + f"Students: {recipe}: {budgets}; "
