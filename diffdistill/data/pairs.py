@@ -257,7 +257,9 @@ def map_shard(root: str | Path, m: dict, name: str) -> dict[str, np.memmap]:
     """The tensors of shard `name` memory-mapped read-only ({'noise', 'target', 'cond'?}, each [stored rows, ...]),
     from the safetensors header (8-byte little-endian length, JSON header, data), which must name the tensors,
     dtypes and shapes the manifest `m` implies. Nothing is read until a row is used; the checksum is not checked
-    here (`read_shard` does, when `generate_pairs` runs at the start of `distill kd`)."""
+    here (`read_shard` does, when `generate_pairs` runs at the start of `distill kd`). Written here because
+    safetensors' reader gives whole tensors or contiguous slices, and a shuffled batch needs scattered rows: a
+    memory map of the format's documented layout reads just those."""
     spec = next(s for s in m["shards"] if s["name"] == name)
     path = shard_path(root, name)
     rows, dim = spec.get("stored", spec["count"]), list(m["shape"])

@@ -311,8 +311,7 @@ class ProgressiveDistillation(Method):
         starts = []
         for r in range(1, self.n_rounds + 1):
             need = r * self.cfg.round_kimg * 1000
-            s = math.ceil(need / batch)
-            s -= (s - 1) * batch >= need                # (exact, whatever the rounding of the division)
+            s = int(need // batch)                      # float floor division and int-float comparison are exact
             starts.append(s + (s * batch < need))
         return starts
 
