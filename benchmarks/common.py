@@ -236,23 +236,13 @@ def with_metrics(evaluation: dict, shape, total_kimg: float | None = None, own_b
     `total_kimg`), RUN/best by the first metric (else by the method's own `own_best`), the protocol in the meta of
     config.json; a method with its own model selection (KD) evaluates itself first."""
     from diffdistill.api import own_evaluation
-    from diffdistill.train.evaluate import make_train_evaluator
+    from diffdistill.train.evaluate import evaluation_plan, make_train_evaluator
 
-    eval_kimg = evaluation.get("eval_kimg") or (max(total_kimg / 10, 1e-3) if total_kimg else None)
-    if not eval_kimg:
-        raise DiffdistillError("evaluation during training: give eval_kimg (the run's length is the preset's)")
     evaluator = make_train_evaluator(evaluation["metrics"], evaluation["features"], evaluation["ref"],
                                      n=evaluation["eval_n"], resize="tf1", shape=shape, labelled=True)
-    best = evaluator.best()
-    best_metric, best_mode = best if best is not None else (own_best, "min")
-    fields = dict(eval_kimg=eval_kimg, best_metric=best_metric, best_mode=best_mode,
-                  meta=dict(eval=evaluator.describe()))
-    if own_best is None:
-        return fields, evaluator
-
-    def evaluate(method, ema, nimg):
-        return {**(own_evaluation(method, ema, nimg) or {}), **evaluator(method, ema, nimg)}
-
+    fields, evaluate = evaluation_plan(evaluator, own_evaluation if own_best else None, own_best,
+                                       evaluation.get("eval_kimg"), total_kimg)
+    fields["meta"] = dict(eval=fields.pop("meta_eval"))
     return fields, evaluate
 
 

@@ -237,28 +237,15 @@ def training_evaluator(args, shape, has_own: bool = False):
 
 def training_evaluation(args, cfg, evaluator=None, own=None, own_best: str | None = None):
     """The loop's evaluate hook (None when there is nothing to evaluate), with `cfg` (a TrainConfig) set to
-    match: eval_kimg (default: 10 evaluations per run), best_metric/best_mode and the protocol in meta['eval']
-    (config.json, every snapshot's meta).
+    match (`train.evaluate.evaluation_plan`: eval_kimg from --eval-kimg, RUN/best's metric, the protocol in
+    meta['eval']). evaluator: `training_evaluator`'s; own, own_best: the method's own evaluation and metric."""
+    from ..train.evaluate import evaluation_plan
 
-    evaluator: `training_evaluator`'s. own: a method's own evaluation (KD: held-out loss, which also picks the
-    model its export returns), `own_best` its metric that picks RUN/best without --metrics. With both, one hook
-    returns both results (the method's first, so that the metrics measure the model its export returns then) and
-    the user's metric picks RUN/best.
-    """
-    if evaluator is None and own is None:
-        return None
-    cfg.eval_kimg = args.eval_kimg or max(cfg.total_kimg / 10, 1e-3)
-    best = evaluator.best() if evaluator is not None else None
-    cfg.best_metric, cfg.best_mode = best if best is not None else (own_best, "min")   # only pr: the method's
-    if evaluator is None:
-        return own
-    cfg.meta = dict(cfg.meta, eval=evaluator.describe())
-    if own is None:
-        return evaluator
-
-    def evaluate(method, ema, nimg):
-        return {**(own(method, ema, nimg) or {}), **evaluator(method, ema, nimg)}
-
+    fields, evaluate = evaluation_plan(evaluator, own, own_best, args.eval_kimg, cfg.total_kimg)
+    if "meta_eval" in fields:
+        cfg.meta = dict(cfg.meta, eval=fields.pop("meta_eval"))
+    for key, value in fields.items():
+        setattr(cfg, key, value)
     return evaluate
 
 

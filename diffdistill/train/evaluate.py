@@ -77,3 +77,34 @@ def make_train_evaluator(metric: str | Sequence[str], feature_net=None, ref=None
                                    "toy:/gmm: spec)")
     return TrainEvaluator(make_train_metrics(metric, feature_net, ref, n, seeds, batch=batch, inception=inception,
                                              resize=resize, options=options, shape=shape, labelled=labelled))
+
+
+def evaluation_plan(evaluator=None, own=None, own_best: str | None = None, eval_kimg: float | None = None,
+                    total_kimg: float | None = None) -> tuple[dict, object]:
+    """The loop's evaluate hook and the TrainConfig fields that go with it, as `(fields, evaluate)`; `fields` is
+    empty and `evaluate` None when there is nothing to evaluate.
+
+    evaluator: a `TrainEvaluator` (metrics measured during training). own: a method's own evaluation (KD:
+    held-out loss, which also picks the model its export returns) and `own_best` its metric that picks RUN/best
+    without metrics. With both, one hook returns both results (the method's first, so that the metrics measure
+    the model its export returns then) and the metric picks RUN/best. Fields: eval_kimg (default: 10 evaluations
+    in `total_kimg`), best_metric/best_mode and the protocol (`meta_eval`, for config.json's meta['eval'])."""
+    if evaluator is None and own is None:
+        return {}, None
+    if not eval_kimg:
+        if not total_kimg:
+            raise DiffdistillError("evaluation during training: give eval_kimg (the run's length is not known)")
+        eval_kimg = max(total_kimg / 10, 1e-3)
+    best = evaluator.best() if evaluator is not None else None
+    best_metric, best_mode = best if best is not None else (own_best, "min")   # only pr: the method's
+    fields = dict(eval_kimg=eval_kimg, best_metric=best_metric, best_mode=best_mode)
+    if evaluator is None:
+        return fields, own
+    fields["meta_eval"] = evaluator.describe()
+    if own is None:
+        return fields, evaluator
+
+    def evaluate(method, ema, nimg):
+        return {**(own(method, ema, nimg) or {}), **evaluator(method, ema, nimg)}
+
+    return fields, evaluate
