@@ -255,12 +255,10 @@ def distill_run(method: str, teacher: str, data: str | None, out, options: dict,
 
     import diffdistill as dd
     from diffdistill import api, methods
-    from diffdistill.teachers import is_analytic_spec
 
     settings, loop, evaluation = _split(options)
-    meta = dict(method=method, teacher=teacher, data=data or (teacher if is_analytic_spec(teacher) else None),
-                recipe=None)
-    cfg = api.distill_loop(str(out), **loop, seed=0, device=device, progress=False, command=command, meta=meta,
+    cfg = api.distill_loop(str(out), **loop, seed=0, device=device, progress=False, command=command,
+                           meta=api.run_meta(method, teacher, data),
                            final_grid=loop.get("grid_kimg") != 0)
     evaluate = None
     if evaluation:        # the evaluator is made for the teacher's samples, so the teacher is loaded first

@@ -84,6 +84,17 @@ def recipe_settings(spec, name: str, teacher=None, kimg: float = DEFAULT_KIMG, b
     return dict(options(teacher) if callable(options) else options)   # callable: SiD's CIFAR-10 length
 
 
+def run_meta(method: str, teacher: str | Path | None, data: str | Path | None, recipe: str | None = None) -> dict:
+    """A distillation's description in config.json: its method, teacher and data specs (as text; None for loaded
+    ones) and recipe. Without data, an analytic teacher's spec is the data: its distribution is what it denoises."""
+    from .teachers import is_analytic_spec
+
+    teacher = None if teacher is None else str(teacher)
+    if data is None and teacher is not None and is_analytic_spec(teacher):
+        data = teacher
+    return dict(method=method, teacher=teacher, data=None if data is None else str(data), recipe=recipe)
+
+
 @dataclass
 class DistillResult:
     """A finished (or interrupted) run: its directory, the exported student's directory (RUN/model, or
@@ -127,13 +138,11 @@ def distill(method: str, teacher, data=None, out: str | Path | None = None, *, l
     spec = methods.get(method)
     if loop is not None and out is not None and str(out) != str(loop.out):
         raise UsageError(f"distill: out={out} differs from loop.out={loop.out}; give one")
-    teacher_spec = str(teacher) if isinstance(teacher, (str, Path)) else None
-    data_spec = str(data) if isinstance(data, (str, Path)) else None
+    meta = run_meta(method, teacher if isinstance(teacher, (str, Path)) else None,
+                    data if isinstance(data, (str, Path)) else None, recipe)
     if isinstance(teacher, (str, Path)):
-        from .teachers import is_analytic_spec, load_teacher
+        from .teachers import load_teacher
 
-        if data is None and is_analytic_spec(teacher_spec):
-            data_spec = teacher_spec           # as the command line records it: the analytic teacher's distribution
         teacher = load_teacher(str(teacher), device=(loop.device if loop else None) or device or _default_device())
     callback("teacher", teacher)
     run = dict(kimg=loop.total_kimg, batch=loop.batch) if loop is not None else {}
@@ -153,8 +162,8 @@ def distill(method: str, teacher, data=None, out: str | Path | None = None, *, l
     if data is not None and tuple(data.shape) != tuple(teacher.shape):
         raise UsageError(f"the data has samples of shape {tuple(data.shape)}, the teacher makes "
                          f"{tuple(teacher.shape)}")
-    if not loop.meta:       # config.json's run description, as `diffdistill distill` writes it (specs given as text)
-        loop = replace(loop, meta=dict(method=method, teacher=teacher_spec, data=data_spec, recipe=recipe))
+    if not loop.meta:       # config.json's run description, as `diffdistill distill` writes it
+        loop = replace(loop, meta=meta)
     built, cfg = build_method(spec, cfg, teacher, data, loop)
     callback("method", built)
     if evaluate is None and spec.best_metric is not None:

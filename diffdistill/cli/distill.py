@@ -159,10 +159,10 @@ def prepare(args, teacher=None, callback=None):
     """Everything `distill METHOD` does before training: (args after the recipe, method, loop config, data,
     evaluate hook). `teacher`: an already loaded teacher instead of loading `args.teacher`. callback: as
     `diffdistill.distill`'s, called with ('teacher', teacher) and ('method', method)."""
-    from ..api import build_method, distill_loop, own_evaluation
+    from ..api import build_method, distill_loop, own_evaluation, run_meta
     from ..data import open_dataset
     from ..methods.options import config_from_namespace
-    from ..teachers import is_analytic_spec, load_teacher
+    from ..teachers import load_teacher
 
     check_loop_arguments(args)
     spec = _spec(args.method_module)
@@ -186,13 +186,11 @@ def prepare(args, teacher=None, callback=None):
                              f"{args.teacher} makes {tuple(teacher.shape)}")
     own, own_best = (own_evaluation if spec.best_metric else None), spec.best_metric
     evaluator = training_evaluator(args, tuple(teacher.shape), has_own=own is not None)  # before any building
-    data_spec = args.data or (args.teacher if is_analytic_spec(args.teacher) else None)
     # The loop: --kimg, --batch and the options given; the defaults that scale with the run (20 stats lines,
     # 4 checkpoints, RUN/samples-final.png unless --grid-kimg 0) are distill_loop's, as in the Python API.
     settings = loop_settings(args)
     settings["final_grid"] = args.grid_kimg != 0
-    cfg = distill_loop(**settings, meta=dict(method=args.method_module, teacher=args.teacher, data=data_spec,
-                                             recipe=args.recipe))
+    cfg = distill_loop(**settings, meta=run_meta(args.method_module, args.teacher, args.data, args.recipe))
     # the same path as diffdistill.distill: settings resolved for this teacher and run, seeded, built
     method, _ = build_method(spec, config_from_namespace(spec.config, args), teacher, data, cfg)
     if callback is not None:

@@ -251,14 +251,11 @@ def train_stage(stage: Stage):
     `stage.command` as the run's command, and a distillation's config.json the description `distill METHOD`
     gives it (method, teacher and data specs), so that the shown command continues the same run."""
     from .. import api
-    from ..teachers import is_analytic_spec
 
     loop = dict(stage.loop, command=stage.command)
     if stage.method == "teacher":
         return api.train_teacher(stage.data, loop=loop, **stage.settings)
-    data_spec = stage.data or (stage.teacher if is_analytic_spec(stage.teacher) else None)
-    loop = api.distill_loop(**loop, meta=dict(method=stage.method, teacher=stage.teacher, data=data_spec,
-                                              recipe=None))
+    loop = api.distill_loop(**loop)          # (config.json's description: `api.run_meta`, as the command's)
     return api.distill(stage.method, stage.teacher, stage.data, loop=loop, **stage.settings)
 
 
