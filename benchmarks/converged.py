@@ -27,6 +27,7 @@ import json
 import math
 import multiprocessing
 import shutil
+import statistics
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ METHODS = methods.names()          # the registry (diffdistill.methods.REGISTRY)
 GAN_LIKE = ("gdd", "dmd2")          # model selection by the best FID snapshot, as their papers do
 TEACHER_NFE = [1, 2, 4, 8, 18, 35]
 RESULTS_DIR = "converged"           # figures and grids, under benchmarks/results/
+FINAL_SEED = 1_000_000              # first seed of the reported values' samples
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,10 @@ class DataPlan:
     features: str | None = None      # feature network spec (image data)
     prepare: tuple = ()              # CLI commands (argv tuples, {work}/{shared} filled in) that make the data
                                      # and the feature network, each skipped once its last argument exists
-    n_eval: int = 2000               # samples per quality measurement
+    n_eval: int = 2000               # samples per quality measurement during training (the curves, the choice
+                                     # of the best snapshot): seeds 0..n_eval-1
+    n_final: int = 10000             # samples of every reported value, seeds FINAL_SEED.. (disjoint from the
+                                     # curves': the best snapshot is not scored on the samples that chose it)
     eval_kimg: float = 10.0          # quality curve resolution (student kimg)
     kd_pairs: int = 20000
     students: dict = field(default_factory=dict)
@@ -91,14 +96,15 @@ def _converged(kind: str) -> dict:
 def plans(ctx: Context) -> list[DataPlan]:
     q = ctx.quick
     ring = DataPlan("ring", "toy:ring8 (exact teacher): sliced W2 to the exact distribution",
-                    "toy:ring8", "ring", n_eval=2000 if q else 10000,
+                    "toy:ring8", "ring", n_eval=2000 if q else 10000, n_final=2000 if q else 10000,
                     eval_kimg=10 if q else 200, kd_pairs=5000 if q else 50000,
                     students=_students(50, 256, 8) if q else _converged("ring"))
     digits = DataPlan("digits", "digits (sklearn 8x8, class-conditional): FID of digits-classifier features",
                       "digits", "image",
                       teacher=dict(preset="digits", total_kimg=20 if q else 500, snapshot_kimg=10 if q else 100),
                       features="digits",
-                      n_eval=500 if q else 2000, eval_kimg=1 if q else 10, kd_pairs=2000 if q else 10000,
+                      n_eval=500 if q else 2000, n_final=1000 if q else 10000, eval_kimg=1 if q else 10,
+                      kd_pairs=2000 if q else 10000,
                       students=_students(4, 64, 8) if q else _converged("image"))
     # MNIST at 16x16 with the digits network (0.2M parameters): at 28x28 the `mnist` preset trains at 25-60 img/s
     # on this CPU (200 kimg in 2 hours); at 16x16 the 2-level digits UNet runs ~4x faster, so that the teacher
@@ -109,7 +115,8 @@ def plans(ctx: Context) -> list[DataPlan]:
                      "diffdistill's own MNIST-16 classifier features (not Inception)",
                      "{work}/mnist16.zip", "image",
                      teacher=dict(preset="digits", total_kimg=10 if q else 400, snapshot_kimg=5 if q else 100),
-                     features=clf, n_eval=500 if q else 2000, eval_kimg=1 if q else 6,
+                     features=clf, n_eval=500 if q else 2000, n_final=1000 if q else 10000,
+                     eval_kimg=1 if q else 6,
                      kd_pairs=1000 if q else 10000,
                      prepare=(("dataset", "convert", "{shared}/mnist.npz", "--resolution", "16x16",
                                "--no-progress", "{work}/mnist16.zip"),
@@ -203,7 +210,7 @@ def job_teacher_rows(ctx: Context, plan: DataPlan, teacher: str) -> dict:
     from .quality import _load, teacher_id, teacher_recipe
 
     path = ctx.work / f"{plan.name}-teacher-rows.json"
-    ident = dict(teacher=teacher_id(teacher), n=plan.n_eval, nfe=TEACHER_NFE)
+    ident = dict(teacher=teacher_id(teacher), nfe=TEACHER_NFE, **_final_ident(plan))
     record = _cached(path, ident, ctx.reuse)
     if record is not None:
         return record
@@ -212,7 +219,8 @@ def job_teacher_rows(ctx: Context, plan: DataPlan, teacher: str) -> dict:
     rows = []
     for nfe in TEACHER_NFE:
         s = scorer(den, teacher_recipe(nfe), ctx.device)
-        rows.append(dict(nfe=nfe, sampler=teacher_recipe(nfe), value=s["distance"], detail=s["detail"]))
+        rows.append(dict(nfe=nfe, sampler=teacher_recipe(nfe), value=s["distance"], detail=s["detail"],
+                         spread=s.get("spread")))
         ctx.log(f"converged {plan.name}: teacher {nfe} NFE: {s['distance']:.4g} ({s['detail']})")
     picture = _picture(ctx, plan, den, teacher_recipe(35), "teacher")
     return _save(path, dict(ident=ident, rows=rows, floor=s["floor"], picture=picture))
@@ -237,7 +245,7 @@ def job_student(ctx: Context, plan: DataPlan, method: str, teacher: str) -> dict
                        eval_n=plan.n_eval)
     path = run_dir / "bench-student.json"
     run = distill(ctx, method, teacher, run_dir, sp.kimg, sp.batch, options)
-    ident = dict(command=run["command"], teacher_id=run["teacher_id"], n=plan.n_eval)
+    ident = dict(command=run["command"], teacher_id=run["teacher_id"], **_final_ident(plan))
     record = _cached(path, ident, ctx.reuse)
     if record is not None:
         return record
@@ -245,22 +253,25 @@ def job_student(ctx: Context, plan: DataPlan, method: str, teacher: str) -> dict
     model, recipe, _ = _load(run["snapshots"]["model"])
     last = scorer(model, recipe, ctx.device)
     best = dict(value=None, kimg=None, detail="", snapshot=None)
-    if plan.kind == "ring":        # the curve: every snapshot scored here
+    chosen = None                  # the best snapshot, chosen by the curve (seeds 0..n_eval-1)
+    if plan.kind == "ring":        # the curve: every snapshot scored here, as the image runs' during training
         curve, snaps = [], {}
+        curve_scorer = _scorer(ctx, plan, final=False)
         for snap in sorted(run_dir.glob("snapshot-kimg*")):
             den, rec, meta = _load(str(snap))
-            s = scorer(den, rec, ctx.device)
-            curve.append((float(meta["kimg"]), s["distance"]))
-            snaps[curve[-1]] = dict(value=s["distance"], kimg=float(meta["kimg"]), detail=s["detail"],
-                                    snapshot=str(snap))
+            curve.append((float(meta["kimg"]), curve_scorer(den, rec, ctx.device)["distance"]))
+            snaps[curve[-1]] = (str(snap), float(meta["kimg"]))
         if curve and method != "pd":
-            best = snaps[min(curve, key=lambda p: p[1])]
+            chosen = snaps[min(curve, key=lambda p: p[1])]
     else:
         curve = _eval_curve(run_dir)
         if (run_dir / "best" / "model.json").is_file() and method != "pd":
-            den, rec, meta = _load(str(run_dir / "best"))
-            s = scorer(den, rec, ctx.device)
-            best = dict(value=s["distance"], kimg=meta.get("kimg"), detail=s["detail"], snapshot=str(run_dir / "best"))
+            chosen = (str(run_dir / "best"), _load(str(run_dir / "best"))[2].get("kimg"))
+    if chosen is not None:         # ... and scored on the reported values' own samples
+        den, rec, _ = _load(chosen[0])
+        s = scorer(den, rec, ctx.device)
+        best = dict(value=s["distance"], kimg=chosen[1], detail=s["detail"], snapshot=chosen[0],
+                    spread=s.get("spread"))
     headline = "best" if method in GAN_LIKE and best["value"] is not None else "last"
     chosen = (model, recipe) if headline == "last" else _load(best["snapshot"])[:2]
     # the same student at 2 and 4 steps where the method has them (PD's rounds, CD's multistep sampling)
@@ -274,9 +285,9 @@ def job_student(ctx: Context, plan: DataPlan, method: str, teacher: str) -> dict
         more.append(dict(steps=steps, label=label, value=scorer(net, rec, ctx.device)["distance"]))
     picture = _picture(ctx, plan, *chosen, method)
     ctx.log(f"converged {plan.name}: {method}: last {last['distance']:.4g}, best {best['value']}")
-    return _save(path, dict(ident=ident, method=method, plan=asdict(sp), last=dict(value=last["distance"],
-                            detail=last["detail"]), best=best, headline=headline, curve=curve, picture=picture,
-                            more=more,
+    return _save(path, dict(ident=ident, method=method, plan=asdict(sp),
+                            last=dict(value=last["distance"], detail=last["detail"], spread=last.get("spread")),
+                            best=best, headline=headline, curve=curve, picture=picture, more=more,
                             **{k: v for k, v in run.items() if k not in ("snapshots",)}))
 
 
@@ -301,14 +312,22 @@ def _eval_curve(run_dir: Path) -> list[tuple[float, float]]:
     return out
 
 
-def _scorer(ctx: Context, plan: DataPlan):
+def _final_ident(plan: DataPlan) -> dict:
+    """What the reported values' measurement depends on beyond the model (part of a job record's identity)."""
+    return dict(n=plan.n_final, seed=FINAL_SEED, curve_n=plan.n_eval)
+
+
+def _scorer(ctx: Context, plan: DataPlan, final: bool = True):
+    """The reported values' scorer (n_final samples from FINAL_SEED; images: with the FIDs of its n_eval-sample
+    parts), or with final=False the curves' (n_eval samples from seed 0, as the in-training evaluation)."""
     from .quality import ImageScorer, ToyScorer
 
+    n, seed = (plan.n_final, FINAL_SEED) if final else (plan.n_eval, 0)
     if plan.kind == "ring":
-        return ToyScorer(plan.n_eval)
+        return ToyScorer(n, seed=seed)
     # the reference statistics that the in-training evaluation uses (`diffdistill ref-stats`, job_prepare)
-    return ImageScorer(plan.features, plan.data, plan.n_eval, ctx.device,
-                       ref_file=str(ctx.work / f"{plan.name}-ref.npz"))
+    return ImageScorer(plan.features, plan.data, n, ctx.device, ref_file=str(ctx.work / f"{plan.name}-ref.npz"),
+                       seed=seed, splits=max(1, n // plan.n_eval) if final else 1)
 
 
 def _picture(ctx: Context, plan: DataPlan, den, recipe: dict, label: str) -> str:
@@ -448,7 +467,7 @@ def run(ctx: Context) -> dict:
                 t_nfe[r["nfe"]] = r["value"]
                 rec = teacher_recipe(r["nfe"])
                 rows.append(["teacher", f"{rec['sampler']} {rec['steps']}", r["nfe"], fmt(r["value"]), "", "",
-                             r["detail"], fmt(teacher.get("kimg")) if teacher else "–",
+                             _detail(r["detail"], r.get("spread"), plan), fmt(teacher.get("kimg")) if teacher else "–",
                              fmt(teacher.get("wall_s")) if teacher else "–", "–", "–"])
             hlines = {"teacher 35 NFE": t_nfe.get(35), "teacher 4 NFE": t_nfe.get(4)}
             if trow.get("floor") is not None:
@@ -468,17 +487,20 @@ def run(ctx: Context) -> dict:
             one_step[method] = value
             curves[method] = [tuple(p) for p in r["curve"]]
             sampler = "onestep" if method != "pd" else "euler 1 (last round)"
-            best = r["best"]
+            best, shown = r["best"], r[r["headline"]]
             rows.append([method, sampler, 1, fmt(r["last"]["value"]),
                          "–" if best["value"] is None else f"{fmt(best['value'])} ({fmt(best['kimg'])})",
-                         f"{fmt(value)} ({r['headline']})", r[r["headline"]].get("detail") or r["last"]["detail"],
+                         f"{fmt(value)}{_pm(shown.get('spread'))} ({r['headline']})",
+                         _detail(shown.get("detail") or r["last"]["detail"], shown.get("spread"), plan),
                          fmt(r["kimg"]), fmt(r["wall_s"]), fmt(r["teacher_images"]),
                          fmt(r["student_updates"] * r["plan"]["batch"])])
             for m in r.get("more", []):
                 rows.append([method, m["label"], m["steps"], fmt(m["value"]), "", fmt(m["value"]), "", "", "", "",
                              ""])
             records.append(dict(dataset=plan.name, method=method, value=value, headline=r["headline"],
-                                last=r["last"]["value"], best=best, kimg=r["kimg"], wall_s=r["wall_s"],
+                                spread=shown.get("spread"), error=_error(shown.get("spread")),
+                                last=r["last"]["value"], best=best, kimg=r["kimg"],
+                                wall_s=r["wall_s"],
                                 teacher_images=r["teacher_images"], student_images=r["student_updates"] *
                                 r["plan"]["batch"], command=r["command"]))
         figure = _figure(ctx, plan, curves, hlines, unit)
@@ -532,12 +554,15 @@ def _note(plan: DataPlan, teacher: dict | None) -> str:
     where = ("Teacher: the exact analytic denoiser (no training). " if plan.kind == "ring" else
              f"Teacher: `diffdistill train-teacher --data {plan.data} {' '.join(settings_argv(plan.teacher))}` "
              f"({fmt(teacher.get('kimg')) if teacher else '?'} kimg). ")
-    quality = (f"Quality: sliced W2 of {plan.n_eval:,} samples to exact samples, every {fmt(plan.eval_kimg)} kimg "
-               "(snapshots)" if plan.kind == "ring" else
-               f"Quality: FID of {plan.n_eval:,} samples in the features of {_features_name(plan.features)} "
-               "(not Inception) "
-               f"against the whole data set, measured during training every {fmt(plan.eval_kimg)} kimg "
-               "(`--metrics fid`)")
+    quality = (f"Quality: sliced W2 to exact samples; the curve: {plan.n_eval:,} samples (seeds from 0) of the "
+               f"snapshots every {fmt(plan.eval_kimg)} kimg" if plan.kind == "ring" else
+               f"Quality: FID in the features of {_features_name(plan.features)} (not Inception) against the whole "
+               f"data set; the curve: {plan.n_eval:,} samples (seeds from 0) measured during training every "
+               f"{fmt(plan.eval_kimg)} kimg (`--metrics fid`)")
+    quality += (f"; every value in the table: {plan.n_final:,} other samples (seeds from {FINAL_SEED:,}), so that "
+                "the best snapshot is not scored on the samples that chose it"
+                + ("" if plan.kind == "ring" else f"; 'parts': the FIDs of {plan.n_final // plan.n_eval} disjoint "
+                   f"{plan.n_eval:,}-sample parts of them, how much a curve's point varies with its samples"))
     recipe = ("`diffdistill distill METHOD --recipe converged` (the short-run settings at the converged budgets, "
               "with the recipe's own settings where it has them, `methods/recipes.py` CONVERGED"
               if plan.students == _converged(plan.kind) else
@@ -547,6 +572,36 @@ def _note(plan: DataPlan, teacher: dict | None) -> str:
             "the snapshot with the best value during training; 'reported': best for the GAN-like methods (GDD, "
             "DMD2, as their papers select), last for the others. Teacher evals = images through the teacher "
             "(KD: its pairs; GDD: none); student updates = optimiser steps of the exported network x batch.")
+
+
+def _error(spread: list | None) -> float | None:
+    """The standard error of an FID of all the parts' samples, estimated from the parts' FIDs: their standard
+    deviation / sqrt(parts) (an FID's fluctuation falls about as 1 / sqrt(samples))."""
+    if not spread or len(spread) < 2:
+        return None
+    return statistics.stdev(spread) / math.sqrt(len(spread))
+
+
+def _paired_error(a: list | None, b: list | None) -> float | None:
+    """The standard error of the difference of two FIDs measured on the same seeds, from their parts' FIDs
+    (part i of both on the same seeds): the standard deviation of the parts' differences / sqrt(parts). The
+    same seeds make the two models' errors move together, so this is smaller than their errors combined."""
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        return None
+    return statistics.stdev([x - y for x, y in zip(a, b)]) / math.sqrt(len(a))
+
+
+def _pm(spread: list | None) -> str:
+    error = _error(spread)
+    return "" if error is None else f" ± {error:.2g}"
+
+
+def _detail(detail: str, spread: list | None, plan: DataPlan) -> str:
+    """A row's detail, with the range of the FIDs of its samples' n_eval-sample parts where measured."""
+    if not spread:
+        return detail
+    part = f"{len(spread)} parts of {plan.n_final // len(spread):,}: {min(spread):.3g}-{max(spread):.3g}"
+    return f"{detail}; {part}" if detail else part
 
 
 def _features_name(spec: str) -> str:
@@ -597,14 +652,26 @@ def _goals(plan: DataPlan, t_nfe: dict, one_step: dict, records: list, teacher: 
         out.append(goal(f"{plan.name}: every one-step student below the teacher's 4-NFE FID", not above,
                         f"worst {max(valid, key=valid.get)} {max(valid.values()):.4g} vs teacher 4 NFE {t4:.4g}",
                         f"not below: {', '.join(above)}" if above else ""))
-    regress = [valid[m] for m in ("kd", "pd") if m in valid]
+    regress = [m for m in ("kd", "pd") if m in valid]
     if regress:
-        losers = [m for m in ("gdd", "sid", "dmd2", "di") if m in valid and valid[m] >= min(regress)]
-        out.append(goal(f"{plan.name}: GDD, SiD, DMD2 and DI one-step each below KD's and PD's",
-                        not losers, ", ".join(f"{m} {valid[m]:.3g}" for m in ("gdd", "sid", "dmd2", "di", "kd", "pd")
-                                              if m in valid),
-                        f"not below: {', '.join(losers)}; {WHY.get((plan.name, 'ranking'), '')}".rstrip("; ")
-                        if losers else ""))
+        first = min(regress, key=valid.get)
+        mine = {r["method"]: r for r in records if r["dataset"] == plan.name}
+
+        def text(m):
+            error = mine.get(m, {}).get("error")
+            return f"{m} {valid[m]:.3g}" + (f" ± {error:.1g}" if error else "")
+
+        def close(m):    # nearer to the best regression student than twice the error of their difference
+            error = _paired_error(mine.get(m, {}).get("spread"), mine.get(first, {}).get("spread"))
+            return error is not None and abs(valid[m] - valid[first]) < 2 * error
+        losers = [m for m in ("gdd", "sid", "dmd2", "di") if m in valid and valid[m] >= valid[first]]
+        ties = [m for m in ("gdd", "sid", "dmd2", "di") if m in valid and close(m)]
+        why = f"not below: {', '.join(losers)}; {WHY.get((plan.name, 'ranking'), '')}".rstrip("; ") if losers else ""
+        if ties:
+            why = (why + "; " if why else "") + (f"within twice the estimated error of the difference from "
+                                                  f"{first}: {', '.join(ties)}")
+        out.append(goal(f"{plan.name}: GDD, SiD, DMD2 and DI one-step each below KD's and PD's", not losers,
+                        ", ".join(text(m) for m in ("gdd", "sid", "dmd2", "di", "kd", "pd") if m in valid), why))
     if teacher and teacher.get("kimg"):
         rec = next(r for r in records if r["dataset"] == plan.name and r["method"] == best_m)
         kimg_at = rec["best"]["kimg"] if rec["headline"] == "best" and rec["best"]["kimg"] else rec["kimg"]

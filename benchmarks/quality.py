@@ -170,8 +170,10 @@ def student_recipes(method: str, run: dict, den, sampling: dict) -> list[tuple[i
     return out
 
 
-def samples_of(den, recipe: dict, n: int, device: str, clamp: bool) -> torch.Tensor:
-    return torch.cat([x.cpu() for x in sample_batches(den, range(n), recipe, device=device, batch=1024, clamp=clamp)])
+def samples_of(den, recipe: dict, n: int, device: str, clamp: bool, seed: int = 0) -> torch.Tensor:
+    """n samples of seeds seed..seed+n-1."""
+    return torch.cat([x.cpu() for x in sample_batches(den, range(seed, seed + n), recipe, device=device, batch=1024,
+                                                      clamp=clamp)])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,15 +184,16 @@ class ToyScorer:
     unit = "sliced W2"
     floor_label = ("exact samples (noise floor)", "two independent exact sets")
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, seed: int = 0):
+        """n samples of seeds seed..seed+n-1."""
         from diffdistill.teachers import load_analytic
 
-        self.gmm, self.n = load_analytic("toy:ring8"), n
+        self.gmm, self.n, self.seed = load_analytic("toy:ring8"), n, seed
 
     def __call__(self, den, recipe, device) -> dict:
         from diffdistill.metrics.toy import toy_metrics
 
-        m = toy_metrics(self.gmm, samples_of(den, recipe, self.n, device, clamp=False))
+        m = toy_metrics(self.gmm, samples_of(den, recipe, self.n, device, clamp=False, seed=self.seed))
         return dict(distance=m["sliced_w2"], floor=m["sliced_w2_noise_floor"],
                     detail=f"{m['modes_covered']}/{m['num_modes']} modes, share err {m['mode_share_max_error']:.3f}, "
                            f"{100 * m['within_3std']:.0f}% within 3 std")
@@ -199,12 +202,14 @@ class ToyScorer:
 class ImageScorer:
     """FID of `n` samples against reference features of the data. With `held_out`, a seeded random split of the
     data gives the reference (up to `n_ref` images) and, disjoint from it, `n` real images whose FID is the
-    noise floor of n-sample FIDs; without, the reference is every image (n_ref None) or the first n_ref."""
+    noise floor of n-sample FIDs; without, the reference is every image (n_ref None) or the first n_ref.
+    Samples use seeds seed..seed+n-1; with `splits` > 1 the result also holds `spread`, the FIDs of `splits`
+    disjoint equal parts of those samples (how much an FID of n / splits samples varies with its seeds)."""
 
     unit = "FID (classifier features)"
 
     def __init__(self, feature_spec: str, data_spec: str, n: int, device: str, n_ref: int | None = None,
-                 held_out: bool = False, ref_file: str | None = None):
+                 held_out: bool = False, ref_file: str | None = None, seed: int = 0, splits: int = 1):
         from torch.utils.data import Subset
 
         from diffdistill.metrics.features import compute_features, dataset_batches, load_feature_net
@@ -212,7 +217,9 @@ class ImageScorer:
         from diffdistill.metrics.protocol import open_images, reference_from_data, reference_from_features
 
         self.net = load_feature_net(feature_spec, device=device)
-        self.n, self.floor = n, None
+        self.n, self.floor, self.seed, self.splits = n, None, seed, splits
+        if splits < 1 or n // splits < 2:
+            raise DiffdistillError(f"{n} samples cannot make {splits} parts of at least 2")
         if ref_file is not None:      # a `diffdistill ref-stats` file of the data in these features
             from diffdistill.metrics.protocol import reference_from_file
 
@@ -240,16 +247,22 @@ class ImageScorer:
     def __call__(self, den, recipe, device) -> dict:
         from diffdistill.metrics.features import compute_features
 
-        batches = sample_batches(den, range(self.n), recipe, device=device, batch=512, clamp=True)
+        seeds = range(self.seed, self.seed + self.n)
+        batches = sample_batches(den, seeds, recipe, device=device, batch=512, clamp=True)
         feats, logits = compute_features(self.net, batches, gather=False)
         detail = ""
         if logits is not None and den.label_dim:
-            labels = np.arange(self.n) % den.label_dim
+            labels = np.asarray(seeds) % den.label_dim
             detail = f"class accuracy {100 * float((logits.argmax(1) == labels).mean()):.0f}%"
         from diffdistill.metrics.fid import feature_stats, fid_from_stats
 
         ref = (self.ref.mu, self.ref.sigma) if self.ref.features is None else feature_stats(self.ref.features)
-        return dict(distance=fid_from_stats(feature_stats(feats), ref), floor=self.floor, detail=detail)
+        out = dict(distance=fid_from_stats(feature_stats(feats), ref), floor=self.floor, detail=detail)
+        if self.splits > 1:
+            part = self.n // self.splits
+            out["spread"] = [fid_from_stats(feature_stats(feats[i * part:(i + 1) * part]), ref)
+                             for i in range(self.splits)]
+        return out
 
 
 # --------------------------------------------------------------------------------------------------

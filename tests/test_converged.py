@@ -40,8 +40,12 @@ def test_goals_of_an_image_data_set():
     plan = converged.DataPlan("digits", "t", "digits", "image", students=converged._students(10, 64, 8))
     t_nfe = {4: 20.0, 35: 3.0}
     one_step = dict(kd=5.0, pd=6.0, gdd=2.5, di=4.0, sid=4.5, dmd2=7.0, cd=25.0)
+    # FIDs of the parts (the same seeds for every model): sid - kd per part 0.1, -1.9, 0.1, an error of the
+    # difference of 0.67, so 4.5 vs 5 is within twice it; di - kd -0.9, -1.1, -1.0, an error of 0.06: outside
+    parts = dict(kd=[5.0, 6.0, 4.0], sid=[5.1, 4.1, 4.1], di=[4.1, 4.9, 3.0])
     records = [dict(dataset="digits", method=m, headline="best" if m == "gdd" else "last", kimg=100.0,
-                    best=dict(kimg=50.0), teacher_images=0, student_images=100_000) for m in one_step]
+                    best=dict(kimg=50.0), teacher_images=0, student_images=100_000, spread=parts.get(m),
+                    error=converged._error(parts.get(m))) for m in one_step]
     goals = {g["goal"].split(": ", 1)[1]: g for g in converged._goals(plan, t_nfe, one_step, records,
                                                                         dict(kimg=1000.0))}
     assert goals["best one-step student at or below the teacher's 35-NFE FID"]["met"] is True
@@ -49,6 +53,12 @@ def test_goals_of_an_image_data_set():
     assert below4["met"] is False and below4["why"] == "not below: cd"
     ranking = goals["GDD, SiD, DMD2 and DI one-step each below KD's and PD's"]
     assert ranking["met"] is False and ranking["why"].startswith("not below: dmd2;")    # 7 >= min(kd 5, pd 6)
+    assert ranking["why"].endswith("within twice the estimated error of the difference from kd: sid")
+    assert "sid 4.5 ± 0.3" in ranking["value"] and "gdd 2.5," in ranking["value"]
+    # the error of an FID from its parts' FIDs: their standard deviation / sqrt(parts)
+    assert abs(converged._error([1.0, 2.0, 3.0]) - 1 / 3 ** 0.5) < 1e-12 and converged._error(None) is None
+    # ... and of a difference: the parts' differences [0.1, -1.9, 0.1] have standard deviation 2 / sqrt(3)
+    assert abs(converged._paired_error(parts["sid"], parts["kd"]) - 2 / 3 ** 0.5 / 3 ** 0.5) < 1e-12
     # GDD's reported snapshot is its best, at 50 of 100 kimg: half of its 100k student images = 5% of 1 Mimg
     compute = goals["distillation compute of the best student at most 25% of the teacher's training images"]
     assert compute["met"] is True and "gdd: 50 kimg" in compute["value"] and "(5%)" in compute["value"]
@@ -81,14 +91,27 @@ def test_line_chart_draws_curves_reference_lines_and_linear_ticks():
 
 
 def test_one_ring_student_job(tmp_path):
-    """A real (tiny) DI student on the ring: the run, its snapshot curve, the best snapshot, the picture."""
+    """A real (tiny) DI student on the ring: the run, its snapshot curve, the best snapshot chosen by the curve and
+    scored on other samples, the picture."""
+    from benchmarks.quality import ToyScorer, _load
+
     ctx = Context(jobs=1, work=tmp_path / "work", results=tmp_path / "results" / "r", log=lambda m: None)
-    plan = converged.DataPlan("ring", "t", "toy:ring8", "ring", n_eval=500, eval_kimg=2,
+    plan = converged.DataPlan("ring", "t", "toy:ring8", "ring", n_eval=500, n_final=700, eval_kimg=2,
                               students={"di": converged.StudentPlan(4, 256)})
     r = converged.job_student(ctx, plan, "di", "toy:ring8")
     assert [k for k, _ in r["curve"]] == [2.048, 4.096]              # a snapshot every 2 kimg (8 steps of 256)
-    assert r["last"]["value"] == r["curve"][-1][1]                   # the final snapshot is the exported model
-    assert r["best"]["value"] == min(v for _, v in r["curve"]) and r["headline"] == "last"
+    run = tmp_path / "work" / "ring-di"
+
+    def score(snapshot, n, seed):
+        den, recipe, _ = _load(str(snapshot))
+        return ToyScorer(n, seed=seed)(den, recipe, "cpu")["distance"]
+    snaps = sorted(run.glob("snapshot-kimg*"))
+    # the curve: n_eval samples from seed 0; the reported values: n_final samples from FINAL_SEED
+    assert [v for _, v in r["curve"]] == [score(s, 500, 0) for s in snaps]
+    assert r["last"]["value"] == score(run / "model", 700, converged.FINAL_SEED) != r["curve"][-1][1]
+    pick = min(range(2), key=lambda i: r["curve"][i][1])
+    assert r["best"]["kimg"] == r["curve"][pick][0] and r["best"]["snapshot"] == str(snaps[pick])
+    assert r["best"]["value"] == score(snaps[pick], 700, converged.FINAL_SEED) and r["headline"] == "last"
     assert (tmp_path / r["picture"]).is_file() and r["student_updates"] == 16
     # a second call reuses the finished job (same command, same teacher)
     stamp = (tmp_path / "work" / "ring-di" / "bench-student.json").stat().st_mtime_ns
@@ -174,3 +197,24 @@ def test_the_api_runs_are_the_runs_of_their_recorded_commands(tmp_path):
             for name in files:
                 a, c = (load_file(p / snap / name) for p in (api, cli))
                 assert a.keys() == c.keys() and all(torch.equal(v, c[k]) for k, v in a.items()), (api.name, name)
+
+
+def test_image_scorer_seeds_and_parts(tmp_path):
+    """The reported values' scorer: samples from its first seed, and the FIDs of its disjoint parts, each the FID
+    of a scorer of that part's seeds alone."""
+    import torch
+
+    from benchmarks.quality import ImageScorer
+    from diffdistill.diffusion.denoiser import Precond
+    from diffdistill.networks.unet import unet_preset
+
+    torch.manual_seed(0)
+    den = Precond(unet_preset("tiny", 8, 1, label_dim=10), (1, 8, 8), 10).eval()
+    recipe = dict(sampler="euler", steps=2)
+    whole = ImageScorer("digits", "digits", 300, "cpu", n_ref=400, seed=50, splits=3)(den, recipe, "cpu")
+    parts = [ImageScorer("digits", "digits", 100, "cpu", n_ref=400, seed=50 + 100 * i)(den, recipe, "cpu")
+             for i in range(3)]
+    assert len(whole["spread"]) == 3 and len({round(v, 6) for v in whole["spread"]}) == 3
+    for got, part in zip(whole["spread"], parts):
+        assert abs(got - part["distance"]) <= 1e-6 * part["distance"]
+    assert "spread" not in parts[0] and whole["distance"] not in whole["spread"]
