@@ -237,6 +237,8 @@ def job_student(ctx: Context, plan: DataPlan, method: str, teacher: str) -> dict
     options = {**method_options(method, plan.data, plan.kd_pairs, pd_steps=None), **sp.options,
                **short_run_settings(method, plan.kind, sp.kimg, sp.batch)}
     options.update(sp.options)          # the plan's own settings win (the converged GDD's on images), in place
+    if options.get("gan_weight"):       # DMD2's GAN term (its converged recipe on images) trains on real data
+        options.setdefault("data", plan.data)
     if plan.kind == "ring":
         options.update(snapshot_kimg=plan.eval_kimg, grid_kimg=0)
     else:
