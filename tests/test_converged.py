@@ -54,7 +54,7 @@ def test_goals_of_an_image_data_set():
     ranking = goals["GDD, SiD, DMD2 and DI one-step each below KD's and PD's"]
     assert ranking["met"] is False and ranking["why"].startswith("not below: dmd2;")    # 7 >= min(kd 5, pd 6)
     assert ranking["why"].endswith("within twice the estimated error of the difference from kd: sid")
-    assert "sid 4.5 ± 0.3" in ranking["value"] and "gdd 2.5," in ranking["value"]
+    assert "sid 4.5 ± 0.33" in ranking["value"] and "gdd 2.5," in ranking["value"]
     # the error of an FID from its parts' FIDs: their standard deviation / sqrt(parts)
     assert abs(converged._error([1.0, 2.0, 3.0]) - 1 / 3 ** 0.5) < 1e-12 and converged._error(None) is None
     # ... and of a difference: the parts' differences [0.1, -1.9, 0.1] have standard deviation 2 / sqrt(3)
