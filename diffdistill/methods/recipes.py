@@ -23,7 +23,8 @@ LIBRARY = {
              "(diffdistill.methods.recipes; the demo and benchmarks use them)",
     "converged": "the budget (--kimg, --batch) and settings at which the method's one-step student stopped "
                  "improving on the ring, sklearn digits or MNIST-16 (BENCHMARKS.md section 4); your --kimg/--batch "
-                 "win, the short-run settings stay those of the recipe's budget",
+                 "win, the short-run settings stay those of the recipe's budget; DMD2's on image teachers trains "
+                 "its GAN term on --data",
 }
 LOOP_FLAGS = {"total_kimg": "--kimg", "batch": "--batch", "ema_halflife_kimg": "--ema"}
 
@@ -43,7 +44,7 @@ LOOP_FLAGS = {"total_kimg": "--kimg", "batch": "--batch", "ema_halflife_kimg": "
 # of 10,000 samples; the short-run settings, generator at sigma 80, beta1 0.9, no GAN: 4.21): beta1 0 with the
 # generator at 2.5: 2.25; the same with the GAN at 0.5: best 1.75 (at 70 kimg), last 2.18; GAN weights 0.05 / 0.5
 # at beta1 0.9 (best 2.61 for 0.5) and 2 at beta1 0 are worse, as are --gen-every 1, --lr 5e-5 and
-# --dm-range 0.3 0.98; 240 kimg are no better than 120.
+# --dm-range 0.3 0.98; a 240-kimg run was no better up to 170 kimg, where it was stopped.
 _PD_STEPS = dict(start_steps=64, end_steps=1)
 _GDD_IMAGE = dict(total_kimg=100, batch=64, gen_lr=2e-4, disc_lr=4e-4, ema_halflife_kimg=6.0)
 _DMD2_IMAGE = dict(total_kimg=120, batch=64, gen_sigmas=[2.5], betas=(0.0, 0.999), gan_weight=0.5, cls_weight=0.1)
