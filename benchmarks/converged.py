@@ -257,7 +257,7 @@ def job_student(ctx: Context, plan: DataPlan, method: str, teacher: str) -> dict
     model, recipe, _ = _load(run["snapshots"]["model"])
     last = scorer(model, recipe, ctx.device)
     best = dict(value=None, kimg=None, detail="", snapshot=None)
-    chosen = None                  # the best snapshot, chosen by the curve (seeds 0..n_eval-1)
+    pick = None                    # the best snapshot (path, kimg), chosen by the curve (seeds 0..n_eval-1)
     if plan.kind == "ring":        # the curve: every snapshot scored here, as the image runs' during training
         curve, snaps = [], {}
         curve_scorer = _scorer(ctx, plan, final=False)
@@ -266,15 +266,15 @@ def job_student(ctx: Context, plan: DataPlan, method: str, teacher: str) -> dict
             curve.append((float(meta["kimg"]), curve_scorer(den, rec, ctx.device)["distance"]))
             snaps[curve[-1]] = (str(snap), float(meta["kimg"]))
         if curve and method != "pd":
-            chosen = snaps[min(curve, key=lambda p: p[1])]
+            pick = snaps[min(curve, key=lambda p: p[1])]
     else:
         curve = _eval_curve(run_dir)
         if (run_dir / "best" / "model.json").is_file() and method != "pd":
-            chosen = (str(run_dir / "best"), _load(str(run_dir / "best"))[2].get("kimg"))
-    if chosen is not None:         # ... and scored on the reported values' own samples
-        den, rec, _ = _load(chosen[0])
+            pick = (str(run_dir / "best"), _load(str(run_dir / "best"))[2].get("kimg"))
+    if pick is not None:           # ... and scored on the reported values' own samples
+        den, rec, _ = _load(pick[0])
         s = scorer(den, rec, ctx.device)
-        best = dict(value=s["distance"], kimg=chosen[1], detail=s["detail"], snapshot=chosen[0],
+        best = dict(value=s["distance"], kimg=pick[1], detail=s["detail"], snapshot=pick[0],
                     spread=s.get("spread"))
     headline = "best" if method in GAN_LIKE and best["value"] is not None else "last"
     chosen = (model, recipe) if headline == "last" else _load(best["snapshot"])[:2]

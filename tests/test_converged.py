@@ -199,7 +199,7 @@ def test_the_api_runs_are_the_runs_of_their_recorded_commands(tmp_path):
                 assert a.keys() == c.keys() and all(torch.equal(v, c[k]) for k, v in a.items()), (api.name, name)
 
 
-def test_image_scorer_seeds_and_parts(tmp_path):
+def test_image_scorer_seeds_and_parts():
     """The reported values' scorer: samples from its first seed, and the FIDs of its disjoint parts, each the FID
     of a scorer of that part's seeds alone."""
     import torch
