@@ -51,10 +51,14 @@ _DMD2_IMAGE = dict(total_kimg=120, batch=64, gen_sigmas=[2.5], betas=(0.0, 0.999
 # DI on the ring: an eighth of the short-run learning rates (2.5e-4 for both networks). The sliced W2 of 50,000
 # samples at 2,000 kimg: 2e-3 0.0326 (0.031-0.040 between snapshots), 5e-4 0.0313, 2.5e-4 0.0268 (0.022-0.027
 # from 1,000 kimg on).
+# SiD on the ring: a 200-kimg EMA (a tenth of the run, as DI's and GDD's ring EMAs) instead of 50: its generator
+# swings between snapshots (0.031-0.058 every 200 kimg), the longer EMA ends at 0.0263 instead of 0.0467. Half or a
+# quarter of its learning rates: 0.0321 and 0.0352.
 _DI_RING = dict(gen_lr=2.5e-4, fake_lr=2.5e-4)
+_SID_RING = dict(ema_halflife_kimg=200.0)
 CONVERGED: dict[str, dict[str, dict]] = {
     "ring": {m: dict(total_kimg=400 if m == "gdd" else 2000, batch=256, **(_PD_STEPS if m == "pd" else {}),
-                     **(_DI_RING if m == "di" else {}))
+                     **{"di": _DI_RING, "sid": _SID_RING}.get(m, {}))
              for m in ("kd", "pd", "di", "gdd", "cd", "dmd2", "sid")},
     "image": {m: {"gdd": _GDD_IMAGE, "dmd2": _DMD2_IMAGE}.get(m) or dict(total_kimg=120, batch=64,
                                                                         **(_PD_STEPS if m == "pd" else {}))
