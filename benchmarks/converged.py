@@ -616,13 +616,13 @@ def _features_name(spec: str) -> str:
 # What holds back a goal not met, as measured when the recipes were chosen (2026-12-03, CPU): shown beside the goal
 # only while it is not met.
 WHY = {
-    ("ring", "teacher"): "measured (sliced W2 of 50,000 samples): SiD's generator swings between snapshots "
-                         "(0.031-0.058 every 200 kimg; at half or a quarter of its learning rates it ends at 0.0321 "
-                         "and 0.0352); DMD2 with Adam beta1 0 ends at 0.0339 (0.0315 at a quarter of its learning "
-                         "rate); GDD is best at 200 of 400 kimg and at half or 0.3x its learning rates does not learn "
-                         "the ring in 400 kimg (0.62-0.65); at 10,000 samples (the earlier record) the teacher's own "
-                         "value moved from 0.0227 to 0.0287 with the seeds, near two exact sets' 0.0229, and this "
-                         "goal looked met",
+    ("ring", "teacher"): "measured (sliced W2 of 50,000 samples): DMD2 ends at 0.0315-0.0339 with Adam beta1 0, a "
+                         "quarter of its learning rate or a 200-kimg EMA, at the bound's noise; GDD is best at "
+                         "200-400 kimg (0.0355 at twice its learning rates, 0.037-0.038 with a 100-kimg EMA or R1 "
+                         "gamma 1, 0.047 at 800 kimg) and at half or 0.3x its learning rates does not learn the ring "
+                         "in 400 kimg (0.62-0.65); at 10,000 samples (the earlier record) the teacher's own value "
+                         "moved from 0.0227 to 0.0287 with the seeds, near two exact sets' 0.0229, and this goal "
+                         "looked met",
     ("digits", "teacher"): "measured (FID of 10,000 samples): KD and every distribution-matching student lie at "
                            "1.35-1.75, between the teacher's Euler 18 (2.58) and Heun 35 (0.49); the teacher does not "
                            "memorise (median distance of its samples to the nearest training digit 2.04 vs 2.02 "
