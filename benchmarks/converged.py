@@ -578,21 +578,24 @@ def _note(plan: DataPlan, teacher: dict | None) -> str:
             "(KD: its pairs; GDD: none); student updates = optimiser steps of the exported network x batch.")
 
 
+def _standard_error(values: list) -> float:
+    """The standard error of the mean of equal parts' values: their standard deviation / sqrt(parts)."""
+    return statistics.stdev(values) / math.sqrt(len(values))
+
+
 def _error(spread: list | None) -> float | None:
-    """The standard error of an FID of all the parts' samples, estimated from the parts' FIDs: their standard
-    deviation / sqrt(parts) (an FID's fluctuation falls about as 1 / sqrt(samples))."""
-    if not spread or len(spread) < 2:
-        return None
-    return statistics.stdev(spread) / math.sqrt(len(spread))
+    """The standard error of an FID of all the parts' samples, estimated from the parts' FIDs (an FID's fluctuation
+    falls about as 1 / sqrt(samples))."""
+    return _standard_error(spread) if spread and len(spread) >= 2 else None
 
 
 def _paired_error(a: list | None, b: list | None) -> float | None:
-    """The standard error of the difference of two FIDs measured on the same seeds, from their parts' FIDs
-    (part i of both on the same seeds): the standard deviation of the parts' differences / sqrt(parts), which
-    counts what the same seeds make the two models' errors share."""
+    """The standard error of the difference of two FIDs measured on the same seeds, from their parts' FIDs (part i
+    of both on the same seeds): that of the parts' differences, which counts what the shared seeds make the two
+    models' errors share."""
     if not a or not b or len(a) != len(b) or len(a) < 2:
         return None
-    return statistics.stdev([x - y for x, y in zip(a, b)]) / math.sqrt(len(a))
+    return _standard_error([x - y for x, y in zip(a, b)])
 
 
 def _pm(spread: list | None) -> str:
