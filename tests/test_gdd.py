@@ -25,6 +25,7 @@ from diffdistill.methods.discriminators import (
     ProjectedDiscriminator,
     TeacherFeatures,
     build_discriminator,
+    diff_augment,
     load_state_dict_file,
     r1_penalty,
 )
@@ -111,6 +112,34 @@ def test_r1_through_teacher_features_is_finite():
     assert torch.isfinite(r1).all() and float(r1.detach().min()) > 0
     # every weight (biases do not change grad_x) of the heads is pushed by R1
     assert all(p.grad is not None for n, p in disc.heads.named_parameters() if n.endswith("weight"))
+
+
+def test_diffaug_is_diffaugment_of_every_input_inside_the_discriminator():
+    """--diffaug: each call of an image discriminator sees diff_augment(x), drawn afresh: under the same RNG state
+    its logits equal those of the same discriminator without augmentation on diff_augment(x); the R1 gradient
+    flows through the augmentation to the un-augmented images (as the official discriminator's forward)."""
+    teacher = tiny_teacher(label_dim=3)
+    x = torch.randn(4, 1, 8, 8)
+    cond = F.one_hot(torch.tensor([0, 1, 2, 0]), 3).float()
+    for kind in ("teacher", "conv"):
+        torch.manual_seed(1)
+        aug = build_discriminator(kind, (1, 8, 8), 3, teacher, diffaug=True)
+        torch.manual_seed(1)
+        plain = build_discriminator(kind, (1, 8, 8), 3, teacher)
+        assert aug.diffaug and not plain.diffaug
+        torch.manual_seed(2)
+        got = aug(x, cond)
+        torch.manual_seed(2)
+        want = plain(diff_augment(x), cond)
+        assert torch.equal(got, want), kind
+        assert not torch.allclose(aug(x, cond), got)                     # a fresh draw per call
+        assert torch.equal(plain(x, cond), plain(x, cond))
+        r1 = r1_penalty(aug, x.clone(), cond)
+        assert torch.isfinite(r1).all() and float(r1.min()) > 0
+    method = gdd.GDD(teacher, gdd.GDDConfig(diffaug=True))
+    assert method.discriminator.diffaug
+    with pytest.raises(DiffdistillError, match="images"):
+        build_discriminator("mlp", (2,), 0, ring8(), diffaug=True)
 
 
 def test_gdd_groups_generator_and_lazy_r1():
@@ -321,14 +350,14 @@ def test_bad_settings_are_usage_errors(capsys, tmp_path):
                        (dict(disc="resnet"), "--disc"), (dict(disc="backbone"), "--disc-backbone"),
                        (dict(disc="backbone", disc_backbone="timm:resnet18"), "--disc-backbone-weights"),
                        (dict(gen_lr=-1e-4), "--gen-lr"), (dict(disc_lr=float("nan")), "--disc-lr"),
-                       (dict(student_dropout=1.0), "--student-dropout")):
+                       (dict(student_dropout=1.0), "--student-dropout"), (dict(diffaug=True), "--diffaug")):
         with pytest.raises(UsageError, match=match):
             gdd.GDDConfig(**bad).resolve(teacher, None)
         with pytest.raises(UsageError, match=match):
             gdd.GDD(teacher, gdd.GDDConfig(**bad))
     for options, fragment in ((["--disc", "backbone", "--disc-backbone", "timm:resnet18"], "--disc-backbone-weights"),
                               (["--loss-samples", "0"], "--loss-samples"), (["--r1-every", "-2"], "--r1-every"),
-                              (["--disc-lr", "-1"], "--disc-lr")):
+                              (["--disc-lr", "-1"], "--disc-lr"), (["--diffaug"], "--diffaug")):
         code, _, err = run_cli(capsys, "distill", "gdd", "--teacher", "toy:ring8", "--data", "toy:ring8", "--out",
                                tmp_path / "run", "--no-progress", *options)
         assert code == 2, (options, err)

@@ -6,14 +6,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from diffdistill.errors import DiffdistillError
+from diffdistill.methods.discriminators import augment_color, augment_cutout, augment_translation, diff_augment
 from diffdistill.methods.projected import (
     EfficientNetLite0,
     VGG16BNFeatures,
-    augment_color,
-    augment_cutout,
-    augment_translation,
     build_projected_discriminator,
-    diff_augment,
     load_backbone,
 )
 

@@ -16,6 +16,10 @@ official loss does per backbone). Without the attribute all K patches are one gr
 - `projected` (`build_discriminator('projected', ...)`): the official GDD discriminator on frozen VGG16-BN and
   EfficientNet-lite0 features, from `diffdistill.methods.projected` (imported only when asked for).
 Class conditioning is by projection (Miyato & Koyama 2018): each patch logit += <embed(y), phi_patch(x)>.
+
+The image discriminators take `diffaug`: DiffAugment (Zhao et al. 2020; GDD's `--diffaug`, policy 'color,
+translation,cutout') of every input, real or generated, drawn afresh per call inside the discriminator, so that the
+R1 gradient flows through it as in the official code.
 """
 
 from __future__ import annotations
@@ -33,6 +37,51 @@ from ..errors import DiffdistillError
 
 def _lrelu(x: Tensor) -> Tensor:
     return F.leaky_relu(x, 0.2)
+
+
+# --------------------------------------------------------------------------------------------------
+# DiffAugment (Zhao et al. 2020), policy 'color,translation,cutout' as in GDD's training/diffaug.py
+
+
+def _rand(x: Tensor) -> Tensor:
+    return torch.rand(x.shape[0], 1, 1, 1, dtype=x.dtype, device=x.device)
+
+
+def augment_color(x: Tensor) -> Tensor:
+    """Per sample: brightness + U(-0.5, 0.5), saturation x U(0, 2), contrast x U(0.5, 1.5) (in that order)."""
+    x = x + (_rand(x) - 0.5)
+    mean = x.mean(1, keepdim=True)
+    x = (x - mean) * (_rand(x) * 2) + mean
+    mean = x.mean((1, 2, 3), keepdim=True)
+    return (x - mean) * (_rand(x) + 0.5) + mean
+
+
+def augment_translation(x: Tensor, ratio: float = 0.125) -> Tensor:
+    """Per sample integer shift (ty, tx), |t| <= round(ratio * size): out[i, j] = x[i + ty, j + tx], 0 outside."""
+    b, c, h, w = x.shape
+    sh, sw = int(h * ratio + 0.5), int(w * ratio + 0.5)
+    rows = torch.arange(h, device=x.device).view(1, h, 1) + torch.randint(-sh, sh + 1, (b, 1, 1), device=x.device)
+    cols = torch.arange(w, device=x.device).view(1, 1, w) + torch.randint(-sw, sw + 1, (b, 1, 1), device=x.device)
+    inside = ((rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)).unsqueeze(1)
+    index = (rows.clamp(0, h - 1) * w + cols.clamp(0, w - 1)).view(b, 1, h * w).expand(-1, c, -1)
+    return x.flatten(2).gather(2, index).view_as(x) * inside.to(x.dtype)
+
+
+def augment_cutout(x: Tensor, ratio: float = 0.2) -> Tensor:
+    """Per sample a zeroed round(ratio * size) square centred uniformly on the image (clipped at the border)."""
+    b, _, h, w = x.shape
+    ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
+    top = torch.randint(0, h + (1 - ch % 2), (b, 1, 1), device=x.device) - ch // 2
+    left = torch.randint(0, w + (1 - cw % 2), (b, 1, 1), device=x.device) - cw // 2
+    r = torch.arange(h, device=x.device).view(1, h, 1)
+    c = torch.arange(w, device=x.device).view(1, 1, w)
+    cut = (r >= top) & (r < top + ch) & (c >= left) & (c < left + cw)
+    return x * (~cut).unsqueeze(1).to(x.dtype)
+
+
+def diff_augment(x: Tensor) -> Tensor:
+    """DiffAugment policy 'color,translation,cutout' on x in [-1, 1] [B, C, H, W]; differentiable in x."""
+    return augment_cutout(augment_translation(augment_color(x)))
 
 
 class MLPDiscriminator(nn.Module):
@@ -59,8 +108,10 @@ class MLPDiscriminator(nn.Module):
 class ConvDiscriminator(nn.Module):
     """Strided 3x3 convolutions halving the resolution down to 4x4 (or less), then a linear logit."""
 
-    def __init__(self, shape, label_dim: int = 0, channels: int = 64, max_channels: int = 256):
+    def __init__(self, shape, label_dim: int = 0, channels: int = 64, max_channels: int = 256,
+                 diffaug: bool = False):
         super().__init__()
+        self.diffaug = bool(diffaug)
         if len(shape) != 3:
             raise DiffdistillError(f"the conv discriminator needs images [C, H, W], got shape {tuple(shape)}")
         c, h, w = shape
@@ -77,7 +128,7 @@ class ConvDiscriminator(nn.Module):
         self.embed = nn.Linear(label_dim, ch, bias=False) if label_dim else None
 
     def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
-        h = x
+        h = diff_augment(x) if self.diffaug else x
         for conv in self.convs:
             h = _lrelu(conv(h))
         h = _lrelu(self.fc(h.flatten(1)))
@@ -272,16 +323,17 @@ class ProjectedDiscriminator(nn.Module):
     """Trainable heads on the feature maps of a frozen feature network; the patch logits of all scales
     concatenated, [B, K] (one feature network: one logit group)."""
 
-    def __init__(self, features: nn.Module, shape, label_dim: int = 0, channels: int = 64):
+    def __init__(self, features: nn.Module, shape, label_dim: int = 0, channels: int = 64, diffaug: bool = False):
         super().__init__()
         self.features = features
+        self.diffaug = bool(diffaug)
         self.label_dim = label_dim
         with torch.no_grad():
             probe = features(torch.zeros(1, *shape), None if not label_dim else torch.zeros(1, label_dim))
         self.heads = nn.ModuleList(_Head(f.shape[1], f.shape[-1], channels, label_dim) for f in probe)
 
     def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
-        feats = self.features(x, cond)
+        feats = self.features(diff_augment(x) if self.diffaug else x, cond)
         return torch.cat([head(f, cond) for head, f in zip(self.heads, feats)], dim=1)
 
 
@@ -291,10 +343,11 @@ KINDS = ("auto", "projected", "teacher", "conv", "mlp", "backbone")
 def build_discriminator(kind: str, shape, label_dim: int = 0, teacher: Denoiser | None = None,
                         channels: int = 64, teacher_sigma: float = 0.5, teacher_noise: bool = False,
                         backbone: str | None = None, backbone_weights: str | None = None,
-                        vgg_weights: str | None = None, effnet_weights: str | None = None) -> nn.Module:
+                        vgg_weights: str | None = None, effnet_weights: str | None = None,
+                        diffaug: bool = False) -> nn.Module:
     """kind: 'auto' (the official projected discriminator when both its weight files are given; else mlp for
     flat data, teacher features for UNet teachers, else conv), 'projected', 'teacher', 'conv', 'mlp' or
-    'backbone'."""
+    'backbone'. diffaug: DiffAugment inside the discriminator (images only)."""
     shape = tuple(shape)
     if kind == "auto":
         if vgg_weights and effnet_weights:
@@ -305,30 +358,33 @@ def build_discriminator(kind: str, shape, label_dim: int = 0, teacher: Denoiser 
             kind = "teacher"
         else:
             kind = "conv"
+    if diffaug and len(shape) != 3:
+        raise DiffdistillError(f"DiffAugment (--diffaug) is for images [C, H, W], not samples of shape {shape}")
     if kind == "projected":
-        return _official_projected(shape, label_dim, vgg_weights, effnet_weights)
+        return _official_projected(shape, label_dim, vgg_weights, effnet_weights, diffaug)
     if kind == "mlp":
         if len(shape) != 1:
             raise DiffdistillError(f"the MLP discriminator is for flat data (shape (D,)), got {shape}")
         return MLPDiscriminator(shape[0], label_dim, hidden=max(channels, 128))
     if kind == "conv":
-        return ConvDiscriminator(shape, label_dim, channels)
+        return ConvDiscriminator(shape, label_dim, channels, diffaug=diffaug)
     if kind == "teacher":
         if teacher is None or not any(True for _ in teacher.parameters()):
             raise DiffdistillError("the teacher-feature discriminator needs a network teacher "
                                    "(this one is analytic)")
         features = TeacherFeatures(teacher, teacher_sigma, teacher_noise)
-        return ProjectedDiscriminator(features, shape, label_dim, channels)
+        return ProjectedDiscriminator(features, shape, label_dim, channels, diffaug)
     if kind == "backbone":
         if not backbone or not backbone_weights:
             raise DiffdistillError("the backbone discriminator needs --disc-backbone "
                                    "timm:NAME|torchvision:NAME and --disc-backbone-weights PATH")
         features = BackboneFeatures(backbone, backbone_weights)
-        return ProjectedDiscriminator(features, shape, label_dim, channels)
+        return ProjectedDiscriminator(features, shape, label_dim, channels, diffaug)
     raise DiffdistillError(f"unknown discriminator {kind!r} ({', '.join(KINDS)})")
 
 
-def _official_projected(shape, label_dim: int, vgg_weights: str | None, effnet_weights: str | None) -> nn.Module:
+def _official_projected(shape, label_dim: int, vgg_weights: str | None, effnet_weights: str | None,
+                        diffaug: bool = False) -> nn.Module:
     """The official GDD discriminator (`pg_modules/discriminator.py`), from `diffdistill.methods.projected`,
     imported only here."""
     if len(shape) != 3:
@@ -344,7 +400,8 @@ def _official_projected(shape, label_dim: int, vgg_weights: str | None, effnet_w
             raise
         raise DiffdistillError("the projected discriminator (diffdistill.methods.projected) is not part of "
                                "this installation") from None
-    return build_projected_discriminator(shape, label_dim, vgg_weights=vgg_weights, effnet_weights=effnet_weights)
+    return build_projected_discriminator(shape, label_dim, vgg_weights=vgg_weights, effnet_weights=effnet_weights,
+                                         diffaug=diffaug)
 
 
 def _has_encoder(teacher: nn.Module) -> bool:

@@ -69,6 +69,9 @@ class GDDConfig(MethodConfig):
                                        "package)", metavar="LIB:NAME")
     disc_backbone_weights: str | None = option(None, "local weights of the backbone (.safetensors or a torch state "
                                                "dict)", metavar="PATH")
+    diffaug: bool = option(False, "DiffAugment (color, translation, cutout; Zhao et al. 2020) of real and generated "
+                           "images inside the discriminator, for small data sets (official --diffaug; off in every "
+                           "official command)")
     gen_lr: float = option(1e-4, "generator lr (default %(default)s)")
     disc_lr: float = option(1e-4, "discriminator lr before the lazy-R1 scaling x r/(r+1) (default %(default)s)")
     r1_gamma: float = option(1e-4, "R1 weight gamma, official convention: its own step of r1_every*gamma/2*||grad||^2 "
@@ -92,8 +95,8 @@ class GDDConfig(MethodConfig):
 
     def resolve(self, teacher, loop) -> GDDConfig:
         """gen_sigma: the teacher's sigma_max unless given; student_dropout 'teacher' (Python) kept as None (the
-        teacher's). Checks the lrs, the R1 settings, --loss-samples, --freeze, --disc and the backbone
-        discriminator's options."""
+        teacher's). Checks the lrs, the R1 settings, --loss-samples, --freeze, --disc, the backbone
+        discriminator's options and --diffaug (images only)."""
         for flag, lr in (("--gen-lr", self.gen_lr), ("--disc-lr", self.disc_lr)):
             if not lr >= 0:         # (NaN too)
                 raise UsageError(f"{flag} must be >= 0, got {lr:g}")
@@ -107,6 +110,9 @@ class GDDConfig(MethodConfig):
             raise UsageError(f"--disc must be one of {', '.join(KINDS)}, got {self.disc!r}")
         if self.disc == "backbone" and not (self.disc_backbone and self.disc_backbone_weights):
             raise UsageError("--disc backbone needs --disc-backbone LIB:NAME and --disc-backbone-weights PATH")
+        if self.diffaug and len(teacher.shape) != 3:
+            raise UsageError(f"--diffaug augments images [C, H, W]; this teacher's samples have shape "
+                             f"{tuple(teacher.shape)}")
         dropout = None if self.student_dropout == "teacher" else self.student_dropout
         if dropout is not None and not 0 <= dropout < 1:
             raise UsageError(f"--student-dropout must be a probability in [0, 1) or 'teacher', got {dropout!r}")
@@ -172,7 +178,7 @@ class GDD(Method):
         self.discriminator = discriminator if discriminator is not None else build_discriminator(
             cfg.disc, teacher.shape, teacher.label_dim, teacher, cfg.disc_channels, cfg.disc_sigma,
             cfg.disc_noise, cfg.disc_backbone, cfg.disc_backbone_weights, cfg.disc_vgg_weights,
-            cfg.disc_effnet_weights)
+            cfg.disc_effnet_weights, cfg.diffaug)
 
     def groups(self) -> dict[str, Group]:
         cfg = self.cfg
@@ -295,6 +301,7 @@ def create(cfg: GDDConfig, teacher: Denoiser, data=None, loop=None) -> GDD:
     cfg = method.cfg
     r1 = ("no R1" if not (cfg.r1_every and cfg.r1_gamma) else
           f"R1 gamma {cfg.r1_gamma:g} on its own step every {cfg.r1_every} steps")
+    r1 += "; DiffAugment in the discriminator" if cfg.diffaug else ""
     dist.print0(f"gdd: generator at sigma {method.gen_sigma:g}; {method.trainable:,} of {method.total:,} "
                 f"parameters train (freeze level {cfg.freeze}); {type(method.discriminator).__name__} with "
                 f"{common.count_params(method.discriminator):,} trainable parameters; {r1}")

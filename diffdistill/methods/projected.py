@@ -35,7 +35,8 @@ L = sum over samples and backbones of the mean over that backbone's patches (GDD
 module exposes `splits` (logits per backbone) and `scale_splits` (per backbone and tap) and `per_backbone_mean`.
 
 DiffAugment (`training/diffaug.py`, policy 'color,translation,cutout') exists in the official code but is off in
-every official GDD command (`--diffaug=False`); here it is the `diffaug` option, default off.
+every official GDD command (`--diffaug=False`); here it is GDD's `--diffaug` (`discriminators.diff_augment`),
+default off.
 
 What differs from the official code, and why:
 - The class embedding is initialised N(0, 1) (the official `rand_embedding=True` path): the official default
@@ -65,7 +66,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from ..errors import DiffdistillError
-from .discriminators import IMAGENET_MEAN, IMAGENET_STD, load_state_dict_file
+from .discriminators import IMAGENET_MEAN, IMAGENET_STD, diff_augment, load_state_dict_file
 
 BACKBONES = ("vgg16_bn", "tf_efficientnet_lite0")     # GDD's `--backbone=1` (CIFAR-10), in the official order
 
@@ -344,51 +345,6 @@ class PatchHead(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# DiffAugment (Zhao et al. 2020), policy 'color,translation,cutout' as in GDD's training/diffaug.py
-
-
-def _rand(x: Tensor) -> Tensor:
-    return torch.rand(x.shape[0], 1, 1, 1, dtype=x.dtype, device=x.device)
-
-
-def augment_color(x: Tensor) -> Tensor:
-    """Per sample: brightness + U(-0.5, 0.5), saturation x U(0, 2), contrast x U(0.5, 1.5) (in that order)."""
-    x = x + (_rand(x) - 0.5)
-    mean = x.mean(1, keepdim=True)
-    x = (x - mean) * (_rand(x) * 2) + mean
-    mean = x.mean((1, 2, 3), keepdim=True)
-    return (x - mean) * (_rand(x) + 0.5) + mean
-
-
-def augment_translation(x: Tensor, ratio: float = 0.125) -> Tensor:
-    """Per sample integer shift (ty, tx), |t| <= round(ratio * size): out[i, j] = x[i + ty, j + tx], 0 outside."""
-    b, c, h, w = x.shape
-    sh, sw = int(h * ratio + 0.5), int(w * ratio + 0.5)
-    rows = torch.arange(h, device=x.device).view(1, h, 1) + torch.randint(-sh, sh + 1, (b, 1, 1), device=x.device)
-    cols = torch.arange(w, device=x.device).view(1, 1, w) + torch.randint(-sw, sw + 1, (b, 1, 1), device=x.device)
-    inside = ((rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)).unsqueeze(1)
-    index = (rows.clamp(0, h - 1) * w + cols.clamp(0, w - 1)).view(b, 1, h * w).expand(-1, c, -1)
-    return x.flatten(2).gather(2, index).view_as(x) * inside.to(x.dtype)
-
-
-def augment_cutout(x: Tensor, ratio: float = 0.2) -> Tensor:
-    """Per sample a zeroed round(ratio * size) square centred uniformly on the image (clipped at the border)."""
-    b, _, h, w = x.shape
-    ch, cw = int(h * ratio + 0.5), int(w * ratio + 0.5)
-    top = torch.randint(0, h + (1 - ch % 2), (b, 1, 1), device=x.device) - ch // 2
-    left = torch.randint(0, w + (1 - cw % 2), (b, 1, 1), device=x.device) - cw // 2
-    r = torch.arange(h, device=x.device).view(1, h, 1)
-    c = torch.arange(w, device=x.device).view(1, 1, w)
-    cut = (r >= top) & (r < top + ch) & (c >= left) & (c < left + cw)
-    return x * (~cut).unsqueeze(1).to(x.dtype)
-
-
-def diff_augment(x: Tensor) -> Tensor:
-    """DiffAugment policy 'color,translation,cutout' on x in [-1, 1] [B, C, H, W]; differentiable in x."""
-    return augment_cutout(augment_translation(augment_color(x)))
-
-
-# --------------------------------------------------------------------------------------------------
 # The discriminator
 
 
@@ -504,5 +460,4 @@ def build_projected_discriminator(shape, label_dim: int = 0, vgg_weights: str | 
 
 
 __all__ = ["build_projected_discriminator", "ProjectedGANDiscriminator", "VGG16BNFeatures", "EfficientNetLite0",
-           "RandomProjection", "PatchHead", "diff_augment", "augment_color", "augment_translation",
-           "augment_cutout", "load_backbone", "BACKBONES"]
+           "RandomProjection", "PatchHead", "load_backbone", "BACKBONES"]
