@@ -554,7 +554,10 @@ def _figure(ctx: Context, plan: DataPlan, curves: dict, hlines: dict, unit: str)
 
 
 def _note(plan: DataPlan, teacher: dict | None) -> str:
-    budgets = ", ".join(f"{m} {fmt(s.kimg)} kimg" for m, s in plan.students.items())
+    batches = [s.batch for s in plan.students.values()]
+    usual = max(set(batches), key=batches.count)           # the batch most students use; the others name theirs
+    budgets = ", ".join(f"{m} {fmt(s.kimg)} kimg" + (f" at batch {s.batch}" if s.batch != usual else "")
+                        for m, s in plan.students.items())
     where = ("Teacher: the exact analytic denoiser (no training). " if plan.kind == "ring" else
              f"Teacher: `diffdistill train-teacher --data {plan.data} {' '.join(settings_argv(plan.teacher))}` "
              f"({fmt(teacher.get('kimg')) if teacher else '?'} kimg). ")
@@ -572,7 +575,7 @@ def _note(plan: DataPlan, teacher: dict | None) -> str:
               if plan.students == _converged(plan.kind) else
               "`diffdistill distill METHOD --recipe short` at these budgets (this data set's own")
     return (where + f"Students: {recipe}: {budgets}; "
-            f"batch {next(iter(plan.students.values())).batch}). {quality}. 'last': the final EMA snapshot; 'best': "
+            f"batch {usual}). {quality}. 'last': the final EMA snapshot; 'best': "
             "the snapshot with the best value during training; 'reported': best for the GAN-like methods (GDD, "
             "DMD2, as their papers select), last for the others. Teacher evals = images through the teacher "
             "(KD: its pairs; GDD: none); student updates = optimiser steps of the exported network x batch.")
@@ -619,13 +622,6 @@ def _features_name(spec: str) -> str:
 # What holds back a goal not met, as measured when the recipes were chosen (2026-12-03, CPU): shown beside the goal
 # only while it is not met.
 WHY = {
-    ("ring", "teacher"): "measured (sliced W2 of 50,000 samples): DMD2 ends at 0.0315-0.0339 with Adam beta1 0, a "
-                         "quarter of its learning rate or a 200-kimg EMA, at the bound's noise; GDD is best at "
-                         "200-400 kimg (0.0355 at twice its learning rates, 0.037-0.038 with a 100-kimg EMA or R1 "
-                         "gamma 1, 0.047 at 800 kimg) and at half or 0.3x its learning rates does not learn the ring "
-                         "in 400 kimg (0.62-0.65); at 10,000 samples (the earlier record) the teacher's own value "
-                         "moved from 0.0227 to 0.0287 with the seeds, near two exact sets' 0.0229, and this goal "
-                         "looked met",
     ("digits", "teacher"): "measured (FID of 10,000 samples): KD and every distribution-matching student lie at "
                            "1.35-1.75, between the teacher's Euler 18 (2.58) and Heun 35 (0.49); the teacher does not "
                            "memorise (median distance of its samples to the nearest training digit 2.04 vs 2.02 "
