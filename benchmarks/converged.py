@@ -627,11 +627,16 @@ WHY = {
                            "memorise (median distance of its samples to the nearest training digit 2.04 vs 2.02 "
                            "between real digits); GDD's settings, best FID of 2,000 samples over 120 kimg: learning "
                            "rates x1 2.17, x2 2.01, x4 2.24, R1 gamma 0.01 2.04 (x1) and 2.20 (x2), GDD-I (--freeze 1) "
-                           "3.37, a 4x longer EMA 2.45; the same network and recipe reach their teacher on MNIST-16, "
-                           "whose GAN sees 60,000 real images instead of 1,797",
-    ("digits", "ranking"): "DMD2's converged recipe (generator at sigma 2.5, Adam beta1 0, its GAN term at weight 0.5 "
-                           "for small images) moved it from 4.21 to 1.75; SiD at twice its learning rates ends at "
-                           "1.45",
+                           "3.37, a 4x longer EMA 2.45, DiffAugment in the discriminator (--diffaug) 8.0 at 100 kimg "
+                           "(against 2.15); the same network and recipe reach their teacher on MNIST-16, whose GAN "
+                           "sees 60,000 real images instead of 1,797",
+    ("digits", "ranking"): "at 50,000 samples (`python -m benchmarks.paired`, 25 parts, seeds from 2,000,000; "
+                           "results/converged/digits-paired.json) SiD and DI equal KD within the error of the "
+                           "difference (1.60 and 1.60 against 1.63: -0.03 +- 0.06 and -0.03 +- 0.07), as does SiD at "
+                           "twice its learning rates (-0.05 +- 0.07); GDD is below KD (1.28: -0.35 +- 0.05) and "
+                           "DMD2's best snapshot above it (2.07: +0.44 +- 0.06); DMD2's converged recipe (generator "
+                           "at sigma 2.5, Adam beta1 0, its GAN term at weight 0.5 for small images) moved it from "
+                           "4.21 to 1.75 at 10,000 samples",
     ("mnist16", "ranking"): "DMD2 before its converged recipe (FIDs of the curve's 2,000 samples): 5.79 at 96 kimg, "
                             "rising to 6.81 at 120, against KD's 5.11",
 }

@@ -218,3 +218,38 @@ def test_image_scorer_seeds_and_parts():
     for got, part in zip(whole["spread"], parts):
         assert abs(got - part["distance"]) <= 1e-6 * part["distance"]
     assert "spread" not in parts[0] and whole["distance"] not in whole["spread"]
+
+
+def test_paired_comparison_of_snapshots(tmp_path, capsys):
+    """`python -m benchmarks.paired`: each model's FID and parts are the image scorer's on the shared seeds; a model
+    compared with itself differs by exactly 0 with error 0; the difference of two models is that of their FIDs."""
+    import json
+
+    import torch
+
+    from benchmarks import paired
+    from benchmarks.quality import ImageScorer
+    from diffdistill.diffusion.denoiser import Precond
+    from diffdistill.io import save_snapshot
+    from diffdistill.networks.unet import unet_preset
+
+    recipe = dict(sampler="euler", steps=2)
+    snaps = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        den = Precond(unet_preset("tiny", 8, 1, label_dim=10), (1, 8, 8), 10).eval()
+        snaps.append(str(save_snapshot(tmp_path / f"m{seed}", den, recipe)))
+    out = tmp_path / "paired.json"
+    args = ["--data", "digits", "--features", "digits", "--n", "120", "--parts", "3", "--seed", "7"]
+    assert paired.main(args + [snaps[0], snaps[1], snaps[0], "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    scorer = ImageScorer("digits", "digits", 120, "cpu", seed=7, splits=3)
+    want = [scorer(*paired._load(s)[:2], "cpu") for s in snaps]
+    for row, w in zip(rows, want + want[:1]):
+        assert abs(row["fid"] - w["distance"]) <= 1e-9 * w["distance"] and row["parts"] == w["spread"]
+    assert "diff" not in rows[0]
+    assert abs(rows[1]["diff"] - (want[1]["distance"] - want[0]["distance"])) < 1e-9
+    assert rows[1]["diff_error"] > 0 and rows[2]["diff"] == 0 and rows[2]["diff_error"] == 0
+    assert "vs first" in capsys.readouterr().out
+    assert paired.main(args[:6] + ["--parts", "1", snaps[0]]) == 1
+    assert capsys.readouterr().err.strip().count("\n") == 0
