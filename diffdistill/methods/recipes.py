@@ -62,7 +62,7 @@ _DMD2_IMAGE = dict(total_kimg=120, batch=64, gen_sigmas=[2.5], betas=(0.0, 0.999
 # gamma 0.01. Its GAN error is modes narrower than the data's (per-mode std 0.05-0.07 against 0.1; with gamma 6.4
 # the discriminator is flat, logits ~0) and swings between snapshots. At batch 256 (400 kimg, lrs 1e-3, gamma 6.4:
 # 0.0385): gamma 0.01 0.034-0.036; with the discriminator at 4-8x the generator's lr 0.027-0.033 at the best
-# snapshots, but 0.032-0.061 across training seeds and snapshots; without R1 0.044. Batch 1024 steadies it: over
+# snapshots over training seeds 0-2, but 0.029-0.061 at the last; without R1 0.044. Batch 1024 steadies it: over
 # training seeds 0-3 the best snapshot is 0.020-0.026 and the last 0.021, 0.021, 0.032, 0.034 (per-mode std
 # 0.08-0.09). A fresh MLP with the KD students' input Fourier features (`mlp-toy`) does not help GDD or DMD2.
 _DI_RING = dict(gen_lr=2.5e-4, fake_lr=2.5e-4)
