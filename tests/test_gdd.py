@@ -404,8 +404,8 @@ def test_projected_discriminator_is_imported_only_when_asked(monkeypatch):
         def forward(self, x, cond=None):
             return x.flatten(1)[:, :1] + self.w
 
-    def build_projected_discriminator(shape, label_dim, vgg_weights=None, effnet_weights=None, **kwargs):
-        seen.update(shape=shape, label_dim=label_dim, vgg=vgg_weights, effnet=effnet_weights)
+    def build_projected_discriminator(shape, label_dim, vgg_weights=None, effnet_weights=None, diffaug=False):
+        seen.update(shape=shape, label_dim=label_dim, vgg=vgg_weights, effnet=effnet_weights, diffaug=diffaug)
         return Stub()
 
     teacher, data = tiny_teacher(), Points(torch.zeros(4, 1, 8, 8))
@@ -420,7 +420,9 @@ def test_projected_discriminator_is_imported_only_when_asked(monkeypatch):
     for options in (weights, ["--disc", "projected", *weights]):     # 'auto' picks it when both files are given
         method = cli_method("gdd", teacher, data, *options)
         assert isinstance(method.discriminator, Stub)
-        assert seen == dict(shape=(1, 8, 8), label_dim=0, vgg="vgg.pt", effnet="effnet.pt")
+        assert seen == dict(shape=(1, 8, 8), label_dim=0, vgg="vgg.pt", effnet="effnet.pt", diffaug=False)
+    cli_method("gdd", teacher, data, *weights, "--diffaug")       # the official option of that discriminator
+    assert seen["diffaug"] is True
     out = method.generator_loss(Batch(size=2, device=CPU))
     logits = method.discriminator(method._generate(2, CPU, None).detach())
     assert torch.isfinite(out["loss"]) and logits.shape == (2, 4)
