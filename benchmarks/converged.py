@@ -637,7 +637,8 @@ WHY = {
     ("digits", "ranking"): "at 50,000 samples (`python -m benchmarks.paired`, 25 parts, seeds from 2,000,000; "
                            "results/converged/digits-paired.json) SiD and DI equal KD within the error of the "
                            "difference (1.60 and 1.60 against 1.63: -0.03 +- 0.06 and -0.03 +- 0.07), as does SiD at "
-                           "twice its learning rates (-0.05 +- 0.07); GDD is below KD (1.28: -0.35 +- 0.05) and "
+                           "twice its learning rates (-0.05 +- 0.07) and, at 10,000 samples, with alpha 1.0 or 0.5 "
+                           "instead of 1.2 (1.49 and 1.45 against 1.50); GDD is below KD (1.28: -0.35 +- 0.05) and "
                            "DMD2's best snapshot above it (2.07: +0.44 +- 0.06); DMD2's converged recipe (generator "
                            "at sigma 2.5, Adam beta1 0, its GAN term at weight 0.5 for small images) moved it from "
                            "4.21 to 1.75 at 10,000 samples",
