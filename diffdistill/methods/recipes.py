@@ -56,15 +56,16 @@ _DMD2_IMAGE = dict(total_kimg=120, batch=64, gen_sigmas=[2.5], betas=(0.0, 0.999
 # 200 kimg), the longer EMA ends at 0.0263 instead of 0.0467. Half or a quarter of its learning rates: 0.0321 and
 # 0.0352.
 # DMD2 on the ring: a quarter of the short-run learning rate (2.5e-4) for 4,000 kimg. At 1e-3 it swings between
-# snapshots (0.034-0.051 in the second half of 2,000 kimg); at 2.5e-4 it improves steadily, 0.0315-0.0323 at 2,000
-# kimg (Adam beta1 0 or 0.9) and, at 4,000, 0.0274 and 0.0280 (training seeds 0 and 1; beta1 0: 0.0272).
+# snapshots (0.036-0.051 on the curve in the second half of 2,000 kimg); at 2.5e-4 it improves steadily,
+# 0.0315-0.0323 at 2,000 kimg (Adam beta1 0 or 0.9) and, at 4,000, 0.0274 and 0.0280 (training seeds 0 and 1;
+# beta1 0: 0.0272).
 # GDD on the ring: batch 1024 for 1,600 kimg, the discriminator's lr 8x the generator's (5e-4 and 4e-3) and R1
-# gamma 0.01. Its GAN error is modes narrower than the data's (per-mode std 0.05-0.07 against 0.1; with gamma 6.4
+# gamma 0.01. Its GAN error is modes narrower than the data's (per-mode std 0.05-0.09 against 0.1; with gamma 6.4
 # the discriminator is flat, logits ~0) and swings between snapshots. At batch 256 (400 kimg, lrs 1e-3, gamma 6.4:
-# 0.0385): gamma 0.01 0.034-0.036; with the discriminator at 4-8x the generator's lr 0.027-0.033 at the best
-# snapshots over training seeds 0-2, but 0.029-0.061 at the last; without R1 0.044. Batch 1024 steadies it: over
+# 0.0385): gamma 0.01 0.034-0.036; with the discriminator at 4-16x the generator's lr 0.027-0.033 at the best
+# snapshots over training seeds 0-2, but 0.029-0.061 at the last; without R1 0.044-0.046. Batch 1024 steadies it: over
 # training seeds 0-3 the best snapshot is 0.020-0.026 and the last 0.021, 0.021, 0.032, 0.034 (per-mode std
-# 0.08-0.09). A fresh MLP with the KD students' input Fourier features (`mlp-toy`) does not help GDD or DMD2.
+# 0.07-0.09). A fresh MLP with the KD students' input Fourier features (`mlp-toy`) does not help GDD or DMD2.
 _DI_RING = dict(gen_lr=2.5e-4, fake_lr=2.5e-4)
 _SID_RING = dict(ema_halflife_kimg=200.0)
 _DMD2_RING = dict(total_kimg=4000, lr=2.5e-4)
