@@ -363,9 +363,11 @@ def _picture(ctx: Context, plan: DataPlan, den, recipe: dict, label: str) -> str
 
 def _run_jobs(ctx: Context, jobs: dict, deps: dict) -> dict:
     """Run `jobs` (name -> (fn, args)), each when its dependencies (name -> [names]) are done, on ctx.jobs
-    worker processes (1: in this process, in order); an argument may be a callable of the finished results
-    (e.g. the teacher run a student needs). A failed job fails its dependants and is recorded; it never stops
-    the others. Returns {'results': name -> result, 'errors': name -> message}."""
+    worker processes (1: in this process); an argument may be a callable of the finished results (e.g. the
+    teacher run a student needs). A job starts only when a worker is free, and then the first ready one in the
+    order of `jobs` (so that order is the priority: `run` puts the long chain of teacher and students first and
+    the short jobs last, where they fill the gaps). A failed job fails its dependants and is recorded; it never
+    stops the others. Returns {'results': name -> result, 'errors': name -> message}."""
     results, errors, running = {}, {}, {}
     pending = dict(jobs)
 
@@ -403,6 +405,8 @@ def _run_jobs(ctx: Context, jobs: dict, deps: dict) -> dict:
         while pending or running:
             for name, fn, args in ready():
                 running[pool.submit(fn, _picklable(ctx), *args)] = name
+                if len(running) >= ctx.jobs:
+                    break
             if not running:
                 break
             done, _ = wait(list(running), return_when=FIRST_COMPLETED)
@@ -456,7 +460,7 @@ def run(ctx: Context) -> dict:
             jobs[f"{plan.name}/{method}"] = (job_student, (plan, method, teacher_of))
             if plan.kind != "ring":
                 deps[f"{plan.name}/{method}"] = [f"{plan.name}/teacher"]
-    out = _run_jobs(ctx, jobs, deps)
+    out = _run_jobs(ctx, _by_priority(jobs, [p.name for p in all_plans]), deps)
     results, errors = out["results"], out["errors"]
 
     tables, goals, records = [], [], []
@@ -520,6 +524,17 @@ def run(ctx: Context) -> dict:
         goals += [dict(g, dataset=plan.name) for g in _goals(plan, t_nfe, one_step, records, teacher)]
     return _with_unselected(ctx, [p.name for p in all_plans],
                             dict(tables=tables, goals=goals, results=dict(runs=records, errors=errors)))
+
+
+def _by_priority(jobs: dict, datasets: list[str]) -> dict:
+    """`jobs` in the order the scheduler starts them: the data and teachers first (every student waits for its
+    teacher), then the students with the teacher's rows, the data sets in reverse order of `plans` (which lists
+    them from the cheapest), so that the longest jobs start first and the ring's short ones fill the end."""
+    def key(name):
+        dataset, job = name.split("/", 1)
+        stage = 0 if job in ("prepare", "teacher") else 1
+        return stage, -datasets.index(dataset), job == "teacher-rows", job == "teacher"
+    return {name: jobs[name] for name in sorted(jobs, key=key)}
 
 
 def _with_unselected(ctx: Context, selected: list[str], payload: dict) -> dict:

@@ -36,6 +36,38 @@ def test_scheduler_orders_by_dependencies_and_isolates_failures(tmp_path):
     assert out["errors"]["after-broken"] == "skipped: broken failed"
 
 
+def _timed(ctx, name, seconds):
+    import time
+
+    with open(ctx.work / "started.txt", "a") as f:
+        f.write(name + "\n")
+    time.sleep(seconds)
+    return name
+
+
+def test_scheduler_starts_the_first_ready_job_in_priority_order_when_a_worker_frees(tmp_path):
+    # Two workers. The student becomes ready when its (quick) teacher ends, while three slow jobs behind it in
+    # the order wait: it must start before the last of them (a scheduler that queued every ready job at once
+    # would start it last), and never more jobs than workers run at once.
+    ctx = Context(jobs=2, work=tmp_path, log=lambda m: None)
+    jobs = {"teacher": (_timed, ("teacher", 0.1)), "student": (_timed, ("student", 0.1)),
+            **{f"short{i}": (_timed, (f"short{i}", 2.0)) for i in (1, 2, 3)}}
+    out = converged._run_jobs(ctx, jobs, {"student": ["teacher"]})
+    assert not out["errors"] and set(out["results"]) == set(jobs)
+    started = (tmp_path / "started.txt").read_text().split()
+    assert started[:2] in (["teacher", "short1"], ["short1", "teacher"])
+    assert started.index("student") < started.index("short3")
+
+
+def test_jobs_by_priority():
+    jobs = {f"{d}/{j}": None for d in ("ring", "digits", "mnist16")
+            for j in (["teacher-rows", "kd", "gdd"] + (["prepare", "teacher"] if d != "ring" else []))}
+    assert list(converged._by_priority(jobs, ["ring", "digits", "mnist16"])) == [
+        "mnist16/prepare", "mnist16/teacher", "digits/prepare", "digits/teacher",
+        "mnist16/kd", "mnist16/gdd", "mnist16/teacher-rows", "digits/kd", "digits/gdd", "digits/teacher-rows",
+        "ring/kd", "ring/gdd", "ring/teacher-rows"]
+
+
 def test_goals_of_an_image_data_set():
     plan = converged.DataPlan("digits", "t", "digits", "image", students=converged._students(10, 64, 8))
     t_nfe = {4: 20.0, 35: 3.0}
