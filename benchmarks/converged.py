@@ -14,9 +14,10 @@ data: `--metrics fid`; sliced W2 of snapshots for the ring), and reports:
 - the goals of the issue, met or not.
 
 Jobs (a teacher, a student, the teacher's rows) run in `--jobs` worker processes (default 2: the project's 2-core
-machine, one torch thread each). Every finished job leaves a JSON record under --work and is reused on the next
-run of the same command (unless --rerun): a killed benchmark continues with the next unfinished job; a teacher
-resumes from its newest checkpoint; an unfinished student starts over (its teacher-evaluation count is only
+machine, one torch thread each), the longest chain first (the data and teachers, then the students from the largest
+data set's; the ring's short jobs fill the end). Every finished job leaves a JSON record under --work and is reused
+on the next run of the same command (unless --rerun): a killed benchmark continues with the next unfinished job; a
+teacher resumes from its newest checkpoint; an unfinished student starts over (its teacher-evaluation count is only
 exact for an uninterrupted run).
 """
 
