@@ -29,6 +29,7 @@ import math
 import multiprocessing
 import shutil
 import statistics
+import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -371,6 +372,7 @@ def _run_jobs(ctx: Context, jobs: dict, deps: dict) -> dict:
     stops the others. Returns {'results': name -> result, 'errors': name -> message}."""
     results, errors, running = {}, {}, {}
     pending = dict(jobs)
+    started = time.monotonic()
 
     def ready():
         for name in list(pending):
@@ -385,10 +387,10 @@ def _run_jobs(ctx: Context, jobs: dict, deps: dict) -> dict:
     def finish(name, get):
         try:
             results[name] = get()
-            ctx.log(f"converged: {name} done")
+            ctx.log(f"converged: {name} done ({_clock(started)})")
         except Exception as e:  # noqa: BLE001 - recorded in the table
             errors[name] = f"failed: {type(e).__name__}: {e}".split("\n")[0][:200]
-            ctx.log(f"converged: {name} {errors[name]}")
+            ctx.log(f"converged: {name} {errors[name]} ({_clock(started)})")
 
     if ctx.jobs <= 1:
         while pending:
@@ -416,6 +418,11 @@ def _run_jobs(ctx: Context, jobs: dict, deps: dict) -> dict:
     for name in pending:
         errors[name] = "not run: unmet dependencies"
     return dict(results=results, errors=errors)
+
+
+def _clock(started: float) -> str:
+    """The time of day (UTC) and the minutes since `started` (time.monotonic), for the log of the jobs."""
+    return f"{time.strftime('%H:%M:%S', time.gmtime())} UTC, {(time.monotonic() - started) / 60:.1f} min in"
 
 
 def _picklable(ctx: Context) -> Context:
