@@ -656,9 +656,8 @@ WHY = {
                            "1.25-2.08, between the teacher's Euler 18 (2.48) and Heun 35 (0.45); diversity: GDD's "
                            "recall is 0.85 against the teacher's 0.93-0.94 at a higher precision (0.93-0.94 against "
                            "0.90-0.91; k=3, 1,797 samples, two seed sets), SiD's 0.88, DI's 0.86-0.87; "
-                           + _PREVIOUS_DIGITS + "; the same network and recipe reach their teacher on MNIST-16, whose "
-                           "GAN sees "
-                           "60,000 real images instead of 1,797",
+                           + _PREVIOUS_DIGITS + "; the same network and recipe reach their teacher on MNIST-16, "
+                           "whose GAN sees 60,000 real images instead of 1,797",
     ("digits", "ranking"): "at 50,000 samples (`python -m benchmarks.paired`, 25 parts, seeds from 2,000,000; "
                            "results/converged/digits-paired.json) SiD, DI and DMD2 are above KD by more than twice "
                            "the error of the difference (2.36, 1.69 and 1.94 against 1.56: +0.80 +- 0.06, +0.14 +- "
