@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -193,3 +194,20 @@ def test_one_student_factory_for_every_preset():
         common.student_from_teacher(teacher, preset="mlp-huge")
     with pytest.raises(DiffdistillError, match="flat data"):
         common.student_from_teacher(image, preset="mlp-toy")
+
+
+@pytest.mark.parametrize("method", ["di", "sid", "dmd2"])
+def test_lr_decay_reaches_both_networks_schedules(method):
+    """--lr-decay linear: the generator's and the fake score's LRs fall linearly to 0 at the end of the run; the
+    default keeps the papers' constant LR."""
+    from diffdistill.train.loop import lr_at
+    from tests.cli_util import cli_method
+
+    for options, decay in (((), "constant"), (("--lr-decay", "linear"), "linear")):
+        groups = cli_method(method, tiny_teacher(), None, *options).groups()
+        assert set(groups) == {"generator", "fake_score"}
+        for group in groups.values():
+            assert group.optim.decay == decay
+            flat = lr_at(dataclasses.replace(group.optim, decay="constant"), 5000, 0, 10_000)   # DMD2: warm-up
+            assert flat > 0
+            assert lr_at(group.optim, 5000, 0, 10_000) == pytest.approx(flat / 2 if decay == "linear" else flat)

@@ -356,6 +356,8 @@ class ScoreDistillationConfig(MethodConfig):
 
     student_dropout: float | None = student_dropout_option(None, "the teacher's")
     fake_warmup_steps: int | None = option(None, FAKE_WARMUP_HELP)
+    lr_decay: str = option("constant", "LR schedule of the generator and the fake score: constant (the papers', "
+                           "default %(default)s) or linear to 0 at the end of the run", choices=("constant", "linear"))
     mlp_hidden: int = option(128, "fresh MLP width (analytic teachers only)", cli=False)
     mlp_depth: int = option(3, "fresh MLP depth (analytic teachers only)", cli=False)
 

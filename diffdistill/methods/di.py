@@ -107,9 +107,11 @@ class DiffInstruct(common.ScoreDistillation, Method):
     def groups(self) -> dict[str, Group]:
         cfg = self.cfg
         return {
-            "fake_score": Group(list(self.fake.parameters()), OptimConfig(lr=cfg.fake_lr, betas=cfg.betas),
+            "fake_score": Group(list(self.fake.parameters()),
+                                OptimConfig(lr=cfg.fake_lr, betas=cfg.betas, decay=cfg.lr_decay),
                                 loss=self.fake_score_loss),
-            "generator": Group(list(self.generator.parameters()), OptimConfig(lr=cfg.gen_lr, betas=cfg.betas),
+            "generator": Group(list(self.generator.parameters()),
+                               OptimConfig(lr=cfg.gen_lr, betas=cfg.betas, decay=cfg.lr_decay),
                                loss=self.generator_loss, every=cfg.gen_every, start=cfg.fake_warmup_steps),
         }
 

@@ -250,7 +250,7 @@ class DMD2(common.ScoreDistillation, Method):
 
         def optim():
             return OptimConfig(lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, kind="adamw",
-                               warmup_kimg=cfg.warmup_kimg, grad_clip=cfg.grad_clip)
+                               warmup_kimg=cfg.warmup_kimg, grad_clip=cfg.grad_clip, decay=cfg.lr_decay)
         fake_params = list(self.fake.parameters()) + (list(self.head.parameters()) if self.head else [])
         return {
             "generator": Group(list(self.generator.parameters()), optim(), loss=self.generator_loss,

@@ -158,9 +158,10 @@ class SiD(common.ScoreDistillation, Method):
         # order, but a generator that diverged is the first loss to turn non-finite, so the loop names it.
         return {
             "generator": Group(list(self.generator.parameters()),
-                               OptimConfig(lr=cfg.gen_lr, betas=(cfg.gen_beta1, cfg.betas[1])),
+                               OptimConfig(lr=cfg.gen_lr, betas=(cfg.gen_beta1, cfg.betas[1]), decay=cfg.lr_decay),
                                loss=self.generator_loss, every=cfg.gen_every, start=cfg.fake_warmup_steps),
-            "fake_score": Group(list(self.fake.parameters()), OptimConfig(lr=cfg.fake_lr, betas=cfg.betas),
+            "fake_score": Group(list(self.fake.parameters()),
+                                OptimConfig(lr=cfg.fake_lr, betas=cfg.betas, decay=cfg.lr_decay),
                                 loss=self.fake_score_loss),
         }
 
