@@ -39,24 +39,33 @@ def test_scheduler_orders_by_dependencies_and_isolates_failures(tmp_path):
 def _timed(ctx, name, seconds):
     import time
 
-    with open(ctx.work / "started.txt", "a") as f:
-        f.write(name + "\n")
+    with open(ctx.work / "events.txt", "a") as f:
+        f.write(f"{time.time()} start {name}\n")
     time.sleep(seconds)
+    with open(ctx.work / "events.txt", "a") as f:
+        f.write(f"{time.time()} end {name}\n")
     return name
 
 
 def test_scheduler_starts_the_first_ready_job_in_priority_order_when_a_worker_frees(tmp_path):
     # Two workers. The student becomes ready when its (quick) teacher ends, while three slow jobs behind it in
     # the order wait: it must start before the last of them (a scheduler that queued every ready job at once
-    # would start it last), and never more jobs than workers run at once.
+    # would start it last), and never more jobs than workers run at once. Read from the jobs' own start and end
+    # times, so that a loaded machine, where a worker starts late, cannot change the verdict.
     ctx = Context(jobs=2, work=tmp_path, log=lambda m: None)
     jobs = {"teacher": (_timed, ("teacher", 0.1)), "student": (_timed, ("student", 0.1)),
             **{f"short{i}": (_timed, (f"short{i}", 2.0)) for i in (1, 2, 3)}}
     out = converged._run_jobs(ctx, jobs, {"student": ["teacher"]})
     assert not out["errors"] and set(out["results"]) == set(jobs)
-    started = (tmp_path / "started.txt").read_text().split()
-    assert started[:2] in (["teacher", "short1"], ["short1", "teacher"])
-    assert started.index("student") < started.index("short3")
+    events = sorted((float(t), kind, name) for t, kind, name in
+                    (line.split() for line in (tmp_path / "events.txt").read_text().splitlines()))
+    at = {(kind, name): t for t, kind, name in events}
+    running, most = 0, 0
+    for _, kind, _ in events:
+        running += 1 if kind == "start" else -1
+        most = max(most, running)
+    assert most == 2
+    assert at["end", "teacher"] <= at["start", "student"] < at["start", "short3"]
 
 
 def test_jobs_by_priority():
