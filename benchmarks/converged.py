@@ -679,9 +679,9 @@ WHY = {
                             "results/converged/mnist16-seeds.json) SiD's last is 3.24, below KD's 3.58, and DI's "
                             "3.73 is above it (seed 0: SiD 3.88, DI 3.46, KD 3.67): over the two seeds SiD spans "
                             "3.24-3.88, DI 3.46-3.73, KD 3.58-3.67; a linear LR decay to 0 (`--lr-decay linear`) "
-                            "left SiD at 3.83; in the previous record SiD's "
-                            "last was below KD's (3.47 against 4.11); DMD2 before its converged recipe (FIDs of the "
-                            "curve's 2,000 samples): 5.79 at 96 kimg, rising to 6.81 at 120, against KD's 5.11",
+                            "left SiD at 3.83; in the previous record SiD's last was below KD's (3.47 against 4.11); "
+                            "DMD2 before its converged recipe (FIDs of the curve's 2,000 samples): 5.79 at 96 kimg, "
+                            "rising to 6.81 at 120, against KD's 5.11",
 }
 
 
