@@ -137,7 +137,7 @@ class PDConfig(MethodConfig):
                                  "(--kimg) to split over the rounds")
             if not loop.total_kimg:
                 raise UsageError("give --round-kimg or --kimg (split evenly over the rounds)")
-            round_kimg = loop.total_kimg / int(math.log2(self.start_steps // self.end_steps))
+            round_kimg = even_round_kimg(loop.total_kimg, self.start_steps, self.end_steps)
         if not round_kimg > 0:
             raise UsageError(f"--round-kimg must be positive, got {round_kimg:g}")
         clip = self.clip_denoised if self.clip_denoised is not None else len(teacher.shape) == 3
@@ -354,6 +354,11 @@ class ProgressiveDistillation(Method):
         if self.clip_denoised:
             recipe["clip_denoised"] = True        # the official evaluation (eval_clip_denoised=True)
         return net, recipe
+
+
+def even_round_kimg(total_kimg: float, start_steps: int, end_steps: int) -> float:
+    """Each round's length when a run of `total_kimg` is split evenly over its rounds (the default)."""
+    return total_kimg / int(math.log2(start_steps // end_steps))
 
 
 def run(method: ProgressiveDistillation, loop, data, evaluate=None) -> dict:
