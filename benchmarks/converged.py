@@ -232,27 +232,11 @@ def job_teacher_rows(ctx: Context, plan: DataPlan, teacher: str) -> dict:
 
 def job_student(ctx: Context, plan: DataPlan, method: str, teacher: str) -> dict:
     """One method's converged student: its run, its quality curve, the last and the best snapshot."""
-    from diffdistill.methods.recipes import short_run_settings
-
-    from .quality import _load, distill, method_options, student_recipes
+    from .quality import _load, distill, student_recipes
 
     sp = plan.students[method]
     run_dir = ctx.work / f"{plan.name}-{method}"
-    options = {**method_options(method, plan.data, plan.kd_pairs, pd_steps=None), **sp.options,
-               **short_run_settings(method, plan.kind, sp.kimg, sp.batch)}
-    options.update(sp.options)          # the plan's own settings win (the converged GDD's on images), in place
-    if options.get("gan_weight"):       # DMD2's GAN term (its converged recipe on images) trains on real data
-        options.setdefault("data", plan.data)
-    if plan.kind == "ring":
-        options.update(snapshot_kimg=plan.eval_kimg, grid_kimg=0)
-    else:
-        ref = ctx.work / f"{plan.name}-ref.npz"
-        options.update(metrics="fid", ref=str(ref), features=plan.features, eval_kimg=plan.eval_kimg,
-                       eval_n=plan.n_eval)
-        if method == "pd":      # once per round, at its end: an early round's student samples in 8-32 steps, and
-            # its curve every eval_kimg cost ~9 minutes of a core on MNIST-16 (~3 with one point per round)
-            options["eval_kimg"] = options.get("round_kimg") or even_round_kimg(
-                sp.kimg, options["start_steps"], options["end_steps"])
+    options = student_options(ctx, plan, method)
     path = run_dir / "bench-student.json"
     run = distill(ctx, method, teacher, run_dir, sp.kimg, sp.batch, options)
     ident = dict(command=run["command"], teacher_id=run["teacher_id"], **_final_ident(plan))
@@ -299,6 +283,32 @@ def job_student(ctx: Context, plan: DataPlan, method: str, teacher: str) -> dict
                             last=dict(value=last["distance"], detail=last["detail"], spread=last.get("spread")),
                             best=best, headline=headline, curve=curve, picture=picture, more=more,
                             **{k: v for k, v in run.items() if k not in ("snapshots",)}))
+
+
+def student_options(ctx: Context, plan: DataPlan, method: str) -> dict:
+    """A converged student's `distill` options, by name in command-line order: the method's short-run settings at
+    the plan's budget under the plan's own, and the quality measured during training."""
+    from diffdistill.methods.recipes import short_run_settings
+
+    from .quality import method_options
+
+    sp = plan.students[method]
+    options = {**method_options(method, plan.data, plan.kd_pairs, pd_steps=None), **sp.options,
+               **short_run_settings(method, plan.kind, sp.kimg, sp.batch)}
+    options.update(sp.options)          # the plan's own settings win (the converged GDD's on images), in place
+    if options.get("gan_weight"):       # DMD2's GAN term (its converged recipe on images) trains on real data
+        options.setdefault("data", plan.data)
+    if plan.kind == "ring":
+        options.update(snapshot_kimg=plan.eval_kimg, grid_kimg=0)
+    else:
+        ref = ctx.work / f"{plan.name}-ref.npz"
+        options.update(metrics="fid", ref=str(ref), features=plan.features, eval_kimg=plan.eval_kimg,
+                       eval_n=plan.n_eval)
+        if method == "pd":      # once per round, at its end: an early round's student samples in 8-32 steps, and
+            # its curve every eval_kimg cost ~9 minutes of a core on MNIST-16 (~3 with one point per round)
+            options["eval_kimg"] = options.get("round_kimg") or even_round_kimg(
+                sp.kimg, options["start_steps"], options["end_steps"])
+    return options
 
 
 def _cli(argv: list[str]) -> None:

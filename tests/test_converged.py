@@ -161,6 +161,23 @@ def test_one_ring_student_job(tmp_path):
     assert (tmp_path / "work" / "ring-di" / "bench-student.json").stat().st_mtime_ns == stamp
 
 
+def test_student_options_measure_quality_during_training_and_pd_once_per_round(tmp_path):
+    """Image students: FID every eval_kimg; PD: at the end of each of its rounds (64 -> 1 steps over 120 kimg: every
+    20 kimg); the ring: snapshots every eval_kimg, scored after training."""
+    ctx = Context(work=tmp_path)
+    image = converged.DataPlan("digits", "t", "digits", "image", features="digits", n_eval=300, eval_kimg=10,
+                               students=converged._converged("image"))
+    pd_opts = converged.student_options(ctx, image, "pd")
+    assert (pd_opts["start_steps"], pd_opts["end_steps"], pd_opts["eval_kimg"]) == (64, 1, 20.0)
+    for method in ("kd", "gdd", "sid"):
+        opts = converged.student_options(ctx, image, method)
+        assert (opts["metrics"], opts["eval_kimg"], opts["eval_n"]) == ("fid", 10, 300)
+        assert opts["ref"] == str(tmp_path / "digits-ref.npz")
+    ring = converged.DataPlan("ring", "t", "toy:ring8", "ring", eval_kimg=200, students=converged._converged("ring"))
+    opts = converged.student_options(ctx, ring, "pd")
+    assert opts["snapshot_kimg"] == 200 and "metrics" not in opts and "eval_kimg" not in opts
+
+
 def test_a_subset_run_keeps_the_other_data_sets_of_the_record(tmp_path):
     old = dict(tables=[dict(title="old ring", dataset="ring"), dict(title="old digits", dataset="digits")],
                goals=[dict(goal="ring goal", dataset="ring"), dict(goal="old digits goal", dataset="digits")],

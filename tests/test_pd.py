@@ -690,3 +690,21 @@ def test_distill_api_matches_the_cli_bit_for_bit(tmp_path, capsys):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values())), name
     rows = [json.loads((tmp_path / d / "rounds.json").read_text()) for d in ("cli", "api")]
     assert rows[0] == rows[1] and [r["student_steps"] for r in rows[0]] == [2, 1]
+
+
+def test_an_evaluation_every_round_length_scores_each_rounds_student_at_its_end(tmp_path):
+    """eval_kimg = round_kimg (the converged benchmark's PD curve): one evaluation per round, on the round's last
+    step, of that round's student (its own steps), and nothing else; the weights are those of a run without it."""
+    from diffdistill.data import open_dataset
+
+    seen = []
+
+    def evaluate(method, ema, nimg):
+        seen.append((nimg, len(method.export()[1]["sigmas"]) - 1, method.round))
+        return {}
+
+    data = open_dataset("toy:ring8")
+    pd.run(*_two_rounds(tmp_path / "eval", eval_kimg=0.25), data, evaluate)
+    assert seen == [(256, 4, 0), (512, 2, 1)]
+    pd.run(*_two_rounds(tmp_path / "plain"), data)
+    _same_run(tmp_path / "eval", tmp_path / "plain", table=False)
