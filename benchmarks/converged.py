@@ -186,8 +186,8 @@ def job_prepare(ctx: Context, plan: DataPlan) -> dict:
 
 def job_teacher(ctx: Context, plan: DataPlan) -> dict:
     """Train (or resume, or reuse) the teacher of an image data set. Without an FID curve: the report shows the
-    teacher's final quality (its rows, 10,000 samples at each NFE), and a curve at 35 NFE cost ~10 minutes of a
-    core in a from-scratch run (2,000 samples x 35 NFE per point)."""
+    teacher's final quality (its rows, 10,000 samples at each NFE), and a curve at 35 NFE cost an estimated ~10
+    minutes of a core in a from-scratch run (2,000 samples x 35 NFE per point)."""
     from .quality import _run_compute
 
     run_dir = ctx.work / f"{plan.name}-teacher"
@@ -305,7 +305,7 @@ def student_options(ctx: Context, plan: DataPlan, method: str) -> dict:
         options.update(metrics="fid", ref=str(ref), features=plan.features, eval_kimg=plan.eval_kimg,
                        eval_n=plan.n_eval)
         if method == "pd":      # once per round, at its end: an early round's student samples in 8-32 steps, and
-            # its curve every eval_kimg cost ~9 minutes of a core on MNIST-16 (~3 with one point per round)
+            # its curve every eval_kimg cost an estimated ~9 minutes of a core on MNIST-16 (~3 once per round)
             options["eval_kimg"] = options.get("round_kimg") or even_round_kimg(
                 sp.kimg, options["start_steps"], options["end_steps"])
     return options
