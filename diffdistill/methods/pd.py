@@ -53,11 +53,21 @@ EMA_HELP = ("EMA half-life of the student in kimg, used only with --pd-ema (defa
             "ema_decay=0; with --pd-ema: 500 kimg with EDM's ramp-up, restarted at every round)")
 
 
+def n_rounds(start_steps: int, end_steps: int) -> int:
+    """The halvings from start_steps to end_steps (powers of two, `check_steps`)."""
+    return int(math.log2(start_steps // end_steps))
+
+
+def even_round_kimg(total_kimg: float, start_steps: int, end_steps: int) -> float:
+    """Each round's length when a run of `total_kimg` is split evenly over its rounds (the default)."""
+    return total_kimg / n_rounds(start_steps, end_steps)
+
+
 def _official(start: int, batch: int, lr: float) -> dict:
     """The official distillation config: 50k Adam steps per halving (kimg = 50k x batch / 1000), linear LR decay
     to 0 per round, betas (0.9, 0.999), no weight decay, grad clip 1.0, no EMA, dropout 0, snr_trunc, random
     flips, DDIM evaluation with x-hat clipped; down to 1 step."""
-    rounds = int(math.log2(start))
+    rounds = n_rounds(start, 1)
     round_kimg = 50_000 * batch / 1000
     return dict(start_steps=start, end_steps=1, round_kimg=round_kimg, total_kimg=rounds * round_kimg, batch=batch,
                 lr=lr, betas=(0.9, 0.999), grad_clip=1.0, weighting="snr_trunc", clip_denoised=True, xflip=True)
@@ -271,7 +281,7 @@ class ProgressiveDistillation(Method):
         self.clip_denoised = cfg.clip_denoised
         # Later rounds' teacher: the previous student (same architecture, so checkpoints keep their keys).
         self.prev = copy.deepcopy(self.student).eval().requires_grad_(False)
-        self.n_rounds = int(math.log2(cfg.start_steps // cfg.end_steps))
+        self.n_rounds = n_rounds(cfg.start_steps, cfg.end_steps)
         self.round = 0
         self.register_buffer("loss_sum", torch.zeros(2, dtype=torch.float64))   # this round's: sum of losses, count
 
@@ -354,11 +364,6 @@ class ProgressiveDistillation(Method):
         if self.clip_denoised:
             recipe["clip_denoised"] = True        # the official evaluation (eval_clip_denoised=True)
         return net, recipe
-
-
-def even_round_kimg(total_kimg: float, start_steps: int, end_steps: int) -> float:
-    """Each round's length when a run of `total_kimg` is split evenly over its rounds (the default)."""
-    return total_kimg / int(math.log2(start_steps // end_steps))
 
 
 def run(method: ProgressiveDistillation, loop, data, evaluate=None) -> dict:
