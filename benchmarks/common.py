@@ -206,8 +206,8 @@ def same_ident(old: dict, new: dict) -> bool:
 
 # Options a benchmark gives a run beside the method's (or the teacher's) settings: TrainConfig fields, and the
 # evaluation during training (`--metrics fid --ref REF.npz --features NET --eval-kimg K --eval-n N`).
-LOOP_KEYS = ("total_kimg", "batch", "ema_halflife_kimg", "snapshot_kimg", "grid_kimg", "tick_kimg", "checkpoint_kimg",
-             "resume")
+LOOP_KEYS = ("total_kimg", "batch", "ema_halflife_kimg", "ema_rampup", "snapshot_kimg", "grid_kimg", "tick_kimg",
+             "checkpoint_kimg", "resume")
 EVAL_KEYS = ("metrics", "ref", "features", "eval_kimg", "eval_n")
 
 

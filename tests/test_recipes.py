@@ -163,3 +163,34 @@ def test_converged_recipe_sets_the_budget_and_the_settings_at_it():
     # the user's budget wins
     mine = cli_distill.with_recipe(parse("di", "--recipe", "converged", "--kimg", "3"), ring)
     assert mine.kimg == 3 and mine.batch == CONVERGED["ring"]["di"]["batch"]
+
+
+def test_ema_rampup_option_and_the_converged_long_ema(edm_teacher):
+    """--ema-rampup sets EDM's ramp-up ratio of the loop's EMA (or none); the converged SiD and DI on image
+    teachers reach their 24-kimg half-life by the end of their 120-kimg runs (with 0.05 it would be 6 kimg)."""
+    from diffdistill.cli.common import check_loop_arguments, loop_settings
+    from diffdistill.errors import UsageError
+    from diffdistill.train.ema import ema_beta
+    from diffdistill.train.loop import TrainConfig, ema_settings
+
+    method = methods.get("sid")
+    for extra, expected in ((["--ema", "24", "--ema-rampup", "0.2"], (24.0, 0.2)),
+                            (["--ema", "24", "--ema-rampup", "none"], (24.0, None)),
+                            (["--ema", "24"], (24.0, 0.05))):
+        args = parse("sid", *extra)
+        check_loop_arguments(args)
+        assert ema_settings(method, TrainConfig(**loop_settings(args))) == expected
+    for bad in ("0", "1.5", "-0.1", "nan", "x"):
+        with pytest.raises(SystemExit):
+            parse("sid", "--ema", "24", "--ema-rampup", bad)
+    with pytest.raises(UsageError, match="--ema-rampup needs --ema"):
+        check_loop_arguments(parse("sid", "--ema-rampup", "0.2"))
+    for name in ("sid", "di"):
+        args = cli_distill.with_recipe(parse(name, "--recipe", "converged"), edm_teacher)
+        half, ramp = ema_settings(method, TrainConfig(**loop_settings(args)))
+        assert (args.kimg, args.batch, half, ramp) == (120, 64, 24.0, 0.2)
+        # at the end of the run the half-life is 24 kimg: beta = 0.5 ** (64 / 24,000)
+        assert ema_beta(64, 120_000, half, ramp) == pytest.approx(0.5 ** (64 / 24_000), rel=1e-12)
+        assert ema_beta(64, 120_000, half, 0.05) == pytest.approx(0.5 ** (64 / 6_000), rel=1e-12)
+    kd = cli_distill.with_recipe(parse("kd", "--recipe", "converged"), edm_teacher)
+    assert kd.ema == 6 and kd.ema_rampup is None          # the other methods keep the 5% half-life

@@ -23,6 +23,7 @@ from ..validate import (
     SEED_RANGE,
     count_value,
     device_value,
+    float_value,
     kimg_value,
     seed_value,
 )
@@ -41,6 +42,16 @@ SIZE_CAPS = {"channels": 1 << 14, "blocks": 64, "n": MAX_SAMPLES, "threads": 102
 # --------------------------------------------------------------------------------------------------
 # Values of options (the argparse type functions are diffdistill.validate's: a bad value is a one-line usage error
 # naming the option)
+
+
+def ema_rampup_value(text: str) -> float | str:
+    """--ema-rampup: a ratio in (0, 1], or 'none' (no ramp-up: the half-life is --ema from the first step)."""
+    if text.strip().lower() == "none":
+        return "none"
+    value = float_value(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a ratio in (0, 1] or none, got {text}")
+    return value
 
 
 def check_device(name: str, option: str = "--device") -> None:
@@ -117,6 +128,9 @@ def add_loop_arguments(p: argparse.ArgumentParser, *, kimg: float | None, batch:
     g.add_argument("--batch-gpu", type=count_value(1, MAX_BATCH), default=None,
                    help="per-process micro-batch (gradient accumulation)")
     g.add_argument("--ema", type=kimg_value(), default=None, metavar="KIMG", help=ema_help)
+    g.add_argument("--ema-rampup", type=ema_rampup_value, default=None, metavar="RATIO",
+                   help="with --ema: EDM's ramp-up, the half-life at most RATIO x the images seen so far, or none "
+                        "(default 0.05; a longer EMA in a short run needs a larger ratio)")
     g.add_argument("--tick-kimg", type=kimg_value(zero_ok=True), default=None, metavar="KIMG",
                    help="a stats.jsonl line every this many kimg")
     g.add_argument("--checkpoint-kimg", type=kimg_value(zero_ok=True), default=None, metavar="KIMG",
@@ -173,6 +187,9 @@ def check_loop_arguments(args) -> None:
         value = getattr(args, name, None)
         if value is not None and not value >= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be 0 (off) or positive, got {value}")
+    if getattr(args, "ema_rampup", None) is not None and getattr(args, "ema", None) is None \
+            and getattr(args, "method", None):
+        raise UsageError("--ema-rampup needs --ema (without it the method's own EMA and ramp-up apply)")
     for name in ("batch", "batch_gpu", "max_steps"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -260,6 +277,9 @@ def loop_settings(args) -> dict:
     given = dict(total_kimg=args.kimg, batch=args.batch, ema_halflife_kimg=args.ema,
                  **{name: getattr(args, name) for name in PERIODIC})
     out = {k: v for k, v in given.items() if v is not None}
+    rampup = getattr(args, "ema_rampup", None)
+    if rampup is not None:
+        out["ema_rampup"] = None if rampup == "none" else rampup
     out.update(out=args.out, batch_gpu=args.batch_gpu, seed=args.seed, bf16=args.bf16, device=args.device,
                workers=args.workers, resume=args.resume, force=args.force, max_steps=args.max_steps,
                progress=not args.no_progress, command=command_line(args))
