@@ -27,8 +27,10 @@ import functools
 import json
 import math
 import multiprocessing
+import os
 import shutil
 import statistics
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -146,10 +148,23 @@ def resolved(ctx: Context, plan: DataPlan) -> DataPlan:
 # Jobs: each runs in a worker process and returns a JSON-able dict (cached under --work)
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, parent: int | None = None) -> None:
+    """A worker's set-up: its torch threads, and a watch that ends it once `parent` (the benchmark's process) is
+    gone. A killed benchmark must not leave a worker training on: a restarted one would train the same job into the
+    same run directory beside it."""
     import torch
 
     torch.set_num_threads(threads)
+    if parent is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="exit-with-parent").start()
+
+
+def _exit_with_parent(parent: int, every_s: float = 1.0) -> None:
+    """Poll the parent's pid; when this process has another parent (the benchmark died and the worker was
+    re-parented), end at once: the job's run keeps its last checkpoint, and the next benchmark redoes the job."""
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os._exit(1)
 
 
 def _cached(path: Path, ident: dict, reuse: bool):
@@ -418,7 +433,7 @@ def _run_jobs(ctx: Context, jobs: dict, deps: dict) -> dict:
         return dict(results=results, errors=errors)
     mp = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=ctx.jobs, mp_context=mp, initializer=_worker_init,
-                             initargs=(ctx.threads,)) as pool:
+                             initargs=(ctx.threads, os.getpid())) as pool:
         while pending or running:
             for name, fn, args in ready():
                 running[pool.submit(fn, _picklable(ctx), *args)] = name

@@ -4,8 +4,12 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -66,6 +70,56 @@ def test_scheduler_starts_the_first_ready_job_in_priority_order_when_a_worker_fr
         most = max(most, running)
     assert most == 2
     assert at["end", "teacher"] <= at["start", "student"] < at["start", "short3"]
+
+
+_ORPHAN = """
+import os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+import multiprocessing
+sys.path.insert(0, sys.argv[1])
+from benchmarks import converged
+with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=converged._worker_init,
+                         initargs=(1, os.getpid())) as pool:
+    pool.submit(time.sleep, 0).result()          # the worker is up, its watch started
+    job = pool.submit(time.sleep, 120)           # a long job
+    print(*pool._processes, flush=True)
+    time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_a_killed_benchmark_leaves_no_worker_training(tmp_path):
+    """SIGKILL the scheduler's process in the middle of a job: its worker ends within seconds instead of training
+    on into a run directory that a restarted benchmark would train into too."""
+    import signal
+    import subprocess
+
+    root = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.Popen([sys.executable, "-c", _ORPHAN, root], stdout=subprocess.PIPE, text=True)
+    worker = None
+    try:
+        worker = int(proc.stdout.readline().split()[0])
+        assert _alive(worker)
+        time.sleep(1.5)
+        assert _alive(worker)                    # a live parent: the worker keeps working
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 15
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(worker), "the worker outlived the killed benchmark"
+    finally:
+        proc.kill()
+        if worker is not None and _alive(worker):
+            os.kill(worker, signal.SIGKILL)
 
 
 def test_jobs_by_priority():
