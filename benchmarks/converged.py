@@ -672,8 +672,9 @@ def _features_name(spec: str) -> str:
 
 
 # What holds back a goal not met, as measured (2026-12-02 and 03, CPU): shown beside the goal only while it is not
-# met. "The previous record": teachers and students trained by the code of 2 December, which trained a different
-# digits teacher from the same command; this record retrained everything from scratch on 3 December.
+# met. "The 2 December record": teachers and students trained by the code of 2 December, which trained a different
+# digits teacher from the same command; this record retrained everything from scratch on 3 December, and SiD and
+# DI of digits and MNIST-16 again with their 24-kimg EMA.
 _PREVIOUS_DIGITS = ("trials on the 2 December record: the teacher does not memorise (median distance of its samples to "
                     "the nearest training digit 2.04 vs 2.02 between real digits); GDD's settings, best FID of 2,000 "
                     "samples over 120 kimg: learning rates x1 2.17, x2 2.01, x4 2.24, R1 gamma 0.01 2.04 (x1) and "
