@@ -48,7 +48,7 @@ LOOP_FLAGS = {"total_kimg": "--kimg", "batch": "--batch", "ema_halflife_kimg": "
 # SiD and DI on image teachers: an EMA half-life of 24 kimg (a fifth of the run) with EDM's ramp-up at 0.2 instead
 # of 0.05, so that it reaches 24 kimg by the end (with 0.05 any --ema is at most 6 kimg at 120 kimg): their
 # generators swing between evaluations late in the run (MNIST-16: SiD's curve 4.1-4.6 over the last 30 kimg, DI's
-# 3.7-4.4). FID of 10,000 samples of the last snapshot, 6-kimg EMA -> 24: MNIST-16 SiD 3.88 -> 3.29, DI 3.46 ->
+# 3.7-4.4). FID of 10,000 samples of the last snapshot, 6-kimg EMA -> 24: MNIST-16 SiD 3.88 -> 3.28, DI 3.46 ->
 # 2.58 (KD 3.67); digits SiD 2.08 -> 2.09, DI 1.65 -> 1.47 (KD 1.34). On MNIST-16 at training seeds 1 and 2: SiD
 # 3.24 / 2.89 -> 2.62 / 2.65, DI 3.73 / 3.57 -> 2.78 / 3.04 (KD 3.58 / 3.60).
 _EMA_24 = dict(ema_halflife_kimg=24.0, ema_rampup=0.2)
