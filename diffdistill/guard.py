@@ -84,7 +84,11 @@ def read_bytes(path: str | os.PathLike, what: str = "file", limit: int = MAX_SMA
         raise DiffdistillError(f"{path}: {what} has {st.st_size:,} bytes, more than the {limit:,} accepted")
     try:
         with open(path, "rb") as f:
-            data = f.read(limit + 1)
+            # read(n) allocates n bytes before it reads: ask for the size the stat gave (at most `limit`), not for
+            # `limit` (by default the machine's memory, which such an allocation can be refused)
+            data = f.read(st.st_size + 1)
+            if len(data) > st.st_size:      # the file grew after the stat: the rest, up to the limit
+                data += f.read(limit + 1 - len(data))
     except OSError as e:
         raise DiffdistillError(f"{path}: cannot read {what} ({e.strerror or e})") from None
     if len(data) > limit:

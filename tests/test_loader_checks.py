@@ -61,6 +61,9 @@ def test_regular_file_refuses_what_could_block_or_is_no_file(tmp_path, kind):
     (tmp_path / "big.json").write_text("x" * 11)
     with pytest.raises(DiffdistillError, match="more than the 10 accepted"):
         guard.read_bytes(tmp_path / "big.json", "spec", limit=10)
+    # a limit far above any machine's memory costs nothing: the read asks for the file's size, not the limit's
+    # (read(limit + 1) asked for 2^50 bytes here and failed with MemoryError)
+    assert guard.read_bytes(tmp_path / "big.json", "spec", limit=1 << 50) == b"x" * 11
 
 
 # --------------------------------------------------------------------------------------------------
