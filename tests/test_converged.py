@@ -81,7 +81,7 @@ from benchmarks import converged
 with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=converged._worker_init,
                          initargs=(1, os.getpid())) as pool:
     pool.submit(time.sleep, 0).result()          # the worker is up, its watch started
-    job = pool.submit(time.sleep, 120)           # a long job
+    pool.submit(time.sleep, 120)                 # a long job
     print(*pool._processes, flush=True)
     time.sleep(120)
 """

@@ -187,6 +187,8 @@ def check_loop_arguments(args) -> None:
         value = getattr(args, name, None)
         if value is not None and not value >= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be 0 (off) or positive, got {value}")
+    # distill only (its parsers set `method`): without --ema a method's own EMA, ramp-up included, applies;
+    # train-teacher always has a half-life (the preset's), which the ramp-up then caps
     if getattr(args, "ema_rampup", None) is not None and getattr(args, "ema", None) is None \
             and getattr(args, "method", None):
         raise UsageError("--ema-rampup needs --ema (without it the method's own EMA and ramp-up apply)")
